@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad path, a malformed line, an impossible option) is raised as
+:class:`UsageError`. The CLI prints it as one line on stderr and exits non-zero without a traceback;
+everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, where: str | None = None) -> None:
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)

@@ -1,0 +1,132 @@
+"""Forward hooks that reduce logits to per-position statistics on the model's device.
+
+Design
+------
+* A hook is attached to the module that produces the logits (``model.get_output_embeddings()``,
+  the ``lm_head`` of a Llama) inside :func:`capture_logits`, a context manager that removes it on
+  every exit path, errors included. Plain ``register_forward_hook`` is used, so accelerate's own
+  hooks (device maps, offload) stay untouched and the reduction runs wherever the logits live.
+* The hook never changes the module's output. It reduces the ``[B, T, V]`` logits to ``[B, T, k]``
+  and a few ``[B, T]`` scalars in float32 — log-normalizer, top-k, entropy, the log-probability
+  and rank of the actual next token, the first-token log-probabilities of fixed targets — and
+  stores them in the :class:`Capture`, one result per forward call (the caller pops it).
+  Only these reductions ever leave the device; a full vocabulary row is never copied to the host.
+* Reductions are done in chunks of positions, so the float32 working copy of bfloat16 logits is
+  bounded by ``chunk * V`` rather than ``B * T * V``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+NO_TOKEN = -1  # next_ids value for "no following token" (end of text, padding)
+
+
+@dataclass
+class StepStats:
+    """Reductions of one forward call, all ``[B, T, ...]`` tensors on the logits' device."""
+
+    logsumexp: torch.Tensor  # [B, T] float32
+    entropy: torch.Tensor  # [B, T] float32, nats
+    topk_ids: torch.Tensor  # [B, T, k] int64
+    topk_logprobs: torch.Tensor  # [B, T, k] float32
+    next_logprob: torch.Tensor  # [B, T] float32 (NaN where next_ids is NO_TOKEN)
+    next_rank: torch.Tensor  # [B, T] int64 (0 where next_ids is NO_TOKEN)
+    target_logprobs: torch.Tensor | None  # [B, T, n_targets] float32
+    last_logits: torch.Tensor  # [B, V] logits of the last position, for choosing the next token
+
+
+class LogitReducer:
+    """Turns logits into :class:`StepStats`; shared by the output head and the logit lens."""
+
+    def __init__(self, top_k: int, target_first_ids: list[int] | None = None, chunk_positions: int = 512) -> None:
+        self.top_k = top_k
+        self.target_first_ids = target_first_ids or None
+        self.chunk_positions = chunk_positions
+
+    @torch.inference_mode()
+    def reduce(self, logits: torch.Tensor, next_ids: torch.Tensor | None) -> StepStats:
+        batch, length, vocab = logits.shape
+        flat = logits.reshape(batch * length, vocab)
+        nxt = None if next_ids is None else next_ids.reshape(-1).to(logits.device)
+        parts = [self._reduce_rows(flat[s : s + self.chunk_positions], None if nxt is None else nxt[s : s + self.chunk_positions])
+                 for s in range(0, batch * length, self.chunk_positions)]
+        cat = [torch.cat(items) for items in zip(*parts)]
+        lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp = cat
+        shape = (batch, length)
+        return StepStats(
+            logsumexp=lse.view(shape),
+            entropy=entropy.view(shape),
+            topk_ids=top_ids.view(*shape, -1),
+            topk_logprobs=top_lp.view(*shape, -1),
+            next_logprob=next_lp.view(shape),
+            next_rank=next_rank.view(shape),
+            target_logprobs=target_lp.view(*shape, -1) if self.target_first_ids else None,
+            last_logits=logits[:, -1, :],
+        )
+
+    def _reduce_rows(self, rows: torch.Tensor, next_ids: torch.Tensor | None):
+        rows32 = rows.float()
+        lse = torch.logsumexp(rows32, dim=-1)
+        probs = torch.exp(rows32 - lse[:, None])
+        entropy = lse - (probs * rows32).sum(-1)
+        top_values, top_ids = rows32.topk(self.top_k, dim=-1)
+        top_lp = top_values - lse[:, None]
+        if next_ids is None:
+            next_lp = torch.full_like(lse, float("nan"))
+            next_rank = torch.zeros_like(lse, dtype=torch.long)
+        else:
+            next_lp, next_rank = token_logprob_and_rank(rows32, lse, next_ids)
+        if self.target_first_ids:
+            target_lp = rows32[:, self.target_first_ids] - lse[:, None]
+        else:
+            target_lp = lse[:, None][:, :0]
+        return lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp
+
+
+def token_logprob_and_rank(
+    logits32: torch.Tensor, lse: torch.Tensor, token_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability and 1-based rank of ``token_ids`` in each row (rank = 1 + #strictly larger).
+
+    Rows whose id is :data:`NO_TOKEN` get NaN and rank 0.
+    """
+    valid = token_ids >= 0
+    safe = token_ids.clamp(min=0)
+    chosen = logits32.gather(-1, safe[:, None]).squeeze(-1)
+    rank = (logits32 > chosen[:, None]).sum(-1) + 1
+    logprob = torch.where(valid, chosen - lse, torch.full_like(chosen, float("nan")))
+    return logprob, torch.where(valid, rank, torch.zeros_like(rank))
+
+
+class Capture:
+    """Holds what the hook computed; the engine sets ``next_ids`` before each forward call."""
+
+    def __init__(self, reducer: LogitReducer) -> None:
+        self.reducer = reducer
+        self.next_ids: torch.Tensor | None = None
+        self._results: list[StepStats] = []
+
+    def hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        logits = output[0] if isinstance(output, tuple) else output
+        self._results.append(self.reducer.reduce(logits, self.next_ids))
+
+    def pop(self) -> StepStats:
+        if len(self._results) != 1:
+            raise RuntimeError(f"expected one captured forward call, found {len(self._results)}")
+        return self._results.pop()
+
+
+@contextmanager
+def capture_logits(module: torch.nn.Module, reducer: LogitReducer) -> Iterator[Capture]:
+    """Attach a reducing forward hook to ``module`` for the duration of the block."""
+    capture = Capture(reducer)
+    handle = module.register_forward_hook(capture.hook)
+    try:
+        yield capture
+    finally:
+        handle.remove()

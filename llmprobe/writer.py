@@ -1,0 +1,123 @@
+"""Writing traces: streaming, atomic Parquet files, or JSONL/CSV rows on stdout for pipelines.
+
+A Parquet trace is written one row group per record batch into a temporary file beside the target
+and renamed into place only when the run finishes, so memory does not grow with the number of
+prompts and an error or Ctrl-C never leaves a truncated trace. An existing file is never replaced
+without ``force``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmprobe.errors import UsageError
+from llmprobe.schema import encode_metadata
+
+OUTPUT_FORMATS = ("parquet", "jsonl", "csv")
+JSON_COLUMNS = ("mark", "meta")  # string columns holding JSON objects
+PARQUET_COMPRESSION = "zstd"
+
+
+class Sink(Protocol):
+    def write(self, batch: pa.RecordBatch) -> None: ...
+
+
+def check_output(output: str, fmt: str, force: bool) -> None:
+    """Fail before any work when the output cannot be written."""
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown format {fmt!r} (expected {', '.join(OUTPUT_FORMATS)})", where="--format")
+    if output == "-":
+        if fmt == "parquet" and sys.stdout.isatty():
+            raise UsageError("refusing to write binary Parquet to a terminal; use --format jsonl or redirect",
+                             where="-o")
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise UsageError("is a directory", where=output)
+    if path.exists() and not force:
+        raise UsageError("already exists; pass --force to replace it", where=output)
+    if not path.parent.exists():
+        raise UsageError(f"directory {str(path.parent)!r} does not exist", where=output)
+
+
+@contextmanager
+def open_trace_sink(output: str, fmt: str, schema: pa.Schema, metadata: dict[str, Any],
+                    vocab: list[str] | None) -> Iterator[Sink]:
+    """A sink for record batches; the file appears at ``output`` only if the block completes."""
+    schema = schema.with_metadata(encode_metadata(metadata, vocab))
+    if output == "-":
+        stream = sys.stdout.buffer
+        with _make_sink(stream, fmt, schema) as sink:
+            yield sink
+        stream.flush()
+        return
+    target = Path(output)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            with _make_sink(stream, fmt, schema) as sink:
+                yield sink
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _make_sink(stream, fmt: str, schema: pa.Schema) -> Iterator[Sink]:
+    if fmt == "parquet":
+        writer = pq.ParquetWriter(stream, schema, compression=PARQUET_COMPRESSION)
+        try:
+            yield writer
+        finally:
+            writer.close()
+    elif fmt == "jsonl":
+        yield _JsonlSink(stream)
+    else:
+        yield _CsvSink(stream, schema)
+
+
+class _JsonlSink:
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        lines = [json.dumps(row_to_json(row), ensure_ascii=False) for row in batch.to_pylist()]
+        self.stream.write(("\n".join(lines) + "\n").encode())
+
+
+class _CsvSink:
+    """CSV cannot hold lists, so list columns are written as JSON text."""
+
+    def __init__(self, stream, schema: pa.Schema) -> None:
+        self.stream = stream
+        self._emit([schema.names])
+
+    def _emit(self, rows: list[list[Any]]) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(rows)
+        self.stream.write(buffer.getvalue().encode())
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._emit([[json.dumps(v) if isinstance(v, list) else v for v in row.values()] for row in batch.to_pylist()])
+
+
+def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A trace row as a JSON object, with the JSON-string columns expanded into objects."""
+    for name in JSON_COLUMNS:
+        if row.get(name) is not None:
+            row[name] = json.loads(row[name])
+    return row
