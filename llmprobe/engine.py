@@ -46,6 +46,17 @@ class TraceSettings:
     batch_size: int = 8
     chat: bool = False
 
+    def validate(self) -> None:
+        """The checks that need no model, so bad options fail before a model load."""
+        if self.top_k < 1:
+            raise UsageError(f"must be 1 or more, got {self.top_k}", where="--top-k")
+        if self.max_new_tokens < 0:
+            raise UsageError(f"must be 0 or more, got {self.max_new_tokens}", where="--max-new-tokens")
+        if self.batch_size < 1:
+            raise UsageError(f"must be 1 or more, got {self.batch_size}", where="--batch-size")
+        if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise UsageError("sampling needs --temperature > 0 and 0 < --top-p <= 1", where="--sample")
+
 
 @dataclass
 class EncodedPrompt:
@@ -78,15 +89,10 @@ class Tracer:
         self.tokenizer = loaded.tokenizer
         self.settings = settings
         vocab_size = loaded.vocab_size
-        if not 1 <= settings.top_k <= vocab_size:
+        settings.validate()
+        if settings.top_k > vocab_size:
             raise UsageError(f"must be between 1 and the vocabulary size {vocab_size}, got {settings.top_k}",
                              where="--top-k")
-        if settings.max_new_tokens < 0:
-            raise UsageError(f"must be 0 or more, got {settings.max_new_tokens}", where="--max-new-tokens")
-        if settings.batch_size < 1:
-            raise UsageError(f"must be 1 or more, got {settings.batch_size}", where="--batch-size")
-        if settings.sample and not (settings.temperature > 0 and 0 < settings.top_p <= 1):
-            raise UsageError("sampling needs --temperature > 0 and 0 < --top-p <= 1", where="--sample")
         self.target_tokens = self._tokenize_targets(settings.targets)
         self.reducer = LogitReducer(settings.top_k, [t[0] for t in self.target_tokens])
         self.vocab = display_vocab(self.tokenizer, vocab_size)

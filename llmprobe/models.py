@@ -85,6 +85,14 @@ def _conversion_dir(gguf: Path) -> Path:
     return cache_dir() / "converted" / f"{gguf.stem}-{key}"
 
 
+def quiet_transformers() -> None:
+    """transformers' own progress bars and advice would break the one-line-error promise on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def convert_gguf(gguf: Path, log=lambda msg: None) -> Path:
     """Dequantize a GGUF file once into a cached safetensors directory; return that directory.
 
@@ -98,6 +106,7 @@ def convert_gguf(gguf: Path, log=lambda msg: None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf_header(gguf)
+    quiet_transformers()
     log(f"converting {gguf.name} to a cached safetensors copy (once; about 30 s)")
     started = time.perf_counter()
     try:
@@ -322,6 +331,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_transformers()
     torch_device = resolve_device(device) if device_map is None else None
     torch_dtype = resolve_dtype(dtype, torch_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     source = resolve_model(spec, log)

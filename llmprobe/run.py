@@ -56,6 +56,7 @@ def read_targets_file(path: str) -> list[str]:
 
 def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: str, settings: TraceSettings,
               model_options: ModelOptions, command: str, out: Output) -> None:
+    settings.validate()
     records = read_prompts(prompts, input_format)
     check_output(output, fmt, force)
     if not settings.targets:
@@ -63,9 +64,9 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
     loaded = load_model(model_options.model, device=model_options.device, dtype=model_options.dtype,
                         device_map=model_options.device_map, trust_remote_code=model_options.trust_remote_code,
                         allow_pickle=model_options.allow_pickle, log=out.log)
+    tracer = Tracer(loaded, settings)
     out.log(f"loaded {loaded.source.label} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
             f" in {loaded.load_seconds:.1f} s")
-    tracer = Tracer(loaded, settings)
     metadata = {**tracer.metadata(), "command": command, "prompts": prompts, "n_prompts": len(records)}
     rows = 0
     with out.progress("tracing", total=len(records)) as advance, \

@@ -1,0 +1,96 @@
+"""What every figure shares: the headless backend, safe token labels, and atomic file output.
+
+Matplotlib is switched to Agg before pyplot is imported anywhere in llmprobe, so figures render on
+machines without a display. Figures are written to a temporary file beside the target and renamed
+into place, so an error never leaves a half-written image; the format follows the file extension.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from matplotlib.figure import Figure  # noqa: E402  (after the backend is chosen)
+
+from llmprobe.errors import UsageError  # noqa: E402
+from llmprobe.inspect_view import visible  # noqa: E402
+
+IMAGE_FORMATS = ("png", "svg", "pdf")
+DPI = 150
+MAX_LABEL_CHARS = 12
+
+# Tokens from any script reach the figures; a glyph DejaVu lacks is drawn as a box, not worth a warning.
+warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+
+
+def token_label(token: str | None, max_chars: int = MAX_LABEL_CHARS) -> str:
+    """A token as figure text: whitespace visible, control characters escaped, ``$`` kept literal."""
+    text = visible(token)
+    text = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+    if len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    return text.replace("$", r"\$")
+
+
+def plain_label(text: str) -> str:
+    """Free text (model names, prompt ids) as figure text, with ``$`` kept literal."""
+    return text.replace("$", r"\$")
+
+
+def check_image_output(output: str, force: bool) -> str:
+    """The image format for ``output`` (from its extension); fails before any work if it cannot be written."""
+    path = Path(output)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in IMAGE_FORMATS:
+        raise UsageError(f"unknown image extension {path.suffix!r} (expected .{', .'.join(IMAGE_FORMATS)})",
+                         where=output)
+    check_writable(path, force)
+    return fmt
+
+
+def check_writable(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise UsageError("is a directory", where=str(path))
+    if path.exists() and not force:
+        raise UsageError("already exists; pass --force to replace it", where=str(path))
+    if not path.parent.exists():
+        raise UsageError(f"directory {str(path.parent)!r} does not exist", where=str(path))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so the file appears complete or not at all."""
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
+    buffer = io.BytesIO()
+    metadata = {"Software": None} if fmt == "png" else {"Date": None} if fmt == "svg" else None
+    fig.savefig(buffer, format=fmt, dpi=DPI, bbox_inches="tight", pad_inches=0.15, metadata=metadata)
+    return buffer.getvalue()
+
+
+def save_figure(fig: Figure, output: str) -> None:
+    """Save ``fig`` to ``output``, format by extension (check it first with :func:`check_image_output`)."""
+    path = Path(output)
+    write_atomic(path, figure_bytes(fig, path.suffix.lower().lstrip(".")))
+
+
+def data_uri(fig: Figure, fmt: str = "png") -> str:
+    """The figure as a ``data:`` URI, for HTML that must not reference any other file."""
+    mime = {"png": "image/png", "svg": "image/svg+xml"}[fmt]
+    return f"data:{mime};base64,{base64.b64encode(figure_bytes(fig, fmt)).decode('ascii')}"
