@@ -27,6 +27,7 @@ import torch
 from llmprobe import __version__
 from llmprobe.errors import UsageError
 from llmprobe.hooks import NO_TOKEN, LogitReducer, capture_logits, token_logprob_and_rank
+from llmprobe.lens import InternalsPlan, embed_positions, parse_layers, probe_internals
 from llmprobe.models import LoadedModel
 from llmprobe.prompts import PromptRecord
 from llmprobe.schema import PHASE_GENERATED, PHASE_PROMPT, trace_schema
@@ -45,9 +46,14 @@ class TraceSettings:
     seed: int = 0
     batch_size: int = 8
     chat: bool = False
+    truncate: str | None = None  # "left" | "right": cut prompts longer than the context instead of failing
+    layers: str | None = None  # logit lens: "all" or "0,4,8" (0-based decoder layers; docs/analyses.md)
+    save_embeddings: bool = False  # keep the output head's input at marks (else the last position)
 
     def validate(self) -> None:
         """The checks that need no model, so bad options fail before a model load."""
+        if self.truncate not in (None, "left", "right"):
+            raise UsageError(f"expected left or right, got {self.truncate!r}", where="--truncate")
         if self.top_k < 1:
             raise UsageError(f"must be 1 or more, got {self.top_k}", where="--top-k")
         if self.max_new_tokens < 0:
@@ -56,6 +62,11 @@ class TraceSettings:
             raise UsageError(f"must be 1 or more, got {self.batch_size}", where="--batch-size")
         if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise UsageError("sampling needs --temperature > 0 and 0 < --top-p <= 1", where="--sample")
+        if self.layers is not None:
+            parse_layers(self.layers, None)
+            if self.max_new_tokens:
+                raise UsageError("the logit lens covers prompt positions only; trace generated text as a prompt"
+                                 " instead of combining it with --max-new-tokens", where="--layers")
 
 
 @dataclass
@@ -97,7 +108,9 @@ class Tracer:
         self.reducer = LogitReducer(settings.top_k, [t[0] for t in self.target_tokens])
         self.vocab = display_vocab(self.tokenizer, vocab_size)
         self._vocab_array = np.array(self.vocab, dtype=object)
-        self.schema = trace_schema(settings.top_k, len(self.target_tokens))
+        self.internals = InternalsPlan.build(self.model, settings.layers, settings.save_embeddings)
+        self.schema = trace_schema(settings.top_k, len(self.target_tokens), layers=bool(self.internals.layers),
+                                   embedding_dim=self.internals.embedding_dim)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -130,6 +143,7 @@ class Tracer:
             "transformers_version": transformers.__version__,
             "python_version": platform.python_version(),
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **self.internals.metadata(self.model),
         }
 
     # ----------------------------------------------------------------------------------- encoding
@@ -147,12 +161,21 @@ class Tracer:
         ids, spans = list(enc["input_ids"]), enc["offset_mapping"]
         if not ids:
             raise UsageError("prompt tokenizes to nothing", where=_where(record))
+        marks_at, exact = map_marks(record.marks, spans, shift, record)
         limit = self.max_context - self.settings.max_new_tokens if self.max_context else None
         if limit is not None and len(ids) > limit:
-            raise UsageError(
-                f"prompt has {len(ids)} tokens (+{self.settings.max_new_tokens} to generate) but the model's"
-                f" context is {self.max_context} tokens", where=_where(record))
-        marks_at, exact = map_marks(record.marks, spans, shift, record)
+            head = 1 if spans[0][0] == spans[0][1] else 0  # a leading BOS stays when the left end is cut
+            if self.settings.truncate is None or limit <= head:
+                raise UsageError(
+                    f"prompt has {len(ids)} tokens (+{self.settings.max_new_tokens} to generate) but the model's"
+                    f" context is {self.max_context} tokens; shorten it or pass --truncate left|right",
+                    where=_where(record))
+            kept = ([*range(head), *range(len(ids) - limit + head, len(ids))] if self.settings.truncate == "left"
+                    else list(range(limit)))
+            new_position = {old: new for new, old in enumerate(kept)}  # marks on cut tokens are dropped
+            ids = [ids[i] for i in kept]
+            marks_at = {new_position[p]: m for p, m in marks_at.items() if p in new_position}
+            exact = {new_position[p]: e for p, e in exact.items() if p in new_position}
         return EncodedPrompt(record, ids, marks_at, exact)
 
     # ----------------------------------------------------------------------------------- tracing
@@ -196,10 +219,15 @@ class Tracer:
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         generate = self.settings.max_new_tokens > 0
         head = self.model.get_output_embeddings()
+        embed_at = None
+        if self.internals.embedding_dim:
+            embed_at = tuple(map(list, zip(*[(b, width - len(e.ids) + p) for b, e in enumerate(batch)
+                                             for p in embed_positions(e.ids, e.marks_at)])))
         with capture_logits(head, self.reducer) as capture:
             capture.next_ids = next_ids
-            out = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             position_ids=position_ids.to(device), use_cache=generate)
+            with probe_internals(self.model, self.reducer, self.internals.hooked, next_ids, embed_at) as inside:
+                out = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 position_ids=position_ids.to(device), use_cache=generate)
             stats = capture.pop()
             prompt_rows = [
                 self._rows_from_stats(stats, b, slice(width - n, width), 0, PHASE_PROMPT, input_ids[b, width - n :])
@@ -209,7 +237,13 @@ class Tracer:
                 rows.next_ids[:-1] = e.ids[1:]
             generated = self._generate(batch, capture, stats, out, attention, lengths, prompt_rows) if generate else None
         target_seq = self._target_sequence_scores(batch, prompt_rows) if self.target_tokens else None
-        return self._record_batch(batch, prompt_rows, generated, target_seq)
+        layer_rows = {layer: [self._rows_from_stats(st, b, slice(width - n, width), 0, PHASE_PROMPT,
+                                                    input_ids[b, width - n :]) for b, n in enumerate(lengths)]
+                      for layer, st in inside.layer_stats.items()}
+        for rows_of_layer in layer_rows.values():
+            for rows, e in zip(rows_of_layer, batch):
+                rows.next_ids[:-1] = e.ids[1:]
+        return self._record_batch(batch, prompt_rows, generated, target_seq, layer_rows, inside.embeddings)
 
     def _rows_from_stats(self, stats, b: int, cols: slice, first_position: int, phase: str,
                          token_ids: torch.Tensor) -> _Rows:
@@ -307,11 +341,20 @@ class Tracer:
         return scores
 
     # ----------------------------------------------------------------------------------- output
-    def _record_batch(self, batch, prompt_rows, generated, target_seq) -> pa.RecordBatch:
+    def _record_batch(self, batch, prompt_rows, generated, target_seq, layer_rows=None,
+                      embeddings=None) -> pa.RecordBatch:
         parts: list[tuple[EncodedPrompt, _Rows, dict[int, np.ndarray] | None]] = []
+        part_layers: list[int] = []  # logit-lens layer of each part (the output layer for the model's own rows)
+        embedding_rows: list[int] = []  # row numbers that get an embedding, in the order of `embeddings`
         for b, e in enumerate(batch):
+            first_row = sum(len(rows.positions) for _, rows, _ in parts)
+            embedding_rows += [first_row + p for p in embed_positions(e.ids, e.marks_at)]
             parts.append((e, prompt_rows[b], target_seq[b] if target_seq else None))
             parts += [(e, rows, None) for rows in (generated[b] if generated else [])]
+            part_layers += [self.internals.output_layer] * (len(parts) - len(part_layers))
+            for layer, rows_of_layer in sorted((layer_rows or {}).items()):
+                parts.append((e, rows_of_layer[b], None))
+                part_layers.append(layer)
         cat = lambda name: np.concatenate([getattr(rows, name) for _, rows, _ in parts])  # noqa: E731
         counts = [len(rows.positions) for _, rows, _ in parts]
         token_ids, next_ids = cat("token_ids"), cat("next_ids")
@@ -358,6 +401,10 @@ class Tracer:
         columns["mark_index"] = pa.array(mark_index, pa.int32())
         columns["mark"] = pa.array(mark_json, pa.string())
         columns["meta"] = pa.array(meta_json, pa.string())
+        if self.internals.layers:
+            columns["layer"] = pa.array(np.repeat(part_layers, counts), pa.int16())
+        if self.internals.embedding_dim:
+            columns["embedding"] = self.internals.embedding_column(embedding_rows, embeddings, sum(counts))
         return pa.RecordBatch.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
 
 

@@ -220,6 +220,24 @@ def weights_fingerprint(directory: Path) -> str:
     return value
 
 
+def check_remote_code(directory: Path, trust_remote_code: bool) -> None:
+    """Refuse a checkpoint that asks for its own Python code (``auto_map``) unless it is trusted.
+
+    transformers would silently fall back to its built-in class for a known ``model_type``, which
+    loads a different model than the checkpoint's author meant; saying so is clearer.
+    """
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # missing or unreadable: the loader reports it
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise UsageError(f"{name} asks for the checkpoint's own Python code (auto_map); that code runs"
+                             " with your permissions, pass --trust-remote-code if you trust it", where=str(directory))
+
+
 def check_weight_format(directory: Path, allow_pickle: bool) -> None:
     names = [p.name for p in directory.iterdir()]
     if any(n.endswith(".safetensors") for n in names):
@@ -321,21 +339,26 @@ def load_model(
     *,
     device: str = "auto",
     dtype: str = "auto",
-    device_map: str | None = None,
-    max_memory: dict[str, str] | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     log=lambda msg: None,
 ) -> LoadedModel:
+    """Load weights onto ``device``, or place them with accelerate when ``device_map`` is given
+    ("auto", "balanced", "sequential" or an explicit module -> device/"cpu"/"disk" dict)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_placement(device_map, max_memory, offload_folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_transformers()
     torch_device = resolve_device(device) if device_map is None else None
     torch_dtype = resolve_dtype(dtype, torch_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     source = resolve_model(spec, log)
     check_weight_format(source.path, allow_pickle)
+    check_remote_code(source.path, trust_remote_code)
     started = time.perf_counter()
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
@@ -346,6 +369,7 @@ def load_model(
             dtype=torch_dtype,
             device_map=device_map,
             max_memory=max_memory,
+            offload_folder=offload_folder,
             trust_remote_code=trust_remote_code,
             use_safetensors=not allow_pickle or None,
             local_files_only=True,
@@ -357,21 +381,87 @@ def load_model(
     if device_map is None:
         model.to(torch_device)
     model.eval()
-    if not getattr(tokenizer, "is_fast", False):
-        raise UsageError("llmprobe needs a fast (Rust) tokenizer for character offsets", where=source.label)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    input_device = model.get_input_embeddings().weight.device
+    _prepare_tokenizer(tokenizer, source.label)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         source=source,
-        device=input_device,
+        device=_input_device(model),
         dtype=torch_dtype,
         device_map=getattr(model, "hf_device_map", None) if device_map else None,
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _prepare_tokenizer(tokenizer, label: str) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError("llmprobe needs a fast (Rust) tokenizer for character offsets", where=label)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+def _input_device(model):
+    """Where input ids go: the embeddings' device, or accelerate's execution device when they are offloaded."""
+    weight = model.get_input_embeddings().weight
+    if weight.device.type != "meta":
+        return weight.device
+    hook = getattr(model.get_input_embeddings(), "_hf_hook", None)
+    import torch
+
+    return torch.device(getattr(hook, "execution_device", None) or "cpu")
+
+
+def check_placement(device_map, max_memory, offload_folder) -> None:
+    if device_map is None and (max_memory or offload_folder):
+        raise UsageError("only applies with --device-map", where="--max-memory" if max_memory else "--offload-folder")
+
+
+def parse_max_memory(text: str) -> dict[int | str, int | str]:
+    """``0=20GiB,1=20GiB,cpu=64GiB`` -> accelerate's max_memory dict (GPU indices as ints)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    limits: dict[int | str, int | str] = {}
+    for item in text.split(","):
+        key, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not key or not size:
+            raise UsageError(f"expected DEVICE=SIZE items like 0=20GiB,cpu=64GiB, got {item.strip()!r}",
+                             where="--max-memory")
+        if not (key.isdigit() or key in ("cpu", "disk", "mps", "xpu", "npu")):
+            raise UsageError(f"unknown device {key!r} (expected a GPU index, cpu or disk)", where="--max-memory")
+        try:
+            convert_file_size_to_int(int(size) if size.isdigit() else size)
+        except ValueError:
+            raise UsageError(f"bad size {size!r} for {key} (expected e.g. 20GiB, 500MB or a byte count)",
+                             where="--max-memory") from None
+        limits[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else size
+    return limits
+
+
+def load_skeleton(spec: str | None = None, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+                  log=lambda msg: None) -> LoadedModel:
+    """Config, tokenizer and weightless (meta-device) modules: enough to check settings and prompts and
+    describe the model on a machine that will not run it (a Ray driver), in about a second."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_transformers()
+    source = resolve_model(spec, log)
+    check_weight_format(source.path, allow_pickle)
+    check_remote_code(source.path, trust_remote_code)
+    started = time.perf_counter()
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # corrupt files and unknown architectures surface as many exception types
+        raise UsageError(f"cannot load model: {_first_line(exc)}", where=source.label) from None
+    _prepare_tokenizer(tokenizer, source.label)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch.device("meta"),
+                       dtype=model.dtype, device_map=None, load_seconds=time.perf_counter() - started)
 
 
 def cached_conversions() -> list[dict[str, Any]]:

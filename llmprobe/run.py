@@ -1,21 +1,50 @@
 """One trace run, end to end: prompts -> model -> engine -> sink, with progress on stderr.
 
 Everything that can be checked without the model (prompt file, output path, option values) is
-checked first, so a typo fails in a second rather than after a model load.
+checked first, so a typo fails in a second rather than after a model load; every prompt is encoded
+(length, marks) before the first forward pass, so a bad prompt 90,000 fails before hours of work.
+
+A file output is built in a work directory of committed parts (:mod:`llmprobe.checkpoint`) and
+merged into place at the end, so Ctrl-C, SIGTERM, SIGKILL or a power loss lose at most the batch in
+flight and ``--resume`` finishes the run. Ctrl-C and SIGTERM stop at once (the batch in flight is
+dropped), end the progress bar, say how to resume and exit 130. Every batch is checked for NaN and
+Inf before it is written.
 """
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from llmprobe._output import Output
+from llmprobe.checkpoint import WorkDir, discard, run_fingerprint, work_dir_for
+from llmprobe import engine
 from llmprobe.engine import TraceSettings, Tracer
 from llmprobe.errors import UsageError
 from llmprobe.models import load_model
 from llmprobe.prompts import PromptRecord, read_prompts
+from llmprobe.ray_engine import RayOptions, run_trace_ray
 from llmprobe.writer import check_output, open_trace_sink
+
+# Float columns that must be finite wherever they are not null; NaN or Inf there means the model's
+# arithmetic failed (float16 overflow, corrupt weights), and such numbers are never written.
+FINITE_COLUMNS = ("entropy", "next_logprob", "topk_logprobs", "target_logprobs", "target_seq_logprobs")
+
+
+class Interrupted(UsageError):
+    """Ctrl-C or SIGTERM: reported as one line that says how to resume."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -26,6 +55,8 @@ class ModelOptions:
     device_map: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    max_memory: dict[int | str, int | str] | None = None
+    offload_folder: str | None = None
 
 
 def default_output(prompts: str) -> str:
@@ -55,23 +86,153 @@ def read_targets_file(path: str) -> list[str]:
 
 
 def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: str, settings: TraceSettings,
-              model_options: ModelOptions, command: str, out: Output) -> None:
+              model_options: ModelOptions, command: str, out: Output, resume: bool = False,
+              ray_options: RayOptions | None = None) -> None:
     settings.validate()
     records = read_prompts(prompts, input_format)
-    check_output(output, fmt, force)
+    if ray_options is not None:
+        if resume:
+            raise UsageError("the ray engine does not resume; rerun with --force", where="--resume")
+        settings.targets = settings.targets or targets_from_records(records)
+        run_trace_ray(records, output, fmt, force, settings, model_options, ray_options,
+                      {"command": command, "prompts": prompts, "n_prompts": len(records)}, out)
+        return
+    if resume and output == "-":
+        raise UsageError("a trace written to stdout cannot be resumed; write it to a file with -o", where="--resume")
+    interrupted = output != "-" and work_dir_for(output).exists()
+    if interrupted and not (resume or force):
+        raise UsageError(f"an interrupted run left its work in {work_dir_for(output)}; pass --resume to continue"
+                         " it or --force to start over", where=output)
+    check_output(output, fmt, force or (resume and interrupted))
     if not settings.targets:
         settings.targets = targets_from_records(records)
     loaded = load_model(model_options.model, device=model_options.device, dtype=model_options.dtype,
-                        device_map=model_options.device_map, trust_remote_code=model_options.trust_remote_code,
+                        device_map=model_options.device_map, max_memory=model_options.max_memory,
+                        offload_folder=model_options.offload_folder, trust_remote_code=model_options.trust_remote_code,
                         allow_pickle=model_options.allow_pickle, log=out.log)
     tracer = Tracer(loaded, settings)
     out.log(f"loaded {loaded.source.label} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
             f" in {loaded.load_seconds:.1f} s")
+    for record in records:
+        tracer.encode(record)
     metadata = {**tracer.metadata(), "command": command, "prompts": prompts, "n_prompts": len(records)}
+    if output == "-":
+        rows = _stream(tracer, records, fmt, metadata, out)
+    else:
+        if interrupted and not resume:
+            discard(output)
+        rows = _checkpointed(tracer, records, output, fmt, metadata, resume_command(command), out)
+    out.log(f"wrote {rows} rows for {len(records)} prompts to {'stdout' if output == '-' else output}")
+
+
+def _stream(tracer: Tracer, records: list[PromptRecord], fmt: str, metadata: dict, out: Output) -> int:
+    """Straight to stdout for pipelines: nothing to resume, nothing kept on disk."""
     rows = 0
     with out.progress("tracing", total=len(records)) as advance, \
-            open_trace_sink(output, fmt, tracer.schema, metadata, tracer.vocab) as sink:
+            open_trace_sink("-", fmt, tracer.schema, metadata, tracer.vocab) as sink:
         for batch in tracer.trace(records, on_prompts_done=advance):
+            check_finite(batch, records)
             sink.write(batch)
             rows += batch.num_rows
-    out.log(f"wrote {rows} rows for {len(records)} prompts to {'stdout' if output == '-' else output}")
+    return rows
+
+
+def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt: str, metadata: dict,
+                  resume_with: str, out: Output) -> int:
+    """Trace into committed parts, skipping prompts a previous run committed, then merge them into ``output``.
+
+    A resume feeds the engine from the start of the first length-sorting window with unfinished
+    prompts, so every batch is composed exactly as in an uninterrupted run (same padding, same
+    numbers); batches that were already committed are recomputed once and dropped.
+    """
+    work = WorkDir.open(output, run_fingerprint(metadata, records, fmt), metadata)
+    done = work.done_prompts()
+    if done:
+        out.log(f"resuming: {len(done)} of {len(records)} prompts were done")
+    try:
+        with _sigterm_as_interrupt():
+            with out.progress("tracing", total=len(records)) as advance:
+                advance(len(done))
+                start = resume_start(done, len(records), tracer.settings.batch_size * engine.SORT_WINDOW_BATCHES)
+                for batch in tracer.trace(records[start:]):
+                    indices = batch.column("prompt_index")
+                    new = sorted(set(indices.to_pylist()) - done)
+                    if not new:
+                        continue
+                    if len(new) < len(set(indices.to_pylist())):
+                        batch = batch.filter(pc.is_in(indices, value_set=pa.array(new, indices.type)))
+                    check_finite(batch, records)
+                    work.commit(batch, new)
+                    done.update(new)
+                    advance(len(new))
+            rows = 0
+            with open_trace_sink(output, fmt, tracer.schema, work.metadata, tracer.vocab) as sink:
+                for table in work.tables(tracer.schema):
+                    sink.write(table)
+                    rows += table.num_rows
+    except KeyboardInterrupt:
+        work.close()
+        raise Interrupted(f"interrupted with {len(done)} of {len(records)} prompts done and saved in {work.path};"
+                          f" resume with: {resume_with}") from None
+    except UsageError:  # bad input or bad numbers fail the same way on every try: nothing to keep
+        work.close()
+        discard(output)
+        raise
+    except BaseException:  # anything else (out of memory, a driver error) may pass on a retry: keep the work
+        work.close()
+        raise
+    work.remove()
+    return rows
+
+
+def resume_start(done: set[int], n_prompts: int, window: int) -> int:
+    """Index of the first prompt of the first engine window that has unfinished prompts."""
+    first_missing = next((i for i in range(n_prompts) if i not in done), n_prompts)
+    return n_prompts if first_missing == n_prompts else first_missing - first_missing % window
+
+
+def resume_command(command: str) -> str:
+    return command if "--resume" in shlex.split(command) else f"{command} --resume"
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a job scheduler's stop) ends the run like Ctrl-C; committed work stays resumable."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_finite(batch: pa.RecordBatch, records: list[PromptRecord]) -> None:
+    """Refuse a batch holding NaN or Inf, naming the first prompt and position where it appears."""
+    for name in FINITE_COLUMNS:
+        if name not in batch.schema.names:
+            continue
+        bad = ~_finite_rows(batch.column(name))
+        if bad.any():
+            row = int(np.argmax(bad))
+            record = records[batch.column("prompt_index")[row].as_py()]
+            layer = f" layer {batch.column('layer')[row].as_py()}," if "layer" in batch.schema.names else ""
+            raise UsageError(
+                f"{name} is NaN or infinite at{layer} position {batch.column('position')[row].as_py()}: the"
+                f" model's logits overflowed or its weights are corrupt (try --dtype float32); not written",
+                where=f"prompt {record.id!r} (line {record.line})")
+
+
+def _finite_rows(column: pa.Array) -> np.ndarray:
+    """Per row: every non-null value is finite."""
+    if not pa.types.is_fixed_size_list(column.type):
+        return pc.fill_null(pc.is_finite(column), True).to_numpy(zero_copy_only=False)
+    size = column.type.list_size
+    values = column.values.slice(column.offset * size, len(column) * size)
+    ok = pc.fill_null(pc.is_finite(values), True).to_numpy(zero_copy_only=False).reshape(len(column), size)
+    return ok.all(axis=1) | column.is_null().to_numpy(zero_copy_only=False)

@@ -45,8 +45,11 @@ MARK_COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
 ]
 
 
-def trace_schema(top_k: int, n_targets: int = 0, *, layers: bool = False) -> pa.Schema:
-    """The Arrow schema of a trace with ``top_k`` candidates and ``n_targets`` target strings."""
+def trace_schema(top_k: int, n_targets: int = 0, *, layers: bool = False, embedding_dim: int = 0) -> pa.Schema:
+    """The Arrow schema of a trace with ``top_k`` candidates and ``n_targets`` target strings.
+
+    ``layers`` adds the logit-lens ``layer`` column; ``embedding_dim`` adds the float16 ``embedding`` column.
+    """
     fields = [pa.field(n, t, nullable=null) for n, t, null, _ in BASE_COLUMNS]
     if layers:
         fields.insert(3, pa.field("layer", pa.int16(), nullable=False))
@@ -55,6 +58,8 @@ def trace_schema(top_k: int, n_targets: int = 0, *, layers: bool = False) -> pa.
     if n_targets:
         fields.append(pa.field("target_logprobs", pa.list_(pa.float32(), n_targets), nullable=False))
         fields.append(pa.field("target_seq_logprobs", pa.list_(pa.float32(), n_targets), nullable=True))
+    if embedding_dim:
+        fields.append(pa.field("embedding", pa.list_(pa.float16(), embedding_dim), nullable=True))
     fields += [pa.field(n, t, nullable=null) for n, t, null, _ in MARK_COLUMNS]
     return pa.schema(fields)
 
@@ -62,7 +67,10 @@ def trace_schema(top_k: int, n_targets: int = 0, *, layers: bool = False) -> pa.
 def column_docs() -> dict[str, str]:
     docs = {n: d for n, _, _, d in BASE_COLUMNS + MARK_COLUMNS}
     docs.update(
-        layer="decoder layer whose residual output was unembedded (logit lens)",
+        layer="0-based decoder layer whose residual output was unembedded (logit lens); the last layer's rows"
+        " are the model's output, i.e. the rows of a plain trace",
+        embedding="the final-normed hidden state the output head reads (float16), at marks or else the last"
+        " prompt position, on output-layer rows; null elsewhere",
         topk_ids="the k most probable next tokens, descending",
         topk_logprobs="their log-probabilities (nats), descending",
         target_logprobs="log-probability of each target's first token, at every position",

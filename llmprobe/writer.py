@@ -66,14 +66,36 @@ def open_trace_sink(output: str, fmt: str, schema: pa.Schema, metadata: dict[str
     fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     temp = Path(temp_name)
     try:
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes the file private; the trace gets normal permissions
         with os.fdopen(fd, "wb") as stream:
             with _make_sink(stream, fmt, schema) as sink:
                 yield sink
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp, target)
+        fsync_dir(target.parent)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (where the platform lets directories be fsync'd)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager

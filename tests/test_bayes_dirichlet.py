@@ -64,6 +64,13 @@ def test_exact_zeros_are_floored_not_fatal() -> None:
     assert fit.alpha[1] < 2.0  # the floored zeros pull alpha_2 and alpha_3 down
 
 
+def test_rows_that_do_not_vary_have_no_mle() -> None:
+    fit = fit_dirichlet(np.tile([0.2, 0.3, 0.5], (50, 1)))
+    assert not fit.converged
+    assert fit.concentration > 1e6
+    np.testing.assert_allclose(fit.mean, [0.2, 0.3, 0.5], rtol=1e-6)
+
+
 def test_fit_dirichlet_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
         fit_dirichlet(np.ones(3))

@@ -32,12 +32,15 @@ def test_total_variation_hand_values() -> None:
 
 
 def test_entropy_and_entropy_gap_hand_values() -> None:
-    np.testing.assert_allclose(entropy_bits([[0.25] * 4, [1.0, 0.0, 0.0, 0.0], [0.5, 0.25, 0.25, 0.0]]), [2.0, 0.0, 1.5])
+    rows = [[0.25] * 4, [1.0, 0.0, 0.0, 0.0], [0.5, 0.25, 0.25, 0.0]]
+    np.testing.assert_allclose(entropy_bits(rows), [2.0, 0.0, 1.5])
     assert entropy_gap_bits([0.5, 0.5], [1.0, 0.0]) == pytest.approx(1.0)
     assert entropy_gap_bits([1.0, 0.0], [0.5, 0.5]) == pytest.approx(-1.0)
 
 
-simplex_rows = arrays(np.float64, (2, 5), elements=st.floats(0.0, 1.0)).filter(lambda a: np.all(a.sum(axis=1) > 1e-3))
+simplex_rows = arrays(np.float64, (2, 5), elements=st.floats(0.0, 1.0)).filter(
+    lambda rows: np.all(rows.sum(axis=1) > 1e-3)
+)
 
 
 @given(simplex_rows)

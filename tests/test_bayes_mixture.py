@@ -31,7 +31,9 @@ def two_component_probs(rows: int, seed: int) -> np.ndarray:
 def in_truth_order(fit: MixtureFit) -> MixtureFit:
     """The fit with component A (mass on category 0) first."""
     order = np.argsort(-fit.means[:, 0])
-    return MixtureFit(fit.weights[order], fit.alphas[order], fit.loglik, fit.n_obs, fit.iterations, fit.converged, fit.data)
+    return MixtureFit(
+        fit.weights[order], fit.alphas[order], fit.loglik, fit.n_obs, fit.iterations, fit.converged, fit.data
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,5 +106,7 @@ def test_mixture_json_round_trip(selection) -> None:
 
 def test_from_dict_rejects_mismatched_components() -> None:
     with pytest.raises(ValueError):
-        MixtureFit.from_dict({"weights": [1.0], "alphas": [[1.0, 2.0], [2.0, 1.0]], "loglik": 0, "n_obs": 1,
-                              "iterations": 1, "converged": True})
+        MixtureFit.from_dict(
+            {"weights": [1.0], "alphas": [[1.0, 2.0], [2.0, 1.0]], "loglik": 0, "n_obs": 1, "iterations": 1,
+             "converged": True}
+        )

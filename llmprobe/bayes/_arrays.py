@@ -42,7 +42,10 @@ def log_probabilities(probs: np.ndarray, floor: float) -> np.ndarray:
     """log of rows clipped below at ``floor`` and renormalized, so exact zeros get a finite log."""
     if not 0 < floor < 1:
         raise ValueError(f"floor must be in (0, 1), got {floor}")
-    if np.any(probs.sum(axis=1) <= 0):
-        raise ValueError("every probability row needs positive mass")
     clipped = np.maximum(probs, floor)
-    return np.log(clipped) - np.log(clipped.sum(axis=1, keepdims=True))
+    totals = clipped.sum(axis=1, keepdims=True)
+    if np.any(totals <= probs.shape[1] * floor):
+        raise ValueError("every probability row needs mass above the floor")
+    log_p = np.log(clipped, out=clipped)
+    log_p -= np.log(totals)
+    return log_p

@@ -61,9 +61,12 @@ class BayesFit:
     def prior_alpha(self) -> np.ndarray:
         return self.prior_strength * self.prior_mean
 
-    def predictive(self, outcomes: ArrayLike | Sequence[ArrayLike], sequence: ArrayLike, position: ArrayLike) -> np.ndarray:
+    def predictive(
+        self, outcomes: ArrayLike | Sequence[ArrayLike], sequence: ArrayLike, position: ArrayLike
+    ) -> np.ndarray:
         """The filter's (M, K) predictions at marks given as for :func:`fit_bayes`."""
-        updated = self.prior_alpha + _Positions.build(outcomes, sequence, position, self.prior_mean.size).counts(self.gamma)
+        positions = _Positions.build(outcomes, sequence, position, self.prior_mean.size)
+        updated = self.prior_alpha + positions.counts(self.gamma)
         return updated / updated.sum(axis=1, keepdims=True)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,10 +148,14 @@ class ExactBayesTest:
 
 def _as_outcomes(outcomes: ArrayLike | Sequence[ArrayLike]) -> np.ndarray:
     """(S, L) int outcomes padded with -1 at the end, from a 2-D array or a list of 1-D sequences."""
-    if isinstance(outcomes, np.ndarray) and outcomes.ndim == 2:
+    if isinstance(outcomes, np.ndarray):
+        if outcomes.ndim != 2:
+            raise ValueError("an outcomes array must be (S, L); pass a single sequence as [sequence]")
         padded = outcomes
     else:
-        rows = [np.asarray(row).reshape(-1) for row in outcomes]
+        rows = [np.asarray(row) for row in outcomes]
+        if any(r.ndim != 1 or (r.size > 0 and not np.issubdtype(r.dtype, np.integer)) for r in rows):
+            raise ValueError("each outcome sequence must be a 1-D array of integer category indices")
         padded = np.full((len(rows), max((r.size for r in rows), default=0)), -1, dtype=np.int64)
         for i, row in enumerate(rows):
             padded[i, : row.size] = row
@@ -268,7 +275,9 @@ def _initial_theta(marks: _Marks, gamma: float | None) -> np.ndarray:
     return log_alpha if gamma is not None else np.append(log_alpha, 0.9)
 
 
-def _minimize(marks: _Marks, weights: np.ndarray, gamma: float | None, start: np.ndarray) -> tuple[np.ndarray, float, int, bool]:
+def _minimize(
+    marks: _Marks, weights: np.ndarray, gamma: float | None, start: np.ndarray
+) -> tuple[np.ndarray, float, int, bool]:
     """L-BFGS-B on theta; gamma, when free, is bounded to [GAMMA_MIN, 1]."""
     n_categories = marks.probs.shape[1]
     bounds = [(-30.0, 30.0)] * n_categories + ([] if gamma is not None else [(GAMMA_MIN, 1.0)])
@@ -284,7 +293,9 @@ def _minimize(marks: _Marks, weights: np.ndarray, gamma: float | None, start: np
     return result.x, float(result.fun), int(result.nit), bool(result.success)
 
 
-def _to_fit(marks: _Marks, theta: np.ndarray, gamma: float | None, mean_kl_nats: float, iterations: int, converged: bool) -> BayesFit:
+def _to_fit(
+    marks: _Marks, theta: np.ndarray, gamma: float | None, mean_kl_nats: float, iterations: int, converged: bool
+) -> BayesFit:
     n_categories = marks.probs.shape[1]
     alpha = np.exp(theta[:n_categories])
     return BayesFit(
@@ -300,11 +311,12 @@ def _to_fit(marks: _Marks, theta: np.ndarray, gamma: float | None, mean_kl_nats:
     )
 
 
-def _fit_marks(marks: _Marks, gamma: float | None) -> BayesFit:
+def _fit_marks(marks: _Marks, gamma: float | None) -> tuple[BayesFit, np.ndarray]:
+    """The fit and its optimizer parameters theta (to warm-start refits)."""
     if gamma is not None and not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
     theta, value, iterations, converged = _minimize(marks, marks.weights, gamma, _initial_theta(marks, gamma))
-    return _to_fit(marks, theta, gamma, value, iterations, converged)
+    return _to_fit(marks, theta, gamma, value, iterations, converged), theta
 
 
 def fit_bayes(
@@ -323,7 +335,7 @@ def fit_bayes(
     list of 1-D arrays. ``sequence`` (M,): which sequence each mark belongs to; ``position`` (M,):
     how many of its outcomes precede the mark. ``gamma=1.0`` fits exact Bayes.
     """
-    return _fit_marks(_Marks.build(probs, outcomes, sequence, position, weights), gamma)
+    return _fit_marks(_Marks.build(probs, outcomes, sequence, position, weights), gamma)[0]
 
 
 def bootstrap_exact_bayes(
@@ -346,9 +358,8 @@ def bootstrap_exact_bayes(
     if n_bootstrap < 1 or not 0.0 < level < 1.0:
         raise ValueError("n_bootstrap must be >= 1 and level in (0, 1)")
     marks = _Marks.build(probs, outcomes, sequence, position, weights)
-    free_theta, free_value, free_iterations, free_converged = _minimize(marks, marks.weights, None, _initial_theta(marks, None))
-    free = _to_fit(marks, free_theta, None, free_value, free_iterations, free_converged)
-    exact = _fit_marks(marks, 1.0)
+    free, free_theta = _fit_marks(marks, None)
+    exact = _fit_marks(marks, 1.0)[0]
     rng = np.random.default_rng(seed)
     sequences, mark_to_sequence = np.unique(marks.positions.sequence, return_inverse=True)
     samples = np.empty(n_bootstrap)
@@ -358,7 +369,8 @@ def bootstrap_exact_bayes(
         samples[b] = _minimize(marks, resampled, None, free_theta)[0][-1]
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(samples, [tail, 100.0 - tail])
-    return ExactBayesTest(free, exact, (float(low), float(high)), level, bool(high < 1.0 - GAMMA_ONE_TOLERANCE), samples)
+    rejected = bool(high < 1.0 - GAMMA_ONE_TOLERANCE)
+    return ExactBayesTest(free, exact, (float(low), float(high)), level, rejected, samples)
 
 
 def outcomes_from_running_counts(

@@ -9,6 +9,7 @@ direction that fit falls back to Minka's fixed-point update, which never decreas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,9 @@ def _sherman_morrison_step(g: np.ndarray, q: np.ndarray, z: float) -> np.ndarray
     return (g - b) / q
 
 
-def _backtrack(objective, alpha: np.ndarray, value: float, step: np.ndarray) -> tuple[np.ndarray, float] | None:
+def _backtrack(
+    objective: Callable[[np.ndarray], float], alpha: np.ndarray, value: float, step: np.ndarray
+) -> tuple[np.ndarray, float] | None:
     """Largest alpha - t * step (t = 1, 1/2, ...) that stays positive and does not lower the objective."""
     slack = 1e-13 * (1.0 + abs(value))
     t = 1.0
@@ -160,8 +163,10 @@ def fit_from_mean_log(
     for iteration in range(1, max_iter + 1):
         alpha0 = alpha.sum()
         gradient = digamma(alpha0) - digamma(alpha) + s
-        step = _sherman_morrison_step(gradient, -polygamma(1, alpha), float(polygamma(1, alpha0)))
-        accepted = _backtrack(objective, alpha, value, step)
+        # Without an MLE alpha runs off to ~1e16, where the Hessian loses all precision: stop there.
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            step = _sherman_morrison_step(gradient, -polygamma(1, alpha), float(polygamma(1, alpha0)))
+            accepted = _backtrack(objective, alpha, value, step) if np.all(np.isfinite(step)) else None
         if accepted is None:
             return alpha, iteration, False
         new_alpha, value = accepted
@@ -251,11 +256,10 @@ def fit_dm_rows(
     return alpha, max_iter, False
 
 
-def unique_count_rows(counts: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct rows, their summed weights, and each input row's index into them (counts repeat a lot)."""
+def unique_count_rows(counts: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows and their summed weights: count vectors repeat a lot, and each costs digammas."""
     unique, inverse = np.unique(counts, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    return unique, np.bincount(inverse, weights=weights, minlength=unique.shape[0]), inverse
+    return unique, np.bincount(inverse.reshape(-1), weights=weights, minlength=unique.shape[0])
 
 
 def as_count_rows(counts: ArrayLike, weights: ArrayLike | None) -> tuple[np.ndarray, np.ndarray]:
@@ -282,10 +286,11 @@ def fit_dirichlet_multinomial(
 
     Rows with no counts carry no information and are dropped; identical rows are merged first. The
     reported ``loglik`` includes the multinomial coefficient. ``n_obs`` is the summed weight of the
-    rows that had counts.
+    rows that had counts. Counts no more dispersed than multinomial draws have their MLE at
+    alpha_0 = infinity; the fit then stops at a very large alpha_0 (the multinomial limit).
     """
     c, w = as_count_rows(counts, weights)
-    unique, unique_weights, _ = unique_count_rows(c, w)
+    unique, unique_weights = unique_count_rows(c, w)
     alpha, iterations, converged = fit_dm_rows(unique, unique_weights, tol=tol, max_iter=max_iter)
     loglik = float(unique_weights @ dirichlet_multinomial_logpmf(unique, alpha))
     return DirichletFit(alpha, loglik, float(w.sum()), iterations, converged, DATA_COUNTS)

@@ -72,15 +72,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as stream:
             stream.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        temp.chmod(0o666 & ~umask)  # mkstemp makes files private; a figure is as readable as any new file
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
 
 
-def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
+def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = DPI) -> bytes:
     buffer = io.BytesIO()
     metadata = {"Software": None} if fmt == "png" else {"Date": None} if fmt == "svg" else None
-    fig.savefig(buffer, format=fmt, dpi=DPI, bbox_inches="tight", pad_inches=0.15, metadata=metadata)
+    fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.15, metadata=metadata)
     return buffer.getvalue()
 
 
@@ -90,7 +93,7 @@ def save_figure(fig: Figure, output: str) -> None:
     write_atomic(path, figure_bytes(fig, path.suffix.lower().lstrip(".")))
 
 
-def data_uri(fig: Figure, fmt: str = "png") -> str:
+def data_uri(fig: Figure, fmt: str = "png", dpi: int = DPI) -> str:
     """The figure as a ``data:`` URI, for HTML that must not reference any other file."""
     mime = {"png": "image/png", "svg": "image/svg+xml"}[fmt]
-    return f"data:{mime};base64,{base64.b64encode(figure_bytes(fig, fmt)).decode('ascii')}"
+    return f"data:{mime};base64,{base64.b64encode(figure_bytes(fig, fmt, dpi)).decode('ascii')}"

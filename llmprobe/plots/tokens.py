@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -28,6 +29,7 @@ LN2 = math.log(2.0)
 CMAP = "Blues"
 HIGHLIGHT = "#d62728"
 GENERATED_COLOR = "#b35806"
+MARK_COLOR = "#fee391"
 COLUMN_INCHES = 0.95
 ROW_INCHES = 0.36
 
@@ -72,18 +74,29 @@ def parse_positions(spec: str | None) -> tuple[int | None, int | None]:
 def load_token_grid(source: str, prompt: str | None, positions: str | None = None, top: int | None = None,
                     layer: int | None = None) -> TokenGrid:
     """Read one prompt's rows from a trace; ``positions`` is ``START:END``, ``top`` caps the candidates."""
+    return token_grid(select_layer(read_trace(source), layer), source, prompt, positions, top)
+
+
+def select_layer(frame: pd.DataFrame, layer: int | None) -> pd.DataFrame:
+    """A per-layer (logit lens) trace cut to one layer, the last by default; other traces pass through."""
+    if "layer" not in frame.columns:
+        if layer is not None:
+            raise UsageError("the trace has no layer column (it was not traced per layer)", where="--layer")
+        return frame
+    layers = sorted(set(int(v) for v in frame["layer"]))
+    chosen = layers[-1] if layer is None else layer
+    if chosen not in layers:
+        raise UsageError(f"no layer {layer} in the trace (it has {layers[0]}..{layers[-1]})", where="--layer")
+    return frame[frame["layer"] == chosen]
+
+
+def token_grid(frame: pd.DataFrame, source: str, prompt: str | None, positions: str | None = None,
+               top: int | None = None) -> TokenGrid:
+    """One prompt's numbers from a trace frame (:func:`~llmprobe.reader.read_trace`, one layer)."""
     start, end = parse_positions(positions)
     if top is not None and top < 1:
         raise UsageError("must be 1 or more", where="--top")
-    frame = read_trace(source)
     meta = frame.attrs["llmprobe"]
-    if "layer" in frame.columns:
-        chosen = int(frame["layer"].max()) if layer is None else layer
-        if chosen not in set(frame["layer"]):
-            raise UsageError(f"no layer {layer} in the trace (it has {sorted(set(frame['layer']))})", where="--layer")
-        frame = frame[frame["layer"] == chosen]
-    elif layer is not None:
-        raise UsageError("the trace has no layer column (it was not traced per layer)", where="--layer")
     chosen_prompt = _choose_prompt(frame, prompt, source)
     frame = frame[frame["prompt_id"] == chosen_prompt]
     text = "".join(t for t, ph in zip(frame["token"], frame["phase"]) if ph != PHASE_GENERATED)
@@ -132,42 +145,55 @@ def _choose_prompt(frame, prompt: str | None, source: str) -> str:
 
 
 def plot_tokens(grid: TokenGrid, wrap: int = 16) -> Figure:
-    """The heatmap figure; ``wrap`` positions per row of panels."""
+    """The heatmap figure; ``wrap`` positions per row of panels.
+
+    The layout is computed in inches, so cells keep their size (and tokens their legibility) however
+    many positions and candidates there are; the figure grows instead.
+    """
     if wrap < 1:
         raise UsageError("must be 1 or more", where="--wrap")
     n_pos, k = grid.probs.shape
     width = min(wrap, n_pos)
     chunks = [slice(i, min(i + width, n_pos)) for i in range(0, n_pos, width)]
-    panel_rows = k + 1
-    chunk_height = panel_rows * ROW_INCHES + 1.9
-    fig = Figure(figsize=(width * COLUMN_INCHES + 2.4, len(chunks) * chunk_height + 1.3))
-    outer = fig.add_gridspec(len(chunks), 1, hspace=0.55 / max(1.0, chunk_height / 4))
+    left, right, header, footer, gap = 0.75, 1.15, 1.05, 0.1, 0.35
+    heat_h, actual_h, entropy_h = k * ROW_INCHES, ROW_INCHES, 1.1
+    # per chunk, top to bottom: position labels, candidates, actual row, entropy, its tick labels
+    chunk_h = 0.42 + heat_h + 0.06 + actual_h + 0.12 + entropy_h + 0.45
+    fig_w = left + width * COLUMN_INCHES + right
+    fig_h = header + len(chunks) * chunk_h + (len(chunks) - 1) * gap + footer
+    fig = Figure(figsize=(fig_w, fig_h))
+
+    def axes(top_inches: float, height: float):
+        return fig.add_axes((left / fig_w, 1 - (top_inches + height) / fig_h, width * COLUMN_INCHES / fig_w,
+                             height / fig_h))
+
     norm = Normalize(0.0, 1.0)
     entropy_top = 1.1 * max(np.nanmax(grid.entropy_bits), np.nanmax(-np.log2(grid.next_probs), initial=0.0), 1.0)
-    heat_axes = []
     for row, chunk in enumerate(chunks):
-        inner = outer[row].subgridspec(3, 1, height_ratios=[k, 1, 3.2], hspace=0.08)
-        heat, actual, entropy = (fig.add_subplot(inner[i]) for i in range(3))
+        top = header + row * (chunk_h + gap) + 0.42
+        heat = axes(top, heat_h)
         _draw_candidates(heat, grid, chunk, width, norm)
-        _draw_actual(actual, grid, chunk, width, norm)
-        _draw_entropy(entropy, grid, chunk, width, entropy_top, legend=row == 0)
-        heat_axes.append(heat)
-    cbar = fig.colorbar(heat_axes[0].images[0], ax=fig.axes, fraction=0.02 if len(chunks) > 1 else 0.03,
-                        pad=0.015, aspect=40)
-    cbar.set_label("probability of the candidate")
+        _draw_actual(axes(top + heat_h + 0.06, actual_h), grid, chunk, width, norm)
+        _draw_entropy(axes(top + heat_h + 0.06 + actual_h + 0.12, entropy_h), grid, chunk, width, entropy_top,
+                      legend=row == 0)
+        if row == 0:
+            bar = fig.add_axes(((left + width * COLUMN_INCHES + 0.15) / fig_w, 1 - (top + heat_h + 0.06 + actual_h) / fig_h,
+                                0.14 / fig_w, (heat_h + 0.06 + actual_h) / fig_h))
+            fig.colorbar(heat.images[0], cax=bar).set_label("probability", fontsize=8)
+            bar.tick_params(labelsize=7)
     title = (f"{plain_label(grid.model)} — prompt {plain_label(grid.prompt_id)}: top-{k} next-token candidates,"
              f" positions {grid.positions[0]}–{grid.positions[-1]}")
-    fig.suptitle(title + "\n" + _prompt_excerpt(grid.prompt_text), fontsize=11, y=1.0, va="bottom")
+    fig.text(left / fig_w, 1 - 0.12 / fig_h, title + "\n" + _prompt_excerpt(grid.prompt_text), fontsize=11,
+             va="top", ha="left", linespacing=1.4)
     handles = [Patch(facecolor="none", edgecolor=HIGHLIGHT, linewidth=2, label="actual next token")]
-    notes = []
     if grid.marked.any():
-        notes.append("bold position labels: experiment marks")
+        handles.append(Patch(facecolor=MARK_COLOR, edgecolor="none", label="experiment mark (position label)"))
     if any(p == PHASE_GENERATED for p in grid.phases):
         handles.append(Patch(facecolor="none", edgecolor=GENERATED_COLOR, linewidth=2,
-                             label="generated token (not part of the prompt)"))
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 1.0), ncols=len(handles), fontsize=8,
-               frameon=False, title=" · ".join(["␣ space, ⏎ newline, ⇥ tab", *notes]), title_fontsize=8,
-               alignment="left")
+                             label="generated token (italic label)"))
+    handles.append(Patch(facecolor="none", edgecolor="none", label="␣ space  ⏎ newline  ⇥ tab"))
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(left / fig_w - 0.01, 1 - 0.62 / fig_h),
+               ncols=len(handles), fontsize=8, frameon=False, handlelength=1.4, columnspacing=1.5)
     return fig
 
 
@@ -198,6 +224,7 @@ def _draw_candidates(ax, grid: TokenGrid, chunk: slice, width: int, norm: Normal
     for label, i in zip(ax.get_xticklabels(), range(chunk.start, chunk.stop)):
         if grid.marked[i]:
             label.set_fontweight("bold")
+            label.set_bbox({"facecolor": MARK_COLOR, "edgecolor": "none", "pad": 1.0})
         if grid.phases[i] == PHASE_GENERATED:
             label.set_color(GENERATED_COLOR)
             label.set_fontstyle("italic")

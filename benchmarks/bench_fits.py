@@ -1,0 +1,62 @@
+"""Times the prior fits on 100,000 x 50 synthetic distributions against their goals.
+
+Run: python benchmarks/bench_fits.py [--rows N] [--categories K] [--repeats R]
+Goals (from the issue): fit_dirichlet < 1 s, a 5-component mixture < 10 s. Prints the median of
+``repeats`` runs; ratio = seconds / goal, so < 1 meets the goal. On small shared machines set
+OPENBLAS_NUM_THREADS=1: BLAS threads fighting over two cores inflate and scatter the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from llmprobe.bayes import fit_dirichlet, fit_dirichlet_mixture
+
+N_COMPONENTS = 5
+
+
+def synthetic_mixture(rows: int, categories: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows from a 5-component Dirichlet mixture with random alphas; returns (probs, true alphas)."""
+    rng = np.random.default_rng(seed)
+    alphas = rng.gamma(1.0, 10.0, size=(N_COMPONENTS, categories)) + 0.1
+    labels = rng.integers(0, N_COMPONENTS, size=rows)
+    gammas = rng.gamma(alphas[labels])
+    return gammas / gammas.sum(axis=1, keepdims=True), alphas
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--categories", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    probs, _ = synthetic_mixture(args.rows, args.categories, seed=0)
+    single_rows = np.random.default_rng(1).dirichlet(np.linspace(0.2, 5.0, args.categories), size=args.rows)
+    cases = [
+        ("fit_dirichlet", 1.0, lambda: fit_dirichlet(single_rows)),
+        (f"fit_dirichlet_mixture (K={N_COMPONENTS})", 10.0, lambda: fit_dirichlet_mixture(probs, N_COMPONENTS, seed=0)),
+    ]
+    print(f"{args.rows:,} rows x {args.categories} categories, median of {args.repeats}")
+    print(f"{'fit':<32} {'seconds':>8} {'goal s':>7} {'ratio':>6}  {'iterations':>10}  converged")
+    for name, goal, run in cases:
+        seconds, fit = median_seconds(run, args.repeats)
+        print(f"{name:<32} {seconds:>8.3f} {goal:>7.1f} {seconds / goal:>6.2f}  {fit.iterations:>10}  {fit.converged}")
+
+
+if __name__ == "__main__":
+    main()
