@@ -15,11 +15,14 @@ Ray is an optional dependency, imported only here and only when this engine is c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,6 +134,21 @@ def run_trace_ray(records: list[PromptRecord], output: str, fmt: str, force: boo
     ray = import_ray()
     check_with_skeleton(records, settings, model_options, out)
     local = ray_options.address is None and not os.environ.get("RAY_ADDRESS")
+    with _ray_prints_off_stdout(out.quiet):
+        _run_on_ray(ray, records, target, settings, model_options, ray_options, run_meta, local, out)
+
+
+@contextlib.contextmanager
+def _ray_prints_off_stdout(quiet: bool):
+    """Ray prints its workers' errors to stdout, which carries data: send them to stderr (nowhere with -q)."""
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(os.devnull, "w")) if quiet else sys.stderr
+        stack.enter_context(contextlib.redirect_stdout(sink))
+        yield
+
+
+def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceSettings, model_options: Any,
+                ray_options: RayOptions, run_meta: dict[str, Any], local: bool, out: Output) -> None:
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not out.quiet,
@@ -139,7 +157,7 @@ def run_trace_ray(records: list[PromptRecord], output: str, fmt: str, force: boo
     try:
         if local:
             check_local_resources(ray.cluster_resources(), ray_options)
-        _quiet_ray_data(out.quiet)
+        _tame_ray_data_logs(out.quiet)
         per_task = ray_options.task_size(len(records), settings.batch_size)
         items = [{"prompt_index": r.index, "record": json.dumps(asdict(r), ensure_ascii=False)} for r in records]
         dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(records) / per_task))
@@ -253,12 +271,25 @@ def _move_into_place(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _quiet_ray_data(quiet: bool) -> None:
-    """Ray Data's progress bars and logs go to stderr; --quiet turns them off."""
-    if quiet:
-        import logging
+class _RayDataConsole(logging.Filter):
+    """Ray Data logs progress (INFO) and every failure with its stack (ERROR) to stderr. A failure also
+    reaches the driver as an exception, reported once (a user error as one line), so its console copy
+    is dropped; Ray's log file in the session directory keeps everything. With -q nothing passes."""
 
-        from ray.data import DataContext
+    quiet = False
 
-        DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.quiet and record.levelno < logging.ERROR
+
+
+_RAY_DATA_CONSOLE = _RayDataConsole()
+
+
+def _tame_ray_data_logs(quiet: bool) -> None:
+    from ray.data import DataContext
+
+    _RAY_DATA_CONSOLE.quiet = quiet
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and _RAY_DATA_CONSOLE not in handler.filters:
+            handler.addFilter(_RAY_DATA_CONSOLE)
+    DataContext.get_current().enable_progress_bars = not quiet

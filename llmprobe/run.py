@@ -146,11 +146,12 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
     numbers); batches that were already committed are recomputed once and dropped.
     """
     work = WorkDir.open(output, run_fingerprint(metadata, records, fmt), metadata)
+    interrupts = _Interrupts()
     done = work.done_prompts()
     if done:
         out.log(f"resuming: {len(done)} of {len(records)} prompts were done")
     try:
-        with _sigterm_as_interrupt():
+        with interrupts.installed():
             with out.progress("tracing", total=len(records)) as advance:
                 advance(len(done))
                 start = resume_start(done, len(records), tracer.settings.batch_size * engine.SORT_WINDOW_BATCHES)
@@ -162,8 +163,9 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
                     if len(new) < len(set(indices.to_pylist())):
                         batch = batch.filter(pc.is_in(indices, value_set=pa.array(new, indices.type)))
                     check_finite(batch, records)
-                    work.commit(batch, new)
-                    done.update(new)
+                    with interrupts.deferred():  # so the count of done prompts we report is exact
+                        work.commit(batch, new)
+                        done.update(new)
                     advance(len(new))
             rows = 0
             with open_trace_sink(output, fmt, tracer.schema, work.metadata, tracer.vocab) as sink:
@@ -195,21 +197,42 @@ def resume_command(command: str) -> str:
     return command if "--resume" in shlex.split(command) else f"{command} --resume"
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a job scheduler's stop) ends the run like Ctrl-C; committed work stays resumable."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Interrupts:
+    """Ctrl-C and SIGTERM (a job scheduler's stop) end the run at once, except inside a commit, which
+    completes first; either way the committed work stays resumable."""
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    def __init__(self) -> None:
+        self._deferring = False
+        self._pending = False
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def _handle(self, signum, frame) -> None:
+        if self._deferring:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
 
 def check_finite(batch: pa.RecordBatch, records: list[PromptRecord]) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI does; see llmprobe/cli.py
+
 import pytest
 
 CORPUS = [

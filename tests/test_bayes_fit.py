@@ -48,7 +48,7 @@ DIRICHLET_PRIOR = np.array([1.0, 3.0, 0.5])
 @pytest.mark.parametrize("alpha", [BETA_PRIOR, DIRICHLET_PRIOR])
 def test_perfectly_bayesian_predictions(alpha: np.ndarray) -> None:
     data = filter_predictions(alpha, 1.0, n_sequences=60, length=20, seed=0)
-    verdict = bootstrap_exact_bayes(*data, n_bootstrap=30, seed=0)
+    verdict = bootstrap_exact_bayes(*data, n_bootstrap=20, seed=0)
     fit = verdict.free
     assert fit.mean_kl_bits < 1e-3
     np.testing.assert_allclose(fit.prior_mean, alpha / alpha.sum(), atol=1e-3)
@@ -61,7 +61,7 @@ def test_perfectly_bayesian_predictions(alpha: np.ndarray) -> None:
 @pytest.mark.parametrize(("alpha", "gamma"), [(BETA_PRIOR, 0.88), (DIRICHLET_PRIOR, 0.88), (BETA_PRIOR, 0.7)])
 def test_forgetting_filter_is_recovered_and_exact_bayes_rejected(alpha: np.ndarray, gamma: float) -> None:
     data = filter_predictions(alpha, gamma, n_sequences=60, length=20, seed=1)
-    verdict = bootstrap_exact_bayes(*data, n_bootstrap=30, seed=0)
+    verdict = bootstrap_exact_bayes(*data, n_bootstrap=20, seed=0)
     assert verdict.free.gamma == pytest.approx(gamma, abs=0.02)
     np.testing.assert_allclose(verdict.free.prior_alpha, alpha, rtol=0.02)
     assert verdict.free.mean_kl_bits < 1e-3
@@ -71,8 +71,8 @@ def test_forgetting_filter_is_recovered_and_exact_bayes_rejected(alpha: np.ndarr
 
 
 def test_noisy_bayesian_predictions_are_not_rejected() -> None:
-    data = filter_predictions(DIRICHLET_PRIOR, 1.0, n_sequences=80, length=20, seed=2, noise=300.0)
-    verdict = bootstrap_exact_bayes(*data, n_bootstrap=40, seed=0)
+    data = filter_predictions(DIRICHLET_PRIOR, 1.0, n_sequences=60, length=20, seed=2, noise=300.0)
+    verdict = bootstrap_exact_bayes(*data, n_bootstrap=30, seed=0)
     assert verdict.free.gamma > 0.99
     assert verdict.free.mean_kl_bits > 1e-3  # the noise is visible ...
     assert not verdict.rejected  # ... but is not mistaken for forgetting
@@ -80,8 +80,8 @@ def test_noisy_bayesian_predictions_are_not_rejected() -> None:
 
 
 def test_noisy_forgetting_predictions_are_rejected() -> None:
-    data = filter_predictions(DIRICHLET_PRIOR, 0.88, n_sequences=80, length=20, seed=3, noise=300.0)
-    verdict = bootstrap_exact_bayes(*data, n_bootstrap=40, seed=0)
+    data = filter_predictions(DIRICHLET_PRIOR, 0.88, n_sequences=60, length=20, seed=3, noise=300.0)
+    verdict = bootstrap_exact_bayes(*data, n_bootstrap=30, seed=0)
     assert verdict.free.gamma == pytest.approx(0.88, abs=0.02)
     assert verdict.gamma_ci[0] < 0.88 < verdict.gamma_ci[1]
     assert verdict.rejected

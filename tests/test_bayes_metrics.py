@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -43,6 +43,7 @@ simplex_rows = arrays(np.float64, (2, 5), elements=st.floats(0.0, 1.0)).filter(
 )
 
 
+@settings(deadline=None)  # no wall-clock limit: CI machines may be busy
 @given(simplex_rows)
 def test_kl_is_non_negative_and_bounds_total_variation(rows: np.ndarray) -> None:
     p, q = rows / rows.sum(axis=1, keepdims=True)

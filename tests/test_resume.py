@@ -82,18 +82,24 @@ def prompts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, prompts, tmp_path_factory) -> Path:
-    """The reference: the same command run once without interruption, in its own process."""
+    """The reference: the same command run once without interruption (in this process, also on one thread)."""
+    import torch
+
     tmp = tmp_path_factory.mktemp("reference")
     output = tmp / "reference.parquet"
-    done = subprocess.run(cli(trace_args(prompts, output, tiny_model_dir)), env=subprocess_env(tmp),
-                          capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stderr.decode()
-    assert not work_dir_for(str(output)).exists()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LLMPROBE_CACHE", str(tmp / "cache"))
+        torch.set_num_threads(1)
+        try:
+            main(trace_args(prompts, output, tiny_model_dir))
+        finally:
+            torch.set_num_threads(threads)
     assert sorted(pq.read_table(output).column("prompt_index").unique().to_pylist()) == list(range(N_PROMPTS))
     return output
 
 
-def kill_when(proc: subprocess.Popen, output: Path, parts: int, extra_sleep: float, sig: int) -> None:
+def interrupt_when(proc: subprocess.Popen, output: Path, parts: int, extra_sleep: float, sig: int) -> None:
     """Send ``sig`` once ``parts`` parts are committed, plus a little; fail if the run ends first."""
     deadline = time.monotonic() + 240
     while len(committed(output)) < parts:
@@ -106,43 +112,31 @@ def kill_when(proc: subprocess.Popen, output: Path, parts: int, extra_sleep: flo
     proc.send_signal(sig)
 
 
-def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_trace(tiny_model_dir, prompts,
-                                                                           uninterrupted, tmp_path):
+def test_killed_and_interrupted_runs_resume_to_exactly_the_uninterrupted_trace(tiny_model_dir, prompts,
+                                                                                uninterrupted, tmp_path):
+    """SIGKILL three times at random points, then SIGTERM, then Ctrl-C (SIGINT), each on the resumed run;
+    the last resume, with the command the message printed, gives the uninterrupted trace."""
     output = tmp_path / "killed.parquet"
     args = trace_args(prompts, output, tiny_model_dir)
     env = subprocess_env(tmp_path)
-    rng = random.Random(20240611)  # fixed kill points: a few parts in, at a random moment of a batch
+    rng = random.Random(20240611)  # fixed kill points: a few parts further each time, at a random moment
+    command = cli(args)
     for attempt in range(3):
-        proc = subprocess.Popen(cli(args + (["--resume"] if attempt else [])), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        kill_when(proc, output, len(committed(output)) + rng.randint(1, 10), rng.uniform(0, 0.02), signal.SIGKILL)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        interrupt_when(proc, output, len(committed(output)) + rng.randint(1, 10), rng.uniform(0, 0.05),
+                       signal.SIGKILL)
         proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL
-        assert not output.exists()
-        assert work_dir_for(str(output)).is_dir()
-    done_before = {i for part in committed(output) for i in part["prompts"]}
-    assert 3 <= len(done_before) < N_PROMPTS
-    finish = subprocess.run(cli(args + ["--resume"]), env=env, capture_output=True, timeout=300)
-    assert finish.returncode == 0, finish.stderr.decode()
-    assert not work_dir_for(str(output)).exists()
-    assert list(tmp_path.glob(".killed.parquet*")) == []  # no temporary files or work directories left
-    assert_same_trace(output, uninterrupted)
-
-
-def test_sigterm_and_sigint_stop_with_one_line_saying_how_to_resume(tiny_model_dir, prompts, uninterrupted,
-                                                                   tmp_path):
-    output = tmp_path / "stopped.parquet"
-    args = trace_args(prompts, output, tiny_model_dir)
-    env = subprocess_env(tmp_path)
-    command = cli(args)
+        assert not output.exists() and work_dir_for(str(output)).is_dir()
+        command = cli(args + ["--resume"])
     for sig in (signal.SIGTERM, signal.SIGINT):
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        kill_when(proc, output, len(committed(output)) + 4, 0.0, sig)
+        interrupt_when(proc, output, len(committed(output)) + 4, rng.uniform(0, 0.05), sig)
         _, err = proc.communicate(timeout=60)
         err = err.decode()
         assert proc.returncode == 130, err
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in err, err
+        assert len(lines) == 1 and "Traceback" not in err, err  # -q: no progress bar, just the message
         found = re.search(r"interrupted with (\d+) of (\d+) prompts done .* resume with: (.*)$", lines[0])
         assert found, lines[0]
         done = {i for part in committed(output) for i in part["prompts"]}
@@ -151,8 +145,11 @@ def test_sigterm_and_sigint_stop_with_one_line_saying_how_to_resume(tiny_model_d
         assert resume[0] == "llmprobe" and resume[-1] == "--resume" and resume[1:-1] == args
         assert not output.exists()
         command = cli(resume[1:])
+    assert len(done) < N_PROMPTS
     finish = subprocess.run(command, env=env, capture_output=True, timeout=300)
     assert finish.returncode == 0, finish.stderr.decode()
+    assert not work_dir_for(str(output)).exists()
+    assert list(tmp_path.glob(".killed.parquet*")) == []  # no temporary files or work directories left
     assert_same_trace(output, uninterrupted)
 
 

@@ -26,6 +26,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from llmprobe.errors import UsageError
 from llmprobe.plots.common import check_image_output, plain_label, save_figure
@@ -223,6 +224,7 @@ def plot_icl(summary: IclSummary, fit_summaries: list[dict[str, Any]] | None = N
                 ax.axhline(theta, color=color, linestyle=":", linewidth=1.3, gid=f"theta|{category}|{group.group}")
         ax.set_title(f"P({plain_label(category)}) as examples accumulate", fontsize=10)
         ax.set_xlabel("examples seen (n)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"P({plain_label(category)} | categories)")
         ax.grid(alpha=0.3)
     # two categories mirror each other across 0.5; with more, each sits low and gets the room it needs
@@ -246,6 +248,7 @@ def plot_icl(summary: IclSummary, fit_summaries: list[dict[str, Any]] | None = N
                 _mean_band(ax, rows[rows["metric"] == metric], color, "-", f"{metric}|{group.group}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("examples seen (n)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
         if metric in ("tv", "mass"):

@@ -147,8 +147,8 @@ def plot_prior(prior: Prior) -> Figure:
                 ax.tick_params(labelbottom=True)
             else:
                 ax.set_visible(False)
-        axes.flat[0].legend(handles=[Line2D([], [], color="0.3", linestyle=":", label="component mean" + (
-            "s" if prior.weights.size > 1 else ""))], fontsize=8, loc="upper right")
+        axes.flat[0].legend(handles=[Line2D([], [], color="0.3", linestyle=":", label=_means_label(prior))],
+                            fontsize=8, loc="upper right")
     fig.suptitle(_title(prior), fontsize=11)
     return fig
 
@@ -163,6 +163,10 @@ def _title(prior: Prior) -> str:
     view = "Beta density of " + plain_label(prior.categories[0]) if k == 2 else (
         "density on the simplex" if k == 3 else "marginal density of each category")
     return f"{head}fitted {kind} over {k} categories: {view}\n{strength}"
+
+
+def _means_label(prior: Prior) -> str:
+    return "prior mean" if prior.weights.size == 1 else "component means"
 
 
 def _mixture_note(prior: Prior, j: int) -> str:
@@ -193,7 +197,7 @@ def _draw_beta(ax, prior: Prior) -> None:
             ax.plot(x, prior.weights[j] * beta_marginal_density(single, 0, x), linestyle="--", linewidth=1,
                     label=_mixture_note(prior, j))
     for j, mean in enumerate(prior.means[:, 0]):
-        ax.axvline(mean, color="0.3", linestyle=":", linewidth=1, label="component means" if j == 0 else None)
+        ax.axvline(mean, color="0.3", linestyle=":", linewidth=1, label=_means_label(prior) if j == 0 else None)
     _beta_ylim(ax, prior.alphas[:, 0], prior.alphas[:, 1], density, x)
     ax.set_xlim(0, 1)
     first, second = (plain_label(c) for c in prior.categories)
@@ -245,8 +249,7 @@ def _draw_ternary(fig: Figure, ax, prior: Prior) -> None:
     for name, px, py, (dx, dy, ha) in zip(prior.categories, cx, cy, offsets):
         ax.text(px + dx, py + dy, plain_label(name), ha=ha, va="center", fontsize=11, fontweight="bold")
     mx, my = to_plane(prior.means)
-    ax.scatter(mx, my, marker="x", s=60, color="#d62728", linewidths=2, zorder=3,
-               label="component mean" + ("s" if prior.weights.size > 1 else ""))
+    ax.scatter(mx, my, marker="x", s=60, color="#d62728", linewidths=2, zorder=3, label=_means_label(prior))
     if prior.weights.size > 1:
         for j, (px, py) in enumerate(zip(mx, my)):
             ax.annotate(f"{j + 1} (w = {prior.weights[j]:.2f})", (px, py), xytext=(6, 6), textcoords="offset points",
