@@ -128,6 +128,8 @@ def _fit_table(result: PosteriorResult) -> Table:
     table.caption = (f"γ {int(s['gamma_ci_level'] * 100)}% bootstrap CI [{low:.3f}, {high:.3f}] over"
                      f" {s['n_sequences']} sequences ({s['n_bootstrap']} resamples): exact Bayes "
                      + ("REJECTED" if s["exact_bayes_rejected"] else "not rejected")
+                     + ("" if s["gamma_identifiable"] else " (but the predictions do not respond to the"
+                        " examples: α0 → ∞, so γ is not identifiable)")
                      + f". Overall vs the {s['prior']['kind']} prior: mean KL(Bayes‖model) {s['mean_kl_bits']:.4f}"
                      f" bits, mean TV {s['mean_tv']:.4f}, mean mass on the categories {s['mean_mass']:.3f}.")
     return table

@@ -37,6 +37,9 @@ from llmprobe.errors import UsageError
 from llmprobe.icl import CategoryMarks
 
 PRIOR_FORMAT = "llmprobe.prior/1"
+# A fitted prior strength beyond this means the predictions do not move with the examples at all:
+# the prior swamps any counts, so the forgetting factor has nothing to act on and is not identifiable.
+UNRESPONSIVE_ALPHA0 = 1e6
 FIT_META_KEY = b"llmprobe.fit"
 
 
@@ -151,6 +154,7 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
         "gamma_ci": list(test.gamma_ci),
         "gamma_ci_level": test.level,
         "exact_bayes_rejected": test.rejected,
+        "gamma_identifiable": bool(test.exact.prior_strength < UNRESPONSIVE_ALPHA0),
         "n_bootstrap": n_bootstrap,
         "mean_kl_bits": float(per_mark["kl_bits"].mean()),
         "mean_tv": float(per_mark["tv"].mean()),

@@ -88,6 +88,17 @@ def test_forgetting_model_recovers_gamma_and_rejects_exact_bayes(tmp_path):
     assert s["prior"]["kind"] == "uniform"
 
 
+def test_unresponsive_model_flags_gamma_as_unidentifiable(tmp_path):
+    """A model that ignores the examples fits an infinitely strong prior; its gamma means nothing."""
+    records = coin_records(sequences=4, n_max=10)
+    path = synthetic_trace(tmp_path / "flat.parquet", records, np.array([3e9, 7e9]), gamma=1.0)
+    s = fit_posterior(category_marks(open_trace(path)), "fit", n_bootstrap=10, seed=0).summary
+    assert not s["gamma_identifiable"]
+    np.testing.assert_allclose(s["exact_bayes"]["prior_mean"], [0.3, 0.7], atol=1e-3)
+    bayesian = synthetic_trace(tmp_path / "b.parquet", records, np.array([2.0, 2.0]), gamma=1.0)
+    assert fit_posterior(category_marks(open_trace(bayesian)), "fit", 10, 0).summary["gamma_identifiable"]
+
+
 def test_uniform_prior_predictive_is_laplace_rule(tmp_path):
     path = synthetic_trace(tmp_path / "t.parquet", coin_records(sequences=3, n_max=5), np.array([1.0, 1.0]), 1.0)
     result = fit_posterior(category_marks(open_trace(path)), "uniform", n_bootstrap=10, seed=0)
