@@ -5,7 +5,7 @@ Without CUDA it says so on stderr and exits 0 (``--cpu-rehearsal`` runs the same
 standing in for the GPU, to check the script itself). On the default model (SmolLM2-135M-Instruct):
 
 1. CUDA float32 trace == CPU float32 trace (tight tolerance), and CUDA bfloat16 trace == CPU float32
-   trace within bfloat16 tolerance (log-probs to a few hundredths of a nat, top-1 mostly agreeing).
+   trace within bfloat16 tolerance (median log-prob error under 0.1 nat, top-1 mostly agreeing).
 2. ``device_map`` over the GPUs there are (with one GPU: the GPU plus CPU offload under a max_memory
    cap) traces like the model on one GPU.
 3. bfloat16 throughput of teacher-forced tracing (prompt tokens per second) at several batch sizes.
@@ -37,7 +37,7 @@ PROMPTS = [
 ]
 # bfloat16 keeps 8 significant bits: per-position log-probs move by a few hundredths of a nat, and
 # near-ties among the top candidates may swap.
-BF16_MEDIAN_ABS = 0.05
+BF16_MEDIAN_ABS = 0.1
 BF16_P99_ABS = 0.5
 BF16_TOP1_AGREEMENT = 0.9
 SAME_DEVICE_ABS = 2e-3  # float32 on two devices, or one dtype under two placements
@@ -84,11 +84,11 @@ def check(results: dict, name: str, ok: bool, **numbers) -> None:
     log(f"{'PASS' if ok else 'FAIL'} {name}: {json.dumps(numbers)}")
 
 
-def throughput(loaded, batch_sizes: list[int], device_sync) -> list[dict]:
+def throughput(loaded, batch_sizes: list[int], device_sync, n_prompts: int) -> list[dict]:
     """Prompt tokens per second through the whole engine (forward, hook reductions, Arrow rows)."""
     words = "the coin came up heads then tails then heads and the die showed three then five".split()
     rng = np.random.default_rng(0)
-    texts = [" ".join(rng.choice(words, size=96)) for _ in range(64)]
+    texts = [" ".join(rng.choice(words, size=96)) for _ in range(n_prompts)]
     prompts = records(texts)
     rows = []
     for batch_size in batch_sizes:
@@ -171,7 +171,8 @@ def main() -> int:
           and numbers["top1_agreement"] >= BF16_TOP1_AGREEMENT, **numbers)
 
     log("bfloat16 throughput:")
-    results["throughput_bfloat16"] = throughput(bf16, [1, 8, 32], sync)
+    results["throughput_bfloat16"] = (throughput(bf16, [1, 8, 32], sync, 256) if gpu == "cuda"
+                                      else throughput(bf16, [8], sync, 8))
     weights_bytes = sum(p.numel() * p.element_size() for p in bf16.model.parameters())
     del bf16
     if gpu == "cuda":

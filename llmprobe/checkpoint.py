@@ -123,15 +123,20 @@ class WorkDir:
     def tables(self, schema: pa.Schema) -> Iterator[pa.Table]:
         """The committed parts in processing order, one table each, checked against the manifest."""
         for part in self.parts:
-            table = pq.read_table(self.path / part.name).cast(schema)
+            try:
+                table = pq.read_table(self.path / part.name).cast(schema)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise UsageError(f"committed part {part.name} is unreadable ({str(exc).splitlines()[0]}); rerun"
+                                 " with --force to start over", where=str(self.path)) from None
             if table.num_rows != part.rows:
                 raise UsageError(f"{part.name} holds {table.num_rows} rows, the manifest says {part.rows};"
-                                 " the work directory is damaged, rerun with --force", where=str(self.path))
+                                 " rerun with --force to start over", where=str(self.path))
             yield table
 
     def close(self) -> None:
-        self._manifest.close()
-        os.close(self._lock_fd)
+        if not self._manifest.closed:
+            self._manifest.close()
+            os.close(self._lock_fd)
 
     def remove(self) -> None:
         """Delete the directory after a successful merge (renamed first, so it vanishes atomically)."""

@@ -86,7 +86,8 @@ def trace(
 
     if targets and targets_file:
         raise UsageError("give --targets or --targets-file, not both", where="--targets")
-    target_list = read_targets_file(targets_file) if targets_file else (targets.split(",") if targets else [])
+    target_list = (read_targets_file(targets_file) if targets_file
+                   else targets.split(",") if targets is not None else [])  # --targets "" is an error, not none
     settings = TraceSettings(top_k=top_k, targets=target_list, max_new_tokens=max_new_tokens, sample=sample,
                              temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, chat=chat,
                              truncate=truncate, layers=layers, save_embeddings=save_embeddings)

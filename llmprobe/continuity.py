@@ -218,15 +218,15 @@ def run_continuity(trace_path: str, over: str, output: str | None, as_json: bool
     points, meta = load_points(trace_path, over)
     bound = (meta.get("embedding") or {}).get("tv_lipschitz_bound")
     result, pairs = analyse(points, over=over, max_pairs=max_pairs, quantile=quantile, seed=seed, tv_bound=bound)
+    if as_json:
+        out.data_text(json.dumps(_finite_or_null(asdict(result))) + "\n")
+    else:
+        out.show(summary_table(result))
     if output is not None:
         from llmprobe.plots.common import save_figure
 
         save_figure(continuity_figure(result, pairs, meta.get("model", "")), output)
         out.log(f"wrote {output}")
-    if as_json:
-        out.data_text(json.dumps(_finite_or_null(asdict(result))) + "\n")
-    else:
-        out.show(summary_table(result))
     return result
 
 

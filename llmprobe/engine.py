@@ -207,16 +207,7 @@ class Tracer:
         device = self.loaded.device
         lengths = [len(e.ids) for e in batch]
         width = max(lengths)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        next_ids = torch.full((len(batch), width), NO_TOKEN, dtype=torch.long)
-        for b, e in enumerate(batch):
-            start = width - len(e.ids)
-            input_ids[b, start:] = torch.tensor(e.ids)
-            attention[b, start:] = 1
-            next_ids[b, start : width - 1] = torch.tensor(e.ids[1:], dtype=torch.long)
-        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, position_ids, next_ids = padded_inputs([e.ids for e in batch], self.tokenizer.pad_token_id)
         generate = self.settings.max_new_tokens > 0
         head = self.model.get_output_embeddings()
         embed_at = None
@@ -406,6 +397,22 @@ class Tracer:
         if self.internals.embedding_dim:
             columns["embedding"] = self.internals.embedding_column(embedding_rows, embeddings, sum(counts))
         return pa.RecordBatch.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
+
+
+def padded_inputs(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Left-padded ``input_ids``, ``attention_mask``, ``position_ids`` and next-token ids (NO_TOKEN
+    where none) on the host; explicit positions make each row's numbers those of the row alone."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    next_ids = torch.full((len(sequences), width), NO_TOKEN, dtype=torch.long)
+    for b, ids in enumerate(sequences):
+        start = width - len(ids)
+        input_ids[b, start:] = torch.tensor(ids)
+        attention[b, start:] = 1
+        next_ids[b, start : width - 1] = torch.tensor(ids[1:], dtype=torch.long)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention, position_ids, next_ids
 
 
 def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int], list[int]]]) -> list[float]:

@@ -12,7 +12,14 @@ Design
   stores them in the :class:`Capture`, one result per forward call (the caller pops it).
   Only these reductions ever leave the device; a full vocabulary row is never copied to the host.
 * Reductions are done in chunks of positions, so the float32 working copy of bfloat16 logits is
-  bounded by ``chunk * V`` rather than ``B * T * V``.
+  bounded by ``chunk * V`` rather than ``B * T * V``. On the CPU a chunk is further cut into blocks of
+  rows that fit the cache, so the passes after the first read cached data, not main memory.
+* Cost is what benchmark 1 (benchmarks/bench_trace.py) measures against a bare forward pass, so the
+  reduction makes as few passes over the vocabulary as it can: top-k comes from block maxima (one
+  cheap pass, then a top-k over ``k`` blocks instead of ``V`` values), the row maximum is the first
+  top-k value, one ``exp`` pass into a reused buffer gives both the log-normalizer and the entropy
+  (the entropy's ``sum(e * y)`` is a dot product, with no temporary), and the rank is one
+  comparison pass into a reused boolean buffer. docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -41,7 +48,14 @@ class StepStats:
 
 
 class LogitReducer:
-    """Turns logits into :class:`StepStats`; shared by the output head and the logit lens."""
+    """Turns logits into :class:`StepStats`; shared by the output head and the logit lens.
+
+    ``chunk_positions`` bounds the positions reduced at once (and so the float32 working memory); the
+    logit lens also unembeds that many positions at a time.
+    """
+
+    TOPK_BLOCK = 32  # vocabulary entries per block of the block-maximum top-k
+    CPU_BLOCK_BYTES = 4 << 20  # float32 working set per pass on the CPU: about a core's share of cache
 
     def __init__(self, top_k: int, target_first_ids: list[int] | None = None, chunk_positions: int = 512) -> None:
         self.top_k = top_k
@@ -53,8 +67,15 @@ class LogitReducer:
         batch, length, vocab = logits.shape
         flat = logits.reshape(batch * length, vocab)
         nxt = None if next_ids is None else next_ids.reshape(-1).to(logits.device)
-        parts = [self._reduce_rows(flat[s : s + self.chunk_positions], None if nxt is None else nxt[s : s + self.chunk_positions])
-                 for s in range(0, batch * length, self.chunk_positions)]
+        step = self.chunk_positions
+        if logits.device.type == "cpu":
+            step = max(1, min(step, self.CPU_BLOCK_BYTES // (4 * vocab)))
+        step = min(step, batch * length)
+        work = (torch.empty(step, vocab, dtype=torch.float32, device=logits.device),
+                torch.empty(step, vocab, dtype=torch.float32, device=logits.device),
+                torch.empty(step, vocab, dtype=torch.bool, device=logits.device))
+        parts = [self._reduce_rows(flat[s : s + step], None if nxt is None else nxt[s : s + step], work)
+                 for s in range(0, batch * length, step)]
         cat = [torch.cat(items) for items in zip(*parts)]
         lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp = cat
         shape = (batch, length)
@@ -69,36 +90,65 @@ class LogitReducer:
             last_logits=logits[:, -1, :],
         )
 
-    def _reduce_rows(self, rows: torch.Tensor, next_ids: torch.Tensor | None):
-        rows32 = rows.float()
-        lse = torch.logsumexp(rows32, dim=-1)
-        probs = torch.exp(rows32 - lse[:, None])
-        entropy = lse - (probs * rows32).sum(-1)
-        top_values, top_ids = rows32.topk(self.top_k, dim=-1)
+    def _reduce_rows(self, rows: torch.Tensor, next_ids: torch.Tensor | None,
+                     work: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        n = rows.shape[0]
+        x = rows.float().contiguous()  # a copy of this chunk only when the model runs in (b)float16
+        top_values, top_ids = block_topk(x, self.top_k, self.TOPK_BLOCK)
+        peak = top_values[:, 0]
+        y = torch.sub(x, peak[:, None], out=work[0][:n])  # <= 0, so exp cannot overflow
+        e = torch.exp(y, out=work[1][:n])
+        total = e.sum(-1)
+        log_total = total.log()
+        lse = peak + log_total
+        # H = -sum p log p with p = e / total and log p = y - log total; vecdot needs no temporary
+        entropy = log_total - torch.linalg.vecdot(e, y) / total
         top_lp = top_values - lse[:, None]
         if next_ids is None:
             next_lp = torch.full_like(lse, float("nan"))
             next_rank = torch.zeros_like(lse, dtype=torch.long)
         else:
-            next_lp, next_rank = token_logprob_and_rank(rows32, lse, next_ids)
+            next_lp, next_rank = token_logprob_and_rank(x, lse, next_ids, out=work[2][:n])
         if self.target_first_ids:
-            target_lp = rows32[:, self.target_first_ids] - lse[:, None]
+            target_lp = x[:, self.target_first_ids] - lse[:, None]
         else:
             target_lp = lse[:, None][:, :0]
         return lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp
 
 
+def block_topk(x: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k)`` of a contiguous ``[n, V]`` tensor, via the maxima of blocks of ``block`` entries.
+
+    The k largest entries lie in the k blocks with the largest maxima (those k maxima are k entries
+    at least as large as the k-th largest), so a top-k over those blocks' entries is exact.
+    """
+    n, vocab = x.shape
+    blocks = vocab // block
+    if blocks < 4 * k:  # small vocabularies: the plain top-k is as cheap
+        return x.topk(k, dim=-1)
+    maxima = x[:, : blocks * block].view(n, blocks, block).amax(-1)
+    chosen = maxima.topk(k, dim=-1).indices
+    columns = (chosen[:, :, None] * block + torch.arange(block, device=x.device)).view(n, k * block)
+    if vocab > blocks * block:  # the ragged tail is always a candidate
+        tail = torch.arange(blocks * block, vocab, device=x.device).expand(n, -1)
+        columns = torch.cat([columns, tail], dim=1)
+    values, where = x.gather(1, columns).topk(k, dim=-1)
+    return values, columns.gather(1, where)
+
+
 def token_logprob_and_rank(
-    logits32: torch.Tensor, lse: torch.Tensor, token_ids: torch.Tensor
+    logits32: torch.Tensor, lse: torch.Tensor, token_ids: torch.Tensor, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability and 1-based rank of ``token_ids`` in each row (rank = 1 + #strictly larger).
 
-    Rows whose id is :data:`NO_TOKEN` get NaN and rank 0.
+    Rows whose id is :data:`NO_TOKEN` get NaN and rank 0. ``out``: a reusable boolean buffer shaped like
+    ``logits32``.
     """
     valid = token_ids >= 0
     safe = token_ids.clamp(min=0)
     chosen = logits32.gather(-1, safe[:, None]).squeeze(-1)
-    rank = (logits32 > chosen[:, None]).sum(-1) + 1
+    # an int32 sum of the booleans is several times faster than the default int64 one on the CPU
+    rank = torch.gt(logits32, chosen[:, None], out=out).sum(-1, dtype=torch.int32).long() + 1
     logprob = torch.where(valid, chosen - lse, torch.full_like(chosen, float("nan")))
     return logprob, torch.where(valid, rank, torch.zeros_like(rank))
 

@@ -245,7 +245,7 @@ def results_table(results: list[MartingaleResult], alpha: float, name: str):
     for column in ("n", "mean TV |E p_n+m − p_n|", "statistic", "p-value", f"reject at {alpha:g}", "P(categories)"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(str(r.n), f"{r.mean_tv_deviation:.4f}", f"{r.statistic:.3g}", f"{r.p_value:.3f}",
+        table.add_row(str(r.n), f"{r.mean_tv_deviation:.4f}", f"{r.statistic:.3g}", f"{r.p_value:.3g}",
                       "yes" if r.rejected(alpha) else "no",
                       "" if r.mean_category_mass is None else f"{r.mean_category_mass:.3f}")
     return table

@@ -21,7 +21,7 @@ from llmprobe import __version__
 from llmprobe._output import Output
 from llmprobe.errors import UsageError
 from llmprobe.plots.common import check_writable, data_uri, write_atomic
-from llmprobe.plots.icl import MARK_KEY, FitTable, flatten_summary, open_fit, plot_icl, summarize
+from llmprobe.plots.icl import MARK_KEY, FitTable, IclSummary, flatten_summary, open_fit, plot_icl, summarize
 from llmprobe.plots.prior import Prior, load_prior, plot_prior
 from llmprobe.plots.tokens import plot_tokens, select_layer, token_grid
 from llmprobe.reader import read_trace
@@ -75,8 +75,9 @@ def prompt_summary(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for prompt_id, group in frame.groupby("prompt_id", sort=False):
         prompt = group[group["phase"] != PHASE_GENERATED]
-        scored = prompt[prompt["next_logprob"].notna()]
         generated = group[group["phase"] == PHASE_GENERATED]
+        given = prompt["position"] < prompt["position"].max() if len(generated) else True  # next token is text
+        scored = prompt[given & prompt["next_logprob"].notna()]
         rows.append({
             "prompt": str(prompt_id),
             "positions": len(prompt),
@@ -90,9 +91,9 @@ def prompt_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def fit_group_summary(fit: FitTable) -> pd.DataFrame:
+def fit_group_summary(fit: FitTable, summary: IclSummary | None = None) -> pd.DataFrame:
     """Per group of sequences (trace, θ): counts, and TV / KL averaged over all marks and at the largest n."""
-    summary = summarize(fit)
+    summary = summarize(fit) if summary is None else summary
     marks = fit.frame.drop_duplicates(MARK_KEY).merge(summary.members.drop(columns="layout"),
                                                       on=["trace", "prompt_id", "sequence"])
     rows = []
@@ -180,42 +181,61 @@ def build_report(trace_source: str, extras: list[str], *, prompts: list[str] | N
     parts += ["<h2>Prompts</h2>",
               "<p>Surprisal and top-1 accuracy are over the prompt's own tokens (teacher-forced); "
               "‖ separates the prompt from generated text.</p>", html_table(summary)]
+    parts += _token_section(frame, trace_source, summary, prompts, max_prompts, max_positions, top, image_format)
+    if fit is not None:
+        parts += _fit_section(fit, image_format)
+    if prior is not None:
+        parts += _prior_section(prior, image_format)
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>llmprobe report — {escape(model)}</title>\n<style>{STYLE}</style>\n</head>\n"
+            f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def _token_section(frame: pd.DataFrame, source: str, summary: pd.DataFrame, prompts: list[str] | None,
+                   max_prompts: int, max_positions: int, top: int, image_format: str) -> list[str]:
     unknown = [p for p in prompts or [] if p not in set(summary["prompt"])]
     if unknown:
         raise UsageError(f"no prompt with id {unknown[0]!r} in the trace", where="--prompt")
     chosen = prompts or list(summary["prompt"].head(max_prompts))
+    parts = []
     for prompt_id in chosen:
         rows = frame[frame["prompt_id"] == prompt_id]
         first = int(rows["position"].max()) + 1 - max_positions
         positions = f"{first}:" if first > int(rows["position"].min()) else None
-        grid = token_grid(frame, trace_source, prompt_id, positions, top)
+        grid = token_grid(frame, source, prompt_id, positions, top)
         shown = "all positions" if positions is None else f"its last {max_positions} positions"
-        parts.append(_figure(data_uri(plot_tokens(grid), image_format, REPORT_DPI), f"top-{top} candidates, prompt {prompt_id}",
+        parts.append(_figure(data_uri(plot_tokens(grid), image_format, REPORT_DPI),
+                             f"top-{top} candidates, prompt {prompt_id}",
                              f"Prompt {prompt_id}, {shown}: top-{grid.probs.shape[1]} next-token candidates per "
                              "position (red box: the actual next token), entropy and surprisal underneath."))
     if len(summary) > len(chosen):
         parts.append(f"<p>Figures for {len(chosen)} of {len(summary)} prompts; "
                      f"<code>llmprobe plot TRACE --prompt ID</code> draws any other.</p>")
-    if fit is not None:
-        parts += ["<h2>In-context learning against the Bayesian posterior predictive</h2>",
-                  _figure(data_uri(plot_icl(summarize(fit), fit.summaries), image_format, REPORT_DPI), "in-context learning curves",
-                          "Mean over sequences (band: 10th–90th percentile) of the model's probability for each "
-                          "category, the Bayesian prediction and the true θ; distances, entropy and mass below."),
-                  html_table(fit_group_summary(fit))]
-        for fit_summary in fit.summaries:
-            parts += [f"<h3>Fit of {escape(str(fit_summary.get('trace', 'the trace')))}</h3>",
-                      key_value_table(flatten_summary(fit_summary))]
-    if prior is not None:
-        parts += ["<h2>Fitted prior</h2>",
-                  _figure(data_uri(plot_prior(prior), image_format, REPORT_DPI), "fitted prior", "The fitted prior over the "
-                          "categories' probabilities; component means marked."),
-                  html_table(prior_components(prior))]
-        if prior.facts:
-            parts.append(key_value_table(prior.facts))
-    body = "\n".join(parts)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>llmprobe report — {escape(model)}</title>\n<style>{STYLE}</style>\n</head>\n"
-            f"<body>\n{body}\n</body>\n</html>\n")
+    return parts
+
+
+def _fit_section(fit: FitTable, image_format: str) -> list[str]:
+    summary = summarize(fit)
+    parts = ["<h2>In-context learning against the Bayesian posterior predictive</h2>",
+             _figure(data_uri(plot_icl(summary, fit.summaries), image_format, REPORT_DPI), "in-context learning curves",
+                     "Mean over sequences (band: 10th–90th percentile) of the model's probability for each category, "
+                     "the Bayesian prediction and the true θ; distances, entropy and mass below."),
+             html_table(fit_group_summary(fit, summary))]
+    for fit_summary in fit.summaries:
+        parts += [f"<h3>Fit of {escape(str(fit_summary.get('trace', 'the trace')))}</h3>",
+                  key_value_table(flatten_summary(fit_summary))]
+    return parts
+
+
+def _prior_section(prior: Prior, image_format: str) -> list[str]:
+    parts = ["<h2>Fitted prior</h2>",
+             _figure(data_uri(plot_prior(prior), image_format, REPORT_DPI), "fitted prior",
+                     "The fitted prior over the categories' probabilities; component means marked."),
+             html_table(prior_components(prior))]
+    if prior.facts:
+        parts.append(key_value_table(prior.facts))
+    return parts
 
 
 def write_report(trace_source: str, extras: list[str], output: str | None, *, force: bool, out: Output,

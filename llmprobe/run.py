@@ -111,10 +111,10 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
                         offload_folder=model_options.offload_folder, trust_remote_code=model_options.trust_remote_code,
                         allow_pickle=model_options.allow_pickle, log=out.log)
     tracer = Tracer(loaded, settings)
-    out.log(f"loaded {loaded.source.label} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
-            f" in {loaded.load_seconds:.1f} s")
     for record in records:
         tracer.encode(record)
+    out.log(f"loaded {loaded.source.label} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
+            f" in {loaded.load_seconds:.1f} s")
     metadata = {**tracer.metadata(), "command": command, "prompts": prompts, "n_prompts": len(records)}
     if output == "-":
         rows = _stream(tracer, records, fmt, metadata, out)
@@ -148,6 +148,7 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
     work = WorkDir.open(output, run_fingerprint(metadata, records, fmt), metadata)
     interrupts = _Interrupts()
     done = work.done_prompts()
+    bad_numbers = False
     if done:
         out.log(f"resuming: {len(done)} of {len(records)} prompts were done")
     try:
@@ -162,7 +163,11 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
                         continue
                     if len(new) < len(set(indices.to_pylist())):
                         batch = batch.filter(pc.is_in(indices, value_set=pa.array(new, indices.type)))
-                    check_finite(batch, records)
+                    try:
+                        check_finite(batch, records)
+                    except UsageError:  # would fail the same way on every try: nothing worth keeping
+                        bad_numbers = True
+                        raise
                     with interrupts.deferred():  # so the count of done prompts we report is exact
                         work.commit(batch, new)
                         done.update(new)
@@ -173,16 +178,12 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
                     sink.write(table)
                     rows += table.num_rows
     except KeyboardInterrupt:
-        work.close()
         raise Interrupted(f"interrupted with {len(done)} of {len(records)} prompts done and saved in {work.path};"
                           f" resume with: {resume_with}") from None
-    except UsageError:  # bad input or bad numbers fail the same way on every try: nothing to keep
+    finally:  # any other failure (out of memory, a driver error) may pass on a retry: the work stays
         work.close()
-        discard(output)
-        raise
-    except BaseException:  # anything else (out of memory, a driver error) may pass on a retry: keep the work
-        work.close()
-        raise
+        if bad_numbers:
+            discard(output)
     work.remove()
     return rows
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from llmprobe.engine import TraceSettings, Tracer
+from llmprobe.engine import Tracer, TraceSettings
 from llmprobe.errors import UsageError
 from llmprobe.plots.common import token_label
 from llmprobe.plots.icl import FIT_COLUMNS, open_fit, plot_icl, summarize
@@ -31,7 +31,7 @@ from llmprobe.plots.prior import (
 )
 from llmprobe.plots.tokens import HIGHLIGHT, load_token_grid, plot_tokens
 from llmprobe.prompts import PromptRecord, read_prompts
-from llmprobe.schema import META_KEY, VOCAB_KEY, encode_metadata, trace_schema
+from llmprobe.schema import META_KEY, VOCAB_KEY, trace_schema
 from llmprobe.writer import open_trace_sink
 from tests.test_cli import assert_one_line_error, run_cli
 
@@ -40,9 +40,10 @@ TEXTS = ["The capital of France is", "I just flipped a coin, and it came up head
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def write_trace(loaded, path: Path, records: list[PromptRecord], top_k: int = 8, targets=()) -> Path:
+def write_trace(loaded, path: Path, records: list[PromptRecord], top_k: int = 8, targets=(),
+                max_new_tokens: int = 0) -> Path:
     """A trace file exactly as ``llmprobe trace`` writes it (Tracer -> atomic Parquet sink)."""
-    tracer = Tracer(loaded, TraceSettings(top_k=top_k, targets=list(targets)))
+    tracer = Tracer(loaded, TraceSettings(top_k=top_k, targets=list(targets), max_new_tokens=max_new_tokens))
     for record in records:
         tracer.encode(record)
     with open_trace_sink(str(path), "parquet", tracer.schema, {**tracer.metadata(), "command": "test"},
@@ -291,7 +292,8 @@ def test_icl_summary_is_the_mean_and_band_over_sequences():
     assert [g.theta for g in summary.groups.itertuples()] == [(0.2, 0.8), (0.7, 0.3)]
     assert summary.groups["sequences"].tolist() == [4, 4]
     for group in summary.groups.itertuples():
-        seqs = [s for s in frame["sequence"].unique() if tuple(frame[frame["sequence"] == s]["theta"][:2]) == group.theta]
+        seqs = [s for s in frame["sequence"].unique()
+                if tuple(frame[frame["sequence"] == s]["theta"][:2]) == group.theta]
         mine = frame[frame["sequence"].isin(seqs)]
         for n in range(6):
             values = mine[(mine["n"] == n) & (mine["category"] == "heads")]["model_prob"].to_numpy()
@@ -422,13 +424,14 @@ def test_three_and_more_categories(tmp_path):
     ternary = plot_prior(load_prior(str(mixture_prior_json(tmp_path / "p3.json", [1.0], [[2.0, 3.0, 4.0]],
                                                            ["a", "b", "c"]))))
     assert {t.get_text() for t in ternary.axes[0].texts} >= {"a", "b", "c"}
-    assert any(ax.get_ylabel() == "prior density" for ax in ternary.axes)  # the colorbar
+    assert any(ax.get_ylabel().startswith("prior density") for ax in ternary.axes)  # the colorbar
     alphas = [[1.0, 2.0, 3.0, 4.0, 5.0]]
     many = plot_prior(load_prior(str(mixture_prior_json(tmp_path / "p5.json", [1.0], alphas, list("vwxyz")))))
     lines = lines_by_gid(many)
     for k in range(5):
         x = lines[f"density|{k}"].get_xdata()
-        np.testing.assert_allclose(lines[f"density|{k}"].get_ydata(), stats.beta.pdf(x, alphas[0][k], 15 - alphas[0][k]))
+        expected = stats.beta.pdf(x, alphas[0][k], 15 - alphas[0][k])
+        np.testing.assert_allclose(lines[f"density|{k}"].get_ydata(), expected)
     assert sum(ax.get_visible() for ax in many.axes) == 5
 
 

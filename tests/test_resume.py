@@ -27,6 +27,7 @@ import llmprobe.engine
 import llmprobe.run
 from llmprobe.checkpoint import work_dir_for
 from llmprobe.cli import main
+from llmprobe.engine import Tracer
 from llmprobe.reader import read_trace
 
 N_PROMPTS = 150  # with --batch-size 2: 75 batches in length-sorting windows of 64, 64 and 22 prompts
@@ -204,7 +205,7 @@ def one_line_error(code: int, err: str, *needles: str) -> str:
 def small(tiny_model_dir, tmp_path, monkeypatch):
     """20 prompts, 3 per batch, length-sorted in windows of 2 batches: 7 batches, 4 windows (6, 6, 6, 2)."""
     monkeypatch.setattr(llmprobe.engine, "SORT_WINDOW_BATCHES", 2)
-    prompts = write_prompts(tmp_path / "p.txt", n=20, seed=3)
+    prompts = write_prompts(tmp_path / "p.txt", n=20, seed=5)  # prompt 6 is in the second window's first batch
     args = lambda output, *extra: ["trace", str(prompts), "-o", str(output), "--model", str(tiny_model_dir),  # noqa: E731
                                    "--device", "cpu", "--batch-size", "3", "--top-k", "3", "-q", *extra]
     return prompts, args
@@ -219,18 +220,42 @@ def small_reference(small, tmp_path, capsys, monkeypatch):
     return reference
 
 
-def test_interrupt_mid_window_then_resume_matches(small, small_reference, tmp_path, capsys, monkeypatch):
+def record_batches(monkeypatch) -> list[list[int]]:
+    """The prompt indices of every batch the engine yields, in order."""
+    seen: list[list[int]] = []
+    trace = Tracer.trace
+
+    def recording(self, records, *args, **kwargs):
+        for batch in trace(self, records, *args, **kwargs):
+            seen.append(sorted(set(batch.column("prompt_index").to_pylist())))
+            yield batch
+
+    monkeypatch.setattr(Tracer, "trace", recording)
+    return seen
+
+
+def test_interrupt_mid_window_then_resume_matches(small, tmp_path, capsys, monkeypatch):
+    """Same rows, and the same batches: a resume restarts at the unfinished window, so padding (which
+    can change the last bits of the numbers on some devices) is exactly as in one uninterrupted run."""
     _, args = small
-    output = tmp_path / "out.parquet"
+    reference, output = tmp_path / "ref.parquet", tmp_path / "out.parquet"
+    batches = record_batches(monkeypatch)
+    assert run_cli(args(reference), capsys, monkeypatch)[0] == 0
+    uninterrupted = list(batches)
+    batches.clear()
     with monkeypatch.context() as m:
-        interrupt_after(m, 3)  # the first window and half the second are done
+        interrupt_after(m, 3)  # the first window (2 batches) and half the second are done
         code, err = run_cli(args(output), capsys, monkeypatch)
     assert code == 130
     one_line_error(code, err, "interrupted with 9 of 20 prompts done", "resume with:")
     assert len(committed(output)) == 3 and not output.exists()
+    done = {i for part in committed(output) for i in part["prompts"]}
+    assert min(set(range(20)) - done) % 6 != 0  # the first unfinished prompt is not where a window starts
     code, err = run_cli(args(output, "--resume"), capsys, monkeypatch)
     assert code == 0, err
-    assert_same_trace(output, small_reference)
+    assert_same_trace(output, reference)
+    # first run: batches 0-2 committed (the 4th was computed when Ctrl-C came); resume: the second window again
+    assert batches == uninterrupted[:4] + uninterrupted[2:]
 
 
 def test_crash_leftovers_are_discarded_on_resume(small, small_reference, tmp_path, capsys, monkeypatch):
@@ -306,6 +331,9 @@ def test_a_damaged_work_directory_is_reported(small, tmp_path, capsys, monkeypat
     work = work_dir_for(str(output))
     (work / "part-00001.parquet").unlink()
     one_line_error(*run_cli(args(output, "--resume"), capsys, monkeypatch), "part-00001.parquet is missing",
+                   "--force")
+    (work / "part-00001.parquet").write_bytes(b"bit rot")
+    one_line_error(*run_cli(args(output, "--resume"), capsys, monkeypatch), "part-00001.parquet is unreadable",
                    "--force")
     (work / "manifest.jsonl").write_text("not json\n")
     one_line_error(*run_cli(args(output, "--resume"), capsys, monkeypatch), "manifest is damaged")

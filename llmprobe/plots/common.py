@@ -1,7 +1,8 @@
 """What every figure shares: the headless backend, safe token labels, and atomic file output.
 
-Matplotlib is switched to Agg before pyplot is imported anywhere in llmprobe, so figures render on
-machines without a display. Figures are written to a temporary file beside the target and renamed
+Figures are built as :class:`matplotlib.figure.Figure` objects without pyplot, and matplotlib is
+switched to the Agg backend unless pyplot is already in use, so they render on machines without a
+display. Figures are written to a temporary file beside the target and renamed
 into place, so an error never leaves a half-written image; the format follows the file extension.
 """
 
@@ -10,13 +11,15 @@ from __future__ import annotations
 import base64
 import io
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "matplotlib.pyplot" not in sys.modules:  # a notebook that already chose its backend keeps it
+    matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402  (after the backend is chosen)
 

@@ -183,7 +183,8 @@ def fit_params_line(summaries: list[dict[str, Any]]) -> str:
         flat = flatten_summary(summary)
         chosen = [(name, flat[key]) for key, name in HEADLINE_KEYS.items() if key in flat]
         if not chosen:  # a summary of another shape: its first few numbers
-            chosen = [(k, v) for k, v in flat.items() if isinstance(v, (int, float, list)) and not isinstance(v, bool)][:6]
+            numbers = [(k, v) for k, v in flat.items() if isinstance(v, (int, float, list)) and not isinstance(v, bool)]
+            chosen = numbers[:6]
         text = " · ".join(f"{name} = {_number(value)}" for name, value in chosen)
         if text:
             lines.append((f"{summary['trace']}: " if len(summaries) > 1 and "trace" in summary else "") + text)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
@@ -233,11 +234,13 @@ def _draw_ternary(fig: Figure, ax, prior: Prior) -> None:
     finite = np.isfinite(density)
     capped = np.all(prior.alphas >= 1.0)
     top = float(density[finite].max()) if capped else float(np.quantile(density[finite], 0.99))
-    levels = MaxNLocator(14).tick_values(0.0, top)
+    # square-root spaced levels: a sharp component would otherwise leave a broad one invisible
+    levels = np.linspace(0.0, math.sqrt(top), 16) ** 2
     tri = Triangulation(x, y)
-    filled = ax.tricontourf(tri, np.minimum(density, top), levels=levels, cmap=colormaps["viridis"],
+    clipped = np.minimum(density, top)
+    filled = ax.tricontourf(tri, clipped, levels=levels, cmap=colormaps["viridis"], norm=PowerNorm(0.5, 0.0, top),
                             extend="neither" if capped else "max")
-    ax.tricontour(tri, np.minimum(density, top), levels=levels[1::2], colors="white", linewidths=0.4, alpha=0.6)
+    ax.tricontour(tri, clipped, levels=levels[1::2], colors="white", linewidths=0.4, alpha=0.6)
     for t in np.arange(0.2, 1.0, 0.2):  # grid lines of constant p1, p2, p3
         for a, b in (((t, 1 - t, 0), (t, 0, 1 - t)), ((1 - t, t, 0), (0, t, 1 - t)), ((1 - t, 0, t), (0, 1 - t, t))):
             px, py = to_plane(np.array([a, b], dtype=float))
@@ -259,8 +262,8 @@ def _draw_ternary(fig: Figure, ax, prior: Prior) -> None:
     ax.set_ylim(-0.1, SQRT3_2 + 0.1)
     ax.axis("off")
     ax.legend(loc="upper left", fontsize=8, frameon=False)
-    bar = fig.colorbar(filled, ax=ax, shrink=0.75)
-    bar.set_label("prior density" + ("" if capped else " (capped at the 99th percentile: α < 1)"))
+    bar = fig.colorbar(filled, ax=ax, shrink=0.75, ticks=MaxNLocator(8).tick_values(0.0, top))
+    bar.set_label("prior density (square-root scale" + (")" if capped else "; capped at the 99th percentile: α < 1)"))
     ax.text(0.5, -0.08, "each corner is all probability on that category; grid lines every 0.2",
             ha="center", va="center", fontsize=8, color="0.35")
 

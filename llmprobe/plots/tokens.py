@@ -168,7 +168,10 @@ def plot_tokens(grid: TokenGrid, wrap: int = 16) -> Figure:
                              height / fig_h))
 
     norm = Normalize(0.0, 1.0)
-    entropy_top = 1.1 * max(np.nanmax(grid.entropy_bits), np.nanmax(-np.log2(grid.next_probs), initial=0.0), 1.0)
+    with np.errstate(divide="ignore"):
+        surprisal = -np.log2(grid.next_probs)
+    finite = surprisal[np.isfinite(surprisal)]
+    entropy_top = 1.1 * max(float(np.max(grid.entropy_bits)), float(finite.max(initial=0.0)), 1.0)
     for row, chunk in enumerate(chunks):
         top = header + row * (chunk_h + gap) + 0.42
         heat = axes(top, heat_h)
@@ -177,8 +180,9 @@ def plot_tokens(grid: TokenGrid, wrap: int = 16) -> Figure:
         _draw_entropy(axes(top + heat_h + 0.06 + actual_h + 0.12, entropy_h), grid, chunk, width, entropy_top,
                       legend=row == 0)
         if row == 0:
-            bar = fig.add_axes(((left + width * COLUMN_INCHES + 0.15) / fig_w, 1 - (top + heat_h + 0.06 + actual_h) / fig_h,
-                                0.14 / fig_w, (heat_h + 0.06 + actual_h) / fig_h))
+            bar_h = heat_h + 0.06 + actual_h  # beside the candidates and the actual row
+            bar = fig.add_axes(((left + width * COLUMN_INCHES + 0.15) / fig_w, 1 - (top + bar_h) / fig_h,
+                                0.14 / fig_w, bar_h / fig_h))
             fig.colorbar(heat.images[0], cax=bar).set_label("probability", fontsize=8)
             bar.tick_params(labelsize=7)
     title = (f"{plain_label(grid.model)} — prompt {plain_label(grid.prompt_id)}: top-{k} next-token candidates,"

@@ -1,0 +1,83 @@
+"""Benchmark 1: trace throughput against a bare forward pass over the identical batches.
+
+Run: python benchmarks/bench_trace.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+
+The workload is the coin experiment's per-n prompts (configs/experiments/coin.toml: lengths from
+about 10 to 200 tokens), traced at k=20 with entropy, ranks and the experiment's two targets, the
+engine's record batches written to Parquet (as ``llmprobe trace -o -`` does). The baseline runs
+``model(input_ids, attention_mask, position_ids)`` — the output head included, no hook — over
+exactly the padded batches the engine forms. Throughput counts real (unpadded) positions.
+Goal (issue 5): ratio trace / bare >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import _common  # noqa: F401  (sets LLMPROBE_CACHE)
+import pyarrow.parquet as pq
+import torch
+from _common import coin_records, emit, interleaved, machine, median
+
+from llmprobe.engine import TraceSettings, Tracer, padded_inputs
+from llmprobe.models import load_model
+from llmprobe.run import targets_from_records
+
+GOAL = 0.95
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter prompts (about a minute on 2 cores)")
+    parser.add_argument("--n-max", type=int, default=None, help="prompts are n = 0..N coin flips (default 47, quick 31)")
+    parser.add_argument("--sequences", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each (default 5, quick 3)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    n_max = args.n_max if args.n_max is not None else (31 if args.quick else 47)
+    repeats = args.repeats or (3 if args.quick else 5)
+
+    loaded = load_model(None, device=args.device, dtype=args.dtype)
+    records = coin_records("per-n", n_max, args.sequences)
+    settings = TraceSettings(top_k=20, targets=targets_from_records(records), batch_size=args.batch_size)
+    tracer = Tracer(loaded, settings)
+    batches = [padded_inputs([e.ids for e in batch], loaded.tokenizer.pad_token_id)[:3]
+               for batch in tracer._batches(records)]
+    positions = sum(int(attention.sum()) for _, attention, _ in batches)
+    padded = sum(ids.numel() for ids, _, _ in batches)
+    device = loaded.device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @torch.inference_mode()
+    def bare() -> None:
+        for input_ids, attention, position_ids in batches:
+            loaded.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                         position_ids=position_ids.to(device), use_cache=False)
+        synchronize()
+
+    def trace() -> None:
+        with pq.ParquetWriter(io.BytesIO(), tracer.schema, compression="zstd") as writer:
+            for batch in tracer.trace(records):
+                writer.write_batch(batch)
+        synchronize()
+
+    times = interleaved({"bare": bare, "trace": trace}, repeats)
+    ratios = [b / t for b, t in zip(times["bare"], times["trace"])]
+    bare_rate, trace_rate = positions / median(times["bare"]), positions / median(times["trace"])
+    ratio = median(ratios)
+    print(f"machine: {machine()}")
+    print(f"model {loaded.source.label} on {device} ({args.dtype}); {len(records)} prompts, {len(batches)} batches"
+          f" of {args.batch_size}, {positions} positions ({padded} with padding); k=20, {len(settings.targets)} targets")
+    print(f"bare forward   {bare_rate:9.1f} positions/s   (median of {repeats}: {median(times['bare']):.2f} s)")
+    print(f"trace          {trace_rate:9.1f} positions/s   (median of {repeats}: {median(times['trace']):.2f} s)")
+    print(f"ratio trace/bare {ratio:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in ratios)}); goal >= {GOAL}:"
+          f" {'met' if ratio >= GOAL else 'NOT met'}")
+    emit({"benchmark": "trace", "ratio": round(ratio, 4), "goal": GOAL, "bare_positions_per_s": round(bare_rate, 1),
+          "trace_positions_per_s": round(trace_rate, 1), "device": str(device), "dtype": args.dtype})
+
+
+if __name__ == "__main__":
+    main()
