@@ -3,7 +3,7 @@
 Run: python benchmarks/bench_trace.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
 
 The workload is the coin experiment's per-n prompts (configs/experiments/coin.toml: lengths from
-about 10 to 200 tokens), traced at k=20 with entropy, ranks and the experiment's two targets, the
+about 10 to 100 tokens), traced at k=20 with entropy, ranks and the experiment's two targets, the
 engine's record batches written to Parquet (as ``llmprobe trace -o -`` does). The baseline runs
 ``model(input_ids, attention_mask, position_ids)`` — the output head included, no hook — over
 exactly the padded batches the engine forms. Throughput counts real (unpadded) positions.
@@ -27,25 +27,33 @@ from llmprobe.run import targets_from_records
 GOAL = 0.95
 
 
+def engine_batches(tracer: Tracer, records) -> list[tuple[torch.Tensor, ...]]:
+    """The padded (input_ids, attention_mask, position_ids) of every batch the engine forms."""
+    formed = []
+    tracer._trace_batch = lambda batch: formed.append(batch) or batch  # records the batch, computes nothing
+    list(tracer.trace(records))
+    del tracer._trace_batch
+    return [padded_inputs([e.ids for e in batch], tracer.tokenizer.pad_token_id)[:3] for batch in formed]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer and shorter prompts (about a minute on 2 cores)")
-    parser.add_argument("--n-max", type=int, default=None, help="prompts are n = 0..N coin flips (default 47, quick 31)")
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter prompts")
+    parser.add_argument("--n-max", type=int, default=None, help="prompts are n = 0..N coin flips (default 31, quick 15)")
     parser.add_argument("--sequences", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each (default 5, quick 3)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    n_max = args.n_max if args.n_max is not None else (31 if args.quick else 47)
+    n_max = args.n_max if args.n_max is not None else (15 if args.quick else 31)
     repeats = args.repeats or (3 if args.quick else 5)
 
     loaded = load_model(None, device=args.device, dtype=args.dtype)
     records = coin_records("per-n", n_max, args.sequences)
     settings = TraceSettings(top_k=20, targets=targets_from_records(records), batch_size=args.batch_size)
     tracer = Tracer(loaded, settings)
-    batches = [padded_inputs([e.ids for e in batch], loaded.tokenizer.pad_token_id)[:3]
-               for batch in tracer._batches(records)]
+    batches = engine_batches(tracer, records)
     positions = sum(int(attention.sum()) for _, attention, _ in batches)
     padded = sum(ids.numel() for ids, _, _ in batches)
     device = loaded.device

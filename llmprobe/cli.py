@@ -58,7 +58,8 @@ def trace(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
+    batch_size: Annotated[str, typer.Option(
+        help="Prompts per forward pass, or auto: as many as fit, halving on out-of-memory.")] = "8",
     force: Annotated[bool, typer.Option(help="Replace an existing output, or discard an interrupted run.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run writing OUTPUT (same arguments).")] = False,
     truncate: Annotated[Optional[str], typer.Option(
@@ -79,7 +80,7 @@ def trace(
     quiet: QuietOpt = False,
 ) -> None:
     """Trace top-k next-token probabilities at every position of every prompt into Parquet."""
-    from llmprobe.engine import TraceSettings
+    from llmprobe.engine import TraceSettings, parse_batch_size
     from llmprobe.models import parse_max_memory
     from llmprobe.ray_engine import ray_options_for
     from llmprobe.run import ModelOptions, default_output, read_targets_file, run_trace
@@ -89,7 +90,7 @@ def trace(
     target_list = (read_targets_file(targets_file) if targets_file
                    else targets.split(",") if targets is not None else [])  # --targets "" is an error, not none
     settings = TraceSettings(top_k=top_k, targets=target_list, max_new_tokens=max_new_tokens, sample=sample,
-                             temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, chat=chat,
+                             temperature=temperature, top_p=top_p, seed=seed, batch_size=parse_batch_size(batch_size), chat=chat,
                              truncate=truncate, layers=layers, save_embeddings=save_embeddings)
     ray_options = ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor,
                                   ray_prompts_per_task)

@@ -33,6 +33,10 @@ from llmprobe.prompts import PromptRecord
 from llmprobe.schema import PHASE_GENERATED, PHASE_PROMPT, trace_schema
 
 SORT_WINDOW_BATCHES = 32  # prompts are length-sorted within windows of this many batches
+AUTO = "auto"  # --batch-size auto: as many prompts as fit, halving on out-of-memory
+AUTO_MAX_BATCH = 64  # the most prompts --batch-size auto puts in one batch (and its planning size)
+AUTO_LOGIT_BUDGET_CPU = 1 << 30  # bytes of float32 logits one auto batch may produce on the CPU
+AUTO_FREE_FRACTION = 0.25  # on a GPU: of the memory free when tracing starts
 
 
 @dataclass
@@ -44,7 +48,7 @@ class TraceSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | str = 8  # or AUTO
     chat: bool = False
     truncate: str | None = None  # "left" | "right": cut prompts longer than the context instead of failing
     layers: str | None = None  # logit lens: "all" or "0,4,8" (0-based decoder layers; docs/analyses.md)
@@ -58,8 +62,8 @@ class TraceSettings:
             raise UsageError(f"must be 1 or more, got {self.top_k}", where="--top-k")
         if self.max_new_tokens < 0:
             raise UsageError(f"must be 0 or more, got {self.max_new_tokens}", where="--max-new-tokens")
-        if self.batch_size < 1:
-            raise UsageError(f"must be 1 or more, got {self.batch_size}", where="--batch-size")
+        if self.batch_size != AUTO and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise UsageError(f"must be 1 or more, or auto; got {self.batch_size}", where="--batch-size")
         if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise UsageError("sampling needs --temperature > 0 and 0 < --top-p <= 1", where="--sample")
         if self.layers is not None:
@@ -67,6 +71,37 @@ class TraceSettings:
             if self.max_new_tokens:
                 raise UsageError("the logit lens covers prompt positions only; trace generated text as a prompt"
                                  " instead of combining it with --max-new-tokens", where="--layers")
+
+    @property
+    def batch_prompts(self) -> int:
+        """Prompts per batch to plan with: the fixed size, or the most that ``auto`` puts in a batch."""
+        return AUTO_MAX_BATCH if self.batch_size == AUTO else int(self.batch_size)
+
+    @property
+    def window_prompts(self) -> int:
+        """Prompts per length-sorting window (a resume restarts at a window's first prompt)."""
+        return self.batch_prompts * SORT_WINDOW_BATCHES
+
+
+def parse_batch_size(text: str) -> int | str:
+    """``--batch-size``: a positive integer or ``auto``."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"expected a positive integer or auto, got {text!r}", where="--batch-size") from None
+    if value < 1:
+        raise UsageError(f"must be 1 or more, or auto; got {value}", where="--batch-size")
+    return value
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, and the allocators' messages on the CPU and MPS."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 @dataclass
@@ -113,6 +148,8 @@ class Tracer:
                                    embedding_dim=self.internals.embedding_dim)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self._auto_limit = AUTO_MAX_BATCH  # --batch-size auto: halved on every out-of-memory error
+        self._auto_budget: int | None = None  # bytes of logits a batch may produce, set on first use
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     # ----------------------------------------------------------------------------------- set-up
@@ -181,26 +218,50 @@ class Tracer:
     # ----------------------------------------------------------------------------------- tracing
     def trace(self, records: Iterable[PromptRecord],
               on_prompts_done: Callable[[int], None] = lambda n: None) -> Iterator[pa.RecordBatch]:
-        """Yield one record batch per batch of prompts, in processing (length-sorted) order."""
-        for batch in self._batches(records):
-            yield self._trace_batch(batch)
-            on_prompts_done(len(batch))
+        """Yield one record batch per batch of prompts, in processing (length-sorted) order.
 
-    def _batches(self, records: Iterable[PromptRecord]) -> Iterator[list[EncodedPrompt]]:
-        size = self.settings.batch_size
+        With ``--batch-size auto`` a batch that runs out of memory is retried in halves, and the size
+        that fit stays the limit for the rest of the run.
+        """
+        for window in self._windows(records):
+            start = 0
+            while start < len(window):
+                batch = window[start : start + self._batch_size(len(window[start].ids))]
+                try:
+                    result = self._trace_batch(batch)
+                except RuntimeError as exc:
+                    if self.settings.batch_size != AUTO or len(batch) == 1 or not is_out_of_memory(exc):
+                        raise
+                    self._auto_limit = len(batch) // 2
+                    result = None
+                if result is None:  # outside the handler, so the failed batch's tensors are free
+                    _release_memory(self.loaded.device)
+                    continue
+                start += len(batch)
+                yield result
+                on_prompts_done(len(batch))
+
+    def _windows(self, records: Iterable[PromptRecord]) -> Iterator[list[EncodedPrompt]]:
+        """Encoded prompts, longest first within each window of ``window_prompts`` prompts."""
         window: list[PromptRecord] = []
         for record in records:
             window.append(record)
-            if len(window) == size * SORT_WINDOW_BATCHES:
-                yield from self._sorted_batches(window, size)
+            if len(window) == self.settings.window_prompts:
+                yield sorted((self.encode(r) for r in window), key=lambda e: -len(e.ids))
                 window = []
         if window:
-            yield from self._sorted_batches(window, size)
+            yield sorted((self.encode(r) for r in window), key=lambda e: -len(e.ids))
 
-    def _sorted_batches(self, window: list[PromptRecord], size: int) -> Iterator[list[EncodedPrompt]]:
-        encoded = sorted((self.encode(r) for r in window), key=lambda e: -len(e.ids))
-        for start in range(0, len(encoded), size):
-            yield encoded[start : start + size]
+    def _batch_size(self, width: int) -> int:
+        """Prompts in the next batch, whose longest prompt has ``width`` tokens."""
+        if self.settings.batch_size != AUTO:
+            return int(self.settings.batch_size)
+        if self._auto_budget is None:
+            device = self.loaded.device
+            self._auto_budget = (int(torch.cuda.mem_get_info(device)[0] * AUTO_FREE_FRACTION)
+                                 if device.type == "cuda" else AUTO_LOGIT_BUDGET_CPU)
+        per_prompt = (width + self.settings.max_new_tokens) * self.loaded.vocab_size * 4
+        return max(1, min(self._auto_limit, self._auto_budget // per_prompt))
 
     @torch.inference_mode()
     def _trace_batch(self, batch: list[EncodedPrompt]) -> pa.RecordBatch:
@@ -322,7 +383,7 @@ class Tracer:
                 for t, ids in enumerate(self.target_tokens):
                     if len(ids) > 1:
                         pending.append((b, p, t, e.ids[: p + 1], ids))
-        size = max(self.settings.batch_size, 1)
+        size = len(batch)
         for start in range(0, len(pending), size):
             chunk = pending[start : start + size]
             rest = continuation_logprobs(self.model, self.loaded.device, self.tokenizer.pad_token_id,
@@ -397,6 +458,11 @@ class Tracer:
         if self.internals.embedding_dim:
             columns["embedding"] = self.internals.embedding_column(embedding_rows, embeddings, sum(counts))
         return pa.RecordBatch.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
+
+
+def _release_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def padded_inputs(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:

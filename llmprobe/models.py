@@ -443,7 +443,6 @@ def load_skeleton(spec: str | None = None, *, trust_remote_code: bool = False, a
     """Config, tokenizer and weightless (meta-device) modules: enough to check settings and prompts and
     describe the model on a machine that will not run it (a Ray driver), in about a second."""
     import torch
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -455,7 +454,7 @@ def load_skeleton(spec: str | None = None, *, trust_remote_code: bool = False, a
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
-        with init_empty_weights():
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # corrupt files and unknown architectures surface as many exception types
         raise UsageError(f"cannot load model: {_first_line(exc)}", where=source.label) from None

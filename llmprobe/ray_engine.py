@@ -158,7 +158,7 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
         if local:
             check_local_resources(ray.cluster_resources(), ray_options)
         _tame_ray_data_logs(out.quiet)
-        per_task = ray_options.task_size(len(records), settings.batch_size)
+        per_task = ray_options.task_size(len(records), settings.batch_prompts)
         items = [{"prompt_index": r.index, "record": json.dumps(asdict(r), ensure_ascii=False)} for r in records]
         dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(records) / per_task))
         traced = dataset.map_batches(

@@ -28,7 +28,6 @@ import pyarrow.compute as pc
 
 from llmprobe._output import Output
 from llmprobe.checkpoint import WorkDir, discard, run_fingerprint, work_dir_for
-from llmprobe import engine
 from llmprobe.engine import TraceSettings, Tracer
 from llmprobe.errors import UsageError
 from llmprobe.models import load_model
@@ -155,7 +154,7 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
         with interrupts.installed():
             with out.progress("tracing", total=len(records)) as advance:
                 advance(len(done))
-                start = resume_start(done, len(records), tracer.settings.batch_size * engine.SORT_WINDOW_BATCHES)
+                start = resume_start(done, len(records), tracer.settings.window_prompts)
                 for batch in tracer.trace(records[start:]):
                     indices = batch.column("prompt_index")
                     new = sorted(set(indices.to_pylist()) - done)

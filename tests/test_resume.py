@@ -30,7 +30,7 @@ from llmprobe.cli import main
 from llmprobe.engine import Tracer
 from llmprobe.reader import read_trace
 
-N_PROMPTS = 150  # with --batch-size 2: 75 batches in length-sorting windows of 64, 64 and 22 prompts
+N_PROMPTS = 100  # with --batch-size 2: 50 batches in length-sorting windows of 64 and 36 prompts
 WORDS = "the coin came up heads tails then a die showed one two three blick means zorp dax mib".split()
 
 

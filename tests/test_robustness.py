@@ -509,9 +509,7 @@ def test_a_trace_without_marks_or_categories_cannot_be_fitted(trace_cli, ok_prom
     """Targets alone give scores at the last position, but a posterior fit needs the experiment's marks."""
     result, output = trace_cli(ok_prompts, "--targets", " heads, tails", "-q")
     assert result[0] == 0, result[2]
-    line = assert_refused(run_cli(["fit-posterior", str(output)], capsys, monkeypatch), str(output))
-    print(line)
-    assert 0
+    assert_refused(run_cli(["fit-posterior", str(output)], capsys, monkeypatch), "marks", "llmprobe experiment")
 
 
 def test_traces_from_two_models_do_not_mix(tmp_path, capsys, monkeypatch):
