@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import time
 
 import _common  # noqa: F401  (sets LLMPROBE_CACHE)
 import pyarrow.parquet as pq
 import torch
-from _common import coin_records, emit, interleaved, machine, median
+from _common import coin_records, emit, machine, median
 
 from llmprobe.engine import TraceSettings, Tracer, padded_inputs
 from llmprobe.models import load_model
@@ -27,13 +28,13 @@ from llmprobe.run import targets_from_records
 GOAL = 0.95
 
 
-def engine_batches(tracer: Tracer, records) -> list[tuple[torch.Tensor, ...]]:
-    """The padded (input_ids, attention_mask, position_ids) of every batch the engine forms."""
-    formed = []
+def engine_batches(tracer: Tracer, records) -> list[list]:
+    """The batches of encoded prompts the engine forms from ``records``, in its order."""
+    formed: list[list] = []
     tracer._trace_batch = lambda batch: formed.append(batch) or batch  # records the batch, computes nothing
     list(tracer.trace(records))
     del tracer._trace_batch
-    return [padded_inputs([e.ids for e in batch], tracer.tokenizer.pad_token_id)[:3] for batch in formed]
+    return formed
 
 
 def main() -> None:
@@ -42,37 +43,48 @@ def main() -> None:
     parser.add_argument("--n-max", type=int, default=None, help="prompts are n = 0..N coin flips (default 31, quick 15)")
     parser.add_argument("--sequences", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each (default 5, quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each (default 3, quick 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     n_max = args.n_max if args.n_max is not None else (15 if args.quick else 31)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 3)
 
     loaded = load_model(None, device=args.device, dtype=args.dtype)
-    records = coin_records("per-n", n_max, args.sequences)
+    records = coin_records("per-n", n_max, args.sequences, theta=0.7)
     settings = TraceSettings(top_k=20, targets=targets_from_records(records), batch_size=args.batch_size)
     tracer = Tracer(loaded, settings)
     batches = engine_batches(tracer, records)
-    positions = sum(int(attention.sum()) for _, attention, _ in batches)
-    padded = sum(ids.numel() for ids, _, _ in batches)
+    inputs = [padded_inputs([e.ids for e in batch], loaded.tokenizer.pad_token_id)[:3] for batch in batches]
+    positions = sum(int(attention.sum()) for _, attention, _ in inputs)
+    padded = sum(ids.numel() for ids, _, _ in inputs)
     device = loaded.device
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     @torch.inference_mode()
-    def bare() -> None:
-        for input_ids, attention, position_ids in batches:
-            loaded.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                         position_ids=position_ids.to(device), use_cache=False)
+    def bare(i: int, _) -> None:
+        input_ids, attention, position_ids = inputs[i]
+        loaded.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                     position_ids=position_ids.to(device), use_cache=False)
         synchronize()
 
-    def trace() -> None:
+    def trace(i: int, writer) -> None:
+        encoded = [tracer.encode(e.record) for e in batches[i]]  # tokenizing is part of tracing
+        writer.write_batch(tracer._trace_batch(encoded))
+        synchronize()
+
+    # Bare and traced passes alternate batch by batch (A B, B A, ...), so load from other jobs on a
+    # shared machine falls on both alike; one untimed warm-up pass of each first.
+    times = {"bare": [0.0] * (repeats + 1), "trace": [0.0] * (repeats + 1)}
+    for r in range(repeats + 1):
         with pq.ParquetWriter(io.BytesIO(), tracer.schema, compression="zstd") as writer:
-            for batch in tracer.trace(records):
-                writer.write_batch(batch)
-        synchronize()
-
-    times = interleaved({"bare": bare, "trace": trace}, repeats)
+            for i in range(len(batches)):
+                for name, run in ((("bare", bare), ("trace", trace)) if (i + r) % 2 == 0
+                                  else (("trace", trace), ("bare", bare))):
+                    start = time.perf_counter()
+                    run(i, writer)
+                    times[name][r] += time.perf_counter() - start
+    times = {name: values[1:] for name, values in times.items()}
     ratios = [b / t for b, t in zip(times["bare"], times["trace"])]
     bare_rate, trace_rate = positions / median(times["bare"]), positions / median(times["trace"])
     ratio = median(ratios)

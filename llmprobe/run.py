@@ -167,15 +167,16 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
                     except UsageError:  # would fail the same way on every try: nothing worth keeping
                         bad_numbers = True
                         raise
-                    with interrupts.deferred():  # so the count of done prompts we report is exact
+                    with interrupts.deferred():  # so the progress bar and the count we report are exact
                         work.commit(batch, new)
                         done.update(new)
-                    advance(len(new))
+                        advance(len(new))
             rows = 0
             with open_trace_sink(output, fmt, tracer.schema, work.metadata, tracer.vocab) as sink:
                 for table in work.tables(tracer.schema):
                     sink.write(table)
                     rows += table.num_rows
+            work.remove()
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted with {len(done)} of {len(records)} prompts done and saved in {work.path};"
                           f" resume with: {resume_with}") from None
@@ -183,7 +184,6 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
         work.close()
         if bad_numbers:
             discard(output)
-    work.remove()
     return rows
 
 

@@ -25,7 +25,7 @@ import pytest
 
 import llmprobe.engine
 import llmprobe.run
-from llmprobe.checkpoint import work_dir_for
+from llmprobe.checkpoint import WorkDir, work_dir_for
 from llmprobe.cli import main
 from llmprobe.engine import Tracer
 from llmprobe.reader import read_trace
@@ -273,6 +273,42 @@ def test_crash_leftovers_are_discarded_on_resume(small, small_reference, tmp_pat
     code, err = run_cli(args(output, "--resume"), capsys, monkeypatch)
     assert code == 0, err
     assert_same_trace(output, small_reference)
+
+
+def test_a_crash_between_the_final_rename_and_the_cleanup_is_harmless(small, small_reference, tmp_path, capsys,
+                                                                      monkeypatch):
+    _, args = small
+    output = tmp_path / "out.parquet"
+    with monkeypatch.context() as m:
+        m.setattr(WorkDir, "remove", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+        code, err = run_cli(args(output), capsys, monkeypatch)
+    one_line_error(code, err, "interrupted with 20 of 20 prompts done")
+    assert output.exists() and work_dir_for(str(output)).exists()
+    one_line_error(*run_cli(args(output), capsys, monkeypatch), "interrupted run", "--resume")
+    code, err = run_cli(args(output, "--resume"), capsys, monkeypatch)  # merges the same parts again
+    assert code == 0, err
+    assert not work_dir_for(str(output)).exists()
+    assert_same_trace(output, small_reference)
+
+
+def test_a_resume_whose_batches_differ_still_has_every_prompt_once(small, small_reference, tmp_path, capsys,
+                                                                   monkeypatch):
+    """With --batch-size auto the batches depend on free memory, so a resume may cut them differently;
+    committed prompts are then filtered out of the new batches."""
+    _, args = small
+    output = tmp_path / "out.parquet"
+    with monkeypatch.context() as m:
+        interrupt_after(m, 3)
+        run_cli(args(output), capsys, monkeypatch)
+    batches = record_batches(monkeypatch)
+    monkeypatch.setattr(Tracer, "_batch_size", lambda self, width: 2)
+    code, err = run_cli(args(output, "--resume"), capsys, monkeypatch)
+    assert code == 0, err
+    done_before = {i for part in batches for i in part}
+    assert any(len(b) == 2 for b in batches) and len(done_before) == 20 - 6  # re-cut from the second window
+    got, expected = read_trace(output), read_trace(small_reference)
+    assert got["prompt_index"].value_counts().to_dict() == expected["prompt_index"].value_counts().to_dict()
+    pd.testing.assert_frame_equal(got, expected)
 
 
 def test_jsonl_output_is_resumable_too(small, tmp_path, capsys, monkeypatch):
