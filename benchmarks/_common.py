@@ -57,10 +57,12 @@ def coin_records(layout: str, n_max: int, sequences: int = 1, theta: float | Non
         path.unlink()
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each run per repeat, alternating the order every repeat (after one warm-up each)."""
-    for run in runs.values():
-        run()
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int,
+                warm_up: tuple[str, ...] | None = None) -> dict[str, list[float]]:
+    """Seconds of each run per repeat, alternating the order every repeat, after one untimed run of
+    each name in ``warm_up`` (default: all)."""
+    for name in runs if warm_up is None else warm_up:
+        runs[name]()
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):

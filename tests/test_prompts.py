@@ -94,7 +94,8 @@ def test_jsonl_round_trip(tmp_path, data, n, blank_every, ascii_only):
 @SETTINGS
 @given(prompt=prompt_text, offsets=st.lists(st.integers(-3, 60), min_size=1, max_size=4))
 def test_marks_are_accepted_exactly_when_increasing_and_inside(tmp_path, prompt, offsets):
-    path = write(tmp_path, "p.jsonl", json.dumps({"prompt": prompt, "marks": [{"offset": o} for o in offsets]}).encode())
+    record = {"prompt": prompt, "marks": [{"offset": o} for o in offsets]}
+    path = write(tmp_path, "p.jsonl", json.dumps(record).encode())
     valid = all(0 < o <= len(prompt) for o in offsets) and all(a < b for a, b in zip(offsets, offsets[1:]))
     if valid:
         assert [m["offset"] for m in read_prompts(path)[0].marks] == offsets
@@ -164,7 +165,8 @@ def trace_batches(draw):
         n = draw(st.integers(0, 6))
         maybe = lambda values: [v if rng.random() < 0.7 else None for v in values]  # noqa: E731
         columns = {
-            "prompt_index": list(range(b * 10, b * 10 + n)), "prompt_id": draw(st.lists(line_text, min_size=n, max_size=n)),
+            "prompt_index": list(range(b * 10, b * 10 + n)),
+            "prompt_id": draw(st.lists(line_text, min_size=n, max_size=n)),
             "position": rng.integers(0, 1000, n).tolist(),
             "phase": pa.DictionaryArray.from_arrays(pa.array(rng.integers(0, 2, n), pa.int8()),
                                                     pa.array(["prompt", "generated"])),

@@ -206,8 +206,11 @@ def small(tiny_model_dir, tmp_path, monkeypatch):
     """20 prompts, 3 per batch, length-sorted in windows of 2 batches: 7 batches, 4 windows (6, 6, 6, 2)."""
     monkeypatch.setattr(llmprobe.engine, "SORT_WINDOW_BATCHES", 2)
     prompts = write_prompts(tmp_path / "p.txt", n=20, seed=5)  # prompt 6 is in the second window's first batch
-    args = lambda output, *extra: ["trace", str(prompts), "-o", str(output), "--model", str(tiny_model_dir),  # noqa: E731
-                                   "--device", "cpu", "--batch-size", "3", "--top-k", "3", "-q", *extra]
+
+    def args(output, *extra):
+        return ["trace", str(prompts), "-o", str(output), "--model", str(tiny_model_dir), "--device", "cpu",
+                "--batch-size", "3", "--top-k", "3", "-q", *extra]
+
     return prompts, args
 
 

@@ -145,7 +145,8 @@ def test_a_prompt_longer_than_the_context_is_refused_or_truncated_as_asked(trace
     prompts = tmp_path / "long.jsonl"
     early, late = 5, len(text) - 3  # a mark in the first tokens and one in the last
     prompts.write_text('{"prompt": "short one"}\n' + json.dumps(
-        {"id": "long", "prompt": text, "marks": [{"offset": early, "k": "early"}, {"offset": late, "k": "late"}]}) + "\n")
+        {"id": "long", "prompt": text, "marks": [{"offset": early, "k": "early"}, {"offset": late, "k": "late"}]})
+        + "\n")
     result, output = trace_cli(prompts)
     assert_refused(result, "prompt 'long' (line 2)", f"{len(ids)} tokens", f"context is {context}", "--truncate")
     assert_nothing_written(output)
@@ -580,4 +581,5 @@ def test_real_model_non_finite_logits_are_caught_at_their_position(real_loaded):
     with pytest.raises(UsageError) as caught:
         for batch in batches:
             check_finite(batch, records)
-    assert str(caught.value).startswith(f"prompt 'coin' (line 2): entropy is NaN or infinite at position {bad_position}")
+    assert str(caught.value).startswith(
+        f"prompt 'coin' (line 2): entropy is NaN or infinite at position {bad_position}")
