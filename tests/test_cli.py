@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
-from llmprobe.cli import main
 from llmprobe.reader import read_trace
 from llmprobe.schema import META_KEY
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 
-def run_cli(args: list[str], capsysbinary, monkeypatch, stdin: bytes = b"") -> tuple[int, bytes, str]:
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-    monkeypatch.setattr(sys, "argv", ["llmprobe", *args])
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsysbinary.readouterr()
-    return code, out, err.decode()
 
 
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("llmprobe: error:") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0]
 
 
 @pytest.fixture

@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from llmprobe.cli import main
 from llmprobe.continuity import Points, analyse, load_points, target_distances, topk_distances
 from llmprobe.engine import TraceSettings, Tracer
 from llmprobe.prompts import read_prompts
 from llmprobe.writer import open_trace_sink
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], capsysbinary, monkeypatch) -> tuple[int, bytes, str]:
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    monkeypatch.setattr(sys, "argv", ["llmprobe", *args])
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsysbinary.readouterr()
-    return code, out, err.decode()
 
 
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("llmprobe: error:"), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def full_tv_hellinger(p: np.ndarray, q: np.ndarray) -> tuple[float, float]:

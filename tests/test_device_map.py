@@ -19,7 +19,7 @@ from llmprobe.engine import TraceSettings, Tracer
 from llmprobe.errors import UsageError
 from llmprobe.models import load_model, parse_max_memory
 from llmprobe.prompts import PromptRecord
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 PROMPTS = [
     {"prompt": "I just flipped a coin, and it came up heads, then tails, then", "marks": [{"offset": 44}]},

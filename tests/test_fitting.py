@@ -20,9 +20,9 @@ from llmprobe.bayes import discounted_counts
 from llmprobe.experiments import generate, load_experiment
 from llmprobe.fitting import FIT_META_KEY, fit_posterior, fit_prior
 from llmprobe.icl import category_marks
-from llmprobe.reader import open_trace, read_trace
+from llmprobe.reader import open_trace
 from llmprobe.schema import encode_metadata, trace_schema
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

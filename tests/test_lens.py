@@ -7,9 +7,7 @@ and head, then ``log_softmax`` in float64, one unpadded prompt at a time.
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +19,8 @@ from llmprobe.errors import UsageError
 from llmprobe.hooks import LogitReducer
 from llmprobe.lens import lens_stats, parse_layers, probe_internals
 from llmprobe.prompts import PromptRecord
-from llmprobe.cli import main
 from llmprobe.unembed import Unembed
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 PROMPTS = [
     "The capital of France is",
@@ -34,23 +32,8 @@ TARGETS = [" heads", " tails"]
 TOL = 1e-4
 
 
-def run_cli(args: list[str], capsysbinary, monkeypatch) -> tuple[int, bytes, str]:
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    monkeypatch.setattr(sys, "argv", ["llmprobe", *args])
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsysbinary.readouterr()
-    return code, out, err.decode()
 
 
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("llmprobe: error:"), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def last_layer_logits_and_unembed(loaded, text: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,18 +7,16 @@ p(k) = (α + c_k) / (Kα + Σ c), c <- γ c + e_x. γ = 1 is exact Bayes (a Pól
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from llmprobe.cli import main
 from llmprobe.engine import TraceSettings, Tracer
 from llmprobe.experiments import generate, load_experiment, loads_experiment
 from llmprobe.martingale import CategoryPredictor, continuation, martingale_test, model_martingale
 from llmprobe.prompts import PromptRecord
+from tests.cli_helpers import run_cli
 
 COIN_ONE_THETA = """
 [experiment]
@@ -135,16 +133,6 @@ def test_model_martingale_runs_per_n_and_is_reproducible(tiny_loaded):
     assert all(0 < r.p_value <= 1 and 0 < r.mean_category_mass <= 1 for r in first)
 
 
-def run_cli(args: list[str], capsysbinary, monkeypatch) -> tuple[int, bytes, str]:
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    monkeypatch.setattr(sys, "argv", ["llmprobe", *args])
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsysbinary.readouterr()
-    return code, out, err.decode()
 
 
 def test_cli_martingale(tiny_model_dir, tmp_path, capsysbinary, monkeypatch):

@@ -33,7 +33,7 @@ from llmprobe.plots.tokens import HIGHLIGHT, load_token_grid, plot_tokens
 from llmprobe.prompts import PromptRecord, read_prompts
 from llmprobe.schema import META_KEY, VOCAB_KEY, trace_schema
 from llmprobe.writer import open_trace_sink
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEXTS = ["The capital of France is", "I just flipped a coin, and it came up heads, then"]

@@ -16,7 +16,7 @@ import pytest
 from llmprobe.engine import TraceSettings
 from llmprobe.reader import open_trace
 from llmprobe.schema import META_KEY, VOCAB_KEY
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.test_device_map import PROMPTS, assert_same_rows, records, trace_table
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'llmprobe[ray]')")

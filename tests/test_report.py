@@ -21,7 +21,7 @@ import pytest
 from llmprobe.plots.icl import open_fit
 from llmprobe.reader import read_trace
 from llmprobe.report import fit_group_summary, prompt_summary
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.test_plots import (
     PNG_SIGNATURE,
     THETAS,
