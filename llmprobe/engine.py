@@ -383,12 +383,10 @@ class Tracer:
                 for t, ids in enumerate(self.target_tokens):
                     if len(ids) > 1:
                         pending.append((b, p, t, e.ids[: p + 1], ids))
-        size = len(batch)
-        for start in range(0, len(pending), size):
-            chunk = pending[start : start + size]
+        if pending:
             rest = continuation_logprobs(self.model, self.loaded.device, self.tokenizer.pad_token_id,
-                                         [(prefix, ids) for _, _, _, prefix, ids in chunk])
-            for (b, p, t, _, _), value in zip(chunk, rest):
+                                         [(prefix, ids) for _, _, _, prefix, ids in pending], len(batch))
+            for (b, p, t, _, _), value in zip(pending, rest):
                 scores[b][p][t] += value
         return scores
 
@@ -481,24 +479,43 @@ def padded_inputs(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor
     return input_ids, attention, position_ids, next_ids
 
 
-def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int], list[int]]]) -> list[float]:
-    """For each (prefix, target ids), sum of log P(target[j] | prefix + target[:j]) over j >= 1."""
-    sequences = [prefix + target[:-1] for prefix, target in items]
-    width = max(map(len, sequences))
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for b, seq in enumerate(sequences):
-        input_ids[b, width - len(seq):] = torch.tensor(seq)
-        attention[b, width - len(seq):] = 1
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                   position_ids=position_ids.to(device), use_cache=False).logits
-    totals = []
-    for b, (prefix, target) in enumerate(items):
-        m = len(target)
-        rows = logits[b, width - m + 1 :].float()  # positions predicting target[1:]
-        wanted = torch.tensor(target[1:], device=rows.device)
-        totals.append(float((rows.gather(-1, wanted[:, None]).squeeze(-1) - torch.logsumexp(rows, -1)).sum()))
+def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int], list[int]]],
+                          batch_size: int) -> list[float]:
+    """For each (prefix, target ids), the sum of log P(target[j] | prefix + target[:j]) over j >= 1.
+
+    Each item needs the logits of the token sequence prefix + target[:-1]. Logits are causal, so one
+    forward pass over a longer sequence that starts with that one serves it too: items are grouped
+    under the longest sequences that extend them ("carriers"). With marks, the continuation at one
+    mark is usually a prefix of the next mark's, so a prompt's marks share one pass.
+    """
+    needed = [tuple(prefix + target[:-1]) for prefix, target in items]
+    carriers: list[tuple[int, ...]] = []
+    carrier_of: dict[tuple[int, ...], int] = {}
+    for sequence in sorted(set(needed), key=len, reverse=True):
+        host = next((i for i, c in enumerate(carriers) if c[: len(sequence)] == sequence), None)
+        if host is None:
+            carriers.append(sequence)
+            host = len(carriers) - 1
+        carrier_of[sequence] = host
+    by_carrier: dict[int, list[int]] = {}
+    for item, sequence in enumerate(needed):
+        by_carrier.setdefault(carrier_of[sequence], []).append(item)
+    totals = [0.0] * len(items)
+    for start in range(0, len(carriers), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(carriers))))
+        input_ids, attention, position_ids, _ = padded_inputs([list(carriers[c]) for c in chunk], pad_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                       position_ids=position_ids.to(device), use_cache=False).logits
+        width = input_ids.shape[1]
+        for row, c in enumerate(chunk):
+            offset = width - len(carriers[c])
+            for item in by_carrier[c]:
+                prefix, target = items[item]
+                # the logits at positions len(prefix) .. len(prefix)+m-2 predict target[1:]
+                first = offset + len(prefix)
+                rows = logits[row, first : first + len(target) - 1].float()
+                wanted = torch.tensor(target[1:], device=rows.device)
+                totals[item] = float((rows.gather(-1, wanted[:, None]).squeeze(-1) - torch.logsumexp(rows, -1)).sum())
     return totals
 
 

@@ -152,6 +152,31 @@ def test_multi_token_target_sequence_scores(tiny_loaded):
     assert len(tok(" Paris is", add_special_tokens=False)["input_ids"]) > 1
 
 
+def test_continuations_share_forward_passes_and_stay_exact(tiny_loaded):
+    """Marks whose continuations extend one another are scored from one pass, with the same numbers."""
+    text = "I just rolled a six-sided die, and it showed 3, then 5, then 1, then"
+    offsets = [text.index(" 3"), text.index(" 5"), text.index(" 1"), len(text)]
+    targets = [" 3, then", " 5, then", " 6, then"]
+    record = PromptRecord(0, "d", text, 1, marks=[{"offset": o} for o in offsets])
+    calls = []
+    handle = tiny_loaded.model.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        rows = trace_rows(tiny_loaded, TraceSettings(top_k=2, targets=targets, batch_size=4), [record])
+    finally:
+        handle.remove()
+    scored = [r for r in rows if r["target_seq_logprobs"] is not None]
+    assert len(scored) == 4
+    assert len(calls) < 1 + len(scored) * len(targets)  # 12 continuations, far fewer passes
+    tok, model = tiny_loaded.tokenizer, tiny_loaded.model
+    ids = [r["token_id"] for r in rows]
+    for row in scored:
+        prefix = ids[: row["position"] + 1]
+        for value, target in zip(row["target_seq_logprobs"], targets):
+            t_ids = tok(target, add_special_tokens=False)["input_ids"]
+            ref = reference(model, prefix + t_ids)
+            assert value == pytest.approx(sum(ref[len(prefix) - 1 + j, t] for j, t in enumerate(t_ids)), abs=TOL)
+
+
 def test_marks_land_on_the_token_ending_at_the_offset(tiny_loaded):
     text = PROMPTS[1]
     enc = tiny_loaded.tokenizer(text, return_offsets_mapping=True)
