@@ -34,21 +34,31 @@ def inspect_trace(source: str, prompt: str | None, top: int, as_json: bool, out:
     meta = frame.attrs["llmprobe"]
     for prompt_id, rows in frame.groupby("prompt_id", sort=False):
         table = Table(title=f"{meta.get('model')} — prompt {prompt_id}", title_justify="left")
-        for name, justify in (("pos", "right"), ("phase", "left"), ("token", "left"),
-                              (f"top-{top} candidates", "left"), ("actual next", "left"),
-                              ("P(next)", "right"), ("rank", "right"), ("H (bits)", "right")):
-            table.add_column(name, justify=justify)
+        # token strings are never wrapped (their whitespace is the point); candidates go one per line
+        table.add_column("pos", justify="right")
+        table.add_column("token", no_wrap=True)
+        table.add_column(f"top-{top} candidates", no_wrap=True)
+        table.add_column("actual next", no_wrap=True)
+        for name in ("P(next)", "rank", "H (bits)"):
+            table.add_column(name, justify="right")
         for row in rows.itertuples(index=False):
-            candidates = "  ".join(f"{visible(t)} {math.exp(lp):.3f}"
+            candidates = "\n".join(f"{visible(t)} {math.exp(lp):.3f}"
                                    for t, lp in zip(row.topk_tokens[:top], row.topk_logprobs[:top]))
             has_next = row.next_token is not None and not _isnan(row.next_logprob)
+            position = f"{row.position}*" if row.phase == "generated" else str(row.position)
             table.add_row(
-                str(row.position), row.phase, visible(row.token), candidates, visible(row.next_token),
-                f"{math.exp(row.next_logprob):.4f}" if has_next else "",
+                position, visible(row.token), candidates, visible(row.next_token),
+                _probability(math.exp(row.next_logprob)) if has_next else "",
                 str(int(row.next_rank)) if has_next else "",
                 f"{row.entropy / math.log(2):.2f}",
             )
+        if (rows["phase"] == "generated").any():
+            table.caption = "* generated token"
         out.show(table)
+
+
+def _probability(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
 
 
 def _isnan(value) -> bool:
