@@ -66,18 +66,23 @@ def main() -> None:
     reference = {i: seq[width:].tolist() for i, seq in enumerate(out["generate"])}
     same = all(reference[i][: len(traced[i])] == traced[i] for i in traced)
     generated = sum(map(len, traced.values()))
-    ratio = median([g / t for g, t in zip(times["generate"], times["trace"])])
+    # other jobs only ever add time: the headline compares the fastest runs; the median ratio is printed too
+    repeat_ratios = [g / t for g, t in zip(times["generate"], times["trace"])]
+    fastest = {name: min(values) for name, values in times.items()}
+    ratio = fastest["generate"] / fastest["trace"]
     print(f"machine: {machine()}")
     print(f"{len(PROMPTS)} prompts in one batch, greedy, max_new_tokens={args.max_new_tokens}, {generated} tokens"
           f" generated; same tokens as generate: {same}")
-    print(f"model.generate {generated / median(times['generate']):8.1f} positions/s ({median(times['generate']):.2f} s)")
-    print(f"trace          {generated / median(times['trace']):8.1f} positions/s ({median(times['trace']):.2f} s)")
-    print(f"ratio trace/generate {ratio:.3f}; goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'}")
+    print(f"model.generate {generated / fastest['generate']:8.1f} positions/s (fastest of {repeats}: {fastest['generate']:.2f} s)")
+    print(f"trace          {generated / fastest['trace']:8.1f} positions/s (fastest of {repeats}: {fastest['trace']:.2f} s)")
+    print(f"ratio trace/generate {ratio:.3f}; median of repeats {median(repeat_ratios):.3f}; goal >= {GOAL}:"
+          f" {'met' if ratio >= GOAL else 'NOT met'}")
     if not same:
         raise SystemExit("the trace decoded different tokens than model.generate")
-    emit({"benchmark": "generate", "ratio": round(ratio, 4), "goal": GOAL, "device": str(device), "dtype": args.dtype,
-          "generate_positions_per_s": round(generated / median(times["generate"]), 1),
-          "trace_positions_per_s": round(generated / median(times["trace"]), 1)})
+    emit({"benchmark": "generate", "ratio": round(ratio, 4), "median_repeat_ratio": round(median(repeat_ratios), 4),
+          "goal": GOAL, "device": str(device), "dtype": args.dtype,
+          "generate_positions_per_s": round(generated / fastest["generate"], 1),
+          "trace_positions_per_s": round(generated / fastest["trace"], 1)})
 
 
 if __name__ == "__main__":

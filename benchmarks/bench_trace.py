@@ -43,12 +43,12 @@ def main() -> None:
     parser.add_argument("--n-max", type=int, default=None, help="prompts are n = 0..N coin flips (default 31, quick 15)")
     parser.add_argument("--sequences", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each (default 3, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each (default 5, quick 3)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     n_max = args.n_max if args.n_max is not None else (15 if args.quick else 31)
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 5)
 
     loaded = load_model(None, device=args.device, dtype=args.dtype)
     records = coin_records("per-n", n_max, args.sequences, theta=0.7)
@@ -74,8 +74,11 @@ def main() -> None:
         synchronize()
 
     # Bare and traced passes alternate batch by batch (A B, B A, ...), so load from other jobs on a
-    # shared machine falls on both alike; one untimed warm-up pass of each first.
-    times = {"bare": [0.0] * (repeats + 1), "trace": [0.0] * (repeats + 1)}
+    # shared machine falls on both alike; one untimed warm-up pass of each first. Other jobs only ever
+    # add time, so the headline ratio compares each batch's fastest bare and traced pass; the median
+    # ratio of whole repeats is printed beside it.
+    times = {"bare": [[0.0] * len(batches) for _ in range(repeats + 1)],
+             "trace": [[0.0] * len(batches) for _ in range(repeats + 1)]}
     for r in range(repeats + 1):
         with pq.ParquetWriter(io.BytesIO(), tracer.schema, compression="zstd") as writer:
             for i in range(len(batches)):
@@ -83,20 +86,21 @@ def main() -> None:
                                   else (("trace", trace), ("bare", bare))):
                     start = time.perf_counter()
                     run(i, writer)
-                    times[name][r] += time.perf_counter() - start
-    times = {name: values[1:] for name, values in times.items()}
-    ratios = [b / t for b, t in zip(times["bare"], times["trace"])]
-    bare_rate, trace_rate = positions / median(times["bare"]), positions / median(times["trace"])
-    ratio = median(ratios)
+                    times[name][r][i] = time.perf_counter() - start
+    best = {name: sum(min(per[i] for per in runs[1:]) for i in range(len(batches))) for name, runs in times.items()}
+    ratio = best["bare"] / best["trace"]
+    repeat_ratios = [sum(b) / sum(t) for b, t in zip(times["bare"][1:], times["trace"][1:])]
+    bare_rate, trace_rate = positions / best["bare"], positions / best["trace"]
     print(f"machine: {machine()}")
     print(f"model {loaded.source.label} on {device} ({args.dtype}); {len(records)} prompts, {len(batches)} batches"
           f" of {args.batch_size}, {positions} positions ({padded} with padding); k=20, {len(settings.targets)} targets")
-    print(f"bare forward   {bare_rate:9.1f} positions/s   (median of {repeats}: {median(times['bare']):.2f} s)")
-    print(f"trace          {trace_rate:9.1f} positions/s   (median of {repeats}: {median(times['trace']):.2f} s)")
-    print(f"ratio trace/bare {ratio:.3f} (per repeat: {', '.join(f'{r:.3f}' for r in ratios)}); goal >= {GOAL}:"
-          f" {'met' if ratio >= GOAL else 'NOT met'}")
-    emit({"benchmark": "trace", "ratio": round(ratio, 4), "goal": GOAL, "bare_positions_per_s": round(bare_rate, 1),
-          "trace_positions_per_s": round(trace_rate, 1), "device": str(device), "dtype": args.dtype})
+    print(f"bare forward   {bare_rate:9.1f} positions/s   (fastest of {repeats} per batch, summed: {best['bare']:.2f} s)")
+    print(f"trace          {trace_rate:9.1f} positions/s   (fastest of {repeats} per batch, summed: {best['trace']:.2f} s)")
+    print(f"ratio trace/bare {ratio:.3f}; median of whole repeats {median(repeat_ratios):.3f}"
+          f" ({', '.join(f'{r:.3f}' for r in repeat_ratios)}); goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'}")
+    emit({"benchmark": "trace", "ratio": round(ratio, 4), "median_repeat_ratio": round(median(repeat_ratios), 4),
+          "goal": GOAL, "bare_positions_per_s": round(bare_rate, 1), "trace_positions_per_s": round(trace_rate, 1),
+          "device": str(device), "dtype": args.dtype})
 
 
 if __name__ == "__main__":

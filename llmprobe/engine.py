@@ -26,7 +26,7 @@ import torch
 
 from llmprobe import __version__
 from llmprobe.errors import UsageError
-from llmprobe.hooks import NO_TOKEN, LogitReducer, capture_logits, token_logprob_and_rank
+from llmprobe.hooks import NO_TOKEN, PADDING, LogitReducer, capture_logits, token_logprob_and_rank
 from llmprobe.lens import InternalsPlan, embed_positions, parse_layers, probe_internals
 from llmprobe.models import LoadedModel
 from llmprobe.prompts import PromptRecord
@@ -464,17 +464,19 @@ def _release_memory(device) -> None:
 
 
 def padded_inputs(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Left-padded ``input_ids``, ``attention_mask``, ``position_ids`` and next-token ids (NO_TOKEN
-    where none) on the host; explicit positions make each row's numbers those of the row alone."""
+    """Left-padded ``input_ids``, ``attention_mask``, ``position_ids`` and next-token ids (NO_TOKEN at
+    the end, PADDING on padding, which the reducer skips) on the host; explicit positions make each
+    row's numbers those of the row alone."""
     width = max(map(len, sequences))
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    next_ids = torch.full((len(sequences), width), NO_TOKEN, dtype=torch.long)
+    next_ids = torch.full((len(sequences), width), PADDING, dtype=torch.long)
     for b, ids in enumerate(sequences):
         start = width - len(ids)
         input_ids[b, start:] = torch.tensor(ids)
         attention[b, start:] = 1
         next_ids[b, start : width - 1] = torch.tensor(ids[1:], dtype=torch.long)
+        next_ids[b, width - 1] = NO_TOKEN
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     return input_ids, attention, position_ids, next_ids
 

@@ -17,9 +17,11 @@ Design
 * Cost is what benchmark 1 (benchmarks/bench_trace.py) measures against a bare forward pass, so the
   reduction makes as few passes over the vocabulary as it can: top-k comes from block maxima (one
   cheap pass, then a top-k over ``k`` blocks instead of ``V`` values), the row maximum is the first
-  top-k value, one ``exp`` pass into a reused buffer gives both the log-normalizer and the entropy
-  (the entropy's ``sum(e * y)`` is a dot product, with no temporary), and the rank is one
-  comparison pass into a reused boolean buffer. docs/performance.md has the measurements.
+  top-k value, one ``exp2`` pass into a reused buffer gives both the log-normalizer and the entropy
+  (the entropy's ``e * y`` goes into a reused buffer too), and the rank of a next token
+  found in the top-k is read off the top-k values; only the other rows get a comparison pass.
+  Padding positions (next id :data:`PADDING`) are skipped.
+  docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
-NO_TOKEN = -1  # next_ids value for "no following token" (end of text, padding)
+NO_TOKEN = -1  # next_ids value for "no following token" (end of text)
+LOG2_E = 1.4426950408889634
+PADDING = -2  # next_ids value for a padding position: not reduced at all (its statistics are NaN / 0)
 
 
 @dataclass
@@ -54,8 +59,9 @@ class LogitReducer:
     logit lens also unembeds that many positions at a time.
     """
 
-    TOPK_BLOCK = 32  # vocabulary entries per block of the block-maximum top-k
+    TOPK_BLOCK = 32  # vocabulary entries per group of the group-maximum top-k (see block_topk)
     CPU_BLOCK_BYTES = 4 << 20  # float32 working set per pass on the CPU: about a core's share of cache
+    RANK_FROM_TOPK_ON = ("cpu",)  # on a GPU a full comparison is cheaper than the shortcut's host sync
 
     def __init__(self, top_k: int, target_first_ids: list[int] | None = None, chunk_positions: int = 512) -> None:
         self.top_k = top_k
@@ -65,19 +71,32 @@ class LogitReducer:
     @torch.inference_mode()
     def reduce(self, logits: torch.Tensor, next_ids: torch.Tensor | None) -> StepStats:
         batch, length, vocab = logits.shape
-        flat = logits.reshape(batch * length, vocab)
-        nxt = None if next_ids is None else next_ids.reshape(-1).to(logits.device)
+        total = batch * length
+        flat = logits.reshape(total, vocab)
+        device = logits.device
         step = self.chunk_positions
-        if logits.device.type == "cpu":
+        if device.type == "cpu":
             step = max(1, min(step, self.CPU_BLOCK_BYTES // (4 * vocab)))
-        step = min(step, batch * length)
-        work = (torch.empty(step, vocab, dtype=torch.float32, device=logits.device),
-                torch.empty(step, vocab, dtype=torch.float32, device=logits.device),
-                torch.empty(step, vocab, dtype=torch.bool, device=logits.device))
-        parts = [self._reduce_rows(flat[s : s + step], None if nxt is None else nxt[s : s + step], work)
-                 for s in range(0, batch * length, step)]
-        cat = [torch.cat(items) for items in zip(*parts)]
-        lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp = cat
+        step = min(step, total)
+        k, n_targets = self.top_k, len(self.target_first_ids or [])
+        nan = float("nan")
+        out = (torch.full((total,), nan, device=device), torch.full((total,), nan, device=device),
+               torch.zeros((total, k), dtype=torch.long, device=device), torch.full((total, k), nan, device=device),
+               torch.full((total,), nan, device=device), torch.zeros((total,), dtype=torch.long, device=device),
+               torch.full((total, n_targets), nan, device=device))
+        work = (torch.empty(step, vocab, dtype=torch.float32, device=device),
+                torch.empty(step, vocab, dtype=torch.float32, device=device),
+                torch.empty(step, vocab, dtype=torch.bool, device=device))
+        nxt = None if next_ids is None else next_ids.reshape(-1)
+        runs = _live_runs(nxt, total)
+        nxt = None if nxt is None else nxt.to(device)
+        for first, stop in runs:
+            for s in range(first, stop, step):
+                e = min(s + step, stop)
+                rows = self._reduce_rows(flat[s:e], None if nxt is None else nxt[s:e], work)
+                for target, value in zip(out, rows):
+                    target[s:e] = value
+        lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp = out
         shape = (batch, length)
         return StepStats(
             logsumexp=lse.view(shape),
@@ -97,16 +116,19 @@ class LogitReducer:
         top_values, top_ids = block_topk(x, self.top_k, self.TOPK_BLOCK)
         peak = top_values[:, 0]
         y = torch.sub(x, peak[:, None], out=work[0][:n])  # <= 0, so exp cannot overflow
-        e = torch.exp(y, out=work[1][:n])
+        # exp(y) as exp2(y log2 e): torch's exp2 kernel is about twice as fast as exp on the CPU
+        e = torch.exp2(torch.mul(y, LOG2_E, out=work[1][:n]), out=work[1][:n])
         total = e.sum(-1)
         log_total = total.log()
         lse = peak + log_total
-        # H = -sum p log p with p = e / total and log p = y - log total; vecdot needs no temporary
-        entropy = log_total - torch.linalg.vecdot(e, y) / total
+        # H = -sum p log p with p = e / total and log p = y - log total; e * y goes into y's buffer
+        entropy = log_total - torch.mul(e, y, out=y).sum(-1) / total
         top_lp = top_values - lse[:, None]
         if next_ids is None:
             next_lp = torch.full_like(lse, float("nan"))
             next_rank = torch.zeros_like(lse, dtype=torch.long)
+        elif x.device.type in self.RANK_FROM_TOPK_ON:
+            next_lp, next_rank = _logprob_and_rank_via_topk(x, lse, next_ids, top_values, top_ids, work[2])
         else:
             next_lp, next_rank = token_logprob_and_rank(x, lse, next_ids, out=work[2][:n])
         if self.target_first_ids:
@@ -116,24 +138,57 @@ class LogitReducer:
         return lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp
 
 
-def block_topk(x: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x.topk(k)`` of a contiguous ``[n, V]`` tensor, via the maxima of blocks of ``block`` entries.
+def _live_runs(next_ids: torch.Tensor | None, total: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of flat positions that are not :data:`PADDING`."""
+    if next_ids is None:
+        return [(0, total)]
+    live = (next_ids != PADDING).cpu().numpy()
+    if live.all():
+        return [(0, total)]
+    edges = np.diff(np.concatenate([[0], live.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
-    The k largest entries lie in the k blocks with the largest maxima (those k maxima are k entries
-    at least as large as the k-th largest), so a top-k over those blocks' entries is exact.
+
+def block_topk(x: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k)`` of a contiguous ``[n, V]`` tensor, via the maxima of groups of ``block`` entries.
+
+    The k largest entries lie in the k groups with the largest maxima (those k maxima are k entries
+    at least as large as the k-th largest), so a top-k over those groups' entries is exact. Group g
+    holds columns g, g + G, g + 2G, ... (G groups), so the maxima are one vectorized pass over
+    ``block`` rows of G contiguous values.
     """
     n, vocab = x.shape
-    blocks = vocab // block
-    if blocks < 4 * k:  # small vocabularies: the plain top-k is as cheap
+    groups = vocab // block
+    if groups < 4 * k:  # small vocabularies: the plain top-k is as cheap
         return x.topk(k, dim=-1)
-    maxima = x[:, : blocks * block].view(n, blocks, block).amax(-1)
+    maxima = x[:, : groups * block].view(n, block, groups).amax(1)
     chosen = maxima.topk(k, dim=-1).indices
-    columns = (chosen[:, :, None] * block + torch.arange(block, device=x.device)).view(n, k * block)
-    if vocab > blocks * block:  # the ragged tail is always a candidate
-        tail = torch.arange(blocks * block, vocab, device=x.device).expand(n, -1)
+    columns = (chosen[:, :, None] + groups * torch.arange(block, device=x.device)).view(n, k * block)
+    if vocab > groups * block:  # the ragged tail is always a candidate
+        tail = torch.arange(groups * block, vocab, device=x.device).expand(n, -1)
         columns = torch.cat([columns, tail], dim=1)
     values, where = x.gather(1, columns).topk(k, dim=-1)
     return values, columns.gather(1, where)
+
+
+def _logprob_and_rank_via_topk(x: torch.Tensor, lse: torch.Tensor, token_ids: torch.Tensor, top_values: torch.Tensor,
+                               top_ids: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logprob_and_rank`, scanning only the rows whose token is not in the top-k.
+
+    Every entry larger than a top-k value is itself in the top-k, so for a token found there the
+    rank counts larger top-k values; usually most next tokens are, which saves a pass over ``V``.
+    """
+    valid = token_ids >= 0
+    safe = token_ids.clamp(min=0)
+    chosen = x.gather(-1, safe[:, None]).squeeze(-1)
+    rank = (top_values > chosen[:, None]).sum(-1) + 1
+    scan = (valid & ~(top_ids == safe[:, None]).any(-1)).nonzero().squeeze(-1)
+    if len(scan):
+        rows = x.index_select(0, scan)
+        larger = torch.gt(rows, chosen[scan, None], out=out[: len(scan)]).sum(-1, dtype=torch.int32)
+        rank[scan] = larger.long() + 1
+    logprob = torch.where(valid, chosen - lse, torch.full_like(chosen, float("nan")))
+    return logprob, torch.where(valid, rank, torch.zeros_like(rank))
 
 
 def token_logprob_and_rank(

@@ -83,7 +83,7 @@ def column_docs() -> dict[str, str]:
 def encode_metadata(meta: dict[str, Any], vocab: list[str] | None) -> dict[bytes, bytes]:
     out = {META_KEY: json.dumps({"trace_format": TRACE_FORMAT_VERSION, **meta}).encode()}
     if vocab is not None:
-        out[VOCAB_KEY] = json.dumps(vocab, ensure_ascii=False).encode()
+        out[VOCAB_KEY] = json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode()  # compact: ~10% smaller
     return out
 
 

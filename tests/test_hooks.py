@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmprobe.hooks import NO_TOKEN, LogitReducer, block_topk
+from llmprobe.hooks import NO_TOKEN, PADDING, LogitReducer, block_topk
 
 
 @pytest.mark.parametrize("vocab", [300, 4096, 4099, 49152])
@@ -28,14 +28,18 @@ def test_block_topk_with_ties_returns_the_tied_values():
     assert bool(((ids >= 100) & (ids < 140)).all()) and all(len(set(r.tolist())) == 20 for r in ids)
 
 
+@pytest.mark.parametrize("rank_from_topk", [True, False])
 @pytest.mark.parametrize("chunk", [1, 5, 512])
 @pytest.mark.parametrize("vocab", [300, 5000])
-def test_reducer_equals_float64_reference(chunk, vocab):
+def test_reducer_equals_float64_reference(chunk, vocab, rank_from_topk, monkeypatch):
+    """Both ways of ranking (the top-k shortcut used on the CPU, the full comparison used on GPUs)."""
+    monkeypatch.setattr(LogitReducer, "RANK_FROM_TOPK_ON", ("cpu",) if rank_from_topk else ())
     torch.manual_seed(chunk + vocab)
     logits = torch.randn(3, 11, vocab) * 4
     logits[0, 0, 7] = 60.0  # a near-certain token: entropy close to 0 must stay accurate
     next_ids = torch.randint(0, vocab, (3, 11))
     next_ids[:, -1] = NO_TOKEN
+    next_ids[1, :4] = logits[1, :4].argsort(-1, descending=True)[:, 2]  # next tokens inside the top-k
     targets = [3, vocab - 1]
     stats = LogitReducer(5, targets, chunk_positions=chunk).reduce(logits, next_ids)
     ref = torch.log_softmax(logits.double(), -1)
@@ -52,3 +56,21 @@ def test_reducer_equals_float64_reference(chunk, vocab):
     assert torch.equal(stats.next_rank[valid], ((logits > logits.gather(-1, safe[..., None])).sum(-1) + 1)[valid])
     assert bool(stats.next_logprob[~valid].isnan().all()) and bool((stats.next_rank[~valid] == 0).all())
     assert torch.equal(stats.last_logits, logits[:, -1])
+
+
+def test_padding_positions_are_skipped_and_the_rest_unchanged():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 6, 4096) * 4
+    next_ids = torch.randint(0, 4096, (2, 6))
+    next_ids[:, -1] = NO_TOKEN
+    padded = next_ids.clone()
+    padded[0, :3] = PADDING  # left padding of the first row
+    reducer = LogitReducer(5, [1, 2], chunk_positions=2)
+    full, skipped = reducer.reduce(logits, next_ids), reducer.reduce(logits, padded)
+    live = padded != PADDING
+    for name in ("logsumexp", "entropy", "topk_logprobs", "next_logprob", "target_logprobs"):
+        a, b = getattr(full, name), getattr(skipped, name)
+        assert torch.equal(a[live].nan_to_num(), b[live].nan_to_num())
+        assert bool(b[~live].isnan().all())
+    assert torch.equal(full.topk_ids[live], skipped.topk_ids[live]) and bool((skipped.topk_ids[~live] == 0).all())
+    assert torch.equal(full.next_rank[live], skipped.next_rank[live]) and bool((skipped.next_rank[~live] == 0).all())
