@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-
-# The Bayesian fits solve thousands of tiny problems; threaded OpenBLAS makes each scipy call up to
-# 30x slower (scipy issues 22438, 23191). torch uses its own BLAS (MKL), so tracing is unaffected.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from typing import Annotated, Optional
 
 import typer
 
 from llmprobe._output import Output, error_line
 from llmprobe.errors import UsageError
+
+# Set before numpy loads (commands import it lazily): the Bayesian fits solve thousands of tiny
+# problems, and threaded OpenBLAS makes each scipy call up to 30x slower (scipy issues 22438, 23191).
+# torch uses its own BLAS (MKL), so tracing is unaffected.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 app = typer.Typer(
     add_completion=False,

@@ -487,8 +487,9 @@ def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int
 
     Each item needs the logits of the token sequence prefix + target[:-1]. Logits are causal, so one
     forward pass over a longer sequence that starts with that one serves it too: items are grouped
-    under the longest sequences that extend them ("carriers"). With marks, the continuation at one
-    mark is usually a prefix of the next mark's, so a prompt's marks share one pass.
+    under the longest sequences that extend them ("carriers"): identical continuations (targets
+    sharing all but their last token) and a mark's continuation that the prompt itself goes on to
+    spell out (the recorded outcome, a prefix of the next mark's) need no pass of their own.
     """
     needed = [tuple(prefix + target[:-1]) for prefix, target in items]
     carriers: list[tuple[int, ...]] = []

@@ -349,20 +349,15 @@ def load_model(
     """Load weights onto ``device``, or place them with accelerate when ``device_map`` is given
     ("auto", "balanced", "sequential" or an explicit module -> device/"cpu"/"disk" dict)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_placement(device_map, max_memory, offload_folder)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    quiet_transformers()
     torch_device = resolve_device(device) if device_map is None else None
     torch_dtype = resolve_dtype(dtype, torch_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    source = resolve_model(spec, log)
-    check_weight_format(source.path, allow_pickle)
-    check_remote_code(source.path, trust_remote_code)
+    source = _checked_source(spec, trust_remote_code, allow_pickle, log)
     started = time.perf_counter()
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
+        config, tokenizer = _config_and_tokenizer(source, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source.path,
             config=config,
@@ -391,6 +386,24 @@ def load_model(
         device_map=getattr(model, "hf_device_map", None) if device_map else None,
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _checked_source(spec: str | None, trust_remote_code: bool, allow_pickle: bool, log) -> ModelSource:
+    """Resolve ``--model`` offline and apply the refusals (pickle weights, remote code) before loading."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_transformers()
+    source = resolve_model(spec, log)
+    check_weight_format(source.path, allow_pickle)
+    check_remote_code(source.path, trust_remote_code)
+    return source
+
+
+def _config_and_tokenizer(source: ModelSource, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
+    return config, tokenizer
 
 
 def _prepare_tokenizer(tokenizer, label: str) -> None:
@@ -443,17 +456,12 @@ def load_skeleton(spec: str | None = None, *, trust_remote_code: bool = False, a
     """Config, tokenizer and weightless (meta-device) modules: enough to check settings and prompts and
     describe the model on a machine that will not run it (a Ray driver), in about a second."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    quiet_transformers()
-    source = resolve_model(spec, log)
-    check_weight_format(source.path, allow_pickle)
-    check_remote_code(source.path, trust_remote_code)
+    source = _checked_source(spec, trust_remote_code, allow_pickle, log)
     started = time.perf_counter()
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, local_files_only=True)
+        config, tokenizer = _config_and_tokenizer(source, trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # corrupt files and unknown architectures surface as many exception types

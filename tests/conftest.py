@@ -85,3 +85,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch, request):
     """Unit tests get a private LLMPROBE_CACHE; real-model tests keep the shared one (conversion is 30 s)."""
     if "real_model" not in request.keywords and "LLMPROBE_TEST_KEEP_CACHE" not in os.environ:
         monkeypatch.setenv("LLMPROBE_CACHE", str(tmp_path_factory.getbasetemp() / "llmprobe-cache"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-model matrices are too small for threads; one thread avoids OpenMP spinning on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

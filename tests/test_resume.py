@@ -157,15 +157,7 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_uninterrupted_trace(t
 # ---------------------------------------------------------------------------------------------- in-process
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's matrices are too small for threads; one avoids OpenMP spinning on a busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:

@@ -30,13 +30,7 @@ from llmprobe.schema import META_KEY, encode_metadata, trace_schema
 PACKAGE = Path(__file__).resolve().parents[1] / "llmprobe"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's matrices are too small for threads; one avoids OpenMP spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
