@@ -8,8 +8,11 @@ import sys
 from llmprobe.cli import main
 
 
-def run_cli(args: list[str], capsysbinary, monkeypatch, stdin: bytes = b"") -> tuple[int, bytes, str]:
-    """Exit code, stdout bytes and stderr text of ``llmprobe ARGS`` with ``stdin`` as standard input."""
+def run_cli(args: list[str], capture, monkeypatch, stdin: bytes = b"") -> tuple[int, bytes | str, str]:
+    """Exit code, stdout and stderr text of ``llmprobe ARGS`` with ``stdin`` as standard input.
+
+    ``capture`` is pytest's ``capsysbinary`` (stdout as bytes) or ``capsys`` (stdout as text).
+    """
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
     monkeypatch.setattr(sys, "argv", ["llmprobe", *args])
     code = 0
@@ -17,8 +20,8 @@ def run_cli(args: list[str], capsysbinary, monkeypatch, stdin: bytes = b"") -> t
         main(args)
     except SystemExit as exc:
         code = exc.code or 0
-    out, err = capsysbinary.readouterr()
-    return code, out, err.decode()
+    out, err = capture.readouterr()
+    return code, out, err.decode() if isinstance(err, bytes) else err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

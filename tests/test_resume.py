@@ -29,6 +29,7 @@ from llmprobe.checkpoint import WorkDir, work_dir_for
 from llmprobe.cli import main
 from llmprobe.engine import Tracer
 from llmprobe.reader import read_trace
+from tests import cli_helpers
 
 N_PROMPTS = 100  # with --batch-size 2: 50 batches in length-sorting windows of 64 and 36 prompts
 WORDS = "the coin came up heads tails then a die showed one two three blick means zorp dax mib".split()
@@ -161,13 +162,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["llmprobe", *args])
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
+    """Exit code and stderr of an in-process run (these tests never read stdout)."""
+    code, _, err = cli_helpers.run_cli(args, capsys, monkeypatch)
+    return code, err
 
 
 def interrupt_after(monkeypatch, batches: int) -> None:

@@ -11,7 +11,6 @@ import ast
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,27 +20,16 @@ import pytest
 import torch
 
 from llmprobe.checkpoint import work_dir_for
-from llmprobe.cli import main
 from llmprobe.engine import TraceSettings, Tracer
 from llmprobe.errors import UsageError
 from llmprobe.prompts import PromptRecord
 from llmprobe.schema import META_KEY, encode_metadata, trace_schema
+from tests.cli_helpers import run_cli
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llmprobe"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
-
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["llmprobe", *args])
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_refused(result: tuple[int, str, str], *needles: str) -> str:
