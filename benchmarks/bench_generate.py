@@ -16,10 +16,10 @@ import _common  # noqa: F401  (sets LLMPROBE_CACHE)
 import torch
 from _common import emit, interleaved, machine, median
 
-from llmprobe.engine import TraceSettings, Tracer
-from llmprobe.models import load_model
-from llmprobe.prompts import PromptRecord
-from llmprobe.schema import PHASE_GENERATED
+from llmprobe.tracing.engine import TraceSettings, Tracer
+from llmprobe.model.loading import load_model
+from llmprobe.tracing.prompts import PromptRecord
+from llmprobe.tracing.schema import PHASE_GENERATED
 
 GOAL = 0.9
 PROMPTS = [

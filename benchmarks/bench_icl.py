@@ -5,7 +5,7 @@ Run: python benchmarks/bench_icl.py [--quick] [--n-max N]
 One coin sequence of N = 64 flips (configs/experiments/coin.toml, theta = 0.7) in both layouts of
 ``llmprobe experiment``: "marks" (one prompt, a mark before every outcome, traced once) and
 "per-n" (the peers' protocol: prompts n = 0..N, each ending where the next outcome would go),
-both traced by the same :class:`~llmprobe.engine.Tracer` at k=20 with the targets " heads" and
+both traced by the same :class:`~llmprobe.tracing.engine.Tracer` at k=20 with the targets " heads" and
 " tails" and written to Parquet. Checks that the two give the same target log-probabilities at
 every n (goal: within 1e-4) and prints the speed-up (goal: >= N/3).
 """
@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from _common import coin_records, emit, interleaved, machine, median
 
-from llmprobe.engine import TraceSettings, Tracer
-from llmprobe.models import load_model
-from llmprobe.run import targets_from_records
+from llmprobe.tracing.engine import TraceSettings, Tracer
+from llmprobe.model.loading import load_model
+from llmprobe.tracing.runner import targets_from_records
 
 TOLERANCE = 1e-4
 

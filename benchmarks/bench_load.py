@@ -29,7 +29,7 @@ started = time.perf_counter()
 import torch
 import transformers
 from transformers.models.llama import modeling_llama  # what load_model imports lazily for this model
-from llmprobe.models import load_model
+from llmprobe.model.loading import load_model
 imported = time.perf_counter()
 loaded = load_model(None, device="cpu", dtype="float32")
 done = time.perf_counter()

@@ -26,7 +26,7 @@ GOAL = 1.2
 
 
 def write_prompts(path: Path, sequences: int, n_max: int) -> None:
-    from llmprobe.experiments import generate, load_experiment, write_jsonl
+    from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
 
     exp = load_experiment(COIN)
     per_theta = -(-sequences // len(exp.thetas))
@@ -37,7 +37,7 @@ def write_prompts(path: Path, sequences: int, n_max: int) -> None:
 
 def peak_rss_mib(prompts: Path, output: Path, batch_size: int) -> tuple[float, float]:
     """Peak RSS (MiB) and seconds of one ``llmprobe trace`` run in a fresh process."""
-    command = [sys.executable, "-m", "llmprobe.cli", "trace", str(prompts), "-o", str(output), "--force", "-q",
+    command = [sys.executable, "-m", "llmprobe", "trace", str(prompts), "-o", str(output), "--force", "-q",
                "--device", "cpu", "--batch-size", str(batch_size)]
     start = time.perf_counter()
     child = subprocess.Popen(command, stderr=subprocess.PIPE)

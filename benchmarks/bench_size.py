@@ -3,7 +3,7 @@
 Run: python benchmarks/bench_size.py [--quick] [--sequences S]
 
 Traces the coin experiment's marks-layout prompts (50 flips each, with marks, the JSON ``meta`` of
-every record and the targets " heads" and " tails") through ``llmprobe.run.run_trace`` — the path
+every record and the targets " heads" and " tails") through ``llmprobe.tracing.runner.run_trace`` — the path
 ``llmprobe trace -o FILE`` takes, committed parts merged into one file — and divides the file size
 the column data by its rows; the footer (schema, run metadata and the vocabulary as JSON, which
 pyarrow stores twice: as key-value metadata and inside its serialized ARROW:schema) is a fixed cost
@@ -23,11 +23,11 @@ import _common  # noqa: F401  (sets LLMPROBE_CACHE)
 import pyarrow.parquet as pq
 from _common import COIN, emit, machine
 
-from llmprobe._output import Output
-from llmprobe.engine import TraceSettings
-from llmprobe.experiments import generate, load_experiment, write_jsonl
-from llmprobe.reader import open_trace
-from llmprobe.run import ModelOptions, run_trace
+from llmprobe.cli.output import Output
+from llmprobe.tracing.engine import TraceSettings
+from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
+from llmprobe.tracing.reader import open_trace
+from llmprobe.tracing.runner import ModelOptions, run_trace
 
 GOAL = 200.0
 

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import torch
 from _common import coin_records, emit, machine, median
 
-from llmprobe.engine import TraceSettings, Tracer, padded_inputs
-from llmprobe.models import load_model
-from llmprobe.run import targets_from_records
+from llmprobe.tracing.engine import TraceSettings, Tracer, padded_inputs
+from llmprobe.model.loading import load_model
+from llmprobe.tracing.runner import targets_from_records
 
 GOAL = 0.95
 

@@ -48,13 +48,13 @@ def log(message: str) -> None:
 
 
 def records(texts: list[str]):
-    from llmprobe.prompts import PromptRecord
+    from llmprobe.tracing.prompts import PromptRecord
 
     return [PromptRecord(index=i, id=str(i + 1), text=t, line=i + 1) for i, t in enumerate(texts)]
 
 
 def trace(loaded, prompts, batch_size: int = 8) -> pa.Table:
-    from llmprobe.engine import TraceSettings, Tracer
+    from llmprobe.tracing.engine import TraceSettings, Tracer
 
     tracer = Tracer(loaded, TraceSettings(top_k=TOP_K, targets=[" heads", " tails"], batch_size=batch_size))
     table = pa.Table.from_batches(list(tracer.trace(prompts)), schema=tracer.schema)
@@ -112,7 +112,7 @@ def ray_check(results: dict, want: pa.Table, device: str, dtype: str, gpus: floa
         log("skip ray_gpu_actor: ray is not installed (pip install 'llmprobe[ray]')")
         return
     from llmprobe.cli import main
-    from llmprobe.reader import open_trace
+    from llmprobe.tracing.reader import open_trace
 
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.txt"
@@ -144,7 +144,7 @@ def main() -> int:
         log("no CUDA device here: the GPU checks did not run (run this script on a machine with a GPU)")
         print(json.dumps({"cuda": False, "checks": {}}))
         return 0
-    from llmprobe.models import load_model
+    from llmprobe.model.loading import load_model
 
     gpu = "cpu" if args.cpu_rehearsal else "cuda"
     n_gpus = torch.cuda.device_count() if gpu == "cuda" else 0

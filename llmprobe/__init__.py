@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in ("read_trace", "open_trace"):
-        from llmprobe import reader
+        from llmprobe.tracing import reader
 
         return getattr(reader, name)
     raise AttributeError(name)

@@ -63,7 +63,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
-    from llmprobe.models import load_model
+    from llmprobe.model.loading import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
@@ -72,7 +72,7 @@ def tiny_loaded(tiny_model_dir):
 def real_loaded():
     """The embedded default model, converted once into the user's (or CI's) llmprobe cache."""
     from llmprobe.errors import UsageError
-    from llmprobe.models import load_model
+    from llmprobe.model.loading import load_model
 
     try:
         return load_model(None, device="cpu", dtype="float32")

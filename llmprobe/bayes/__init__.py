@@ -22,7 +22,7 @@ from llmprobe.bayes.dirichlet import (
     fit_dirichlet,
     fit_dirichlet_multinomial,
 )
-from llmprobe.bayes.metrics import entropy_bits, entropy_gap_bits, kl_bits, total_variation
+from llmprobe.bayes.metrics import entropy_bits, entropy_gap_bits, hellinger, kl_bits, total_variation
 from llmprobe.bayes.mixture import (
     ComponentSelection,
     MixtureFit,
@@ -55,6 +55,7 @@ __all__ = [
     "fit_dirichlet_mixture",
     "fit_dirichlet_multinomial",
     "fit_dirichlet_multinomial_mixture",
+    "hellinger",
     "kl_bits",
     "mixture_posterior_predictive",
     "mixture_posterior_weights",

@@ -31,3 +31,9 @@ def entropy_bits(p: ArrayLike) -> np.ndarray:
 def entropy_gap_bits(model: ArrayLike, bayes: ArrayLike) -> np.ndarray:
     """H(model) - H(bayes) per row: > 0 when the model is less certain than the Bayesian prediction."""
     return entropy_bits(model) - entropy_bits(bayes)
+
+
+def hellinger(p: ArrayLike, q: ArrayLike) -> np.ndarray:
+    """Hellinger distance sqrt(½ Σ (√p − √q)²) along the last axis, in [0, 1]."""
+    p, q = np.asarray(p, dtype=float), np.asarray(q, dtype=float)
+    return np.sqrt(np.clip(0.5 * ((np.sqrt(p) - np.sqrt(q)) ** 2).sum(axis=-1), 0.0, 1.0))

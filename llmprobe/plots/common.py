@@ -2,17 +2,15 @@
 
 Figures are built as :class:`matplotlib.figure.Figure` objects without pyplot, and matplotlib is
 switched to the Agg backend unless pyplot is already in use, so they render on machines without a
-display. Figures are written to a temporary file beside the target and renamed
-into place, so an error never leaves a half-written image; the format follows the file extension.
+display. Figures are written through :func:`llmprobe.files.write_atomic`, so an error never leaves a
+half-written image; the format follows the file extension.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,7 +22,8 @@ if "matplotlib.pyplot" not in sys.modules:  # a notebook that already chose its 
 from matplotlib.figure import Figure  # noqa: E402  (after the backend is chosen)
 
 from llmprobe.errors import UsageError  # noqa: E402
-from llmprobe.inspect_view import visible  # noqa: E402
+from llmprobe.files import check_new_output, write_atomic  # noqa: E402
+from llmprobe.tracing.reader import visible  # noqa: E402
 
 IMAGE_FORMATS = ("png", "svg", "pdf")
 DPI = 150
@@ -55,32 +54,8 @@ def check_image_output(output: str, force: bool) -> str:
     if fmt not in IMAGE_FORMATS:
         raise UsageError(f"unknown image extension {path.suffix!r} (expected .{', .'.join(IMAGE_FORMATS)})",
                          where=output)
-    check_writable(path, force)
+    check_new_output(path, force)
     return fmt
-
-
-def check_writable(path: Path, force: bool) -> None:
-    if path.is_dir():
-        raise UsageError("is a directory", where=str(path))
-    if path.exists() and not force:
-        raise UsageError("already exists; pass --force to replace it", where=str(path))
-    if not path.parent.exists():
-        raise UsageError(f"directory {str(path.parent)!r} does not exist", where=str(path))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so the file appears complete or not at all."""
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        temp.chmod(0o666 & ~umask)  # mkstemp makes files private; a figure is as readable as any new file
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = DPI) -> bytes:

@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator
 from llmprobe.errors import UsageError
 from llmprobe.plots.common import check_image_output, plain_label, save_figure
 
-FIT_META_KEY = b"llmprobe.fit"
+from llmprobe.analysis.fits import FIT_META_KEY  # noqa: E402
 FIT_COLUMNS = ("trace", "prompt_id", "sequence", "n", "category", "count", "theta", "model_prob", "bayes_prob",
                "mass", "tv", "kl_bits", "entropy_model_bits", "entropy_bayes_bits")
 MARK_KEY = ["trace", "prompt_id", "sequence", "n"]  # one mark: its rows share the per-mark columns
@@ -290,8 +290,8 @@ def _mean_band(ax, rows: pd.DataFrame, color, linestyle: str, gid: str, band: bo
         ax.fill_between(rows["n"], rows["lo"], rows["hi"], color=color, alpha=0.18, linewidth=0, gid=gid)
 
 
-def plot_fit_icl(source: str, output: str | None, *, force: bool) -> Path:
-    """The ``llmprobe plot-icl`` command; returns the file written."""
+def write_icl_figure(source: str, output: str | None, *, force: bool) -> Path:
+    """Read a fit table, draw it, write the figure; returns the file written."""
     if output is None:
         if source == "-":
             raise UsageError("give an output file when the fit table comes from stdin", where="-o")

@@ -10,11 +10,8 @@ optional ``categories`` and ``model`` entries beside it.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -25,80 +22,12 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.tri import Triangulation
 from scipy.special import betaln, xlog1py, xlogy
 
+from llmprobe.analysis.priors import Prior, read_prior
 from llmprobe.bayes import dirichlet_logpdf
-from llmprobe.errors import UsageError
 from llmprobe.plots.common import check_image_output, plain_label, save_figure
 
-LABEL_KEYS = ("model", "trace", "label", "source")
 TERNARY_RESOLUTION = 160
 SQRT3_2 = math.sqrt(3.0) / 2.0
-
-
-@dataclass
-class Prior:
-    """sum_j weights[j] Dirichlet(alphas[j]) over ``categories``, with the fit's other scalar facts."""
-
-    weights: np.ndarray  # (J,)
-    alphas: np.ndarray  # (J, K)
-    categories: list[str]
-    label: str | None
-    facts: dict[str, Any]
-
-    @property
-    def means(self) -> np.ndarray:
-        return self.alphas / self.alphas.sum(axis=1, keepdims=True)
-
-
-def load_prior(source: str) -> Prior:
-    """Read a fit-prior JSON file; any problem is a one-line :class:`UsageError` naming the file."""
-    path = Path(source)
-    if not path.is_file():
-        raise UsageError("no such file" if not path.exists() else "not a file", where=source)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"not JSON ({exc})", where=source) from None
-    found = _find_fit(document)
-    if found is None:
-        raise UsageError("not a fitted prior: no object with 'alphas' and 'weights' (mixture) or 'alpha'"
-                         " (Dirichlet)", where=source)
-    fit, outer = found
-    try:
-        alphas = np.atleast_2d(np.asarray(fit["alphas"] if "alphas" in fit else fit["alpha"], dtype=float))
-        weights = np.asarray(fit.get("weights", [1.0]), dtype=float).reshape(-1)
-    except (TypeError, ValueError):
-        raise UsageError("alphas and weights must be numbers", where=source) from None
-    if alphas.ndim != 2 or alphas.shape[1] < 2 or not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
-        raise UsageError("alphas must be finite positive numbers over two or more categories", where=source)
-    if weights.shape != (alphas.shape[0],) or np.any(weights < 0) or not math.isclose(weights.sum(), 1.0,
-                                                                                        rel_tol=1e-6):
-        raise UsageError(f"weights must be {alphas.shape[0]} non-negative numbers summing to 1", where=source)
-    categories = _categories(fit, outer, alphas.shape[1], source)
-    label = next((str(outer[k]) for k in LABEL_KEYS if isinstance(outer.get(k), str)), None)
-    facts = {k: v for k, v in fit.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    return Prior(weights, alphas, categories, label, facts)
-
-
-def _find_fit(document: Any) -> tuple[dict, dict] | None:
-    """The fit object and the object holding it (itself at the top level), searched one level deep."""
-    if not isinstance(document, dict):
-        return None
-    if "alphas" in document or "alpha" in document:
-        return document, document
-    for value in document.values():
-        if isinstance(value, dict) and ("alphas" in value or "alpha" in value):
-            return value, document
-    return None
-
-
-def _categories(fit: dict, outer: dict, k: int, source: str) -> list[str]:
-    names = fit.get("categories", outer.get("categories"))
-    if names is None:
-        return [f"category {i + 1}" for i in range(k)]
-    names = [n.get("name") if isinstance(n, dict) else n for n in names]
-    if len(names) != k or not all(isinstance(n, str) for n in names):
-        raise UsageError(f"'categories' must name the {k} categories of the alphas", where=source)
-    return names
 
 
 def beta_marginal_density(prior: Prior, category: int, x: np.ndarray) -> np.ndarray:
@@ -268,10 +197,10 @@ def _draw_ternary(fig: Figure, ax, prior: Prior) -> None:
             ha="center", va="center", fontsize=8, color="0.35")
 
 
-def plot_prior_file(source: str, output: str | None, *, force: bool) -> Path:
-    """The ``llmprobe plot-prior`` command; returns the file written."""
+def write_prior_figure(source: str, output: str | None, *, force: bool) -> Path:
+    """Read a prior file, draw it, write the figure; returns the file written."""
     if output is None:
         output = str(Path(source).with_suffix("")) + ".prior.png"
     check_image_output(output, force)
-    save_figure(plot_prior(load_prior(source)), output)
+    save_figure(plot_prior(read_prior(source)), output)
     return Path(output)

@@ -22,8 +22,8 @@ from matplotlib.patches import Patch, Rectangle
 
 from llmprobe.errors import UsageError
 from llmprobe.plots.common import check_image_output, plain_label, save_figure, token_label
-from llmprobe.reader import read_trace
-from llmprobe.schema import PHASE_GENERATED
+from llmprobe.tracing.reader import read_trace
+from llmprobe.tracing.schema import PHASE_GENERATED
 
 LN2 = math.log(2.0)
 CMAP = "Blues"
@@ -92,7 +92,7 @@ def select_layer(frame: pd.DataFrame, layer: int | None) -> pd.DataFrame:
 
 def token_grid(frame: pd.DataFrame, source: str, prompt: str | None, positions: str | None = None,
                top: int | None = None) -> TokenGrid:
-    """One prompt's numbers from a trace frame (:func:`~llmprobe.reader.read_trace`, one layer)."""
+    """One prompt's numbers from a trace frame (:func:`~llmprobe.tracing.reader.read_trace`, one layer)."""
     start, end = parse_positions(positions)
     if top is not None and top < 1:
         raise UsageError("must be 1 or more", where="--top")
@@ -274,9 +274,9 @@ def _draw_entropy(ax, grid: TokenGrid, chunk: slice, width: int, top: float, leg
                                   label="surprisal −log₂ P(actual next)")])
 
 
-def plot_trace_tokens(source: str, prompt: str | None, output: str | None, *, positions: str | None, top: int | None,
+def write_tokens_figure(source: str, prompt: str | None, output: str | None, *, positions: str | None, top: int | None,
                       wrap: int, layer: int | None, force: bool) -> Path:
-    """The ``llmprobe plot`` command: read, draw, write; returns the file written."""
+    """Read, draw, write one prompt's token figure; returns the file written."""
     if output is None:
         if source == "-":
             raise UsageError("give an output file when the trace comes from stdin", where="-o")

@@ -1,0 +1,5 @@
+"""``python -m llmprobe``: the command line."""
+
+from llmprobe.cli import main
+
+main()

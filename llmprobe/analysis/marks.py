@@ -1,0 +1,118 @@
+"""From a trace to category distributions at marks: the bridge between traces and ``llmprobe.bayes``.
+
+At every marked row (or, for prompts without marks, the last prompt position) the model's
+probability of each category is the exponentiated whole-string score of the category's target
+(``target_seq_logprobs``, so multi-token targets are scored as continuations). The distribution is
+renormalized over the category set, and the mass the model put on the set is kept: mass outside
+the set is part of the finding. Experiment prompts carry ``categories``, ``targets``, ``theta``,
+``sequence`` and ``outcomes`` in their metadata and ``n``/``counts`` in each mark.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llmprobe.errors import UsageError
+from llmprobe.tracing.reader import Trace
+
+
+@dataclass
+class CategoryMarks:
+    """One row per measurement point; arrays aligned with ``marks``."""
+
+    label: str  # which trace (model) these come from
+    categories: list[str]
+    marks: pd.DataFrame  # prompt_id, prompt_index, position, sequence, n, layout
+    probs: np.ndarray  # (M, K) model probabilities renormalized over the categories
+    mass: np.ndarray  # (M,) total model probability on the category set
+    counts: np.ndarray | None  # (M, K) running counts of the in-context examples, if known
+    theta: np.ndarray | None  # (M, K) true category distribution, if known
+    outcomes: dict[Any, list[int]]  # sequence -> outcomes in order, if known
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.marks)
+
+
+def trace_label(trace: Trace) -> str:
+    return str(trace.meta.get("model") or trace.source)
+
+
+def category_marks(trace: Trace, label: str | None = None) -> CategoryMarks:
+    """Extract the category distributions at every mark of ``trace``."""
+    trace.require_columns("target_seq_logprobs", purpose="a category distribution (trace with --targets)")
+    table = trace.table
+    if "layer" in table.column_names:  # a logit-lens trace: the output layer's rows are the model's
+        layers = table.column("layer").to_numpy()
+        table = table.filter(layers == layers.max())
+    scored = table.filter(table.column("target_seq_logprobs").is_valid())
+    has_marks = scored.column("mark_index").null_count < scored.num_rows
+    if has_marks:
+        scored = scored.filter(scored.column("mark_index").is_valid())
+    if scored.num_rows == 0:
+        raise UsageError("trace has no marked rows with target scores", where=trace.source)
+    trace_targets = [t["text"] for t in trace.meta.get("targets", [])]
+    metas = [json.loads(m) if m else {} for m in scored.column("meta").to_pylist()]
+    marks = [json.loads(m) if m else {} for m in scored.column("mark").to_pylist()]
+    categories, columns = _category_columns(metas, trace_targets, trace.source)
+    logprobs = np.asarray(scored.column("target_seq_logprobs").to_pylist(), dtype=np.float64)[:, columns]
+    if not np.all(np.isfinite(logprobs)):
+        raise UsageError("non-finite target log-probabilities in the trace", where=trace.source)
+    shifted = np.exp(logprobs - logprobs.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    mass = np.exp(logprobs).sum(axis=1)
+    frame = pd.DataFrame({
+        "prompt_id": scored.column("prompt_id").to_pylist(),
+        "prompt_index": scored.column("prompt_index").to_numpy(),
+        "position": scored.column("position").to_numpy(),
+        "sequence": [m.get("sequence", pid) for m, pid in zip(metas, scored.column("prompt_id").to_pylist())],
+        "n": [mk.get("n") for mk in marks],
+        "layout": [m.get("layout") for m in metas],
+    })
+    counts = _optional_matrix([mk.get("counts") for mk in marks], len(categories))
+    theta = _optional_matrix([m.get("theta") for m in metas], len(categories))
+    if counts is not None and frame["n"].isna().any():
+        frame["n"] = counts.sum(axis=1)
+    outcomes = {}
+    for meta, sequence in zip(metas, frame["sequence"]):
+        seq_outcomes = meta.get("outcomes")
+        if isinstance(seq_outcomes, list) and len(seq_outcomes) > len(outcomes.get(sequence, [])):
+            outcomes[sequence] = seq_outcomes
+    order = np.lexsort((frame["position"].to_numpy(), frame["prompt_index"].to_numpy()))
+    return CategoryMarks(
+        label=label or trace_label(trace),
+        categories=categories,
+        marks=frame.iloc[order].reset_index(drop=True),
+        probs=probs[order],
+        mass=mass[order],
+        counts=None if counts is None else counts[order],
+        theta=None if theta is None else theta[order],
+        outcomes=outcomes,
+        meta=trace.meta,
+    )
+
+
+def _category_columns(metas: list[dict], trace_targets: list[str], source: str) -> tuple[list[str], list[int]]:
+    """Category names and, for each, its column in the trace's target list."""
+    declared = {(tuple(m["categories"]), tuple(m["targets"])) for m in metas
+                if isinstance(m.get("categories"), list) and isinstance(m.get("targets"), list)}
+    if len(declared) > 1:
+        raise UsageError("prompts declare different category sets; fit them separately", where=source)
+    if not declared:
+        return list(trace_targets), list(range(len(trace_targets)))
+    names, targets = (list(x) for x in declared.pop())
+    missing = [t for t in targets if t not in trace_targets]
+    if missing:
+        raise UsageError(f"the trace did not score target(s) {', '.join(map(repr, missing))}", where=source)
+    return names, [trace_targets.index(t) for t in targets]
+
+
+def _optional_matrix(values: list[Any], width: int) -> np.ndarray | None:
+    if not values or any(not isinstance(v, list) or len(v) != width for v in values):
+        return None
+    return np.asarray(values, dtype=np.float64)

@@ -1,0 +1,107 @@
+"""Priors as files: one reader for every command that takes a prior, and the ``--prior`` choices.
+
+A prior file is JSON holding a :class:`~llmprobe.bayes.MixtureFit` or
+:class:`~llmprobe.bayes.DirichletFit` ``to_dict()`` (``alphas`` + ``weights``, or ``alpha``), at the
+top level or under one key, with optional ``categories`` and a label (``model``, ``trace``, ...)
+beside it; ``llmprobe fit-prior -o`` writes one (format ``llmprobe.prior/1``). Every check happens
+here: finite positive alphas over two or more categories, weights that sum to 1, category names
+that match. Pure numpy: the figures (:mod:`llmprobe.plots.prior`) and the fits both read through it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmprobe.bayes import MixtureFit
+from llmprobe.errors import UsageError
+
+LABEL_KEYS = ("model", "trace", "label", "source")
+
+
+@dataclass
+class Prior:
+    """sum_j weights[j] Dirichlet(alphas[j]) over ``categories``, with the fit's other scalar facts."""
+
+    weights: np.ndarray  # (J,)
+    alphas: np.ndarray  # (J, K)
+    categories: list[str]
+    label: str | None
+    facts: dict[str, Any]
+    has_names: bool = True  # False: the file named no categories, so ``categories`` are placeholders
+
+    @property
+    def means(self) -> np.ndarray:
+        return self.alphas / self.alphas.sum(axis=1, keepdims=True)
+
+
+def read_prior(source: str) -> Prior:
+    """Read a fit-prior JSON file; any problem is a one-line :class:`UsageError` naming the file."""
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError("no such file" if not path.exists() else "not a file", where=source)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"not JSON ({exc})", where=source) from None
+    found = _find_fit(document)
+    if found is None:
+        raise UsageError("not a fitted prior: no object with 'alphas' and 'weights' (mixture) or 'alpha'"
+                         " (Dirichlet)", where=source)
+    fit, outer = found
+    try:
+        alphas = np.atleast_2d(np.asarray(fit["alphas"] if "alphas" in fit else fit["alpha"], dtype=float))
+        weights = np.asarray(fit.get("weights", [1.0]), dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise UsageError("alphas and weights must be numbers", where=source) from None
+    if alphas.ndim != 2 or alphas.shape[1] < 2 or not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
+        raise UsageError("alphas must be finite positive numbers over two or more categories", where=source)
+    if weights.shape != (alphas.shape[0],) or np.any(weights < 0) or not math.isclose(weights.sum(), 1.0,
+                                                                                        rel_tol=1e-6):
+        raise UsageError(f"weights must be {alphas.shape[0]} non-negative numbers summing to 1", where=source)
+    categories = _categories(fit, outer, alphas.shape[1], source)
+    label = next((str(outer[k]) for k in LABEL_KEYS if isinstance(outer.get(k), str)), None)
+    facts = {k: v for k, v in fit.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    return Prior(weights, alphas, categories, label, facts,
+                 has_names=fit.get("categories", outer.get("categories")) is not None)
+
+
+def _find_fit(document: Any) -> tuple[dict, dict] | None:
+    """The fit object and the object holding it (itself at the top level), searched one level deep."""
+    if not isinstance(document, dict):
+        return None
+    if "alphas" in document or "alpha" in document:
+        return document, document
+    for value in document.values():
+        if isinstance(value, dict) and ("alphas" in value or "alpha" in value):
+            return value, document
+    return None
+
+
+def _categories(fit: dict, outer: dict, k: int, source: str) -> list[str]:
+    names = fit.get("categories", outer.get("categories"))
+    if names is None:
+        return [f"category {i + 1}" for i in range(k)]
+    names = [n.get("name") if isinstance(n, dict) else n for n in names]
+    if len(names) != k or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"'categories' must name the {k} categories of the alphas", where=source)
+    return names
+
+
+def prior_for(spec: str, categories: list[str]) -> MixtureFit:
+    """``--prior``: ``uniform`` (Dirichlet(1, ..., 1)) or a prior file over the same categories."""
+    if spec == "uniform":
+        return MixtureFit(weights=np.ones(1), alphas=np.ones((1, len(categories))), loglik=float("nan"),
+                          n_obs=0.0, iterations=0, converged=True)
+    if not Path(spec).exists():
+        raise UsageError("no such prior file (expected 'fit', 'uniform' or a prior JSON file)", where=spec)
+    prior = read_prior(spec)
+    if prior.alphas.shape[1] != len(categories) or (prior.has_names and prior.categories != categories):
+        raise UsageError(f"prior is over {prior.categories}, the trace over {categories}", where=spec)
+    return MixtureFit(weights=prior.weights, alphas=prior.alphas, loglik=float("nan"), n_obs=0.0, iterations=0,
+                      converged=True)

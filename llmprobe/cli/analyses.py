@@ -1,0 +1,89 @@
+"""Commands that test the paper's claims inside the model: ``continuity`` and ``martingale``."""
+
+import json
+from dataclasses import asdict
+from typing import Annotated, Optional
+
+import typer
+
+from llmprobe.cli import options as opt
+from llmprobe.cli.output import Output
+from llmprobe.errors import UsageError
+
+
+def continuity(
+    trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace written with --save-embeddings.")],
+    over: Annotated[str, typer.Option(
+        help="topk: union of top-k sets + remainder; targets: whole target strings + remainder (exact).")] = "topk",
+    output: opt.output("Scatter plot (.png, .svg, .pdf).") = None,
+    as_json: opt.Json = False,
+    max_pairs: Annotated[int, typer.Option(help="Pairs compared (a random subset above this).")] = 50_000,
+    quantile: Annotated[float, typer.Option(help="Quantile of the distance ratio reported as the Lipschitz bound.")]
+    = 0.95,
+    seed: opt.Seed = 0,
+    force: opt.Force = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Embedding distance vs next-token distribution distance over pairs of prompts (continuity)."""
+    from llmprobe.analysis.continuity import continuity as analyse, finite_or_null
+    from llmprobe.cli.views import continuity_table
+
+    out = Output(quiet)
+    if output is not None:
+        from llmprobe.plots.common import check_image_output
+
+        check_image_output(output, force)
+    result, pairs, meta = analyse(trace_path, over=over, max_pairs=max_pairs, quantile=quantile, seed=seed)
+    if as_json:
+        out.data_text(json.dumps(finite_or_null(asdict(result))) + "\n")
+    else:
+        out.show(continuity_table(result))
+    if output is not None:
+        from llmprobe.plots.common import save_figure
+        from llmprobe.plots.continuity import continuity_figure
+
+        save_figure(continuity_figure(result, pairs, meta.get("model", "")), output)
+        out.log(f"wrote {output}")
+
+
+def martingale(
+    config: Annotated[str, typer.Argument(help="Experiment TOML (configs/experiments/coin.toml, die.toml, ...).")],
+    n: Annotated[str, typer.Option("--n", metavar="N[,N...]", help="Numbers of in-context examples to test at.")]
+    = "0,1,2,4,8,16",
+    sequences: Annotated[Optional[int], typer.Option(help="Sequences per theta (default: the TOML's).")] = None,
+    paths: Annotated[int, typer.Option(min=2, help="Continuations sampled from the model per state.")] = 32,
+    horizon: Annotated[int, typer.Option(min=1, help="Examples sampled per continuation.")] = 1,
+    bootstrap: opt.Bootstrap = 2000,
+    alpha: Annotated[float, typer.Option(help="Significance level for the verdict column.")] = 0.05,
+    seed: opt.Seed = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 16,
+    model: opt.Model = None,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    device_map: opt.DeviceMap = None,
+    max_memory: opt.MaxMemory = None,
+    offload_folder: opt.OffloadFolder = None,
+    trust_remote_code: opt.TrustRemoteCode = False,
+    allow_pickle: opt.AllowPickle = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout instead of a table.")] = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Martingale test (Falck, Wang & Holmes): does sampling from the model's own predictive keep it unchanged?"""
+    from llmprobe.analysis.experiments import load_experiment
+    from llmprobe.analysis.martingale import model_martingale
+    from llmprobe.cli.views import martingale_table
+
+    exp = load_experiment(config)
+    ns = opt.parse_counts(n)
+    if not 0 < alpha < 1:
+        raise UsageError(f"must be between 0 and 1, got {alpha}", where="--alpha")
+    exp = exp.with_overrides(n_max=ns[-1] + horizon, sequences=sequences)
+    out = Output(quiet)
+    loaded = opt.model_options(model, device, dtype, device_map, max_memory, offload_folder, trust_remote_code,
+                               allow_pickle).load(log=out.log)
+    results = model_martingale(loaded, exp, ns, paths=paths, horizon=horizon, seed=seed, n_bootstrap=bootstrap,
+                               batch_size=batch_size, out=out)
+    if as_json:
+        out.data_text("".join(json.dumps({**asdict(r), "rejected": r.rejected(alpha)}) + "\n" for r in results))
+    else:
+        out.show(martingale_table(results, alpha, exp.name))

@@ -1,0 +1,117 @@
+"""Commands for in-context learning: ``experiment`` (prompts), ``fit-prior`` and ``fit-posterior`` (fits)."""
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from llmprobe.cli import options as opt
+from llmprobe.cli.output import Output
+from llmprobe.errors import UsageError
+
+
+def experiment(
+    config: Annotated[str, typer.Argument(help="Experiment definition (TOML), e.g. configs/experiments/coin.toml.")],
+    output: opt.output("JSONL file (default: stdout).") = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="Override the config's seed.")] = None,
+    n_max: Annotated[Optional[int], typer.Option(help="Override the number of examples per sequence.")] = None,
+    sequences: Annotated[Optional[int], typer.Option(help="Override the sequences per theta.")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="marks (one prompt, a mark per example), per-n, or both.")]
+    = None,
+    force: opt.Force = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Generate in-context-learning prompts (JSONL with marks, counts, targets) from a TOML experiment."""
+    from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
+    from llmprobe.files import atomic_file, check_new_output
+
+    to_file = output is not None and output != "-"
+    if to_file:
+        check_new_output(output, force)
+    records = generate(load_experiment(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout)
+    if to_file:
+        with atomic_file(output, "w") as stream:
+            count = write_jsonl(records, stream)
+    else:
+        count = write_jsonl(records, sys.stdout)
+    Output(quiet).log(f"wrote {count} prompts")
+
+
+def fit_prior(
+    trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace with targets (file, directory or -).")],
+    components: Annotated[str, typer.Option(help="Mixture components, or 'auto' to choose by BIC.")] = "1",
+    max_components: Annotated[int, typer.Option(help="Largest K tried with --components auto.")] = 5,
+    from_counts: Annotated[bool, typer.Option("--from-counts",
+                                              help="Fit a Dirichlet-multinomial to the examples' counts.")] = False,
+    n: Annotated[Optional[str], typer.Option("--n", metavar="N[,N...]",
+                                             help="Only marks after these numbers of examples.")] = None,
+    output: opt.output("Prior JSON for fit-posterior.") = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The prior JSON on stdout.")] = False,
+    seed: opt.Seed = 0,
+    force: opt.Force = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Fit a Dirichlet (or a K-component Dirichlet mixture) to a trace's category distributions."""
+    from llmprobe.analysis.fits import fit_prior as fit
+    from llmprobe.analysis.marks import category_marks
+    from llmprobe.cli.views import show_fit_prior
+    from llmprobe.files import check_new_output, write_atomic
+    from llmprobe.tracing.reader import open_trace
+
+    counts = opt.parse_counts(n) if n is not None else None
+    if output is not None:
+        check_new_output(output, force)
+    out = Output(quiet)
+    marks = category_marks(open_trace(trace_path))
+    result = fit(marks, components, max_components, from_counts, counts, seed)
+    show_fit_prior(result, marks.label, out)
+    document = json.dumps(result, indent=1) + "\n"
+    if output is not None:
+        write_atomic(output, document)
+    if as_json or output is None and not sys.stdout.isatty():
+        out.data_text(document)
+
+
+def fit_posterior(
+    traces: Annotated[list[str], typer.Argument(metavar="TRACE...", help="Traces of experiment prompts (or -).")],
+    prior: Annotated[str, typer.Option(
+        help="'fit' (the exact-Bayes prior fitted to the predictions), 'uniform', or a fit-prior JSON file.")] = "fit",
+    output: opt.output("Per-mark table, .parquet or .csv.") = None,
+    as_json: opt.Json = False,
+    bootstrap: opt.Bootstrap = 200,
+    seed: opt.Seed = 0,
+    force: opt.Force = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Compare a model's in-context predictions with the Bayesian posterior predictive, mark by mark."""
+    from llmprobe.analysis.fits import fit_posterior as fit, write_fit_table
+    from llmprobe.analysis.marks import category_marks
+    from llmprobe.cli.views import show_fit_posterior
+    from llmprobe.files import check_new_output
+    from llmprobe.tracing.reader import open_trace
+
+    if traces.count("-") > 1:
+        raise UsageError("standard input can be read only once", where="TRACE")
+    if output is not None:
+        check_new_output(output, force)
+    out = Output(quiet)
+    results = []
+    labels: set[str] = set()
+    for path in traces:
+        trace = open_trace(path)
+        label = _unique_label(trace.meta.get("model") or path, path, labels)
+        results.append(fit(category_marks(trace, label), prior, bootstrap, seed))
+    show_fit_posterior(results, out)
+    if output is not None:
+        write_fit_table(results, output, force)
+        out.log(f"wrote the per-mark table to {output}")
+    if as_json:
+        out.data_text(json.dumps([r.summary for r in results], indent=1) + "\n")
+
+
+def _unique_label(label: str, path: str, seen: set[str]) -> str:
+    """Two traces of one model (e.g. with and without --chat) keep distinct labels."""
+    label = str(label) if label not in seen else f"{label} ({path})"
+    seen.add(label)
+    return label

@@ -1,0 +1,72 @@
+"""Every command-line option that more than one command takes, declared once.
+
+One name per idea, everywhere: ``-o/--output`` and ``--force`` on every command that writes a file,
+``-q/--quiet`` on every command that reports progress, ``--json`` where a command has a summary,
+``--top-k``, ``--seed``, ``--bootstrap``, ``--n``, and the same model options (:data:`MODEL_OPTIONS`)
+on every command that loads a model. A command module uses these aliases as parameter annotations
+and so never spells an option's flags or help itself. This module is free of
+``from __future__ import annotations`` on purpose: typer reads the aliases at definition time.
+"""
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from llmprobe.errors import UsageError
+from llmprobe.model.loading import ModelOptions, parse_max_memory
+
+MODEL_PANEL = "Model"
+
+
+def output(help: str) -> Any:
+    """``-o/--output PATH`` with a command's own description of what is written."""
+    return Annotated[Optional[str], typer.Option("--output", "-o", help=help, metavar="PATH")]
+
+
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr.")]
+Json = Annotated[bool, typer.Option("--json", help="The summary as JSON on stdout instead of tables.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (0 or more).")]
+Bootstrap = Annotated[int, typer.Option("--bootstrap", min=1, metavar="B", help="Bootstrap resamples.")]
+TopK = Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="Candidates per position.")]
+Prompt = Annotated[Optional[str], typer.Option("--prompt", metavar="ID",
+                                               help="Prompt id (needed when the trace has several).")]
+Layer = Annotated[Optional[int], typer.Option("--layer", help="Layer of a per-layer trace (default: the last).")]
+
+# The model options, the same for every command that loads a model (trace, martingale).
+Model = Annotated[Optional[str], typer.Option(
+    "--model", "-m", rich_help_panel=MODEL_PANEL,
+    help="Model directory, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct).")]
+Device = Annotated[str, typer.Option("--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[str, typer.Option("--dtype", rich_help_panel=MODEL_PANEL,
+                                    help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.")]
+DeviceMap = Annotated[Optional[str], typer.Option("--device-map", rich_help_panel=MODEL_PANEL,
+                                                  help="'auto' hands placement to accelerate.")]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    "--max-memory", rich_help_panel=MODEL_PANEL,
+    help="With --device-map: per-device limits, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")]
+OffloadFolder = Annotated[Optional[str], typer.Option("--offload-folder", rich_help_panel=MODEL_PANEL,
+                                                      help="With --device-map: folder for weights offloaded to disk.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", rich_help_panel=MODEL_PANEL,
+                                               help="Allow the checkpoint's own Python code.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", rich_help_panel=MODEL_PANEL,
+                                           help="Allow pickle weights (.bin/.pt).")]
+
+
+def model_options(model: Optional[str], device: str, dtype: str, device_map: Optional[str],
+                  max_memory: Optional[str], offload_folder: Optional[str], trust_remote_code: bool,
+                  allow_pickle: bool) -> ModelOptions:
+    """The parsed model options (in the order a command declares them)."""
+    return ModelOptions(model, device, dtype, device_map, trust_remote_code, allow_pickle,
+                        parse_max_memory(max_memory) if max_memory else None, offload_folder)
+
+
+def parse_counts(spec: str, option: str = "--n") -> list[int]:
+    """``--n 0,2,8``: sorted distinct numbers of in-context examples."""
+    try:
+        ns = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise UsageError(f"expected comma-separated example counts, got {spec!r}", where=option) from None
+    if ns[0] < 0:
+        raise UsageError("example counts must be 0 or more", where=option)
+    return ns

@@ -1,0 +1,225 @@
+"""Terminal views: every table llmprobe shows people, one function per command.
+
+Views take results (a DataFrame, a fit summary, a dataclass) and render them with rich through
+:class:`~llmprobe.cli.output.Output`; they compute nothing. Token strings are never wrapped (their
+whitespace is the point).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+from rich.table import Table
+
+from llmprobe.analysis.continuity import ContinuityResult
+from llmprobe.analysis.fits import PosteriorResult
+from llmprobe.analysis.martingale import MartingaleResult
+from llmprobe.cli.output import Output
+from llmprobe.tracing.reader import visible
+
+MAX_CATEGORY_COLUMNS = 3  # per-category columns in the per-n table; wider sets show TV/KL only
+
+
+# ------------------------------------------------------------------------------------------ inspect, models
+def show_trace(frame: pd.DataFrame, top: int, as_json: bool, out: Output) -> None:
+    """``inspect``: one table per prompt (token, candidates, actual next token, entropy), or JSON lines."""
+    if as_json:
+        for row in frame.itertuples(index=False):
+            out.data_text(json.dumps(_row_json(row, top), ensure_ascii=False) + "\n")
+        return
+    meta = frame.attrs["llmprobe"]
+    for prompt_id, rows in frame.groupby("prompt_id", sort=False):
+        table = Table(title=f"{meta.get('model')} — prompt {prompt_id}", title_justify="left")
+        # token strings are never wrapped (their whitespace is the point); candidates go one per line
+        table.add_column("pos", justify="right")
+        table.add_column("token", no_wrap=True)
+        table.add_column(f"top-{top} candidates", no_wrap=True)
+        table.add_column("actual next", no_wrap=True)
+        for name in ("P(next)", "rank", "H (bits)"):
+            table.add_column(name, justify="right")
+        for row in rows.itertuples(index=False):
+            candidates = "\n".join(f"{visible(t)} {math.exp(lp):.3f}"
+                                   for t, lp in zip(row.topk_tokens[:top], row.topk_logprobs[:top]))
+            has_next = row.next_token is not None and not _isnan(row.next_logprob)
+            position = f"{row.position}*" if row.phase == "generated" else str(row.position)
+            table.add_row(
+                position, visible(row.token), candidates, visible(row.next_token),
+                _probability(math.exp(row.next_logprob)) if has_next else "",
+                str(int(row.next_rank)) if has_next else "",
+                f"{row.entropy / math.log(2):.2f}",
+            )
+        if (rows["phase"] == "generated").any():
+            table.caption = "* generated token"
+        out.show(table)
+
+
+def _probability(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _isnan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+
+def _row_json(row, top: int) -> dict:
+    has_next = not _isnan(row.next_logprob)
+    return {
+        "prompt_id": row.prompt_id,
+        "position": int(row.position),
+        "phase": row.phase,
+        "token": row.token,
+        "top": [{"token": t, "id": int(i), "prob": math.exp(float(lp))}
+                for t, i, lp in zip(row.topk_tokens[:top], row.topk_ids[:top], row.topk_logprobs[:top])],
+        "next_token": row.next_token if has_next else None,
+        "next_prob": math.exp(float(row.next_logprob)) if has_next else None,
+        "next_rank": int(row.next_rank) if has_next else None,
+        "entropy_bits": float(row.entropy) / math.log(2),
+    }
+
+
+def show_models(inventory: dict, as_json: bool, out: Output) -> None:
+    """``models``: the default model and the cached conversions (see :func:`llmprobe.model.loading.inventory`)."""
+    if as_json:
+        out.data_text(json.dumps(inventory, indent=1) + "\n")
+        return
+    default = inventory["default"]
+    out.log(f"default model: {default['name']} — "
+            + (f"GGUF at {default['gguf']}" if default["gguf"] else f"not installed ({default['install']})"))
+    table = Table(title=f"cached conversions in {inventory['cache_dir']}", title_justify="left")
+    for name in ("source", "size", "converted (UTC)", "path"):
+        table.add_column(name)
+    for entry in inventory["cached"]:
+        table.add_row(entry["source"], f"{entry['bytes'] / 2**20:.0f} MiB", entry["converted_utc"], entry["path"])
+    out.show(table)
+
+
+# ------------------------------------------------------------------------------------------ fits
+def show_fit_prior(result: dict, label: str, out: Output) -> None:
+    """``fit-prior``: the components, then the BIC table."""
+    mixture = result["mixture"]
+    table = Table(title=f"{label}: Dirichlet prior over {', '.join(result['categories'])} ({result['data']},"
+                        f" {result['n_rows']} rows)", title_justify="left")
+    table.add_column("component")
+    table.add_column("weight", justify="right")
+    table.add_column("α0 (strength)", justify="right")
+    table.add_column("mean", justify="left")
+    table.add_column("α", justify="left")
+    for j, (w, a0, mean, alpha) in enumerate(zip(mixture["weights"], mixture["concentrations"],
+                                                 mixture["means"], mixture["alphas"])):
+        table.add_row(str(j + 1), f"{w:.3f}", f"{a0:.3g}", _vector(mean), _vector(alpha))
+    out.show(table)
+    bic = Table(title="components by BIC (lower is better)", title_justify="left")
+    for name in ("K", "log-likelihood", "BIC"):
+        bic.add_column(name, justify="right")
+    for row in result["selection"]:
+        bic.add_row(str(row["n_components"]), f"{row['loglik']:.2f}", f"{row['bic']:.2f}")
+    out.show(bic)
+
+
+def show_fit_posterior(results: list[PosteriorResult], out: Output) -> None:
+    """``fit-posterior``: per trace the per-n table and the fitted filters; several traces side by side."""
+    for result in results:
+        out.show(_per_n_table(result))
+        out.show(_fit_table(result))
+    if len(results) > 1:
+        out.show(_comparison_table(results))
+
+
+def _vector(values) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+
+
+def _per_n_table(result: PosteriorResult) -> Table:
+    by_n = result.by_n
+    show_categories = result.categories if len(result.categories) <= MAX_CATEGORY_COLUMNS else []
+    table = Table(title=f"{result.label}: model vs Bayes posterior predictive by number of examples",
+                  title_justify="left")
+    for name in ("layout", "n", "marks", *[f"P({c}) model" for c in show_categories],
+                 *[f"P({c}) Bayes" for c in show_categories], "TV", "KL bits", "mass"):
+        table.add_column(name, justify="left" if name == "layout" else "right")
+    for (layout, n), group in by_n.groupby(["layout", "n"], dropna=False, sort=True):
+        per_cat = group.set_index("category")
+        first = group.iloc[0]
+        table.add_row(
+            str(layout), str(int(n)), str(int(first["marks"])),
+            *[f"{per_cat.loc[c, 'model_prob']:.3f}" for c in show_categories],
+            *[f"{per_cat.loc[c, 'bayes_prob']:.3f}" for c in show_categories],
+            f"{first['tv']:.3f}", f"{first['kl_bits']:.4f}", f"{first['mass']:.3f}",
+        )
+    return table
+
+
+def _fit_table(result: PosteriorResult) -> Table:
+    s = result.summary
+    table = Table(title=f"{result.label}: the Bayesian model that best explains the predictions",
+                  title_justify="left")
+    for name in ("model", "prior mean", "α0", "γ", "KL(model‖filter) bits"):
+        table.add_column(name, justify="right" if name != "model" else "left")
+    for name, fit in (("exact Bayes (γ = 1)", s["exact_bayes"]), ("forgetting filter", s["forgetting"])):
+        table.add_row(name, _vector(fit["prior_mean"]), f"{fit['alpha0']:.3g}", f"{fit['gamma']:.3f}",
+                      f"{fit['mean_kl_bits_model_to_filter']:.4f}")
+    low, high = s["gamma_ci"]
+    table.caption = (f"γ {int(s['gamma_ci_level'] * 100)}% bootstrap CI [{low:.3f}, {high:.3f}] over"
+                     f" {s['n_sequences']} sequences ({s['n_bootstrap']} resamples): exact Bayes "
+                     + ("REJECTED" if s["exact_bayes_rejected"] else "not rejected")
+                     + ("" if s["gamma_identifiable"] else " (but the predictions do not respond to the"
+                        " examples: α0 → ∞, so γ is not identifiable)")
+                     + f". Overall vs the {s['prior']['kind']} prior: mean KL(Bayes‖model) {s['mean_kl_bits']:.4f}"
+                     f" bits, mean TV {s['mean_tv']:.4f}, mean mass on the categories {s['mean_mass']:.3f}.")
+    return table
+
+
+def _comparison_table(results: list[PosteriorResult]) -> Table:
+    table = Table(title="side by side", title_justify="left")
+    table.add_column("n", justify="right")
+    for r in results:
+        table.add_column(f"{r.label}\nKL bits", justify="right")
+        table.add_column("TV", justify="right")
+    per_trace = [r.by_n.drop_duplicates(["layout", "n"]).groupby("n")[["kl_bits", "tv"]].mean() for r in results]
+    for n in sorted(set().union(*[set(p.index) for p in per_trace])):
+        cells = []
+        for p in per_trace:
+            cells += [f"{p.loc[n, 'kl_bits']:.4f}", f"{p.loc[n, 'tv']:.3f}"] if n in p.index else ["", ""]
+        table.add_row(str(int(n)), *cells)
+    table.add_row("α0", *[c for r in results for c in (f"{r.summary['exact_bayes']['alpha0']:.3g}", "")])
+    table.add_row("γ", *[c for r in results for c in (f"{r.summary['forgetting']['gamma']:.3f}", "")])
+    return table
+
+
+# ------------------------------------------------------------------------------------------ analyses
+def continuity_table(result: ContinuityResult) -> Table:
+    table = Table(title=f"continuity over {result.over}: {result.points} points, {result.pairs} pairs",
+                  show_header=True)
+    table.add_column("measure")
+    table.add_column("TV", justify="right")
+    table.add_column("Hellinger", justify="right")
+    table.add_row("Spearman ρ (embedding distance vs distribution distance)",
+                  f"{result.spearman_tv:.3f} (p={result.spearman_tv_p:.2g})",
+                  f"{result.spearman_hellinger:.3f} (p={result.spearman_hellinger_p:.2g})")
+    table.add_row(f"Lipschitz, q{result.quantile:g} of distance ratio", f"{result.lipschitz_tv:.4f}",
+                  f"{result.lipschitz_hellinger:.4f}")
+    table.add_row("Lipschitz, max ratio", f"{result.lipschitz_tv_max:.4f}", f"{result.lipschitz_hellinger_max:.4f}")
+    if result.tv_bound is not None:
+        table.add_row("analytic TV bound max‖w_i‖/2", f"{result.tv_bound:.4f}", "")
+    for kind in result.by_kind:
+        table.add_row(f"median over {kind.pairs} {kind.kind} pairs: distance {kind.embedding_distance_median:.3f}",
+                      f"{kind.tv_median:.3f}", f"{kind.hellinger_median:.3f}")
+    if result.identical_embeddings:
+        table.add_row("pairs with identical embeddings (left out of ratios)", str(result.identical_embeddings), "")
+    return table
+
+
+def martingale_table(results: list[MartingaleResult], alpha: float, name: str) -> Table:
+    first = results[0]
+    table = Table(title=f"martingale test, {name}: {first.states} states per n, {first.paths} paths of"
+                        f" {first.horizon} examples")
+    for column in ("n", "mean TV |E p_n+m − p_n|", "statistic", "p-value", f"reject at {alpha:g}", "P(categories)"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(str(r.n), f"{r.mean_tv_deviation:.4f}", f"{r.statistic:.3g}", f"{r.p_value:.3g}",
+                      "yes" if r.rejected(alpha) else "no",
+                      "" if r.mean_category_mass is None else f"{r.mean_category_mass:.3f}")
+    return table

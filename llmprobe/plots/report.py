@@ -1,0 +1,254 @@
+"""``llmprobe report``: one self-contained HTML file with a run's metadata, figures and summary tables.
+
+Everything the page shows is inside the file: figures are ``data:`` URIs (PNG or SVG), the style
+sheet is inline, and there are no scripts, fonts or links to fetch, so it opens offline in any
+browser and can be mailed around. Text from traces is escaped with :func:`html.escape`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from llmprobe import __version__
+from llmprobe.errors import UsageError
+from llmprobe.files import check_new_output, write_atomic
+from llmprobe.plots.common import data_uri
+from llmprobe.plots.icl import MARK_KEY, FitTable, IclSummary, flatten_summary, open_fit, plot_icl, summarize
+from llmprobe.analysis.priors import Prior, read_prior
+from llmprobe.plots.prior import plot_prior
+from llmprobe.plots.tokens import plot_tokens, select_layer, token_grid
+from llmprobe.tracing.reader import read_trace
+from llmprobe.tracing.schema import PHASE_GENERATED
+
+LN2 = math.log(2.0)
+REPORT_IMAGE_FORMATS = ("png", "svg")
+MAX_TABLE_ROWS = 200
+REPORT_DPI = 110  # the page stays a few MB; figures are still sharp at page width
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
+       padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; } code, pre { font-size: 0.85em; }
+pre { white-space: pre-wrap; word-break: break-all; margin: 0; }
+"""
+
+
+def classify_inputs(paths: Iterable[str]) -> tuple[str | None, str | None]:
+    """Sort the optional inputs into (FIT, PRIOR): a JSON document is a prior, anything else a fit table."""
+    fit = prior = None
+    for path in paths:
+        is_json = path.lower().endswith(".json") or (Path(path).is_file() and _starts_like_json(Path(path)))
+        if is_json:
+            if prior is not None:
+                raise UsageError(f"two prior files ({prior} and {path}); give at most one", where=path)
+            prior = path
+        else:
+            if fit is not None:
+                raise UsageError(f"two fit tables ({fit} and {path}); give at most one", where=path)
+            fit = path
+    return fit, prior
+
+
+def _starts_like_json(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(64).lstrip()[:1] in (b"{", b"[")
+
+
+def prompt_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per prompt: positions, marks, mean entropy and surprisal (bits), top-1 accuracy, text excerpt.
+
+    Surprisal and accuracy are over teacher-forced prompt positions that have a next token, so they
+    measure how well the model predicted the given text, not its own generations.
+    """
+    rows = []
+    for prompt_id, group in frame.groupby("prompt_id", sort=False):
+        prompt = group[group["phase"] != PHASE_GENERATED]
+        generated = group[group["phase"] == PHASE_GENERATED]
+        given = prompt["position"] < prompt["position"].max() if len(generated) else True  # next token is text
+        scored = prompt[given & prompt["next_logprob"].notna()]
+        rows.append({
+            "prompt": str(prompt_id),
+            "positions": len(prompt),
+            "generated": len(generated),
+            "marks": int(group["mark_index"].notna().sum()) if "mark_index" in group.columns else 0,
+            "mean entropy (bits)": float(group["entropy"].mean() / LN2),
+            "mean surprisal (bits/token)": float(-scored["next_logprob"].mean() / LN2) if len(scored) else math.nan,
+            "top-1 accuracy": float((scored["next_rank"] == 1).mean()) if len(scored) else math.nan,
+            "text": "".join(prompt["token"]) + ("‖" + "".join(generated["token"]) if len(generated) else ""),
+        })
+    return pd.DataFrame(rows)
+
+
+def fit_group_summary(fit: FitTable, summary: IclSummary | None = None) -> pd.DataFrame:
+    """Per group of sequences (trace, θ): counts, and TV / KL averaged over all marks and at the largest n."""
+    summary = summarize(fit) if summary is None else summary
+    marks = fit.frame.drop_duplicates(MARK_KEY).merge(summary.members.drop(columns="layout"),
+                                                      on=["trace", "prompt_id", "sequence"])
+    rows = []
+    for group in summary.groups.itertuples():
+        mine = marks[marks["group"] == group.group]  # every mark weighs the same, whatever its n
+        last = mine[mine["n"] == mine["n"].max()]
+        rows.append({
+            "group": group.label,
+            "sequences": group.sequences,
+            "marks": len(mine),
+            "mean TV": float(mine["tv"].mean()),
+            "mean KL (bits)": float(mine["kl_bits"].mean()),
+            "largest n": int(last["n"].iloc[0]),
+            "TV at largest n": float(last["tv"].mean()),
+            "KL at largest n (bits)": float(last["kl_bits"].mean()),
+            "mean mass on categories": float(mine["mass"].mean()),
+        })
+    return pd.DataFrame(rows)
+
+
+def prior_components(prior: Prior) -> pd.DataFrame:
+    rows = []
+    for j, (weight, alpha) in enumerate(zip(prior.weights, prior.alphas)):
+        row: dict[str, Any] = {"component": j + 1, "weight": float(weight), "α₀": float(alpha.sum())}
+        for name, a, m in zip(prior.categories, alpha, alpha / alpha.sum()):
+            row[f"α {name}"] = float(a)
+            row[f"mean {name}"] = float(m)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return '<td class="num">–</td>'
+        return f'<td class="num">{value:.4g}</td>'
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f'<td class="num">{value}</td>'
+    if isinstance(value, (dict, list)):
+        return f"<td><pre>{escape(json.dumps(value, ensure_ascii=False, indent=1))}</pre></td>"
+    return f"<td>{escape(str(value))}</td>"
+
+
+def html_table(frame: pd.DataFrame, limit: int = MAX_TABLE_ROWS) -> str:
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>"
+                   for row in frame.head(limit).itertuples(index=False, name=None))
+    more = f"<p>… {len(frame) - limit} more rows not shown.</p>" if len(frame) > limit else ""
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
+
+
+def key_value_table(items: dict[str, Any]) -> str:
+    body = "".join(f"<tr><th>{escape(str(k))}</th>{_cell(v)}</tr>" for k, v in items.items())
+    return f"<table><tbody>{body}</tbody></table>"
+
+
+def _figure(uri: str, alt: str, caption: str) -> str:
+    return (f'<figure><img src="{escape(uri)}" alt="{escape(alt)}">'
+            f"<figcaption>{escape(caption)}</figcaption></figure>")
+
+
+def build_report(trace_source: str, extras: list[str], *, prompts: list[str] | None = None, max_prompts: int = 3,
+                 max_positions: int = 48, top: int = 10, image_format: str = "png", layer: int | None = None) -> str:
+    """The report's HTML. Token figures cover ``prompts`` (default: the first ``max_prompts``), each its
+    last ``max_positions`` positions."""
+    if image_format not in REPORT_IMAGE_FORMATS:
+        raise UsageError(f"expected one of {', '.join(REPORT_IMAGE_FORMATS)}", where="--image-format")
+    if max_prompts < 0:
+        raise UsageError("must be 0 or more", where="--max-prompts")
+    if max_positions < 1:
+        raise UsageError("must be 1 or more", where="--max-positions")
+    fit_path, prior_path = classify_inputs(extras)
+    frame = select_layer(read_trace(trace_source), layer)
+    fit = open_fit(fit_path) if fit_path else None
+    prior = read_prior(prior_path) if prior_path else None
+    meta = frame.attrs["llmprobe"]
+    model = str(meta.get("model", "unknown model"))
+    parts = [f"<h1>llmprobe report — {escape(model)}</h1>",
+             f"<p>Trace <code>{escape(trace_source)}</code>"
+             + (f", fit table <code>{escape(fit_path)}</code>" if fit_path else "")
+             + (f", prior <code>{escape(prior_path)}</code>" if prior_path else "")
+             + f". Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by llmprobe {escape(__version__)}.</p>",
+             "<h2>Run</h2>", key_value_table(meta)]
+    summary = prompt_summary(frame)
+    parts += ["<h2>Prompts</h2>",
+              "<p>Surprisal and top-1 accuracy are over the prompt's own tokens (teacher-forced); "
+              "‖ separates the prompt from generated text.</p>", html_table(summary)]
+    parts += _token_section(frame, trace_source, summary, prompts, max_prompts, max_positions, top, image_format)
+    if fit is not None:
+        parts += _fit_section(fit, image_format)
+    if prior is not None:
+        parts += _prior_section(prior, image_format)
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>llmprobe report — {escape(model)}</title>\n<style>{STYLE}</style>\n</head>\n"
+            f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def _token_section(frame: pd.DataFrame, source: str, summary: pd.DataFrame, prompts: list[str] | None,
+                   max_prompts: int, max_positions: int, top: int, image_format: str) -> list[str]:
+    unknown = [p for p in prompts or [] if p not in set(summary["prompt"])]
+    if unknown:
+        raise UsageError(f"no prompt with id {unknown[0]!r} in the trace", where="--prompt")
+    chosen = prompts or list(summary["prompt"].head(max_prompts))
+    parts = []
+    for prompt_id in chosen:
+        rows = frame[frame["prompt_id"] == prompt_id]
+        first = int(rows["position"].max()) + 1 - max_positions
+        positions = f"{first}:" if first > int(rows["position"].min()) else None
+        grid = token_grid(frame, source, prompt_id, positions, top)
+        shown = "all positions" if positions is None else f"its last {max_positions} positions"
+        parts.append(_figure(data_uri(plot_tokens(grid), image_format, REPORT_DPI),
+                             f"top-{top} candidates, prompt {prompt_id}",
+                             f"Prompt {prompt_id}, {shown}: top-{grid.probs.shape[1]} next-token candidates per "
+                             "position (red box: the actual next token), entropy and surprisal underneath."))
+    if len(summary) > len(chosen):
+        parts.append(f"<p>Figures for {len(chosen)} of {len(summary)} prompts; "
+                     f"<code>llmprobe plot TRACE --prompt ID</code> draws any other.</p>")
+    return parts
+
+
+def _fit_section(fit: FitTable, image_format: str) -> list[str]:
+    summary = summarize(fit)
+    parts = ["<h2>In-context learning against the Bayesian posterior predictive</h2>",
+             _figure(data_uri(plot_icl(summary, fit.summaries), image_format, REPORT_DPI), "in-context learning curves",
+                     "Mean over sequences (band: 10th–90th percentile) of the model's probability for each category, "
+                     "the Bayesian prediction and the true θ; distances, entropy and mass below."),
+             html_table(fit_group_summary(fit, summary))]
+    for fit_summary in fit.summaries:
+        parts += [f"<h3>Fit of {escape(str(fit_summary.get('trace', 'the trace')))}</h3>",
+                  key_value_table(flatten_summary(fit_summary))]
+    return parts
+
+
+def _prior_section(prior: Prior, image_format: str) -> list[str]:
+    parts = ["<h2>Fitted prior</h2>",
+             _figure(data_uri(plot_prior(prior), image_format, REPORT_DPI), "fitted prior",
+                     "The fitted prior over the categories' probabilities; component means marked."),
+             html_table(prior_components(prior))]
+    if prior.facts:
+        parts.append(key_value_table(prior.facts))
+    return parts
+
+
+def write_report(trace_source: str, extras: list[str], output: str | None, *, force: bool, **options: Any) -> Path:
+    """Build the page, then write it atomically; returns its path."""
+    if output is None:
+        if trace_source == "-":
+            raise UsageError("give an output file when the trace comes from stdin", where="-o")
+        output = str(Path(trace_source).with_suffix("")) + ".report.html"
+    path = Path(output)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise UsageError("the report is HTML; name it *.html", where=output)
+    check_new_output(path, force)
+    html = build_report(trace_source, extras, **options)
+    write_atomic(path, html.encode("utf-8"))
+    return path

@@ -1,0 +1,237 @@
+"""Crash-safe trace runs: committed part files and a manifest in a hidden work directory.
+
+A run that writes ``OUTPUT`` keeps its progress in ``.OUTPUT.parts/`` beside it:
+
+* ``manifest.jsonl`` — line 1 is the run header (the fingerprint that a resume must match, and the
+  trace metadata of the first run); every further line records one committed part and the prompt
+  indices it holds.
+* ``part-00000.parquet``, ... — one per batch of prompts, in processing order.
+
+Committing a batch: the part is written under a temporary name, fsync'd, renamed to its final name
+and the directory fsync'd; then its manifest line is appended and fsync'd. Only then is the batch
+reported done. A crash (SIGKILL, power loss) at any point leaves at most one uncommitted part — a
+temporary file, a part the manifest does not list, or a torn last manifest line — which
+:meth:`WorkDir.open` discards. The manifest is append-only, so a run of any length costs one short
+write per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmprobe.errors import UsageError
+from llmprobe.tracing.prompts import PromptRecord
+from llmprobe.files import fsync_dir
+
+MANIFEST = "manifest.jsonl"
+LOCK = "lock"
+PART_COMPRESSION = "zstd"
+# Trace-metadata keys whose values must not change between an interrupted run and its resume: a
+# trace records them once, so every row must come from the same model, numerics and settings.
+FINGERPRINT_KEYS = ("model", "weights_sha256", "model_revision", "dtype", "device", "device_map", "settings",
+                    "llmprobe_version", "torch_version", "transformers_version")
+
+
+def work_dir_for(output: str) -> Path:
+    path = Path(output)
+    return path.parent / f".{path.name}.parts"
+
+
+def prompts_digest(records: list[PromptRecord]) -> str:
+    """sha256 over what a trace is computed from (id, text, marks, extra fields), in input order."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps([r.id, r.text, r.marks, r.meta], sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def run_fingerprint(metadata: dict[str, Any], records: list[PromptRecord], fmt: str) -> dict[str, Any]:
+    return {**{k: metadata.get(k) for k in FINGERPRINT_KEYS}, "format": fmt, "n_prompts": len(records),
+            "prompts_sha256": prompts_digest(records)}
+
+
+@dataclass
+class _Part:
+    name: str
+    prompts: list[int]
+    rows: int
+
+
+class WorkDir:
+    """The work directory of one output; use :meth:`open`, which also takes the run's lock."""
+
+    def __init__(self, path: Path, header: dict[str, Any], parts: list[_Part], lock_fd: int) -> None:
+        self.path = path
+        self.header = header
+        self.parts = parts
+        self._lock_fd = lock_fd
+        self._manifest = open(path / MANIFEST, "ab")
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.header["metadata"]
+
+    def done_prompts(self) -> set[int]:
+        return {i for part in self.parts for i in part.prompts}
+
+    # ------------------------------------------------------------------------------ open / create
+    @classmethod
+    def open(cls, output: str, fingerprint: dict[str, Any], metadata: dict[str, Any]) -> "WorkDir":
+        """Continue the work directory of ``output``, or create it; refuse one from different settings."""
+        path = work_dir_for(output)
+        _remove_leftovers(path)
+        if not path.exists():
+            _create(path, {"fingerprint": fingerprint, "metadata": metadata})
+        lock_fd = _lock(path, output)
+        try:
+            header, parts = _read_manifest(path)
+            _check_fingerprint(header["fingerprint"], fingerprint, path)
+            _discard_uncommitted(path, parts)
+            return cls(path, header, parts, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    # ------------------------------------------------------------------------------ commit
+    def commit(self, batch: pa.RecordBatch, prompts: list[int]) -> None:
+        """Make one batch durable: part file first, then its manifest line (see the module docstring)."""
+        name = f"part-{len(self.parts):05d}.parquet"
+        temp = self.path / f".{name}.tmp"
+        with open(temp, "wb") as f:
+            pq.write_table(pa.Table.from_batches([batch]), f, compression=PART_COMPRESSION)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, self.path / name)
+        fsync_dir(self.path)
+        part = _Part(name, prompts, batch.num_rows)
+        self._manifest.write((json.dumps({"part": name, "prompts": prompts, "rows": part.rows}) + "\n").encode())
+        self._manifest.flush()
+        os.fsync(self._manifest.fileno())
+        self.parts.append(part)
+
+    def tables(self, schema: pa.Schema) -> Iterator[pa.Table]:
+        """The committed parts in processing order, one table each, checked against the manifest."""
+        for part in self.parts:
+            try:
+                table = pq.read_table(self.path / part.name).cast(schema)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise UsageError(f"committed part {part.name} is unreadable ({str(exc).splitlines()[0]}); rerun"
+                                 " with --force to start over", where=str(self.path)) from None
+            if table.num_rows != part.rows:
+                raise UsageError(f"{part.name} holds {table.num_rows} rows, the manifest says {part.rows};"
+                                 " rerun with --force to start over", where=str(self.path))
+            yield table
+
+    def close(self) -> None:
+        if not self._manifest.closed:
+            self._manifest.close()
+            os.close(self._lock_fd)
+
+    def remove(self) -> None:
+        """Delete the directory after a successful merge (renamed first, so it vanishes atomically)."""
+        self.close()
+        trash = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.done-", dir=self.path.parent))
+        os.replace(self.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def discard(output: str) -> None:
+    """Throw away the work directory of ``output`` (``--force`` over an interrupted run)."""
+    path = work_dir_for(output)
+    if path.exists():
+        lock_fd = _lock(path, output)
+        os.close(lock_fd)
+        shutil.rmtree(path)
+
+
+def _create(path: Path, header: dict[str, Any]) -> None:
+    """Create the directory with its header atomically, so no work directory ever lacks one."""
+    staging = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    with open(staging / MANIFEST, "wb") as f:
+        f.write((json.dumps(header) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.rename(staging, path)
+    except OSError:  # another run created it meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+        if not path.exists():
+            raise
+    fsync_dir(path.parent)
+
+
+def _lock(path: Path, output: str) -> int:
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no advisory locks on this platform
+        pass
+    except OSError:
+        os.close(fd)
+        raise UsageError(f"another llmprobe trace is writing it (lock held on {path})", where=output) from None
+    return fd
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any], list[_Part]]:
+    data = (path / MANIFEST).read_bytes()
+    lines = data.split(b"\n")
+    complete, torn = lines[:-1], lines[-1]  # a crash mid-append leaves a last line without its newline
+    if torn:
+        with open(path / MANIFEST, "r+b") as f:
+            f.truncate(len(data) - len(torn))
+            f.flush()
+            os.fsync(f.fileno())
+    try:
+        header = json.loads(complete[0])
+        parts = [_Part(entry["part"], entry["prompts"], entry["rows"]) for entry in map(json.loads, complete[1:])]
+        if not isinstance(header, dict) or not {"fingerprint", "metadata"} <= header.keys():
+            raise ValueError("no header")
+    except (IndexError, KeyError, ValueError, TypeError):
+        raise UsageError("the work directory's manifest is damaged; rerun with --force to start over",
+                         where=str(path)) from None
+    missing = [p.name for p in parts if not (path / p.name).is_file()]
+    if missing:
+        raise UsageError(f"committed part {missing[0]} is missing; rerun with --force to start over",
+                         where=str(path))
+    return header, parts
+
+
+def _check_fingerprint(then: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    now = json.loads(json.dumps(now))  # compare as stored: JSON has no tuples or non-string keys
+    for key in sorted(set(then) | set(now)):
+        a, b = then.get(key), now.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+        what = "the prompts differ" if key == "prompts_sha256" else f"{key} was {a!r}, now {b!r}"
+        raise UsageError(f"cannot resume: {what} (the interrupted run's work is in {path});"
+                         " rerun with the same prompts and options, or pass --force to start over", where="--resume")
+
+
+def _discard_uncommitted(path: Path, parts: list[_Part]) -> None:
+    keep = {MANIFEST, LOCK, *(p.name for p in parts)}
+    for entry in path.iterdir():
+        if entry.name not in keep:
+            entry.unlink()
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Directories a crash left while being created or deleted."""
+    for pattern in (f"{path.name}.tmp-*", f"{path.name}.done-*"):
+        for stale in path.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,265 @@
+"""``llmprobe trace --engine ray``: the same trace, computed by a pool of Ray actors.
+
+Ray Data does the scheduling: the validated prompts become a dataset, ``map_batches`` sends blocks
+of prompts to an actor pool whose members each load the model once (with the CPUs/GPUs asked for)
+and run the ordinary :class:`~llmprobe.tracing.engine.Tracer`, and ``write_parquet`` writes the Arrow
+tables they return as part files. Each table carries the local engine's schema and key-value
+metadata, so a trace directory reads exactly like a local trace file (``open_trace`` accepts both).
+
+Before any cluster work the driver checks everything it can without weights: options, the model
+source, settings and every prompt, against a weightless skeleton of the model. The directory is
+written beside the target under a hidden name and renamed into place only when complete.
+
+Ray is an optional dependency, imported only here and only when this engine is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmprobe.tracing.engine import SORT_WINDOW_BATCHES, TraceSettings, Tracer
+from llmprobe.errors import UsageError
+from llmprobe.files import atomic_dir, check_new_output
+from llmprobe.model.loading import ModelOptions
+from llmprobe.progress import Reporter
+from llmprobe.tracing.prompts import PromptRecord
+from llmprobe.tracing.schema import META_KEY, check_finite, encode_metadata
+
+INSTALL_HINT = "pip install 'llmprobe[ray]'"
+# Worker processes may start without the driver's environment (always so on other nodes).
+PASSED_ENV = ("LLMPROBE_CACHE", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+TASKS_PER_ACTOR = 4  # blocks per actor when sizing tasks automatically, so actors finish close together
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray on this machine
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    prompts_per_task: int | None = None  # prompts per actor call (and roughly per part file)
+
+    def validate(self) -> None:
+        if self.actors < 1:
+            raise UsageError(f"must be 1 or more, got {self.actors}", where="--ray-actors")
+        if not self.cpus_per_actor > 0:
+            raise UsageError(f"must be more than 0, got {self.cpus_per_actor}", where="--ray-cpus-per-actor")
+        if self.gpus_per_actor < 0:
+            raise UsageError(f"must be 0 or more, got {self.gpus_per_actor}", where="--ray-gpus-per-actor")
+        if self.prompts_per_task is not None and self.prompts_per_task < 1:
+            raise UsageError(f"must be 1 or more, got {self.prompts_per_task}", where="--ray-prompts-per-task")
+
+    def task_size(self, n_prompts: int, batch_size: int) -> int:
+        """Enough prompts per call to fill length-sorted batches, few enough that every actor gets work."""
+        if self.prompts_per_task is not None:
+            return self.prompts_per_task
+        spread = math.ceil(n_prompts / (self.actors * TASKS_PER_ACTOR))
+        return min(batch_size * SORT_WINDOW_BATCHES, max(batch_size, spread))
+
+
+def ray_options_for(engine: str, address: str | None, actors: int | None, cpus_per_actor: float | None,
+                    gpus_per_actor: float | None, prompts_per_task: int | None) -> RayOptions | None:
+    """The ``--ray-*`` options as RayOptions for ``--engine ray``, None for the local engine."""
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown engine {engine!r} (expected local or ray)", where="--engine")
+    given = {"--ray-address": address, "--ray-actors": actors, "--ray-cpus-per-actor": cpus_per_actor,
+             "--ray-gpus-per-actor": gpus_per_actor, "--ray-prompts-per-task": prompts_per_task}
+    if engine == "local":
+        stray = next((flag for flag, value in given.items() if value is not None), None)
+        if stray:
+            raise UsageError("only applies with --engine ray", where=stray)
+        return None
+    defaults = RayOptions()
+    return RayOptions(address=address, actors=defaults.actors if actors is None else actors,
+                      cpus_per_actor=defaults.cpus_per_actor if cpus_per_actor is None else cpus_per_actor,
+                      gpus_per_actor=defaults.gpus_per_actor if gpus_per_actor is None else gpus_per_actor,
+                      prompts_per_task=prompts_per_task)
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the Data library is the part of the extra that is needed)
+    except ImportError:
+        raise UsageError(f"the ray engine needs Ray Data, which is not installed; install it with: {INSTALL_HINT}",
+                         where="--engine") from None
+    return ray
+
+
+class TraceActor:
+    """One per Ray actor: loads the model once, then traces each block of prompts it is handed."""
+
+    def __init__(self, model_options: ModelOptions, settings: TraceSettings, run_meta: dict[str, Any]) -> None:
+        self.tracer = Tracer(model_options.load(), settings)
+        meta = {**self.tracer.metadata(), **run_meta}
+        self.schema = self.tracer.schema.with_metadata(encode_metadata(meta, self.tracer.vocab))
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        records = [PromptRecord(**json.loads(text)) for text in block.column("record").to_pylist()]
+        by_index = {r.index: r for r in records}
+        batches = list(self.tracer.trace(records))
+        for batch in batches:
+            check_finite(batch, by_index)
+        return pa.Table.from_batches(batches, schema=self.schema)
+
+
+def run_trace_ray(records: list[PromptRecord], output: str, fmt: str, force: bool, settings: TraceSettings,
+                  model_options: ModelOptions, ray_options: RayOptions, run_meta: dict[str, Any], out: Reporter) -> None:
+    from llmprobe.model.loading import check_placement
+
+    ray_options.validate()
+    check_placement(model_options.device_map, model_options.max_memory, model_options.offload_folder)
+    target = check_output_dir(output, fmt, force)
+    ray = import_ray()
+    check_with_skeleton(records, settings, model_options, out)
+    local = ray_options.address is None and not os.environ.get("RAY_ADDRESS")
+    with _ray_prints_off_stdout(out.quiet):
+        _run_on_ray(ray, records, target, settings, model_options, ray_options, run_meta, local, out)
+
+
+@contextlib.contextmanager
+def _ray_prints_off_stdout(quiet: bool):
+    """Ray prints its workers' errors to stdout, which carries data: send them to stderr (nowhere with -q)."""
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(os.devnull, "w")) if quiet else sys.stderr
+        stack.enter_context(contextlib.redirect_stdout(sink))
+        yield
+
+
+def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceSettings, model_options: ModelOptions,
+                ray_options: RayOptions, run_meta: dict[str, Any], local: bool, out: Reporter) -> None:
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not out.quiet,
+                 logging_level="WARNING")
+    try:
+        if local:
+            check_local_resources(ray.cluster_resources(), ray_options)
+        _tame_ray_data_logs(out.quiet)
+        per_task = ray_options.task_size(len(records), settings.batch_prompts)
+        items = [{"prompt_index": r.index, "record": json.dumps(asdict(r), ensure_ascii=False)} for r in records]
+        dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(records) / per_task))
+        traced = dataset.map_batches(
+            TraceActor,
+            fn_constructor_args=(model_options, settings, {**run_meta, "engine": "ray", "ray_version": ray.__version__,
+                                                           "ray_actors": ray_options.actors}),
+            batch_size=per_task,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
+            num_cpus=ray_options.cpus_per_actor,
+            num_gpus=ray_options.gpus_per_actor,
+            runtime_env={"env_vars": worker_env()},
+        )
+        out.log(f"tracing {len(records)} prompts on Ray ({ray_options.actors} actor(s), {per_task} prompts per task)")
+        with atomic_dir(target) as staging:
+            try:
+                traced.write_parquet(str(staging))
+            except Exception as exc:  # Ray wraps what the actors raised in its own exception types
+                cause = usage_error_in(exc)
+                if cause is None:
+                    raise
+                raise cause from None
+            rows, parts = check_parts(staging)
+        out.log(f"wrote {rows} rows for {len(records)} prompts to {target}/ ({parts} part file(s))")
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def check_output_dir(output: str, fmt: str, force: bool) -> Path:
+    if fmt != "parquet":
+        raise UsageError("the ray engine writes Parquet part files only", where="--format")
+    if output == "-":
+        raise UsageError("the ray engine writes a directory of Parquet part files, not a stream; pass -o DIR",
+                         where="-o")
+    return check_new_output(output, force, directory=True)
+
+
+def check_with_skeleton(records: list[PromptRecord], settings: TraceSettings, model_options: ModelOptions,
+                        out: Reporter) -> None:
+    """Fail on the driver, in seconds, for anything that would otherwise fail inside every actor."""
+    tracer = Tracer(model_options.skeleton(log=out.log), settings)
+    for record in records:
+        tracer.encode(record)
+
+
+def check_local_resources(resources: dict[str, float], options: RayOptions) -> None:
+    """A local Ray never grows, so an actor pool it cannot hold would wait forever."""
+    for name, per_actor, flag in (("CPU", options.cpus_per_actor, "--ray-cpus-per-actor"),
+                                  ("GPU", options.gpus_per_actor, "--ray-gpus-per-actor")):
+        need, have = options.actors * per_actor, resources.get(name, 0.0)
+        if need > have:
+            raise UsageError(f"{options.actors} actor(s) need {need:g} {name}(s) but the local Ray has {have:g};"
+                             f" lower --ray-actors or {flag}, or pass --ray-address", where=flag)
+
+
+def worker_env() -> dict[str, str]:
+    env = {name: os.environ[name] for name in PASSED_ENV if os.environ.get(name)}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def usage_error_in(exc: BaseException) -> UsageError | None:
+    """The user error an actor raised, found in Ray's wrapping (chained, or only in the message text)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UsageError):
+            return UsageError(str(current))
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    found = re.findall(r"llmprobe\.errors\.UsageError: (.+)", str(exc))
+    return UsageError(found[-1].strip()) if found else None
+
+
+def check_parts(directory: Path) -> tuple[int, int]:
+    """Rows and part files written; every part must carry the trace metadata readers rely on."""
+    parts = sorted(directory.rglob("*.parquet"))
+    if not parts:
+        raise RuntimeError(f"Ray wrote no part files to {directory}")
+    rows = 0
+    for part in parts:
+        footer = pq.ParquetFile(part)
+        if META_KEY not in (footer.schema_arrow.metadata or {}):
+            raise RuntimeError(f"Ray dropped the trace metadata from {part}")
+        rows += footer.metadata.num_rows
+    return rows, len(parts)
+
+
+class _RayDataConsole(logging.Filter):
+    """Ray Data logs progress (INFO) and every failure with its stack (ERROR) to stderr. A failure also
+    reaches the driver as an exception, reported once (a user error as one line), so its console copy
+    is dropped; Ray's log file in the session directory keeps everything. With -q nothing passes."""
+
+    quiet = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.quiet and record.levelno < logging.ERROR
+
+
+_RAY_DATA_CONSOLE = _RayDataConsole()
+
+
+def _tame_ray_data_logs(quiet: bool) -> None:
+    from ray.data import DataContext
+
+    _RAY_DATA_CONSOLE.quiet = quiet
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and _RAY_DATA_CONSOLE not in handler.filters:
+            handler.addFilter(_RAY_DATA_CONSOLE)
+    DataContext.get_current().enable_progress_bars = not quiet

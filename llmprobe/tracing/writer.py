@@ -1,0 +1,113 @@
+"""Writing traces: streaming, atomic Parquet files, or JSONL/CSV rows on stdout for pipelines.
+
+A Parquet trace is written one row group per record batch through :func:`llmprobe.files.atomic_file`,
+so memory does not grow with the number of prompts and an error or Ctrl-C never leaves a truncated
+trace. An existing file is never replaced without ``force``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmprobe.errors import UsageError
+from llmprobe.files import atomic_file, check_new_output
+from llmprobe.tracing.schema import encode_metadata
+
+OUTPUT_FORMATS = ("parquet", "jsonl", "csv")
+JSON_COLUMNS = ("mark", "meta")  # string columns holding JSON objects
+PARQUET_COMPRESSION = "zstd"
+
+
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """zstd, and no dictionary for float columns: log-probabilities rarely repeat, so a dictionary
+    only costs space (benchmarks/bench_size.py: about 110 -> 80 bytes per row at k=20)."""
+    def is_float(t: pa.DataType) -> bool:
+        return pa.types.is_floating(t.value_type if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) else t)
+
+    return {"compression": PARQUET_COMPRESSION, "use_dictionary": [f.name for f in schema if not is_float(f.type)]}
+
+
+class Sink(Protocol):
+    def write(self, batch: pa.RecordBatch) -> None: ...
+
+
+def check_output(output: str, fmt: str, force: bool) -> None:
+    """Fail before any work when the output cannot be written."""
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown format {fmt!r} (expected {', '.join(OUTPUT_FORMATS)})", where="--format")
+    if output == "-":
+        if fmt == "parquet" and sys.stdout.isatty():
+            raise UsageError("refusing to write binary Parquet to a terminal; use --format jsonl or redirect",
+                             where="-o")
+        return
+    check_new_output(output, force)
+
+
+@contextmanager
+def open_trace_sink(output: str, fmt: str, schema: pa.Schema, metadata: dict[str, Any],
+                    vocab: list[str] | None) -> Iterator[Sink]:
+    """A sink for record batches; the file appears at ``output`` only if the block completes."""
+    schema = schema.with_metadata(encode_metadata(metadata, vocab))
+    if output == "-":
+        stream = sys.stdout.buffer
+        with _make_sink(stream, fmt, schema) as sink:
+            yield sink
+        stream.flush()
+        return
+    with atomic_file(output) as stream, _make_sink(stream, fmt, schema) as sink:
+        yield sink
+
+
+@contextmanager
+def _make_sink(stream, fmt: str, schema: pa.Schema) -> Iterator[Sink]:
+    if fmt == "parquet":
+        writer = pq.ParquetWriter(stream, schema, **parquet_options(schema))
+        try:
+            yield writer
+        finally:
+            writer.close()
+    elif fmt == "jsonl":
+        yield _JsonlSink(stream)
+    else:
+        yield _CsvSink(stream, schema)
+
+
+class _JsonlSink:
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        lines = [json.dumps(row_to_json(row), ensure_ascii=False) for row in batch.to_pylist()]
+        self.stream.write(("\n".join(lines) + "\n").encode())
+
+
+class _CsvSink:
+    """CSV cannot hold lists, so list columns are written as JSON text."""
+
+    def __init__(self, stream, schema: pa.Schema) -> None:
+        self.stream = stream
+        self._emit([schema.names])
+
+    def _emit(self, rows: list[list[Any]]) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(rows)
+        self.stream.write(buffer.getvalue().encode())
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._emit([[json.dumps(v) if isinstance(v, list) else v for v in row.values()] for row in batch.to_pylist()])
+
+
+def row_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A trace row as a JSON object, with the JSON-string columns expanded into objects."""
+    for name in JSON_COLUMNS:
+        if row.get(name) is not None:
+            row[name] = json.loads(row[name])
+    return row

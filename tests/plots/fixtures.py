@@ -1,0 +1,105 @@
+"""Builders shared by the figure and report tests: traces, fit tables and priors with known content."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmprobe.plots.icl import FIT_COLUMNS
+from llmprobe.tracing.engine import Tracer, TraceSettings
+from llmprobe.tracing.prompts import PromptRecord, read_prompts
+from llmprobe.tracing.writer import open_trace_sink
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+TEXTS = ["The capital of France is", "I just flipped a coin, and it came up heads, then"]
+
+
+def write_trace(loaded, path: Path, records: list[PromptRecord], top_k: int = 8, targets=(),
+                max_new_tokens: int = 0) -> Path:
+    """A trace file exactly as ``llmprobe trace`` writes it (Tracer -> atomic Parquet sink)."""
+    tracer = Tracer(loaded, TraceSettings(top_k=top_k, targets=list(targets), max_new_tokens=max_new_tokens))
+    for record in records:
+        tracer.encode(record)
+    with open_trace_sink(str(path), "parquet", tracer.schema, {**tracer.metadata(), "command": "test"},
+                         tracer.vocab) as sink:
+        for batch in tracer.trace(records):
+            sink.write(batch)
+    return path
+
+
+def text_records(texts=TEXTS) -> list[PromptRecord]:
+    return [PromptRecord(index=i, id=f"p{i}", text=t, line=i + 1) for i, t in enumerate(texts)]
+
+
+def experiment_records(tmp_path: Path, n_max: int = 4, sequences: int = 1) -> list[PromptRecord]:
+    from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
+
+    experiment = load_experiment(Path(__file__).resolve().parents[2] / "configs/experiments/coin.toml")
+    path = tmp_path / "coin.jsonl"
+    with path.open("w") as handle:
+        write_jsonl(generate(experiment, seed=3, n_max=n_max, sequences=sequences, layout=None), handle)
+    return read_prompts(str(path), "auto")
+
+
+def synthetic_fit(thetas, sequences=3, n_max=6, categories=("heads", "tails"), trace="synthetic",
+                  seed=0) -> pd.DataFrame:
+    """A fit-posterior table in the documented long format, from a uniform-prior Bayes learner plus noise."""
+    rng = np.random.default_rng(seed)
+    k = len(categories)
+    alpha = np.ones(k)
+    rows, seq = [], 0
+    for theta in thetas:
+        for _ in range(sequences):
+            outcomes = rng.choice(k, size=n_max, p=theta)
+            counts = np.zeros(k)
+            for n in range(n_max + 1):
+                bayes = (alpha + counts) / (alpha.sum() + n)
+                model = bayes * np.exp(rng.normal(0, 0.3, k))
+                model /= model.sum()
+                per_mark = {
+                    "mass": rng.uniform(0.6, 0.95),
+                    "tv": 0.5 * np.abs(model - bayes).sum(),
+                    "kl_bits": float((bayes * np.log2(bayes / model)).sum()),
+                    "entropy_model_bits": float(-(model * np.log2(model)).sum()),
+                    "entropy_bayes_bits": float(-(bayes * np.log2(bayes)).sum()),
+                }
+                for c in range(k):
+                    rows.append({"trace": trace, "prompt_id": f"coin-s{seq:04d}", "sequence": seq, "n": n,
+                                 "category": categories[c], "count": int(counts[c]), "theta": float(theta[c]),
+                                 "model_prob": model[c], "bayes_prob": bayes[c], **per_mark})
+                if n < n_max:
+                    counts[outcomes[n]] += 1
+            seq += 1
+    return pd.DataFrame(rows, columns=list(FIT_COLUMNS))
+
+
+def write_fit(frame: pd.DataFrame, path: Path, summaries=None) -> Path:
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+        return path
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if summaries is not None:
+        table = table.replace_schema_metadata({b"llmprobe.fit": json.dumps(summaries).encode()})
+    pq.write_table(table, path)
+    return path
+
+
+def mixture_prior_json(path: Path, weights, alphas, categories) -> Path:
+    """A prior in the layout ``llmprobe fit-prior`` writes (format, trace, categories, mixture)."""
+    from llmprobe.bayes import MixtureFit
+
+    fit = MixtureFit(np.asarray(weights, float), np.asarray(alphas, float), -1.0, 10.0, 3, True)
+    path.write_text(json.dumps({"format": "llmprobe.prior/1", "trace": "synthetic", "categories": list(categories),
+                                "mixture": fit.to_dict()}))
+    return path
+
+
+THETAS = [[0.2, 0.8], [0.7, 0.3]]
