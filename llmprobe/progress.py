@@ -36,3 +36,8 @@ class Silent:
 
 
 SILENT = Silent()
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 prompt``, ``2 prompts``: counts in messages read as English."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,15 @@ class Prior:
 
 def read_prior(source: str) -> Prior:
     """Read a fit-prior JSON file; any problem is a one-line :class:`UsageError` naming the file."""
-    path = Path(source)
-    if not path.is_file():
-        raise UsageError("no such file" if not path.exists() else "not a file", where=source)
+    if source == "-":
+        raw, source = sys.stdin.buffer.read(), "<stdin>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError("no such file" if not path.exists() else "not a file", where=source)
+        raw = path.read_bytes()
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"not JSON ({exc})", where=source) from None
     found = _find_fit(document)

@@ -2,7 +2,7 @@
 
 import json
 from dataclasses import asdict
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -12,8 +12,9 @@ from llmprobe.errors import UsageError
 
 
 def continuity(
-    trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace written with --save-embeddings.")],
-    over: Annotated[str, typer.Option(
+    trace_path: Annotated[str, typer.Argument(metavar="TRACE",
+                                              help="Trace written with --save-embeddings, or - for stdin.")],
+    over: Annotated[Literal["topk", "targets"], typer.Option(
         help="topk: union of top-k sets + remainder; targets: whole target strings + remainder (exact).")] = "topk",
     output: opt.output("Scatter plot (.png, .svg, .pdf).") = None,
     as_json: opt.Json = False,
@@ -25,10 +26,11 @@ def continuity(
     quiet: opt.Quiet = False,
 ) -> None:
     """Embedding distance vs next-token distribution distance over pairs of prompts (continuity)."""
+    opt.input_path(trace_path, "trace file or directory")
     from llmprobe.analysis.continuity import continuity as analyse, finite_or_null
     from llmprobe.cli.views import continuity_table
 
-    out = Output(quiet)
+    out = Output(quiet, stdout_is_data=as_json)
     if output is not None:
         from llmprobe.plots.common import check_image_output
 
@@ -47,7 +49,8 @@ def continuity(
 
 
 def martingale(
-    config: Annotated[str, typer.Argument(help="Experiment TOML (configs/experiments/coin.toml, die.toml, ...).")],
+    config: Annotated[str, typer.Argument(
+        help="Experiment TOML (configs/experiments/coin.toml, die.toml, ...), or - for stdin.")],
     n: Annotated[str, typer.Option("--n", metavar="N[,N...]", help="Numbers of in-context examples to test at.")]
     = "0,1,2,4,8,16",
     sequences: Annotated[Optional[int], typer.Option(help="Sequences per theta (default: the TOML's).")] = None,
@@ -69,16 +72,16 @@ def martingale(
     quiet: opt.Quiet = False,
 ) -> None:
     """Martingale test (Falck, Wang & Holmes): does sampling from the model's own predictive keep it unchanged?"""
-    from llmprobe.analysis.experiments import load_experiment
-    from llmprobe.analysis.martingale import model_martingale
-    from llmprobe.cli.views import martingale_table
-
-    exp = load_experiment(config)
+    opt.input_path(config, "experiment file")
     ns = opt.parse_counts(n)
     if not 0 < alpha < 1:
         raise UsageError(f"must be between 0 and 1, got {alpha}", where="--alpha")
+    from llmprobe.analysis.martingale import model_martingale
+    from llmprobe.cli.views import martingale_table
+
+    exp = opt.experiment_config(config)
     exp = exp.with_overrides(n_max=ns[-1] + horizon, sequences=sequences)
-    out = Output(quiet)
+    out = Output(quiet, stdout_is_data=as_json)
     loaded = opt.model_options(model, device, dtype, device_map, max_memory, offload_folder, trust_remote_code,
                                allow_pickle).load(log=out.log)
     results = model_martingale(loaded, exp, ns, paths=paths, horizon=horizon, seed=seed, n_bootstrap=bootstrap,

@@ -9,8 +9,10 @@ option errors are fast.
 
 import os
 import sys
+from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from llmprobe.cli import analyses, figures, fits, trace
 from llmprobe.cli.output import error_line
@@ -25,7 +27,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Instrument Llama checkpoints: trace next-token distributions, fit them against Bayesian predictions.",
 )
 
@@ -40,9 +43,41 @@ for name, command in COMMANDS.items():
     app.command(name)(command)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from llmprobe import __version__
+
+        print(f"llmprobe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Instrument Llama checkpoints: trace next-token distributions, fit them against Bayesian predictions."""
+
+
+def tidy_help(group: TyperGroup) -> TyperGroup:
+    """One metavar style in every help page: arguments and values upper case (``TRACE``, ``INT``),
+    choices as ``a|b|c``, flags bare (typer alone would show ``<str>`` and ``<bool>``)."""
+    for command in [group, *group.commands.values()]:
+        context = command.context_class(command, help_option_names=group.context_settings["help_option_names"])
+        for param in [*command.params, command.get_help_option(context)]:
+            if param.param_type_name == "argument":
+                param.metavar = param.metavar or param.name.upper()
+                param.display_type_rich = lambda ctx: None  # the metavar says it; no "<str>" beside it
+            elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+                param.metavar = ""
+            elif param.metavar is None:
+                shown = param.display_type(context).strip("<>")
+                is_choice = param.type_descriptor.is_choice
+                param.metavar = shown if is_choice else shown.removesuffix(" range").replace("str", "text").upper()
+    return group
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
-    command = typer.main.get_command(app)
+    command = tidy_help(typer.main.get_command(app))
     try:
         command.main(args=argv, prog_name="llmprobe", standalone_mode=False)
     except UsageError as exc:
@@ -68,7 +103,7 @@ def _exit_for_parser_error(exc: Exception) -> None:
         typer.echo(exc.ctx.get_help(), err=True)
         sys.exit(2)
     if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-        error_line(" ".join(exc.format_message().split()))
+        error_line(" ".join(exc.format_message().replace("Value error, ", "").split()))
         sys.exit(exc.exit_code)
     if name == "Exit":
         sys.exit(exc.exit_code)

@@ -1,6 +1,6 @@
 """Commands that draw: ``plot``, ``plot-icl``, ``plot-prior``, ``plot-layers`` and the HTML ``report``."""
 
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -21,6 +21,7 @@ def plot(
     quiet: opt.Quiet = False,
 ) -> None:
     """Heatmap of one prompt's top-k next-token candidates per position, entropy underneath."""
+    opt.input_path(trace_path, "trace file or directory")
     from llmprobe.plots.tokens import write_tokens_figure
 
     path = write_tokens_figure(trace_path, prompt, output, positions=positions, top=top_k, wrap=wrap, layer=layer,
@@ -35,33 +36,36 @@ def plot_icl(
     quiet: opt.Quiet = False,
 ) -> None:
     """Model vs Bayesian posterior predictive as examples accumulate; TV, KL, entropy collapse."""
+    opt.input_path(fit_path, "fit table")
     from llmprobe.plots.icl import write_icl_figure
 
     Output(quiet).log(f"wrote {write_icl_figure(fit_path, output, force=force)}")
 
 
 def plot_prior(
-    prior_path: Annotated[str, typer.Argument(metavar="PRIOR", help="fit-prior JSON.")],
+    prior_path: Annotated[str, typer.Argument(metavar="PRIOR", help="fit-prior JSON, or - for stdin.")],
     output: opt.output("Image file: .png, .svg or .pdf (default: PRIOR.prior.png).") = None,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
     """The fitted Dirichlet (mixture) prior: Beta density, ternary map, or marginals."""
+    opt.input_path(prior_path, "prior file")
     from llmprobe.plots.prior import write_prior_figure
 
     Output(quiet).log(f"wrote {write_prior_figure(prior_path, output, force=force)}")
 
 
 def plot_layers(
-    trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace written with --layers.")],
+    trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace written with --layers, or - for stdin.")],
     output: Annotated[str, typer.Option("--output", "-o", metavar="PATH", help="Image file (.png, .svg or .pdf).")],
     prompt: opt.Prompt = None,
-    show: Annotated[str, typer.Option(
+    show: Annotated[Literal["next", "targets"], typer.Option(
         help="next: P(actual next token) per layer and position; targets: P(each target) vs layer at marks.")] = "next",
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
     """Logit lens figure: how the eventual answer's probability rises through the layers."""
+    opt.input_path(trace_path, "trace file or directory")
     from llmprobe.plots.layers import write_layers_figure
 
     summary = write_layers_figure(trace_path, prompt, output, show, force)
@@ -79,12 +83,16 @@ def report(
     max_prompts: Annotated[int, typer.Option(help="Prompts that get a token figure when --prompt is not given.")] = 3,
     max_positions: Annotated[int, typer.Option(help="Last positions of each prompt shown in its figure.")] = 48,
     top_k: opt.TopK = 10,
-    image_format: Annotated[str, typer.Option(help="png or svg, embedded in the page.")] = "png",
+    image_format: Annotated[Literal["png", "svg"], typer.Option(help="How figures are embedded in the page.")]
+    = "png",
     layer: opt.Layer = None,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
     """One self-contained HTML page (no network): run metadata, figures, summary tables."""
+    opt.input_path(trace_path, "trace file or directory")
+    for extra in extras or []:
+        opt.input_path(extra, "fit table or prior file", stdin=False)
     from llmprobe.plots.report import write_report
 
     path = write_report(trace_path, extras or [], output, force=force, prompts=prompt, max_prompts=max_prompts,

@@ -2,40 +2,44 @@
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
 from llmprobe.cli import options as opt
 from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
+from llmprobe.progress import plural
 
 
 def experiment(
-    config: Annotated[str, typer.Argument(help="Experiment definition (TOML), e.g. configs/experiments/coin.toml.")],
+    config: Annotated[str, typer.Argument(
+        help="Experiment definition (TOML), e.g. configs/experiments/coin.toml, or - for stdin.")],
     output: opt.output("JSONL file (default: stdout).") = None,
     seed: Annotated[Optional[int], typer.Option(min=0, help="Override the config's seed.")] = None,
     n_max: Annotated[Optional[int], typer.Option(help="Override the number of examples per sequence.")] = None,
     sequences: Annotated[Optional[int], typer.Option(help="Override the sequences per theta.")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="marks (one prompt, a mark per example), per-n, or both.")]
+    layout: Annotated[Optional[Literal["marks", "per-n", "both"]], typer.Option(
+        help="marks: one prompt, a mark per example; per-n: a prompt per number of examples (default: the config's).")]
     = None,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
     """Generate in-context-learning prompts (JSONL with marks, counts, targets) from a TOML experiment."""
-    from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
+    opt.input_path(config, "experiment file")
+    from llmprobe.analysis.experiments import generate, write_jsonl
     from llmprobe.files import atomic_file, check_new_output
 
     to_file = output is not None and output != "-"
     if to_file:
         check_new_output(output, force)
-    records = generate(load_experiment(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout)
+    records = generate(opt.experiment_config(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout)
     if to_file:
         with atomic_file(output, "w") as stream:
             count = write_jsonl(records, stream)
     else:
         count = write_jsonl(records, sys.stdout)
-    Output(quiet).log(f"wrote {count} prompts")
+    Output(quiet).log(f"wrote {plural(count, 'prompt')}")
 
 
 def fit_prior(
@@ -53,6 +57,7 @@ def fit_prior(
     quiet: opt.Quiet = False,
 ) -> None:
     """Fit a Dirichlet (or a K-component Dirichlet mixture) to a trace's category distributions."""
+    opt.input_path(trace_path, "trace file or directory")
     from llmprobe.analysis.fits import fit_prior as fit
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_prior
@@ -62,14 +67,15 @@ def fit_prior(
     counts = opt.parse_counts(n) if n is not None else None
     if output is not None:
         check_new_output(output, force)
-    out = Output(quiet)
+    prior_on_stdout = as_json or output is None and not sys.stdout.isatty()
+    out = Output(quiet, stdout_is_data=prior_on_stdout)
     marks = category_marks(open_trace(trace_path))
     result = fit(marks, components, max_components, from_counts, counts, seed)
     show_fit_prior(result, marks.label, out)
     document = json.dumps(result, indent=1) + "\n"
     if output is not None:
         write_atomic(output, document)
-    if as_json or output is None and not sys.stdout.isatty():
+    if prior_on_stdout:
         out.data_text(document)
 
 
@@ -85,17 +91,24 @@ def fit_posterior(
     quiet: opt.Quiet = False,
 ) -> None:
     """Compare a model's in-context predictions with the Bayesian posterior predictive, mark by mark."""
+    if traces.count("-") > 1:
+        raise UsageError("standard input can be read only once", where="TRACE")
+    for path in traces:
+        opt.input_path(path, "trace file or directory")
+    if prior not in ("fit", "uniform"):
+        if prior == "-" and "-" in traces:
+            raise UsageError("standard input can be read only once; give the prior or the trace as a file",
+                             where="--prior")
+        opt.input_path(prior, "prior file")
     from llmprobe.analysis.fits import fit_posterior as fit, write_fit_table
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_posterior
     from llmprobe.files import check_new_output
     from llmprobe.tracing.reader import open_trace
 
-    if traces.count("-") > 1:
-        raise UsageError("standard input can be read only once", where="TRACE")
     if output is not None:
         check_new_output(output, force)
-    out = Output(quiet)
+    out = Output(quiet, stdout_is_data=as_json)
     results = []
     labels: set[str] = set()
     for path in traces:

@@ -1,6 +1,8 @@
 """Every command-line option that more than one command takes, declared once.
 
-One name per idea, everywhere: ``-o/--output`` and ``--force`` on every command that writes a file,
+Help looks the same everywhere: values are shown as upper-case metavars (``PATH``, ``K``, ``INT``),
+choices as ``a|b|c`` (``Literal`` annotations, checked by the parser), flags bare, defaults as
+``[default: …]`` (see :func:`llmprobe.cli.app.tidy_help`). One name per idea, everywhere: ``-o/--output`` and ``--force`` on every command that writes a file,
 ``-q/--quiet`` on every command that reports progress, ``--json`` where a command has a summary,
 ``--top-k``, ``--seed``, ``--bootstrap``, ``--n``, and the same model options (:data:`MODEL_OPTIONS`)
 on every command that loads a model. A command module uses these aliases as parameter annotations
@@ -8,7 +10,10 @@ and so never spells an option's flags or help itself. This module is free of
 ``from __future__ import annotations`` on purpose: typer reads the aliases at definition time.
 """
 
-from typing import Annotated, Any, Optional
+import copy
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import typer
 
@@ -37,9 +42,10 @@ Layer = Annotated[Optional[int], typer.Option("--layer", help="Layer of a per-la
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", rich_help_panel=MODEL_PANEL,
     help="Model directory, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct).")]
-Device = Annotated[str, typer.Option("--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda, cuda:N or mps.")]
-Dtype = Annotated[str, typer.Option("--dtype", rich_help_panel=MODEL_PANEL,
-                                    help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.")]
+Device = Annotated[str, typer.Option("--device", rich_help_panel=MODEL_PANEL, metavar="auto|cpu|cuda[:N]|mps",
+                                     help="Where the model runs (auto: the first CUDA GPU, else the CPU).")]
+Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option(
+    "--dtype", rich_help_panel=MODEL_PANEL, help="auto: bfloat16 on CUDA, else float32.")]
 DeviceMap = Annotated[Optional[str], typer.Option("--device-map", rich_help_panel=MODEL_PANEL,
                                                   help="'auto' hands placement to accelerate.")]
 MaxMemory = Annotated[Optional[str], typer.Option(
@@ -51,6 +57,37 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", rich_help_
                                                help="Allow the checkpoint's own Python code.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", rich_help_panel=MODEL_PANEL,
                                            help="Allow pickle weights (.bin/.pt).")]
+
+
+def in_panel(alias: Any, panel: str) -> Any:
+    """A shared option alias shown under a help panel of one command (``trace`` groups its options)."""
+    kind, info, *rest = get_args(alias)
+    info = copy.copy(info)
+    info.rich_help_panel = panel
+    return Annotated[(kind, info, *rest)]
+
+
+def input_path(source: str, what: str, *, stdin: bool = True) -> str:
+    """Check a command's input before any heavy import, so a typo fails at once (``-``: stdin)."""
+    if source == "-":
+        if not stdin:
+            raise UsageError(f"the {what} cannot come from standard input; give a file", where="-")
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError(f"expected the {what} on standard input, but it is a terminal", where="-")
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise UsageError(f"no such {what}", where=source)
+    return source
+
+
+def experiment_config(config: str) -> Any:
+    """An experiment TOML from a file or, for ``-``, standard input (checked by :func:`input_path`)."""
+    from llmprobe.analysis.experiments import load_experiment, loads_experiment
+
+    if config == "-":
+        return loads_experiment(sys.stdin.read(), where="<stdin>")
+    return load_experiment(config)
 
 
 def model_options(model: Optional[str], device: str, dtype: str, device_map: Optional[str],

@@ -1,9 +1,15 @@
-"""One object decides where output goes: data to stdout, everything for humans to stderr.
+"""One object decides where output goes: results to stdout, everything else for people to stderr.
 
-Pipelines (`llmprobe experiment ... | llmprobe trace - ... | llmprobe fit-posterior -`) rely on stdout
-carrying nothing but data, so progress bars, tables meant for people, logs and warnings all go
-through :class:`Output`, which writes them to stderr (or nowhere with ``--quiet``). It is the CLI's
-:class:`llmprobe.progress.Reporter`.
+A command's result (the table of ``inspect``, ``models``, ``fit-prior``, ``fit-posterior``,
+``continuity``, ``martingale``) goes to stdout, so ``llmprobe inspect t.parquet > t.txt`` keeps it.
+Progress bars, logs, hints and warnings go to stderr (or nowhere with ``--quiet``). When stdout
+already carries data (``-o -``, ``--json``, a prior JSON piped on), the command builds its
+:class:`Output` with ``stdout_is_data=True`` and the human tables move to stderr, so pipelines
+(`llmprobe experiment ... | llmprobe trace - ... | llmprobe fit-posterior -`) still see nothing but
+data. It is the CLI's :class:`llmprobe.progress.Reporter`.
+
+Off a terminal (a pipe, a file) tables are laid out at full width: rich would otherwise fit them to
+80 columns and cut numbers to ``0.06…``.
 """
 
 from __future__ import annotations
@@ -13,20 +19,25 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
+
+UNLIMITED_WIDTH = 100_000  # columns a table may take off a terminal: never cut
 
 
 class Output:
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, *, stdout_is_data: bool = False) -> None:
         self.quiet = quiet
-        self.err = Console(stderr=True, quiet=quiet, highlight=False)
+        self.err = _console(stderr=True, quiet=quiet)
+        self.results = self.err if stdout_is_data else _console(stderr=False, quiet=False)
 
     def log(self, message: str) -> None:
         self.err.print(message)
 
     def show(self, renderable: object) -> None:
-        """A table or panel for people: stderr, so stdout stays data."""
-        self.err.print(renderable)
+        """A command's result for people: stdout, unless stdout carries data (then stderr)."""
+        self.results.print(renderable)
 
     def data_text(self, text: str) -> None:
         sys.stdout.write(text)
@@ -34,12 +45,15 @@ class Output:
 
     @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        """A progress bar on stderr; yields ``advance(n)``."""
+        """A progress bar on stderr with count, rate and time left; yields ``advance(n)``."""
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            RateColumn(),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=self.err,
             disable=self.quiet,
             transient=False,
@@ -47,6 +61,23 @@ class Output:
         with progress:
             task = progress.add_task(description, total=total)
             yield lambda n: progress.advance(task, n)
+
+
+class RateColumn(ProgressColumn):
+    """Items (prompts, states) per second, or seconds per item when slower than one a second."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text("-/s", style="progress.data.speed")
+        return Text(f"{speed:.1f}/s" if speed >= 1 else f"{1 / speed:.1f} s/it", style="progress.data.speed")
+
+
+def _console(*, stderr: bool, quiet: bool) -> Console:
+    console = Console(stderr=stderr, quiet=quiet, highlight=False)
+    if not console.is_terminal:
+        console.width = UNLIMITED_WIDTH
+    return console
 
 
 def error_line(message: str) -> None:

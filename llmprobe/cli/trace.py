@@ -2,7 +2,7 @@
 
 import shlex
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -10,13 +10,27 @@ from llmprobe.cli import options as opt
 from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
 
-CAPTURE, GENERATION, OUTPUT, SCALE = "Capture", "Generation", "Output", "Scale-out"
+INPUT, CAPTURE, GENERATION, OUTPUT, SCALE = "Input", "Capture", "Generation", "Output", "Scale-out"
 
 
 def trace(
     prompts: Annotated[str, typer.Argument(help="Prompt file (text: one per line; .jsonl: records), or - for stdin.")],
-    output: opt.output("Trace file, or - for stdout (default: stdout when piped, else PROMPTS.parquet).") = None,
-    fmt: Annotated[str, typer.Option("--format", rich_help_panel=OUTPUT, help="parquet, jsonl or csv.")] = "parquet",
+    output: opt.in_panel(opt.output("Trace file, or - for stdout (default: stdout when piped, else PROMPTS.parquet)."),
+                         OUTPUT) = None,
+    fmt: Annotated[Literal["parquet", "jsonl", "csv"], typer.Option(
+        "--format", rich_help_panel=OUTPUT,
+        help="jsonl starts with a header record (metadata, vocabulary) that every reader takes.")] = "parquet",
+    force: opt.in_panel(opt.Force, OUTPUT) = False,
+    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT,
+                                         help="Continue the interrupted run writing OUTPUT (same arguments).")] = False,
+    quiet: opt.in_panel(opt.Quiet, OUTPUT) = False,
+    input_format: Annotated[Literal["auto", "text", "jsonl"], typer.Option(
+        rich_help_panel=INPUT, help="auto: by extension (stdin: JSONL when it starts with '{').")] = "auto",
+    chat: Annotated[bool, typer.Option("--chat", rich_help_panel=INPUT,
+                                       help="Wrap each prompt in the tokenizer's chat template.")] = False,
+    truncate: Annotated[Optional[Literal["left", "right"]], typer.Option(
+        rich_help_panel=INPUT, help="Cut prompts longer than the model's context from this side instead of failing.")]
+    = None,
     model: opt.Model = None,
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
@@ -25,52 +39,49 @@ def trace(
     offload_folder: opt.OffloadFolder = None,
     trust_remote_code: opt.TrustRemoteCode = False,
     allow_pickle: opt.AllowPickle = False,
-    input_format: Annotated[str, typer.Option(help="auto (by extension), text or jsonl.")] = "auto",
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")] = False,
-    top_k: opt.TopK = 20,
+    top_k: opt.in_panel(opt.TopK, CAPTURE) = 20,
     targets: Annotated[Optional[str], typer.Option(
-        rich_help_panel=CAPTURE, help="Comma-separated target strings scored exactly at every position (spaces kept).")]
-    = None,
-    targets_file: Annotated[Optional[str], typer.Option(rich_help_panel=CAPTURE, help="Target strings, one per line.")]
-    = None,
-    max_new_tokens: Annotated[int, typer.Option(
-        rich_help_panel=GENERATION, help="Tokens to generate (and trace) after each prompt.")] = 0,
-    sample: Annotated[bool, typer.Option("--sample", rich_help_panel=GENERATION,
-                                         help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Nucleus sampling mass.")] = 1.0,
-    seed: opt.Seed = 0,
-    batch_size: Annotated[str, typer.Option(
-        help="Prompts per forward pass, or auto: as many as fit, halving on out-of-memory.")] = "8",
-    force: opt.Force = False,
-    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT,
-                                         help="Continue the interrupted run writing OUTPUT (same arguments).")] = False,
-    truncate: Annotated[Optional[str], typer.Option(
-        help="left or right: cut prompts longer than the model's context instead of failing.")] = None,
+        rich_help_panel=CAPTURE, metavar="TEXT[,TEXT...]",
+        help="Comma-separated target strings scored exactly at every position (spaces kept).")] = None,
+    targets_file: Annotated[Optional[str], typer.Option(rich_help_panel=CAPTURE, metavar="PATH",
+                                                        help="Target strings, one per line.")] = None,
     layers: Annotated[Optional[str], typer.Option(
-        rich_help_panel=CAPTURE,
-        help="Logit lens: 'all' or 0-based decoder layers '0,4,8'; adds a layer column (output layer included).")]
+        rich_help_panel=CAPTURE, metavar="all|L[,L...]",
+        help="Logit lens: all decoder layers or 0-based ones like 0,4,8; adds a layer column (output layer included).")]
     = None,
     save_embeddings: Annotated[bool, typer.Option(
         "--save-embeddings", rich_help_panel=CAPTURE,
         help="Keep the final-normed hidden state at each mark (else the last position), for `continuity`.")] = False,
-    engine: Annotated[str, typer.Option(
-        rich_help_panel=SCALE, help="local, or ray: a Ray Data actor pool writes OUTPUT as a directory of part files.")]
+    max_new_tokens: Annotated[int, typer.Option(
+        min=0, rich_help_panel=GENERATION, help="Tokens to generate (and trace) after each prompt.")] = 0,
+    sample: Annotated[bool, typer.Option("--sample", rich_help_panel=GENERATION,
+                                         help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Nucleus sampling mass.")] = 1.0,
+    seed: opt.in_panel(opt.Seed, GENERATION) = 0,
+    batch_size: Annotated[str, typer.Option(
+        rich_help_panel=SCALE, metavar="N|auto",
+        help="Prompts per forward pass; auto: as many as fit, halving on out-of-memory.")] = "8",
+    engine: Annotated[Literal["local", "ray"], typer.Option(
+        rich_help_panel=SCALE, help="ray: a Ray Data actor pool writes OUTPUT as a directory of part files.")]
     = "local",
     ray_address: Annotated[Optional[str], typer.Option(
-        rich_help_panel=SCALE, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray).")] = None,
-    ray_actors: Annotated[Optional[int], typer.Option(rich_help_panel=SCALE,
-                                                      help="Model replicas (Ray actors); default 1.")] = None,
-    ray_cpus_per_actor: Annotated[Optional[float], typer.Option(rich_help_panel=SCALE,
-                                                                help="CPUs each actor reserves; default 1.")] = None,
-    ray_gpus_per_actor: Annotated[Optional[float], typer.Option(rich_help_panel=SCALE,
-                                                                help="GPUs each actor reserves; default 0.")] = None,
+        rich_help_panel=SCALE, metavar="ADDRESS", show_default="RAY_ADDRESS, else a local Ray",
+        help="Ray cluster to use.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(rich_help_panel=SCALE, min=1, show_default="1",
+                                                      help="Model replicas (Ray actors).")] = None,
+    ray_cpus_per_actor: Annotated[Optional[float], typer.Option(rich_help_panel=SCALE, min=0, show_default="1",
+                                                                help="CPUs each actor reserves.")] = None,
+    ray_gpus_per_actor: Annotated[Optional[float], typer.Option(rich_help_panel=SCALE, min=0, show_default="0",
+                                                                help="GPUs each actor reserves.")] = None,
     ray_prompts_per_task: Annotated[Optional[int], typer.Option(
-        rich_help_panel=SCALE, help="Prompts per actor call (about one part file each); default sized from the prompt count.")]
-    = None,
-    quiet: opt.Quiet = False,
+        rich_help_panel=SCALE, min=1, show_default="sized from the prompt count",
+        help="Prompts per actor call (about one part file each).")] = None,
 ) -> None:
     """Trace top-k next-token probabilities at every position of every prompt into Parquet."""
+    opt.input_path(prompts, "prompt file")
+    if targets_file is not None:
+        opt.input_path(targets_file, "targets file", stdin=False)
     from llmprobe.tracing.engine import TraceSettings, parse_batch_size
     from llmprobe.tracing.ray_runner import ray_options_for
     from llmprobe.tracing.runner import default_output, read_targets_file, run_trace
@@ -92,11 +103,13 @@ def trace(
 
 def inspect(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace file or directory, or - for stdin.")],
-    prompt: Annotated[Optional[str], typer.Option(metavar="ID", help="Only this prompt id.")] = None,
+    prompt: opt.Prompt = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="Candidates shown per position.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout instead of tables.")] = False,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Show a trace position by position: token, top candidates, the actual next token, entropy."""
+    opt.input_path(trace_path, "trace file or directory")
     from llmprobe.cli.views import show_trace
     from llmprobe.tracing.reader import read_trace
 
@@ -105,19 +118,19 @@ def inspect(
         frame = frame[frame["prompt_id"] == prompt]
         if frame.empty:
             raise UsageError(f"no prompt with id {prompt!r} in the trace", where="--prompt")
-    show_trace(frame, top_k, as_json, Output())
+    show_trace(frame, top_k, as_json, Output(quiet, stdout_is_data=as_json))
 
 
-def models(as_json: opt.Json = False) -> None:
+def models(as_json: opt.Json = False, quiet: opt.Quiet = False) -> None:
     """The default model and the cached GGUF conversions."""
     from llmprobe.cli.views import show_models
     from llmprobe.model.loading import inventory
 
-    show_models(inventory(), as_json, Output())
+    show_models(inventory(), as_json, Output(quiet, stdout_is_data=as_json))
 
 
 def version() -> None:
-    """Print the llmprobe version."""
+    """Print the llmprobe version (also: llmprobe --version)."""
     from llmprobe import __version__
 
-    print(__version__)
+    print(f"llmprobe {__version__}")

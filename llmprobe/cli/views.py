@@ -86,7 +86,7 @@ def show_models(inventory: dict, as_json: bool, out: Output) -> None:
         out.data_text(json.dumps(inventory, indent=1) + "\n")
         return
     default = inventory["default"]
-    out.log(f"default model: {default['name']} — "
+    out.show(f"default model: {default['name']} — "
             + (f"GGUF at {default['gguf']}" if default["gguf"] else f"not installed ({default['install']})"))
     table = Table(title=f"cached conversions in {inventory['cache_dir']}", title_justify="left")
     for name in ("source", "size", "converted (UTC)", "path"):

@@ -24,6 +24,7 @@ from scipy.special import betaln, xlog1py, xlogy
 
 from llmprobe.analysis.priors import Prior, read_prior
 from llmprobe.bayes import dirichlet_logpdf
+from llmprobe.errors import UsageError
 from llmprobe.plots.common import check_image_output, plain_label, save_figure
 
 TERNARY_RESOLUTION = 160
@@ -200,6 +201,8 @@ def _draw_ternary(fig: Figure, ax, prior: Prior) -> None:
 def write_prior_figure(source: str, output: str | None, *, force: bool) -> Path:
     """Read a prior file, draw it, write the figure; returns the file written."""
     if output is None:
+        if source == "-":
+            raise UsageError("give an output file when the prior comes from stdin", where="-o")
         output = str(Path(source).with_suffix("")) + ".prior.png"
     check_image_output(output, force)
     save_figure(plot_prior(read_prior(source)), output)

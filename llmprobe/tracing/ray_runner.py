@@ -33,7 +33,7 @@ from llmprobe.tracing.engine import SORT_WINDOW_BATCHES, TraceSettings, Tracer
 from llmprobe.errors import UsageError
 from llmprobe.files import atomic_dir, check_new_output
 from llmprobe.model.loading import ModelOptions
-from llmprobe.progress import Reporter
+from llmprobe.progress import Reporter, plural
 from llmprobe.tracing.prompts import PromptRecord
 from llmprobe.tracing.schema import META_KEY, check_finite, encode_metadata
 
@@ -162,7 +162,8 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
             num_gpus=ray_options.gpus_per_actor,
             runtime_env={"env_vars": worker_env()},
         )
-        out.log(f"tracing {len(records)} prompts on Ray ({ray_options.actors} actor(s), {per_task} prompts per task)")
+        out.log(f"tracing {plural(len(records), 'prompt')} on Ray ({plural(ray_options.actors, 'actor')},"
+                f" {plural(per_task, 'prompt')} per task)")
         with atomic_dir(target) as staging:
             try:
                 traced.write_parquet(str(staging))
@@ -172,7 +173,8 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
                     raise
                 raise cause from None
             rows, parts = check_parts(staging)
-        out.log(f"wrote {rows} rows for {len(records)} prompts to {target}/ ({parts} part file(s))")
+        out.log(f"wrote {plural(rows, 'row')} for {plural(len(records), 'prompt')} to {target}/"
+                f" ({plural(parts, 'part file')})")
     finally:
         if started_here:
             ray.shutdown()

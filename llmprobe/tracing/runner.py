@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from llmprobe.tracing.checkpoint import WorkDir, discard, run_fingerprint, work_dir_for
 from llmprobe.tracing.engine import TraceSettings, Tracer
 from llmprobe.errors import UsageError
-from llmprobe.progress import Reporter
+from llmprobe.progress import Reporter, plural
 from llmprobe.model.loading import ModelOptions
 from llmprobe.tracing.prompts import PromptRecord, read_prompts
 from llmprobe.tracing.ray_runner import RayOptions, run_trace_ray
@@ -100,7 +100,7 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
         if interrupted and not resume:
             discard(output)
         rows = _checkpointed(tracer, records, output, fmt, metadata, resume_command(command), out)
-    out.log(f"wrote {rows} rows for {len(records)} prompts to {'stdout' if output == '-' else output}")
+    out.log(f"wrote {plural(rows, 'row')} for {plural(len(records), 'prompt')} to {'stdout' if output == '-' else output}")
 
 
 def _stream(tracer: Tracer, records: list[PromptRecord], fmt: str, metadata: dict, out: Reporter) -> int:

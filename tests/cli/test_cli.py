@@ -146,7 +146,7 @@ def test_inspect_shows_positions_and_json(tiny_model_dir, prompt_file, tmp_path,
     assert [r["token"] for r in rows] == list(expected["token"])
     assert rows[0]["top"][0]["id"] == int(expected["topk_ids"].iloc[0][0])
     code, stdout, err = run_cli(["inspect", str(out), "--prompt", "3"], capsysbinary, monkeypatch)
-    assert code == 0 and stdout == b"" and "prompt 3" in err
+    assert code == 0 and b"prompt 3" in stdout and "prompt 3" not in err  # the result on stdout (issue 16)
     code, _, err = run_cli(["inspect", str(out), "--prompt", "nope"], capsysbinary, monkeypatch)
     assert_one_line_error(code, err, "nope")
 
