@@ -7,9 +7,10 @@ libraries (torch, transformers, matplotlib) are imported inside the commands, so
 option errors are fast.
 """
 
+import functools
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Callable
 
 import typer
 from typer.core import TyperGroup
@@ -39,8 +40,25 @@ COMMANDS = {
     "plot-layers": figures.plot_layers, "report": figures.report,
     "continuity": analyses.continuity, "martingale": analyses.martingale,
 }
+
+
+class StdoutClosed(Exception):
+    """The reader of stdout went away (``llmprobe ... | head -1``); not an OSError, so typer leaves it to us."""
+
+
+def _pipe_safe(command: Callable) -> Callable:
+    @functools.wraps(command)  # typer reads the signature through __wrapped__
+    def run(*args, **kwargs):
+        try:
+            command(*args, **kwargs)
+            sys.stdout.flush()  # here, not at exit, so a closed pipe is seen below
+        except BrokenPipeError:
+            raise StdoutClosed() from None
+    return run
+
+
 for name, command in COMMANDS.items():
-    app.command(name)(command)
+    app.command(name)(_pipe_safe(command))
 
 
 def _print_version(value: bool) -> None:
@@ -86,8 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         error_line("interrupted; nothing was written for the unfinished output")
         sys.exit(130)
-    except BrokenPipeError:
-        sys.stderr.close()
+    except (BrokenPipeError, StdoutClosed):
+        # Like other Unix tools: stop quietly, keep what was written; the exit status a shell shows for SIGPIPE.
+        # stdout goes to /dev/null so the interpreter's final flush cannot complain.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout without a descriptor (captured in tests)
+            pass
         sys.exit(141)
     except Exception as exc:
         _exit_for_parser_error(exc)

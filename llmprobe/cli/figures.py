@@ -36,7 +36,7 @@ def plot_icl(
     quiet: opt.Quiet = False,
 ) -> None:
     """Model vs Bayesian posterior predictive as examples accumulate; TV, KL, entropy collapse."""
-    opt.input_path(fit_path, "fit table")
+    opt.input_path(fit_path, "fit table", missing="no such file")
     from llmprobe.plots.icl import write_icl_figure
 
     Output(quiet).log(f"wrote {write_icl_figure(fit_path, output, force=force)}")
@@ -49,7 +49,7 @@ def plot_prior(
     quiet: opt.Quiet = False,
 ) -> None:
     """The fitted Dirichlet (mixture) prior: Beta density, ternary map, or marginals."""
-    opt.input_path(prior_path, "prior file")
+    opt.input_path(prior_path, "prior file", missing="no such file")
     from llmprobe.plots.prior import write_prior_figure
 
     Output(quiet).log(f"wrote {write_prior_figure(prior_path, output, force=force)}")
@@ -92,7 +92,7 @@ def report(
     """One self-contained HTML page (no network): run metadata, figures, summary tables."""
     opt.input_path(trace_path, "trace file or directory")
     for extra in extras or []:
-        opt.input_path(extra, "fit table or prior file", stdin=False)
+        opt.input_path(extra, "fit table or prior file", stdin=False, missing="no such file")
     from llmprobe.plots.report import write_report
 
     path = write_report(trace_path, extras or [], output, force=force, prompts=prompt, max_prompts=max_prompts,

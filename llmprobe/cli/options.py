@@ -67,8 +67,10 @@ def in_panel(alias: Any, panel: str) -> Any:
     return Annotated[(kind, info, *rest)]
 
 
-def input_path(source: str, what: str, *, stdin: bool = True) -> str:
-    """Check a command's input before any heavy import, so a typo fails at once (``-``: stdin)."""
+def input_path(source: str, what: str, *, stdin: bool = True, missing: Optional[str] = None) -> str:
+    """Check a command's input before any heavy import, so a typo fails at once (``-``: stdin).
+
+    ``missing`` is the message for a path that does not exist (default: "no such WHAT")."""
     if source == "-":
         if not stdin:
             raise UsageError(f"the {what} cannot come from standard input; give a file", where="-")
@@ -77,7 +79,7 @@ def input_path(source: str, what: str, *, stdin: bool = True) -> str:
         return source
     path = Path(source)
     if not path.exists():
-        raise UsageError(f"no such {what}", where=source)
+        raise UsageError(missing or f"no such {what}", where=source)
     return source
 
 

@@ -60,7 +60,11 @@ class Output:
         )
         with progress:
             task = progress.add_task(description, total=total)
-            yield lambda n: progress.advance(task, n)
+            try:
+                yield lambda n: progress.advance(task, n)
+            except BrokenPipeError:  # the reader left (`| head`): no failure to show, so the bar goes away
+                progress.live.transient = True
+                raise
 
 
 class RateColumn(ProgressColumn):
@@ -73,8 +77,15 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:.1f}/s" if speed >= 1 else f"{1 / speed:.1f} s/it", style="progress.data.speed")
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich would exit 1 itself; the CLI's one handler (:func:`llmprobe.cli.app.main`) stops quietly."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def _console(*, stderr: bool, quiet: bool) -> Console:
-    console = Console(stderr=stderr, quiet=quiet, highlight=False)
+    console = _Console(stderr=stderr, quiet=quiet, highlight=False)
     if not console.is_terminal:
         console.width = UNLIMITED_WIDTH
     return console

@@ -53,7 +53,7 @@ def trace(
         "--save-embeddings", rich_help_panel=CAPTURE,
         help="Keep the final-normed hidden state at each mark (else the last position), for `continuity`.")] = False,
     max_new_tokens: Annotated[int, typer.Option(
-        min=0, rich_help_panel=GENERATION, help="Tokens to generate (and trace) after each prompt.")] = 0,
+        rich_help_panel=GENERATION, help="Tokens to generate (and trace) after each prompt.")] = 0,
     sample: Annotated[bool, typer.Option("--sample", rich_help_panel=GENERATION,
                                          help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Sampling temperature.")] = 1.0,
