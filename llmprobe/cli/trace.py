@@ -80,6 +80,8 @@ def trace(
 ) -> None:
     """Trace top-k next-token probabilities at every position of every prompt into Parquet."""
     opt.input_path(prompts, "prompt file")
+    if top_k < 1:  # the engine checks every setting too, but only after torch is imported
+        raise UsageError(f"must be 1 or more, got {top_k}", where="--top-k")
     if targets_file is not None:
         opt.input_path(targets_file, "targets file", stdin=False)
     from llmprobe.tracing.engine import TraceSettings, parse_batch_size
@@ -103,12 +105,14 @@ def trace(
 
 def inspect(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace file or directory, or - for stdin.")],
-    prompt: opt.Prompt = None,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="Candidates shown per position.")] = 5,
+    prompt: Annotated[Optional[str], typer.Option(metavar="ID", help="Only this prompt id.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="Candidates shown per position.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout instead of tables.")] = False,
     quiet: opt.Quiet = False,
 ) -> None:
     """Show a trace position by position: token, top candidates, the actual next token, entropy."""
+    if top_k < 1:
+        raise UsageError("must be 1 or more", where="--top-k")
     opt.input_path(trace_path, "trace file or directory")
     from llmprobe.cli.views import show_trace
     from llmprobe.tracing.reader import read_trace
