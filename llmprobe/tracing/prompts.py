@@ -92,11 +92,36 @@ def _decode(raw: bytes, name: str, number: int) -> str:
         ) from None
 
 
+def records_from_objects(prompts: list[str | dict[str, Any]]) -> list[PromptRecord]:
+    """Prompt records from Python objects (the notebook API): a string is a prompt, a dict a JSONL record."""
+    records: list[PromptRecord] = []
+    seen: set[str] = set()
+    for number, obj in enumerate(prompts, start=1):
+        where = f"prompts[{number - 1}]"
+        if isinstance(obj, str):
+            if not obj.strip():
+                raise UsageError("the prompt is empty", where=where)
+            record = PromptRecord(index=len(records), id=str(number), text=obj, line=number)
+        else:
+            record = _record_from_object(obj, where, len(records), number)
+        if record.id in seen:
+            raise UsageError(f"duplicate id {record.id!r}", where=where)
+        seen.add(record.id)
+        records.append(record)
+    if not records:
+        raise UsageError("no prompts given", where="prompts")
+    return records
+
+
 def _parse_jsonl(text: str, where: str, index: int, number: int) -> PromptRecord:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"invalid JSON: {exc.msg} (column {exc.colno})", where=where) from None
+    return _record_from_object(obj, where, index, number)
+
+
+def _record_from_object(obj: Any, where: str, index: int, number: int) -> PromptRecord:
     if not isinstance(obj, dict):
         raise UsageError("expected a JSON object with a \"prompt\" field", where=where)
     prompt = obj.get("prompt")

@@ -83,7 +83,11 @@ def read_trace(source: str | Path, columns: list[str] | None = None, *, token_st
 
     List columns come back as numpy arrays per row; ``mark`` and ``meta`` stay JSON strings.
     """
-    trace = open_trace(source, columns)
+    return trace_frame(open_trace(source, columns), token_strings=token_strings)
+
+
+def trace_frame(trace: Trace, *, token_strings: bool = True):
+    """The pandas view of an opened (or in-memory) trace; see :func:`read_trace`."""
     frame = trace.table.to_pandas()
     order = [c for c in ("prompt_index", "layer", "position") if c in frame.columns]
     if order:

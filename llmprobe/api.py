@@ -1,0 +1,150 @@
+"""The notebook API: the CLI's pipeline as Python functions that take and return Python objects.
+
+    import llmprobe
+    model = llmprobe.load_model()                                  # the default SmolLM2-135M-Instruct
+    prompts = llmprobe.experiment("configs/experiments/coin.toml", n_max=8, sequences=2)
+    trace = llmprobe.trace(prompts, model=model, top_k=5)          # a DataFrame, as read_trace gives
+    fit = llmprobe.fit_posterior(trace)                            # .summary (dict), .table, .by_n
+    fit.summary["forgetting"]["gamma"]
+
+Each function runs the same library code as its command (``trace`` the same :class:`Tracer`,
+``fit_posterior`` the same fit), so the numbers are the CLI's numbers (tests/cli/test_api.py checks
+it on the default model). Nothing is printed and nothing is written: results are return values,
+errors are :class:`llmprobe.errors.UsageError` with the message the CLI would print. Heavy
+libraries load on first call, so ``import llmprobe`` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from llmprobe.errors import UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from llmprobe.analysis.fits import PosteriorResult
+    from llmprobe.model.loading import LoadedModel
+    from llmprobe.tracing.reader import Trace
+
+TRACE_COLUMNS_FOR_FITS = ("prompt_index", "prompt_id", "position", "layer", "target_seq_logprobs", "mark_index",
+                          "mark", "meta")
+
+
+def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "auto", **options: Any) -> LoadedModel:
+    """A model ready to trace: ``model`` as ``--model`` takes it (None: the embedded default); ``options``
+    are :func:`llmprobe.model.loading.load_model`'s (``device_map``, ``max_memory``, ``trust_remote_code``...)."""
+    from llmprobe.model.loading import load_model as load
+
+    return load(model, device=device, dtype=dtype, **options)
+
+
+def experiment(config: str | Path, *, seed: int | None = None, n_max: int | None = None,
+               sequences: int | None = None, layout: str | None = None) -> list[dict[str, Any]]:
+    """The prompt records ``llmprobe experiment CONFIG`` writes, as dicts (arguments override the TOML)."""
+    from llmprobe.analysis.experiments import generate, load_experiment
+
+    return list(generate(load_experiment(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout))
+
+
+def trace(prompts: str | Iterable[str | dict[str, Any]], model: str | LoadedModel | None = None, *, top_k: int = 20,
+          targets: list[str] | None = None, max_new_tokens: int = 0, **settings: Any) -> pd.DataFrame:
+    """Trace prompts as ``llmprobe trace`` does and return the trace as :func:`llmprobe.read_trace` would.
+
+    ``prompts``: a prompt string, or a list of strings and/or JSONL-style dicts (``prompt``, ``id``,
+    ``marks``, other fields), e.g. :func:`experiment`'s records, whose targets are picked up as in the
+    CLI. ``model``: a :func:`load_model` result (load once, trace often) or a ``--model`` value.
+    ``settings``: the other :class:`~llmprobe.tracing.engine.TraceSettings` (``layers``, ``chat``,
+    ``batch_size``, ``sample``, ``seed``, ``save_embeddings``, ...). The run metadata is in
+    ``frame.attrs["llmprobe"]``.
+    """
+    from llmprobe.tracing.reader import trace_frame
+
+    return trace_frame(trace_table(prompts, model, top_k=top_k, targets=targets, max_new_tokens=max_new_tokens,
+                                   **settings))
+
+
+def trace_table(prompts: str | Iterable[str | dict[str, Any]], model: str | LoadedModel | None = None, *,
+                top_k: int = 20, targets: list[str] | None = None, max_new_tokens: int = 0, **settings: Any) -> Trace:
+    """Like :func:`trace`, as the Arrow :class:`~llmprobe.tracing.reader.Trace` every reader works on."""
+    import pyarrow as pa
+
+    from llmprobe.model.loading import LoadedModel
+    from llmprobe.tracing.engine import TraceSettings, Tracer
+    from llmprobe.tracing.prompts import records_from_objects
+    from llmprobe.tracing.reader import Trace
+    from llmprobe.tracing.runner import targets_from_records
+    from llmprobe.tracing.schema import check_finite
+
+    records = records_from_objects([prompts] if isinstance(prompts, str) else list(prompts))
+    options = TraceSettings(top_k=top_k, targets=list(targets or []), max_new_tokens=max_new_tokens, **settings)
+    options.validate()
+    options.targets = options.targets or targets_from_records(records)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    tracer = Tracer(loaded, options)
+    for record in records:
+        tracer.encode(record)
+    batches = []
+    for batch in tracer.trace(records):
+        check_finite(batch, records)
+        batches.append(batch)
+    meta = {**tracer.metadata(), "command": "llmprobe.trace (Python)", "n_prompts": len(records)}
+    return Trace(pa.Table.from_batches(batches, schema=tracer.schema), meta, tracer.vocab, "<llmprobe.trace>")
+
+
+def fit_posterior(trace: Any, *, prior: str = "fit", bootstrap: int = 200, seed: int = 0,
+                  label: str | None = None) -> PosteriorResult:
+    """``llmprobe fit-posterior``: model vs Bayesian posterior predictive at every mark.
+
+    ``trace``: a DataFrame from :func:`trace` or :func:`llmprobe.read_trace`, a Trace, or a path.
+    The result has ``.summary`` (the ``--json`` dict), ``.table`` (the ``-o`` per-mark table) and
+    ``.by_n`` (the per-n table the CLI shows). ``prior``: "fit", "uniform" or a fit-prior JSON file.
+    """
+    from llmprobe.analysis.fits import fit_posterior as fit
+    from llmprobe.analysis.marks import category_marks
+
+    opened = _as_trace(trace)
+    return fit(category_marks(opened, label), prior, bootstrap, seed)
+
+
+def fit_prior(trace: Any, *, components: str | int = 1, max_components: int = 5, from_counts: bool = False,
+              n: list[int] | None = None, seed: int = 0) -> dict[str, Any]:
+    """``llmprobe fit-prior``: the Dirichlet (mixture) prior as the JSON document the CLI writes."""
+    from llmprobe.analysis.fits import fit_prior as fit
+    from llmprobe.analysis.marks import category_marks
+
+    return fit(category_marks(_as_trace(trace)), str(components), max_components, from_counts, n, seed)
+
+
+def _as_trace(trace: Any) -> Trace:
+    """A path, a Trace, or a trace DataFrame (columns as read_trace gives them) as a Trace."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from llmprobe.tracing.reader import Trace, open_trace
+
+    if isinstance(trace, Trace):
+        return trace
+    if isinstance(trace, (str, Path)):
+        return open_trace(trace)
+    if not isinstance(trace, pd.DataFrame):
+        raise UsageError(f"expected a trace DataFrame, a Trace or a path, got {type(trace).__name__}", where="trace")
+    meta = trace.attrs.get("llmprobe")
+    if meta is None:
+        raise UsageError("the DataFrame carries no trace metadata (attrs['llmprobe']); pass the frame that"
+                         " llmprobe.trace or llmprobe.read_trace returned", where="trace")
+    columns = {}
+    for name in TRACE_COLUMNS_FOR_FITS:
+        if name not in trace.columns:
+            continue
+        values = trace[name]
+        if name in ("mark", "meta"):  # read_trace parses them into dicts; the fits read the JSON text
+            values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+        elif name == "target_seq_logprobs":
+            values = [None if v is None else list(v) for v in values]
+        else:
+            values = values.astype(object).where(values.notna(), None).tolist()
+        columns[name] = values
+    return Trace(pa.table(columns), meta, None, "<DataFrame>")

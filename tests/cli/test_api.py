@@ -1,0 +1,91 @@
+"""The notebook API (issue 16, item 3) gives the CLI's numbers: same trace, same fits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import llmprobe
+from llmprobe.errors import UsageError
+from llmprobe.tracing.reader import read_trace
+from tests.cli_helpers import run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+COIN = ROOT / "configs/experiments/coin.toml"
+NUMBERS = ["prompt_index", "position", "token_id", "next_token_id", "next_logprob", "next_rank", "entropy"]
+
+
+def assert_same_trace(api: pd.DataFrame, cli: pd.DataFrame) -> None:
+    assert list(api.columns) == list(cli.columns)
+    assert list(api["prompt_id"]) == list(cli["prompt_id"]) and list(api["token"]) == list(cli["token"])
+    for name in NUMBERS:
+        np.testing.assert_array_equal(api[name].to_numpy(dtype=float), cli[name].to_numpy(dtype=float), err_msg=name)
+    for name in ("topk_ids", "topk_logprobs", "target_logprobs"):
+        np.testing.assert_array_equal(np.stack(api[name]), np.stack(cli[name]), err_msg=name)
+    assert [list(t) for t in api["topk_tokens"]] == [list(t) for t in cli["topk_tokens"]]
+
+
+def cli_pipeline(model_args: list[str], tmp_path, capsysbinary, monkeypatch) -> tuple[pd.DataFrame, dict]:
+    prompts, trace = tmp_path / "coin.jsonl", tmp_path / "coin.parquet"
+    code, _, err = run_cli(["experiment", str(COIN), "--n-max", "4", "--sequences", "1", "-o", str(prompts), "-q"],
+                           capsysbinary, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_cli(["trace", str(prompts), "-o", str(trace), "--top-k", "5", "-q", *model_args],
+                           capsysbinary, monkeypatch)
+    assert code == 0, err
+    code, stdout, err = run_cli(["fit-posterior", str(trace), "--json", "--bootstrap", "20", "-q"], capsysbinary,
+                                monkeypatch)
+    assert code == 0, err
+    return read_trace(trace), json.loads(stdout)[0]
+
+
+def api_pipeline(model) -> tuple[pd.DataFrame, llmprobe.api.PosteriorResult]:
+    frame = llmprobe.trace(llmprobe.experiment(COIN, n_max=4, sequences=1), model=model, top_k=5)
+    return frame, llmprobe.fit_posterior(frame, bootstrap=20)
+
+
+def test_api_equals_cli_on_the_tiny_model(tiny_model_dir, tiny_loaded, tmp_path, capsysbinary, monkeypatch):
+    cli_frame, cli_summary = cli_pipeline(["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"],
+                                          tmp_path, capsysbinary, monkeypatch)
+    frame, fit = api_pipeline(tiny_loaded)
+    assert_same_trace(frame, cli_frame)
+    assert fit.summary == cli_summary
+    assert set(fit.table.columns) >= {"n", "category", "model_prob", "bayes_prob", "kl_bits"}
+    # a path and a read_trace frame give the same fit as the in-memory trace
+    assert llmprobe.fit_posterior(cli_frame, bootstrap=20).summary == cli_summary
+    prior = llmprobe.fit_prior(frame)
+    assert prior["categories"] == ["heads", "tails"]
+
+
+def test_api_takes_strings_and_reports_errors(tiny_loaded):
+    frame = llmprobe.trace(["Once upon a time", "The capital of France is"], model=tiny_loaded, top_k=3,
+                           targets=[" Paris"])
+    assert list(frame["prompt_id"].unique()) == ["1", "2"] and frame["topk_ids"].iloc[0].shape == (3,)
+    assert frame.attrs["llmprobe"]["targets"][0]["text"] == " Paris"
+    with pytest.raises(UsageError, match="--top-k"):
+        llmprobe.trace("hi", model=tiny_loaded, top_k=0)
+    with pytest.raises(UsageError, match="no trace metadata"):
+        llmprobe.fit_posterior(pd.DataFrame({"x": [1]}))
+
+
+def test_import_llmprobe_stays_light():
+    code = ("import sys, llmprobe; assert 'trace' in llmprobe.__all__;"
+            " print(','.join(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip() == ""
+
+
+@pytest.mark.real_model
+def test_api_equals_cli_on_the_default_model(real_loaded, tmp_path, capsysbinary, monkeypatch):
+    cli_frame, cli_summary = cli_pipeline(["--device", "cpu", "--dtype", "float32"], tmp_path, capsysbinary,
+                                          monkeypatch)
+    frame, fit = api_pipeline(real_loaded)
+    assert frame.attrs["llmprobe"]["model"] == "SmolLM2-135M-Instruct"
+    assert_same_trace(frame, cli_frame)
+    assert fit.summary == cli_summary
