@@ -1,4 +1,4 @@
-"""Reading traces back: one Parquet file, a directory of part files, or ``-`` (stdin).
+"""Reading traces back: one Parquet or JSONL file, a directory of part files, or ``-`` (stdin).
 
 Every reader in llmprobe goes through :func:`open_trace`, which checks that the input really is an
 llmprobe trace and that all parts come from the same model, and returns the Arrow table with its
@@ -8,6 +8,7 @@ token strings joined in from the vocabulary that travels with the trace.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llmprobe.errors import UsageError
-from llmprobe.tracing.schema import decode_metadata, decode_vocab
+from llmprobe.tracing.schema import (JSONL_HEADER_KEY, PHASE_GENERATED, PHASE_PROMPT, decode_metadata, decode_vocab,
+                                     schema_from_jsonl_header)
 
 IDENTITY_KEYS = ("model", "weights_sha256", "model_revision")  # parts must agree on these
 
@@ -42,7 +45,7 @@ def open_trace(source: str | Path, columns: list[str] | None = None) -> Trace:
         data = sys.stdin.buffer.read()
         if not data:
             raise UsageError("no trace on standard input", where="<stdin>")
-        return _read_one(pa.BufferReader(data), "<stdin>", columns)
+        return _read_any(data, "<stdin>", columns)
     path = Path(source)
     if path.is_dir():
         parts = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
@@ -62,7 +65,61 @@ def open_trace(source: str | Path, columns: list[str] | None = None) -> Trace:
         return Trace(table, first.meta, first.vocab, source)
     if not path.exists():
         raise UsageError("no such trace file or directory", where=source)
+    with open(path, "rb") as handle:
+        start = handle.read(64)
+    if start.lstrip().startswith(b"{") or start.startswith(CSV_START):
+        return _read_any(path.read_bytes(), source, columns)
     return _read_one(path, source, columns)
+
+
+CSV_START = b"prompt_index,"
+
+
+def _read_any(data: bytes, name: str, columns: list[str] | None) -> Trace:
+    """Parquet, or a JSONL trace (``--format jsonl``); a CSV trace is refused with the reason."""
+    if data.lstrip().startswith(b"{"):
+        return _read_jsonl(data, name, columns)
+    if data.startswith(CSV_START):
+        raise UsageError("a CSV trace cannot be read back (CSV holds no metadata or vocabulary); write the trace"
+                         " with --format parquet or --format jsonl", where=name)
+    return _read_one(pa.BufferReader(data), name, columns)
+
+
+def _read_jsonl(data: bytes, name: str, columns: list[str] | None) -> Trace:
+    """A JSONL trace: the header record (metadata, vocabulary, schema), then one object per row."""
+    lines = [line for line in data.split(b"\n") if line.strip()]
+    try:
+        header = json.loads(lines[0])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError("neither Parquet nor a JSONL trace (line 1 is not JSON)", where=name) from None
+    if not isinstance(header, dict) or JSONL_HEADER_KEY not in header:
+        raise UsageError("JSON lines, but not an llmprobe trace (no header record: write it with llmprobe"
+                         " trace --format jsonl)", where=name)
+    schema = schema_from_jsonl_header(header)
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"invalid JSON ({exc})", where=f"{name}:{number}") from None
+        for key in ("mark", "meta"):  # written as objects, stored as JSON text
+            if isinstance(row.get(key), (dict, list)):
+                row[key] = json.dumps(row[key])
+        rows.append(row)
+    try:
+        table = pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        raise UsageError(f"rows do not match the trace schema in the header ({str(exc).splitlines()[0]})",
+                         where=name) from None
+    if "phase" in table.column_names:  # the dictionary the engine writes, whichever phases occur
+        phases = pa.array([PHASE_PROMPT, PHASE_GENERATED])
+        codes = pc.index_in(table.column("phase").cast(pa.string()), value_set=phases).cast(pa.int8())
+        index = table.column_names.index("phase")
+        table = table.set_column(index, table.schema.field(index),
+                                 pa.chunked_array([pa.DictionaryArray.from_arrays(codes.combine_chunks(), phases)]))
+    if columns is not None:
+        table = table.select([c for c in columns if c in table.column_names])
+    return Trace(table, decode_metadata(schema.metadata), decode_vocab(schema.metadata), name)
 
 
 def _read_one(handle, name: str, columns: list[str] | None) -> Trace:

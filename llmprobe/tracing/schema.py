@@ -8,10 +8,15 @@ docs/traces.md documents each column for users.
 Run-level facts (model, dtype, targets, generation settings, versions, command line) travel in the
 Parquet key-value metadata under :data:`META_KEY` as one JSON object; the vocabulary (token id ->
 display string) travels under :data:`VOCAB_KEY` so top-k ids need not repeat their strings per row.
+
+A JSONL trace (``--format jsonl``) carries the same facts in its first line, a header record
+(:func:`jsonl_header`: the metadata, the vocabulary and the Arrow schema), so every reader takes it
+as it takes Parquet; the rows follow, one JSON object each.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any, Mapping, Sequence
 
@@ -93,6 +98,28 @@ def encode_metadata(meta: dict[str, Any], vocab: list[str] | None) -> dict[bytes
     if vocab is not None:
         out[VOCAB_KEY] = json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode()  # compact: ~10% smaller
     return out
+
+
+JSONL_HEADER_KEY = "llmprobe_trace_header"  # the key that marks a JSONL trace's first line
+
+
+def jsonl_header(schema: pa.Schema) -> dict[str, Any]:
+    """The first record of a JSONL trace: metadata, vocabulary and schema (``schema`` as the writer made it)."""
+    kv = schema.metadata or {}
+    bare = schema.remove_metadata()
+    return {JSONL_HEADER_KEY: TRACE_FORMAT_VERSION, "meta": decode_metadata(kv), "vocab": decode_vocab(kv),
+            "schema": base64.b64encode(bare.serialize().to_pybytes()).decode("ascii")}
+
+
+def schema_from_jsonl_header(header: dict[str, Any]) -> pa.Schema:
+    """The trace schema, with the metadata and vocabulary in its key-value metadata, from a JSONL header."""
+    import pyarrow.ipc
+
+    schema = pyarrow.ipc.read_schema(pa.py_buffer(base64.b64decode(header["schema"])))
+    kv = {META_KEY: json.dumps(header["meta"]).encode()}
+    if header.get("vocab") is not None:
+        kv[VOCAB_KEY] = json.dumps(header["vocab"], ensure_ascii=False).encode()
+    return schema.with_metadata(kv)
 
 
 def decode_metadata(kv: dict[bytes, bytes] | None) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from llmprobe.errors import UsageError
 from llmprobe.files import atomic_file, check_new_output
-from llmprobe.tracing.schema import encode_metadata
+from llmprobe.tracing.schema import encode_metadata, jsonl_header
 
 OUTPUT_FORMATS = ("parquet", "jsonl", "csv")
 JSON_COLUMNS = ("mark", "meta")  # string columns holding JSON objects
@@ -75,14 +75,17 @@ def _make_sink(stream, fmt: str, schema: pa.Schema) -> Iterator[Sink]:
         finally:
             writer.close()
     elif fmt == "jsonl":
-        yield _JsonlSink(stream)
+        yield _JsonlSink(stream, schema)
     else:
         yield _CsvSink(stream, schema)
 
 
 class _JsonlSink:
-    def __init__(self, stream) -> None:
+    """A header record (metadata, vocabulary, schema) first, so the trace reads back like Parquet."""
+
+    def __init__(self, stream, schema: pa.Schema) -> None:
         self.stream = stream
+        self.stream.write((json.dumps(jsonl_header(schema), ensure_ascii=False, separators=(",", ":")) + "\n").encode())
 
     def write(self, batch: pa.RecordBatch) -> None:
         lines = [json.dumps(row_to_json(row), ensure_ascii=False) for row in batch.to_pylist()]

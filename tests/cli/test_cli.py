@@ -47,7 +47,8 @@ def test_jsonl_to_stdout_is_only_json(tiny_model_dir, capsysbinary, monkeypatch)
                                 stdin=b"The capital of France is\n")
     assert code == 0, err
     lines = stdout.decode().splitlines()
-    rows = [json.loads(line) for line in lines]
+    header, *rows = [json.loads(line) for line in lines]  # a header record first (issue 16)
+    assert "llmprobe_trace_header" in header and header["meta"]["settings"]["max_new_tokens"] == 3
     assert {r["phase"] for r in rows} == {"prompt", "generated"}
     assert "loaded" in err  # logs go to stderr
 

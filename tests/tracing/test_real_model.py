@@ -69,7 +69,8 @@ def test_pipeline_prints_only_json_lines(real_loaded):
         input=b"The capital of France is\n", capture_output=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr.decode()
-    rows = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    header, *rows = [json.loads(line) for line in result.stdout.decode().splitlines()]  # header first (issue 16)
+    assert header["meta"]["model"] == "SmolLM2-135M-Instruct"
     assert [r["phase"] for r in rows].count("generated") == 3
     first_generated = next(r for r in rows if r["phase"] == "generated")
     assert first_generated["token"] == " Paris"
