@@ -73,7 +73,8 @@ def _next_token_figure(frame, prompt: str):
     ax.set_xlabel("input token (row predicts the token after it)")
     ax.set_ylabel("layer (logit lens)")
     ax.set_title(plain_label(f"prompt {prompt}: probability of the actual next token by layer"))
-    top1 = frame.pivot(index="layer", columns="position", values="next_rank").reindex(index=layers) == 1
+    ranks = frame.pivot(index="layer", columns="position", values="next_rank").reindex(index=layers)
+    top1 = (ranks == 1).fillna(False).astype(bool)  # no next token (null rank): not top-1
     emerged = [int(layers[np.argmax(col)]) for _, col in top1.items() if col.any()]
     summary = (f"{len(layers)} layers x {len(positions)} positions; the next token is top-1 at the output layer"
                f" for {int(top1.iloc[-1].sum())} positions")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -136,22 +137,43 @@ def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
 
 
 def read_trace(source: str | Path, columns: list[str] | None = None, *, token_strings: bool = True):
-    """A trace as a pandas DataFrame in input order, with ``topk_tokens`` joined from the vocabulary.
+    """A trace as a pandas DataFrame in input order, ready for pandas (see docs/traces.md, "Reading traces").
 
-    List columns come back as numpy arrays per row; ``mark`` and ``meta`` stay JSON strings.
+    * ``topk_tokens`` is joined from the vocabulary that travels with the trace;
+    * ``mark`` and ``meta`` are dicts (None where absent), not JSON text;
+    * integer columns keep integer dtypes, nullable ones (``next_token_id``, ``next_rank``,
+      ``mark_index``) as pandas ``Int32`` with ``<NA>`` rather than float64 with NaN;
+    * the targets are labelled: one float column per target, ``target_logprob[TEXT]`` and
+      ``target_seq_logprob[TEXT]``, beside the list columns;
+    * the run metadata is in ``frame.attrs["llmprobe"]``.
+
+    List columns come back as numpy arrays per row. Traces of every ``trace_format`` so far read the same.
     """
     return trace_frame(open_trace(source, columns), token_strings=token_strings)
 
 
+PANDAS_INTEGERS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                   pa.int64(): pd.Int64Dtype()}
+
+
 def trace_frame(trace: Trace, *, token_strings: bool = True):
     """The pandas view of an opened (or in-memory) trace; see :func:`read_trace`."""
-    frame = trace.table.to_pandas()
+    frame = trace.table.to_pandas(types_mapper=PANDAS_INTEGERS.get)
     order = [c for c in ("prompt_index", "layer", "position") if c in frame.columns]
     if order:
         frame = frame.sort_values(order, kind="stable").reset_index(drop=True)
     if token_strings and trace.vocab is not None and "topk_ids" in frame.columns:
         vocab = np.array(trace.vocab, dtype=object)
         frame["topk_tokens"] = [vocab[ids] for ids in frame["topk_ids"]]
+    for name in ("mark", "meta"):
+        if name in frame.columns:
+            frame[name] = [json.loads(v) if isinstance(v, str) else None for v in frame[name]]
+    targets = [t.get("text") for t in trace.meta.get("targets", [])]
+    for name in ("target_logprobs", "target_seq_logprobs"):
+        if name in frame.columns and targets:
+            values = np.stack([np.full(len(targets), np.nan, np.float32) if v is None else v for v in frame[name]])
+            for i, text in enumerate(targets[:values.shape[1]]):
+                frame[f"{name.removesuffix('s')}[{text}]"] = values[:, i]
     frame.attrs["llmprobe"] = trace.meta
     return frame
 
