@@ -11,6 +11,7 @@ import json
 import math
 
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 from llmprobe.analysis.continuity import ContinuityResult
@@ -30,6 +31,10 @@ def show_trace(frame: pd.DataFrame, top: int, as_json: bool, out: Output) -> Non
             out.data_text(json.dumps(_row_json(row, top), ensure_ascii=False) + "\n")
         return
     meta = frame.attrs["llmprobe"]
+    if "layer" in frame.columns:  # a logit-lens trace: the layer x position grid, not 30 copies of the positions
+        for prompt_id, rows in frame.groupby("prompt_id", sort=False):
+            out.show(_lens_table(rows, meta, prompt_id))
+        return
     for prompt_id, rows in frame.groupby("prompt_id", sort=False):
         table = Table(title=f"{meta.get('model')} — prompt {prompt_id}", title_justify="left")
         # token strings are never wrapped (their whitespace is the point); candidates go one per line
@@ -55,6 +60,34 @@ def show_trace(frame: pd.DataFrame, top: int, as_json: bool, out: Output) -> Non
         out.show(table)
 
 
+def _lens_table(rows: pd.DataFrame, meta: dict, prompt_id: str) -> Table:
+    """The logit lens: the top-1 next token and its probability per layer (rows, output first) and
+    position (columns, headed by the input token); bold where it is the token that actually follows."""
+    positions = sorted(set(int(p) for p in rows["position"]))
+    layers = sorted(set(int(v) for v in rows["layer"]), reverse=True)
+    output = rows[rows["layer"] == layers[0]].set_index("position")
+    table = Table(title=f"{meta.get('model')} — prompt {prompt_id}: logit lens, top-1 next token and its"
+                        " probability by layer (bold: the actual next token)", title_justify="left")
+    table.add_column("layer", justify="right")
+    for position in positions:
+        table.add_column(f"{position}\n{visible(output.loc[position, 'token'])}", no_wrap=True)
+    cells = {(int(r.layer), int(r.position)): r for r in rows.itertuples(index=False)}
+    for layer in layers:
+        row_cells = []
+        for position in positions:
+            r = cells.get((layer, position))
+            if r is None:
+                row_cells.append("")
+                continue
+            top = r.topk_tokens[0] if hasattr(r, "topk_tokens") else str(int(r.topk_ids[0]))
+            text = f"{visible(top)} {math.exp(r.topk_logprobs[0]):.2f}"
+            is_next = r.next_token_id is not None and not pd.isna(r.next_token_id) \
+                and int(r.topk_ids[0]) == int(r.next_token_id)
+            row_cells.append(f"[bold]{escape(text)}[/bold]" if is_next else escape(text))
+        table.add_row(f"{layer} (output)" if layer == layers[0] else str(layer), *row_cells)
+    return table
+
+
 def _probability(p: float) -> str:
     return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
 
@@ -68,6 +101,7 @@ def _row_json(row, top: int) -> dict:
     has_next = not _isnan(row.next_logprob)
     return {
         "prompt_id": row.prompt_id,
+        **({"layer": int(row.layer)} if hasattr(row, "layer") else {}),
         "position": int(row.position),
         "phase": row.phase,
         "token": row.token,

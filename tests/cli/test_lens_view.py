@@ -1,0 +1,31 @@
+"""The logit lens in the terminal (issue 16, item 4): a layer x position grid of top-1 tokens, layers in JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from llmprobe.tracing.reader import read_trace, visible
+from tests.cli_helpers import run_cli
+
+
+def test_inspect_shows_the_lens_grid(tiny_model_dir, tmp_path, capsysbinary, monkeypatch):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The capital of France is\n")
+    lens = tmp_path / "lens.parquet"
+    code, _, err = run_cli(["trace", str(prompts), "--model", str(tiny_model_dir), "--layers", "all", "--top-k", "3",
+                            "-o", str(lens), "-q"], capsysbinary, monkeypatch)
+    assert code == 0, err
+    code, stdout, err = run_cli(["inspect", str(lens)], capsysbinary, monkeypatch)
+    assert code == 0, err
+    text = stdout.decode()
+    frame = read_trace(lens)
+    layers = sorted(set(int(v) for v in frame["layer"]))
+    body = [line for line in text.splitlines() if line.startswith("│")]
+    assert len(body) == len(layers)  # one row per layer, not one table per layer
+    assert body[0].split("│")[1].strip() == f"{layers[-1]} (output)" and body[-1].split("│")[1].strip() == "0"
+    first = frame[(frame["layer"] == layers[0]) & (frame["position"] == 0)].iloc[0]
+    assert f"{visible(first.topk_tokens[0])} {math.exp(first.topk_logprobs[0]):.2f}" in body[-1]
+    code, stdout, _ = run_cli(["inspect", str(lens), "--json"], capsysbinary, monkeypatch)
+    rows = [json.loads(line) for line in stdout.decode().splitlines()]
+    assert sorted({r["layer"] for r in rows}) == layers and len(rows) == len(frame)
