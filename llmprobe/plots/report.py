@@ -1,5 +1,10 @@
 """``llmprobe report``: one self-contained HTML file with a run's metadata, figures and summary tables.
 
+The page leads with the answer: with a fit table, a verdict per trace (exact Bayes rejected or not,
+γ and its interval, α0, KL and TV in bits) and the in-context figure; then token figures for a few
+informative prompts (different true θ where the prompts carry one); then the prior; and last,
+collapsed, the details (run metadata, the per-prompt table, every fitted number, rounded).
+
 Everything the page shows is inside the file: figures are ``data:`` URIs (PNG or SVG), the style
 sheet is inline, and there are no scripts, fonts or links to fetch, so it opens offline in any
 browser and can be mailed around. Text from traces is escaped with :func:`html.escape`.
@@ -134,8 +139,19 @@ def _cell(value: Any) -> str:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return f'<td class="num">{value}</td>'
     if isinstance(value, (dict, list)):
-        return f"<td><pre>{escape(json.dumps(value, ensure_ascii=False, indent=1))}</pre></td>"
+        return f"<td><pre>{escape(json.dumps(_rounded(value), ensure_ascii=False))}</pre></td>"
     return f"<td>{escape(str(value))}</td>"
+
+
+def _rounded(value: Any) -> Any:
+    """Numbers inside lists and dicts to 4 significant digits, as in the table cells."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
 
 
 def html_table(frame: pd.DataFrame, limit: int = MAX_TABLE_ROWS) -> str:
@@ -176,17 +192,23 @@ def build_report(trace_source: str, extras: list[str], *, prompts: list[str] | N
              f"<p>Trace <code>{escape(trace_source)}</code>"
              + (f", fit table <code>{escape(fit_path)}</code>" if fit_path else "")
              + (f", prior <code>{escape(prior_path)}</code>" if prior_path else "")
-             + f". Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by llmprobe {escape(__version__)}.</p>",
-             "<h2>Run</h2>", key_value_table(meta)]
+             + f". Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by llmprobe {escape(__version__)}.</p>"]
     summary = prompt_summary(frame)
-    parts += ["<h2>Prompts</h2>",
-              "<p>Surprisal and top-1 accuracy are over the prompt's own tokens (teacher-forced); "
-              "‖ separates the prompt from generated text.</p>", html_table(summary)]
-    parts += _token_section(frame, trace_source, summary, prompts, max_prompts, max_positions, top, image_format)
     if fit is not None:
+        parts += _answer_section(fit.summaries)
         parts += _fit_section(fit, image_format)
+    parts += ["<h2>Prompts</h2>"]
+    parts += _token_section(frame, trace_source, summary, prompts, max_prompts, max_positions, top, image_format)
     if prior is not None:
         parts += _prior_section(prior, image_format)
+    parts += ["<h2>Details</h2>",
+              _details("Run metadata", key_value_table(meta)),
+              _details(f"Per-prompt summary ({len(summary)} prompts)",
+                       "<p>Surprisal and top-1 accuracy are over the prompt's own tokens (teacher-forced); "
+                       "‖ separates the prompt from generated text.</p>" + html_table(summary))]
+    for fit_summary in fit.summaries if fit is not None else []:
+        parts.append(_details(f"Fit of {fit_summary.get('trace', 'the trace')}: every number",
+                              key_value_table(flatten_summary(fit_summary))))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>llmprobe report — {escape(model)}</title>\n<style>{STYLE}</style>\n</head>\n"
@@ -198,7 +220,7 @@ def _token_section(frame: pd.DataFrame, source: str, summary: pd.DataFrame, prom
     unknown = [p for p in prompts or [] if p not in set(summary["prompt"])]
     if unknown:
         raise UsageError(f"no prompt with id {unknown[0]!r} in the trace", where="--prompt")
-    chosen = prompts or list(summary["prompt"].head(max_prompts))
+    chosen = prompts or informative_prompts(frame, list(summary["prompt"]), max_prompts)
     parts = []
     for prompt_id in chosen:
         rows = frame[frame["prompt_id"] == prompt_id]
@@ -223,10 +245,57 @@ def _fit_section(fit: FitTable, image_format: str) -> list[str]:
                      "Mean over sequences (band: 10th–90th percentile) of the model's probability for each category, "
                      "the Bayesian prediction and the true θ; distances, entropy and mass below."),
              html_table(fit_group_summary(fit, summary))]
-    for fit_summary in fit.summaries:
-        parts += [f"<h3>Fit of {escape(str(fit_summary.get('trace', 'the trace')))}</h3>",
-                  key_value_table(flatten_summary(fit_summary))]
     return parts
+
+
+def _answer_section(summaries: list[dict[str, Any]]) -> list[str]:
+    """The verdict first: is the model's in-context updating Bayesian, and how far from it?"""
+    def number(summary: dict, *keys: str) -> float:
+        value: Any = summary
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return float(value) if isinstance(value, (int, float)) else math.nan
+
+    parts, rows = ["<h2>Answer</h2>"], []
+    for s in summaries:
+        rejected = s.get("exact_bayes_rejected")
+        low, high = (list(s.get("gamma_ci") or []) + [math.nan, math.nan])[:2]
+        verdict = {True: "exact Bayesian updating is rejected", False: "exact Bayesian updating is not rejected",
+                   None: "no test of exact Bayes in this fit"}[rejected if rejected in (True, False) else None]
+        if s.get("gamma_identifiable") is False:
+            verdict += " (the predictions do not respond to the examples, so γ is not identifiable)"
+        gamma, alpha0 = number(s, "forgetting", "gamma"), number(s, "exact_bayes", "alpha0")
+        parts.append(f"<p><b>{escape(str(s.get('trace', 'trace')))}</b>: {escape(verdict)}; forgetting factor "
+                     f"γ = {gamma:.3f} ({int(number(s, 'gamma_ci_level') * 100) if s.get('gamma_ci_level') else 95}%"
+                     f" CI {low:.3f}–{high:.3f}), prior strength α0 = {alpha0:.3g}.</p>")
+        rows.append({"trace": str(s.get("trace")), "exact Bayes": verdict.split(" (")[0], "γ": gamma,
+                     "γ CI low": float(low), "γ CI high": float(high), "α0": alpha0,
+                     "mean KL(Bayes‖model) bits": number(s, "mean_kl_bits"), "mean TV": number(s, "mean_tv"),
+                     "mass on categories": number(s, "mean_mass")})
+    parts.append(html_table(pd.DataFrame(rows)))
+    return parts
+
+
+def informative_prompts(frame: pd.DataFrame, ids: list[str], count: int) -> list[str]:
+    """Up to ``count`` prompts that differ: one per true θ, spread from the lowest θ to the highest, when
+    the prompts carry a θ (experiments); else the first ``count``."""
+    if "meta" not in frame.columns or count == 0:
+        return ids[:count]
+    first_per_theta: dict[tuple, str] = {}
+    for prompt_id, meta in zip(frame["prompt_id"], frame["meta"]):
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+        theta = meta.get("theta") if isinstance(meta, dict) else None
+        if isinstance(theta, list):
+            first_per_theta.setdefault(tuple(theta), str(prompt_id))
+    if len(first_per_theta) < 2:
+        return ids[:count]
+    ordered = [first_per_theta[t] for t in sorted(first_per_theta)]
+    picks = np.unique(np.linspace(0, len(ordered) - 1, min(count, len(ordered))).round().astype(int))
+    return [ordered[i] for i in picks]
+
+
+def _details(summary: str, content: str) -> str:
+    return f"<details><summary>{escape(summary)}</summary>{content}</details>"
 
 
 def _prior_section(prior: Prior, image_format: str) -> list[str]:
