@@ -53,6 +53,7 @@ class TokenGrid:
     entropy_bits: np.ndarray  # (P,)
     marked: np.ndarray  # (P,) bool: an experiment mark sits at this position
     prompt_text: str
+    layer: str | None = None  # for a logit-lens trace: "layer 12 of 0–29" or "output layer 29"
 
 
 def parse_positions(spec: str | None) -> tuple[int | None, int | None]:
@@ -113,7 +114,12 @@ def token_grid(frame: pd.DataFrame, source: str, prompt: str | None, positions: 
     else:  # a trace without its vocabulary: show ids
         candidates = [[f"#{i}" for i in row[:k]] for row in ids]
     has_next = frame["next_token_id"].notna().to_numpy()
+    layer = None
+    if "layer" in frame.columns:
+        shown, last = int(frame["layer"].iloc[0]), int(meta.get("num_layers") or 0) - 1
+        layer = f"output layer {shown}" if shown == last else f"logit lens at layer {shown} of 0–{last}"
     return TokenGrid(
+        layer=layer,
         model=str(meta.get("model", "unknown model")),
         prompt_id=str(frame["prompt_id"].iloc[0]),
         positions=frame["position"].to_numpy(dtype=int),
@@ -185,8 +191,7 @@ def plot_tokens(grid: TokenGrid, wrap: int = 16) -> Figure:
                                 0.14 / fig_w, bar_h / fig_h))
             fig.colorbar(heat.images[0], cax=bar).set_label("probability", fontsize=8)
             bar.tick_params(labelsize=7)
-    title = (f"{plain_label(grid.model)} — prompt {plain_label(grid.prompt_id)}: top-{k} next-token candidates,"
-             f" positions {grid.positions[0]}–{grid.positions[-1]}")
+    title = figure_title(grid, k)
     fig.text(left / fig_w, 1 - 0.12 / fig_h, title + "\n" + _prompt_excerpt(grid.prompt_text), fontsize=11,
              va="top", ha="left", linespacing=1.4)
     handles = [Patch(facecolor="none", edgecolor=HIGHLIGHT, linewidth=2, label="actual next token")]
@@ -272,6 +277,12 @@ def _draw_entropy(ax, grid: TokenGrid, chunk: slice, width: int, top: float, leg
                   handles=[Line2D([], [], marker="o", markersize=3.5, color="#08519c", label="entropy H"),
                            Line2D([], [], marker="x", linestyle="none", color=HIGHLIGHT,
                                   label="surprisal −log₂ P(actual next)")])
+
+
+def figure_title(grid: TokenGrid, k: int) -> str:
+    """Model, prompt, what is drawn, and for a logit-lens trace which layer (not the output's title)."""
+    return (f"{plain_label(grid.model)} — prompt {plain_label(grid.prompt_id)}: top-{k} next-token candidates,"
+            f" positions {grid.positions[0]}–{grid.positions[-1]}" + (f", {grid.layer}" if grid.layer else ""))
 
 
 def write_tokens_figure(source: str, prompt: str | None, output: str | None, *, positions: str | None, top: int | None,

@@ -29,3 +29,17 @@ def test_inspect_shows_the_lens_grid(tiny_model_dir, tmp_path, capsysbinary, mon
     code, stdout, _ = run_cli(["inspect", str(lens), "--json"], capsysbinary, monkeypatch)
     rows = [json.loads(line) for line in stdout.decode().splitlines()]
     assert sorted({r["layer"] for r in rows}) == layers and len(rows) == len(frame)
+
+
+def test_token_figure_of_a_lens_layer_names_the_layer(tiny_model_dir, tmp_path, capsysbinary, monkeypatch):
+    from llmprobe.plots.tokens import figure_title, load_token_grid
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The capital of France is\n")
+    lens = tmp_path / "lens.parquet"
+    code, _, err = run_cli(["trace", str(prompts), "--model", str(tiny_model_dir), "--layers", "all", "--top-k", "3",
+                            "-o", str(lens), "-q"], capsysbinary, monkeypatch)
+    assert code == 0, err
+    last = read_trace(lens).attrs["llmprobe"]["num_layers"] - 1
+    assert figure_title(load_token_grid(str(lens), None, None, 3, 0), 3).endswith(f"logit lens at layer 0 of 0–{last}")
+    assert figure_title(load_token_grid(str(lens), None, None, 3, None), 3).endswith(f"output layer {last}")
