@@ -47,7 +47,7 @@ GAMMA_MIN = 1e-3
 GAMMA_ONE_TOLERANCE = 1e-4
 """Estimates of gamma within this of 1 count as 1: the optimizer's resolution at the bound."""
 
-GAMMA_GRID = (1.0, 0.95, 0.9, 0.8, 0.7, 0.55, 0.4, 0.25, 0.1, GAMMA_MIN)
+GAMMA_GRID = (1.0, 0.9, 0.75, 0.5, 0.25, GAMMA_MIN)
 """The fixed values of gamma the free fit profiles before refining, from the nested gamma = 1 down."""
 
 LOG_ALPHA_BOUND = 30.0
@@ -298,10 +298,11 @@ class _DirichletFilter:
     marks: _Marks
 
     def start(self) -> np.ndarray:
-        """Prior mean from the marks with no examples yet (else all marks), strength 2."""
-        first = self.marks.positions.position == 0
-        rows = first if np.any(first) else np.ones_like(first)
-        mean = self.marks.weights[rows] @ self.marks.probs[rows] / self.marks.weights[rows].sum()
+        """Prior mean from the weighted marks with no examples yet (else all weighted marks), strength 2."""
+        weights = self.marks.weights
+        first = (self.marks.positions.position == 0) & (weights > 0)
+        rows = first if np.any(first) else weights > 0
+        mean = weights[rows] @ self.marks.probs[rows] / weights[rows].sum()
         return np.log(np.maximum(mean, 1e-6) * 2.0)
 
     def bounds(self) -> list[tuple[float, float]]:
@@ -364,7 +365,7 @@ def _minimize(
         jac=True,
         method="L-BFGS-B",
         bounds=bounds,
-        options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10},
+        options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-9},
     )
     if gamma is None:
         return Solution(result.x[:-1], float(result.x[-1]), float(result.fun), int(result.nit), bool(result.success))

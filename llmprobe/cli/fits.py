@@ -76,7 +76,17 @@ def fit_prior(
 def fit_posterior(
     traces: Annotated[list[str], typer.Argument(metavar="TRACE...", help="Traces of experiment prompts (or -).")],
     prior: Annotated[str, typer.Option(
-        help="'fit' (the exact-Bayes prior fitted to the predictions), 'uniform', or a fit-prior JSON file.")] = "fit",
+        help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
+             " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON"
+             " (a prior over rows).")] = "fit",
+    prior_components: Annotated[str, typer.Option(
+        "--prior-components", metavar="K|auto",
+        help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto'"
+             " chooses by held-out KL.")] = "1",
+    max_components: Annotated[int, typer.Option(help="Largest K tried with --prior-components auto.")] = 3,
+    min_mass: Annotated[float, typer.Option(
+        "--min-mass", help="Leave out marks with less probability than this on the categories.")] = 0.05,
+    folds: Annotated[int, typer.Option(help="Folds of sequences for the out-of-sample scores (2 or more).")] = 5,
     output: opt.output("Per-mark table, .parquet or .csv.") = None,
     as_json: opt.Json = False,
     bootstrap: opt.Bootstrap = 200,
@@ -84,8 +94,8 @@ def fit_posterior(
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Compare a model's in-context predictions with the Bayesian posterior predictive, mark by mark."""
-    from llmprobe.analysis.fits import fit_posterior as fit, write_fit_table
+    """Does the model update like a Bayesian? The updating prior, the exact-Bayes test, baselines, a verdict."""
+    from llmprobe.analysis.fits import fit_posterior as fit, parse_components, write_fit_table
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_posterior
     from llmprobe.files import check_new_output
@@ -93,6 +103,13 @@ def fit_posterior(
 
     if traces.count("-") > 1:
         raise UsageError("standard input can be read only once", where="TRACE")
+    parse_components(prior_components)
+    if not 0.0 <= min_mass < 1.0:
+        raise UsageError(f"must be in [0, 1), got {min_mass}", where="--min-mass")
+    if folds < 2:
+        raise UsageError(f"must be 2 or more, got {folds}", where="--folds")
+    if max_components < 1:
+        raise UsageError(f"must be 1 or more, got {max_components}", where="--max-components")
     if output is not None:
         check_new_output(output, force)
     out = Output(quiet)
@@ -101,7 +118,8 @@ def fit_posterior(
     for path in traces:
         trace = open_trace(path)
         label = _unique_label(trace.meta.get("model") or path, path, labels)
-        results.append(fit(category_marks(trace, label), prior, bootstrap, seed))
+        results.append(fit(category_marks(trace, label), prior, bootstrap, seed, components=prior_components,
+                           max_components=max_components, min_mass=min_mass, folds=folds))
     show_fit_posterior(results, out)
     if output is not None:
         write_fit_table(results, output, force)
