@@ -180,7 +180,7 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
         model = UpdatingFit(cm.probs, outcomes, sequence, position, n_components, weights=weights, seed=seed)
     test = model.test(n_bootstrap=n_bootstrap, seed=seed, selection=selection)
     exact_in, free_in = model.predict(test.exact), model.predict(test.free)
-    exact_out, free_out = held_out_predictions(model, fold) if fold is not None else (exact_in, free_in)
+    exact_out, free_out = held_out_predictions(model, fold, test.profile) if fold is not None else (exact_in, free_in)
 
     if prior_spec == "fit":
         bayes = exact_in

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.special import digamma, gammaln, logsumexp
+from scipy.special import digamma, gammaln
 
 from llmprobe.bayes.bayes_fit import (
     ALPHA0_UNBOUNDED,
@@ -126,7 +126,8 @@ class _MixtureFilter:
         n_alpha = self.n_components * n_categories
         alphas = np.exp(theta[:n_alpha]).reshape(self.n_components, n_categories)
         logits = np.concatenate([[0.0], theta[n_alpha:n_alpha + self.n_components - 1]])
-        return np.exp(logits - logsumexp(logits)), alphas
+        shares = np.exp(logits - logits.max())
+        return shares / shares.sum(), alphas
 
     def __call__(self, theta: np.ndarray, weights: np.ndarray, gamma: float | None) -> tuple[float, np.ndarray]:
         marks = self.marks
@@ -143,7 +144,8 @@ class _MixtureFilter:
         log_marginal = (gammaln(strength)[None] - gammaln(total)
                         + (gammaln(updated) - gammaln(a)[None]).sum(axis=2))
         joint = np.log(mix)[None] + log_marginal
-        post = np.exp(joint - logsumexp(joint, axis=1, keepdims=True))  # (M, C) posterior weights
+        post = np.exp(joint - joint.max(axis=1, keepdims=True))  # (M, C) posterior weights
+        post /= post.sum(axis=1, keepdims=True)
         r = updated / total[:, :, None]
         q = (post[:, :, None] * r).sum(axis=1)
         w = weights / weights.sum()
@@ -220,8 +222,8 @@ class UpdatingPriorTest:
     level: float
     rejected: bool
     gamma_samples: np.ndarray = field(repr=False)
-    profile: list[dict[str, float]]
-    selection: list[dict[str, float]]
+    profile: Profile = field(repr=False)
+    selection: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -230,7 +232,7 @@ class UpdatingPriorTest:
             "gamma_ci": list(self.gamma_ci),
             "level": self.level,
             "rejected": self.rejected,
-            "gamma_profile": self.profile,
+            "gamma_profile": self.profile.profile_table(),
             "selection": self.selection,
         }
 
@@ -254,11 +256,17 @@ class UpdatingFit:
         self.n_init = n_init
         self.objective = _objective(self.marks, n_components, seed, n_init)
 
-    def fit(self, weights: np.ndarray | None = None) -> tuple[UpdatingPrior, UpdatingPrior, Profile]:
+    def fit(self, weights: np.ndarray | None = None, warm: Profile | None = None
+            ) -> tuple[UpdatingPrior, UpdatingPrior, Profile]:
         w = self.marks.weights if weights is None else weights
-        profile = robust_fit(self.objective, w)
+        profile = robust_fit(self.objective, w, warm=warm)
         return (_to_prior(self.objective, profile.exact, True, w), _to_prior(self.objective, profile.free, False, w),
                 profile)
+
+    def fit_exact(self, weights: np.ndarray | None = None) -> UpdatingPrior:
+        """The gamma = 1 fit alone (no profile): what component selection scores."""
+        w = self.marks.weights if weights is None else weights
+        return _to_prior(self.objective, _minimize(self.objective, w, 1.0, self.objective.start()), True, w)
 
     def predict(self, prior: UpdatingPrior) -> np.ndarray:
         """(M, K) predictions of ``prior`` at every mark (held out or not)."""
@@ -269,8 +277,7 @@ class UpdatingFit:
         """The full-data fits and the bootstrap interval of gamma, rerunning the robust fit per resample."""
         exact, free, profile = self.fit()
         samples, interval, rejected = bootstrap_gamma(self.objective, profile, n_bootstrap, level, seed)
-        return UpdatingPriorTest(free, exact, interval, level, rejected, samples, profile.profile_table(),
-                                 selection or [])
+        return UpdatingPriorTest(free, exact, interval, level, rejected, samples, profile, selection or [])
 
 
 def sequence_folds(sequence: ArrayLike, n_folds: int, seed: int | None = 0) -> np.ndarray:
@@ -285,13 +292,15 @@ def sequence_folds(sequence: ArrayLike, n_folds: int, seed: int | None = 0) -> n
     return fold_of_sequence[inverse.reshape(-1)]
 
 
-def held_out_predictions(model: UpdatingFit, folds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(exact, free) (M, K) predictions at every mark by fits on the other folds' sequences."""
+def held_out_predictions(model: UpdatingFit, folds: np.ndarray, warm: Profile | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(exact, free) (M, K) predictions at every mark by robust fits on the other folds' sequences
+    (each profile point warm-started from ``warm``, the full-data profile, when given)."""
     exact = np.empty_like(model.marks.probs)
     free = np.empty_like(model.marks.probs)
     for fold in np.unique(folds):
         held = folds == fold
-        fitted_exact, fitted_free, _ = model.fit(np.where(held, 0.0, model.marks.weights))
+        fitted_exact, fitted_free, _ = model.fit(np.where(held, 0.0, model.marks.weights), warm)
         exact[held] = model.predict(fitted_exact)[held]
         free[held] = model.predict(fitted_free)[held]
     return exact, free
@@ -316,7 +325,10 @@ def select_updating_prior(
     table, models = [], []
     for n_components in range(1, max_components + 1):
         model = UpdatingFit(probs, outcomes, sequence, position, n_components, weights=weights, seed=seed)
-        exact, _ = held_out_predictions(model, folds)
+        exact = np.empty_like(model.marks.probs)
+        for fold in np.unique(folds):
+            held = folds == fold
+            exact[held] = model.predict(model.fit_exact(np.where(held, 0.0, model.marks.weights)))[held]
         table.append({"n_components": n_components,
                       "held_out_kl_bits": mean_kl_bits(model.marks.probs, exact, model.marks.weights)})
         models.append(model)
