@@ -57,7 +57,8 @@ FIT_META_KEY = b"llmprobe.fit"
 # ------------------------------------------------------------------------------------------ fit-prior
 def fit_prior(cm: CategoryMarks, components: str, max_components: int, from_counts: bool, n_filter: list[int] | None,
               seed: int) -> dict[str, Any]:
-    """Fit a Dirichlet (mixture) to the model's category distributions, or to the example counts.
+    """Fit the *prior over rows*: a Dirichlet (mixture) over the model's category distributions across
+    marks and prompts, or over the examples' counts. Not the *updating prior* (fit-posterior).
 
     ``n_filter``: only the marks after these numbers of examples (all marks when None)."""
     keep = np.ones(len(cm), dtype=bool) if n_filter is None else np.isin(cm.marks["n"].to_numpy(), n_filter)
@@ -68,23 +69,31 @@ def fit_prior(cm: CategoryMarks, components: str, max_components: int, from_coun
             raise UsageError("the trace's marks carry no counts (experiment prompts do)", where="--from-counts")
         last = cm.marks.assign(_row=np.arange(len(cm)))[keep].groupby("sequence")["_row"].max().to_numpy()
         data = cm.counts[last]
+        data = data[data.sum(axis=1) > 0]
+        if data.shape[0] < 2:
+            raise UsageError(f"only {data.shape[0]} sequence(s) with examples before the chosen marks; counts after"
+                             " n = 0 examples are empty, so --from-counts needs marks with n >= 1", where="--n")
     else:
         data = cm.probs[keep]
     if data.shape[0] < 2:
         raise UsageError(f"only {data.shape[0]} distribution(s) to fit; a prior needs several")
-    if components == "auto":
-        selection = select_components(data, max_components, seed, counts=from_counts)
-        best, table = selection.best, selection.table
-    else:
+    if components != "auto":
         try:
             k = int(components)
         except ValueError:
             raise UsageError(f"expected a number or 'auto', got {components!r}", where="--components") from None
         if k < 1:
             raise UsageError("must be 1 or more", where="--components")
-        fit = fit_dirichlet_multinomial_mixture if from_counts else fit_dirichlet_mixture
-        best = fit(data, k, seed)
-        table = [{"n_components": k, "loglik": best.loglik, "bic": best.bic}]
+    try:
+        if components == "auto":
+            selection = select_components(data, max_components, seed, counts=from_counts)
+            best, table = selection.best, selection.table
+        else:
+            fit = fit_dirichlet_multinomial_mixture if from_counts else fit_dirichlet_mixture
+            best = fit(data, k, seed)
+            table = [{"n_components": k, "loglik": best.loglik, "bic": best.bic}]
+    except ValueError as exc:  # data the fit cannot take (e.g. a category never counted)
+        raise UsageError(f"cannot fit a prior over rows to these marks: {exc}", where=cm.label) from None
     return {
         "format": PRIOR_FORMAT,
         "trace": cm.label,
