@@ -217,7 +217,8 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
         never_kl_bits=scores["never_updating"]["kl_bits"], out_of_sample=fold is not None,
         gamma=test.free.gamma, gamma_ci=test.gamma_ci, rejected=test.rejected,
         alpha0_at_bound=test.exact.at_bound or test.free.at_bound,
-        converged=all(f.converged or f.at_bound for f in (test.exact, test.free))))
+        converged=all(f.converged or f.at_bound for f in (test.exact, test.free)),
+        never_updates=test.exact.n_components == 1 and test.exact.at_bound))
 
     table = _long_table(cm, bayes, free_in, exact_out, used)
     by_n = summarize_by_n(table)
@@ -244,7 +245,7 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
         "gamma_ci": list(test.gamma_ci),
         "gamma_ci_level": test.level,
         "exact_bayes_rejected": test.rejected,
-        "gamma_identifiable": bool(not test.exact.at_bound),
+        "gamma_identifiable": bool(not (test.exact.n_components == 1 and test.exact.at_bound)),
         "n_bootstrap": n_bootstrap,
         "scores": scores,
         "mean_kl_bits": float(fitted["kl_bits"].mean()),

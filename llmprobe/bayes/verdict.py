@@ -20,7 +20,8 @@ The verdict, in this order (thresholds are module constants, documented in docs/
    mean KL above :data:`FIT_KL_BITS`: no filter in the family explains the predictions, whatever
    gamma says.
 2. ``no-updating``: the never-updating baseline is within :data:`NO_UPDATE_BITS` of the best
-   filter, or alpha_0 ran off to infinity (``at_bound``), or gamma's interval reaches below
+   filter, or the one-component gamma = 1 filter's alpha_0 ran off to infinity (``at_bound``; a
+   mixture whose components are point masses still updates its weights), or gamma's interval reaches below
    :data:`GAMMA_IDENTIFIABLE_LOW`: the predictions do not respond to the examples enough to
    identify gamma.
 3. ``rejected``: the bootstrap interval of gamma lies below 1; the forgetting filter fits well.
@@ -95,7 +96,7 @@ def true_theta(theta: ArrayLike) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Score:
-    """Mean KL(model || predictor) in bits and mean TV, with the std of TV over marks."""
+    """Mean KL(model || predictor) in bits and mean TV over marks."""
 
     kl_bits: float
     tv: float
@@ -127,8 +128,9 @@ class Evidence:
     gamma: float
     gamma_ci: tuple[float, float]
     rejected: bool
-    alpha0_at_bound: bool
+    alpha0_at_bound: bool  # some alpha_0 ran to the bound (a warning; with one component: never updating)
     converged: bool
+    never_updates: bool = False  # the gamma = 1 filter is the alpha_0 -> infinity limit (one component at bound)
 
 
 @dataclass(frozen=True)
@@ -151,13 +153,15 @@ def decide(e: Evidence) -> Verdict:
         warnings.append("every KL here is in sample: there were too few sequences to hold some out")
     if not e.converged:
         warnings.append("a filter fit did not converge; its numbers are where the optimizer stopped")
-    if e.alpha0_at_bound:
+    if e.never_updates:
         warnings.append("α0 ran to its bound (α0 → ∞, never updating): it is a lower bound, not an estimate")
+    elif e.alpha0_at_bound:
+        warnings.append("a component's α0 ran to its bound (a point-mass component): a lower bound, not an estimate")
     if e.best_kl_bits > FIT_KL_BITS:
         return Verdict("poor-fit", f"Poor fit: no Bayesian filter explains the predictions (best filter KL"
                                    f" {e.best_kl_bits:.4f} bits {where} > {FIT_KL_BITS}), whatever γ says.", warnings)
-    if e.never_kl_bits - e.best_kl_bits < NO_UPDATE_BITS or e.alpha0_at_bound or low < GAMMA_IDENTIFIABLE_LOW:
-        reason = ("α0 → ∞" if e.alpha0_at_bound else
+    if e.never_kl_bits - e.best_kl_bits < NO_UPDATE_BITS or e.never_updates or low < GAMMA_IDENTIFIABLE_LOW:
+        reason = ("α0 → ∞" if e.never_updates else
                   f"{interval} spans most of (0, 1]" if low < GAMMA_IDENTIFIABLE_LOW else
                   f"never updating scores {e.never_kl_bits:.4f} bits vs the best filter's {e.best_kl_bits:.4f}")
         return Verdict("no-updating", f"No updating: the predictions barely respond to the examples ({reason}),"
