@@ -140,6 +140,9 @@ def _warnings(s: dict) -> list[str]:
     if s["n_marks_low_mass"]:
         lines.append(f"{s['n_marks_low_mass']} of {s['n_marks']} marks left out: less than"
                      f" {s['thresholds']['min_mass']:g} probability on the categories (--min-mass)")
+    if s["prior"].get("role") == "prior over rows":
+        lines.append(f"--prior {s['prior']['source']} is a prior over rows (fit-prior: the spread of predictions"
+                     " across prompts), not the prior a model updates from; pass a fit-posterior --json file for that")
     if s["n_marks_inexact"]:
         lines.append(f"{s['n_marks_inexact']} marks are inexact (the mark falls inside a token; column 'exact'):"
                      " the model may not be predicting a category there")

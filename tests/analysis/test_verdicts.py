@@ -100,6 +100,12 @@ def test_fit_posterior_json_is_an_updating_prior_for_another_run(tmp_path, capsy
     (tmp_path / "updating.json").write_text(stdout)
     s = posterior(path, str(tmp_path / "updating.json"), n_bootstrap=5)
     assert s["prior"]["role"] == "updating prior" and s["scores"]["reference_prior"]["kl_bits"] < 1e-6
+    # fit-prior's prior over rows is accepted, but named for what it is
+    code, _, err = run_cli(["fit-prior", str(path), "-o", str(tmp_path / "rows.json")], capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_cli(["fit-posterior", str(path), "--prior", str(tmp_path / "rows.json"), "--bootstrap", "5"],
+                           capsys, monkeypatch)
+    assert code == 0 and "is a prior over rows" in " ".join(err.split()), err
 
 
 def test_overlapping_targets_are_refused(tmp_path, capsys, monkeypatch):
