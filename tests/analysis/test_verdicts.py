@@ -137,3 +137,21 @@ def test_bad_updating_prior_file_is_one_line(tmp_path, capsys, monkeypatch):
     bad.write_text(json.dumps([{"updating_prior": {"exact": {"weights": [1.0], "alphas": [[1.0, -2.0]]}}}]))
     code, _, err = run_cli(["fit-posterior", str(path), "--prior", str(bad)], capsys, monkeypatch)
     assert_one_line_error(code, err, "bad.json")
+
+
+@pytest.mark.real_model
+def test_real_model_coin_verdict_with_baselines(real_loaded, tmp_path):
+    """The default model on a small coin run: a verdict, its evidence and every baseline, mass-aware."""
+    from llmprobe.bayes.verdict import VERDICTS
+    from tests.plots.fixtures import experiment_records, write_trace as trace_with
+
+    records = experiment_records(tmp_path, n_max=4, sequences=1)[::2]  # θ_heads = 0, 0.2, ..., 1
+    path = trace_with(real_loaded, tmp_path / "coin.parquet", records, top_k=5, targets=[" heads", " tails"])
+    s = posterior(path)
+    assert s["verdict"] in VERDICTS and s["verdict_sentence"]
+    assert s["n_marks"] == 6 * 5 and s["n_marks_used"] + s["n_marks_low_mass"] == s["n_marks"]
+    assert {"exact_bayes", "forgetting", "never_updating", "frequency", "recency", "true_theta"} <= set(s["scores"])
+    assert s["scores"]["out_of_sample"] and s["scores"]["n_folds"] == 5
+    free, exact = s["scores"]["forgetting"], s["scores"]["exact_bayes"]
+    assert free["kl_bits_in_sample"] <= exact["kl_bits_in_sample"] + 1e-9  # the robust fit, on real predictions
+    assert 0 <= s["tv_theta"]["mean"] <= 1 and s["entropy_mae_bits"] >= 0
