@@ -237,7 +237,7 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
         "n_marks_used": int(used.sum()),
         "n_marks_low_mass": int((~used).sum()),
         "n_marks_inexact": n_inexact,
-        "n_sequences": int(len(outcomes)),
+        "n_sequences": len(outcomes),
         "prior": prior_desc,
         "updating_prior": test.to_dict(),
         "exact_bayes": _fit_summary(test.exact),

@@ -32,7 +32,6 @@ from scipy.special import digamma, gammaln
 
 from llmprobe.bayes.bayes_fit import (
     ALPHA0_UNBOUNDED,
-    GAMMA_ONE_TOLERANCE,
     LOG_ALPHA_BOUND,
     Profile,
     Solution,
@@ -44,6 +43,7 @@ from llmprobe.bayes.bayes_fit import (
     robust_fit,
 )
 from llmprobe.bayes.posterior import mixture_posterior_predictive
+from llmprobe.bayes.verdict import score
 
 COMPONENT_TOLERANCE_BITS = 1e-3
 """More components must lower the held-out mean KL by more than this (bits) to be chosen."""
@@ -186,8 +186,7 @@ def _objective(marks: _Marks, n_components: int, seed: int | None, n_init: int):
         solution = _minimize(candidate, marks.weights, 1.0, theta)
         if best is None or solution.value < best[0]:
             best = (solution.value, solution.theta)
-    assert best is not None
-    return _MixtureFilter(marks, n_components, best[1])
+    return _MixtureFilter(marks, n_components, best[1])  # type: ignore[index]  # n_init >= 1
 
 
 def _to_prior(objective, solution: Solution, gamma_fixed: bool, weights: np.ndarray) -> UpdatingPrior:
@@ -306,14 +305,6 @@ def held_out_predictions(model: UpdatingFit, folds: np.ndarray, warm: Profile | 
     return exact, free
 
 
-def mean_kl_bits(probs: np.ndarray, predictions: np.ndarray, weights: np.ndarray) -> float:
-    """Weighted mean KL(model || predictions) in bits (model rows renormalized)."""
-    p = probs / probs.sum(axis=1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        per_mark = np.where(p > 0, p * np.log(p / predictions), 0.0).sum(axis=1)
-    return float(weights @ per_mark / weights.sum()) / _LN2
-
-
 def select_updating_prior(
     probs: ArrayLike, outcomes: ArrayLike | Sequence[ArrayLike], sequence: ArrayLike, position: ArrayLike,
     max_components: int, folds: np.ndarray, *, weights: ArrayLike | None = None, seed: int | None = 0,
@@ -330,21 +321,9 @@ def select_updating_prior(
             held = folds == fold
             exact[held] = model.predict(model.fit_exact(np.where(held, 0.0, model.marks.weights)))[held]
         table.append({"n_components": n_components,
-                      "held_out_kl_bits": mean_kl_bits(model.marks.probs, exact, model.marks.weights)})
+                      "held_out_kl_bits": score(model.marks.probs, exact, model.marks.weights).kl_bits})
         models.append(model)
     best = min(row["held_out_kl_bits"] for row in table)
     chosen = next(i for i, row in enumerate(table) if row["held_out_kl_bits"] <= best + COMPONENT_TOLERANCE_BITS)
     return models[chosen], table
 
-
-__all__ = [
-    "COMPONENT_TOLERANCE_BITS",
-    "GAMMA_ONE_TOLERANCE",
-    "UpdatingFit",
-    "UpdatingPrior",
-    "UpdatingPriorTest",
-    "held_out_predictions",
-    "mean_kl_bits",
-    "select_updating_prior",
-    "sequence_folds",
-]

@@ -55,7 +55,9 @@ def test_planted_forgetting_is_rejected(tmp_path):
 
 
 def test_constant_predictions_do_not_update(tmp_path):
-    constant = lambda record, index: np.tile([0.3, 0.7], (len(record["marks"]), 1))  # noqa: E731
+    def constant(record, index):
+        return np.tile([0.3, 0.7], (len(record["marks"]), 1))
+
     s = posterior(write_trace(tmp_path / "c.parquet", records("coin", 1, 12), constant))
     assert s["verdict"] == "no-updating", s["verdict_sentence"]
     assert s["exact_bayes"]["at_bound"] and not s["exact_bayes"]["converged"]
@@ -143,7 +145,8 @@ def test_bad_updating_prior_file_is_one_line(tmp_path, capsys, monkeypatch):
 def test_real_model_coin_verdict_with_baselines(real_loaded, tmp_path):
     """The default model on a small coin run: a verdict, its evidence and every baseline, mass-aware."""
     from llmprobe.bayes.verdict import VERDICTS
-    from tests.plots.fixtures import experiment_records, write_trace as trace_with
+    from tests.plots.fixtures import experiment_records
+    from tests.plots.fixtures import write_trace as trace_with
 
     records = experiment_records(tmp_path, n_max=4, sequences=1)[::2]  # θ_heads = 0, 0.2, ..., 1
     path = trace_with(real_loaded, tmp_path / "coin.parquet", records, top_k=5, targets=[" heads", " tails"])

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmprobe.bayes import discounted_counts, mixture_posterior_predictive, posterior_predictive
+from llmprobe.bayes import (
+    discounted_counts,
+    mixture_posterior_predictive,
+    posterior_predictive,
+)
 
 
 def random_outcomes(thetas: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:

@@ -7,7 +7,12 @@ import pytest
 from scipy.optimize import approx_fprime
 
 from llmprobe.bayes.bayes_fit import _Marks
-from llmprobe.bayes.updating import UpdatingFit, _MixtureFilter, held_out_predictions, sequence_folds
+from llmprobe.bayes.updating import (
+    UpdatingFit,
+    _MixtureFilter,
+    held_out_predictions,
+    sequence_folds,
+)
 from llmprobe.bayes.verdict import (
     FIT_KL_BITS,
     Evidence,
