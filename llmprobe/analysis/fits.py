@@ -96,6 +96,7 @@ def fit_prior(cm: CategoryMarks, components: str, max_components: int, from_coun
         raise UsageError(f"cannot fit a prior over rows to these marks: {exc}", where=cm.label) from None
     return {
         "format": PRIOR_FORMAT,
+        "kind": "prior over rows",
         "trace": cm.label,
         "categories": cm.categories,
         "data": "counts" if from_counts else "probabilities",

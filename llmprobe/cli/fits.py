@@ -52,7 +52,7 @@ def fit_prior(
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Fit a Dirichlet (or a K-component Dirichlet mixture) to a trace's category distributions."""
+    """Fit the prior over rows: a Dirichlet (mixture) over the spread of a trace's category distributions."""
     from llmprobe.analysis.fits import fit_prior as fit
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_prior

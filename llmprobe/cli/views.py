@@ -101,8 +101,9 @@ def show_models(inventory: dict, as_json: bool, out: Output) -> None:
 def show_fit_prior(result: dict, label: str, out: Output) -> None:
     """``fit-prior``: the components, then the BIC table."""
     mixture = result["mixture"]
-    table = Table(title=f"{label}: Dirichlet prior over {', '.join(result['categories'])} ({result['data']},"
-                        f" {result['n_rows']} rows)", title_justify="left")
+    table = Table(title=f"{label}: prior over rows — a Dirichlet over {', '.join(result['categories'])} fitted to the"
+                        f" spread of {result['n_rows']} rows ({result['data']}); not the updating prior"
+                        " (fit-posterior)", title_justify="left")
     table.add_column("component")
     table.add_column("weight", justify="right")
     table.add_column("α0 (strength)", justify="right")
@@ -213,8 +214,16 @@ def _fit_table(result: PosteriorResult) -> Table:
                      f" fitted on the other of {scores['n_folds']} folds of sequences. γ {int(s['gamma_ci_level'] * 100)}%"
                      f" bootstrap CI [{low:.3f}, {high:.3f}] over {s['n_sequences']} sequences"
                      f" ({s['n_bootstrap']} resamples): exact Bayes "
-                     + ("REJECTED" if s["exact_bayes_rejected"] else "not rejected") + ".")
+                     + ("REJECTED" if s["exact_bayes_rejected"] else "not rejected") + "."
+                     + _selection_text(updating["selection"], k))
     return table
+
+
+def _selection_text(selection: list[dict], chosen: int) -> str:
+    if not selection:
+        return ""
+    cells = ", ".join(f"{row['n_components']}: {row['held_out_kl_bits']:.4f}" for row in selection)
+    return f" Components by held-out KL bits ({cells}): {chosen}."
 
 
 SCORE_NAMES = {"exact_bayes": "exact Bayes (γ = 1), updating prior", "forgetting": "forgetting filter",

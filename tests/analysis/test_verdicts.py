@@ -110,6 +110,15 @@ def test_fit_posterior_json_is_an_updating_prior_for_another_run(tmp_path, capsy
     assert code == 0 and "is a prior over rows" in " ".join(err.split()), err
 
 
+def test_a_single_sequence_is_scored_in_sample_and_says_so(tmp_path, capsys, monkeypatch):
+    path = write_trace(tmp_path / "one.parquet", records("coin", 1, 20)[7:8], bayesian([1.0], [[2.0, 1.0]]))
+    s = posterior(path)
+    assert not s["scores"]["out_of_sample"] and "in sample" in s["verdict_sentence"]
+    assert any("in sample" in w for w in s["verdict_warnings"])
+    code, _, err = run_cli(["fit-posterior", str(path), "--prior-components", "auto"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "--prior-components", "2 or more sequences")
+
+
 def test_overlapping_targets_are_refused(tmp_path, capsys, monkeypatch):
     path = write_trace(tmp_path / "o.parquet", records("coin", 1, 3), bayesian([1.0], [[1.0, 1.0]]),
                        token_ids=[[7], [7, 9]])
