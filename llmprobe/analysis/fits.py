@@ -219,7 +219,8 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
         gamma=test.free.gamma, gamma_ci=test.gamma_ci, rejected=test.rejected,
         alpha0_at_bound=test.exact.at_bound or test.free.at_bound,
         converged=all(f.converged or f.at_bound for f in (test.exact, test.free)),
-        never_updates=test.exact.n_components == 1 and test.exact.at_bound))
+        never_updates=test.exact.n_components == 1 and test.exact.at_bound,
+        components_chosen=n_components is None or n_components > 1))
 
     table = _long_table(cm, bayes, free_in, exact_out, used)
     by_n = summarize_by_n(table)

@@ -131,6 +131,7 @@ class Evidence:
     alpha0_at_bound: bool  # some alpha_0 ran to the bound (a warning; with one component: never updating)
     converged: bool
     never_updates: bool = False  # the gamma = 1 filter is the alpha_0 -> infinity limit (one component at bound)
+    components_chosen: bool = True  # False: one component was imposed, not chosen by held-out fit
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,10 @@ def decide(e: Evidence) -> Verdict:
         return Verdict("no-updating", f"No updating: the predictions barely respond to the examples ({reason}),"
                                       " so γ is not identifiable.", warnings)
     if e.rejected:
+        if not e.components_chosen:
+            warnings.append("the updating prior had one component imposed: exact Bayes under a Dirichlet-mixture"
+                            " prior can look like forgetting under one Dirichlet; choose the components"
+                            " (--prior-components auto) before reading this as forgetting")
         return Verdict("rejected", f"Exact Bayes rejected: the model forgets, {interval}, and that filter fits"
                                    f" (KL {e.best_kl_bits:.4f} bits {where}).", warnings)
     if e.exact_kl_bits <= FIT_KL_BITS:

@@ -35,8 +35,9 @@ def test_exactly_bayesian_under_one_dirichlet_is_consistent(tmp_path):
 def test_exactly_bayesian_under_a_two_component_mixture_is_consistent(tmp_path):
     truth_w, truth_a = [0.35, 0.65], [[8.0, 2.0], [1.5, 6.0]]
     path = write_trace(tmp_path / "m.parquet", records("coin", 2, 16), bayesian(truth_w, truth_a))
-    single = posterior(path, n_bootstrap=5)
-    assert single["verdict"] != "consistent" or single["scores"]["exact_bayes"]["kl_bits_out_of_sample"] > 1e-3
+    single = posterior(path, n_bootstrap=5)  # one Dirichlet cannot express the mixture: it looks like forgetting
+    assert single["scores"]["exact_bayes"]["kl_bits_out_of_sample"] > 1e-3
+    assert single["verdict"] != "rejected" or any("mixture" in w for w in single["verdict_warnings"])
     s = posterior(path, components="auto", max_components=2, n_bootstrap=5)
     assert s["verdict"] == "consistent", s["verdict_sentence"]
     assert [row["n_components"] for row in s["updating_prior"]["selection"]] == [1, 2]
