@@ -456,10 +456,14 @@ def bootstrap_gamma(
     marks = objective.marks
     rng = np.random.default_rng(seed)
     sequences, mark_to_sequence = np.unique(marks.positions.sequence, return_inverse=True)
+    mark_to_sequence = mark_to_sequence.reshape(-1)
+    # only sequences with weighted marks are drawn (a sequence whose marks all carry weight 0 is not data)
+    eligible = np.flatnonzero(np.bincount(mark_to_sequence, weights=marks.weights, minlength=sequences.size) > 0)
     samples = np.empty(n_bootstrap)
     for b in range(n_bootstrap):
-        draws = np.bincount(rng.integers(sequences.size, size=sequences.size), minlength=sequences.size)
-        resampled = marks.weights * draws[mark_to_sequence.reshape(-1)]
+        draws = np.zeros(sequences.size)
+        draws[eligible] = np.bincount(rng.integers(eligible.size, size=eligible.size), minlength=eligible.size)
+        resampled = marks.weights * draws[mark_to_sequence]
         samples[b] = robust_fit(objective, resampled, warm=full).free.gamma
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(samples, [tail, 100.0 - tail])

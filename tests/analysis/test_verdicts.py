@@ -89,6 +89,12 @@ def test_low_mass_marks_are_left_out_and_inexact_marks_flagged(tmp_path, capsys,
     assert s["n_marks_low_mass"] == len(prompts) and s["n_marks_used"] == s["n_marks"] - len(prompts)
     assert s["verdict"] == "consistent"
     assert posterior(low, min_mass=0.0)["n_marks_low_mass"] == 0
+    # a sequence with no used mark at all is no data: not drawn by the bootstrap, not dealt into folds
+    silent = write(tmp_path / "silent.parquet", prompts, lambda record, index: predict(record, index)
+                   * (1e-3 if index == 0 else 1.0))
+    s = posterior(silent)
+    assert s["n_marks_low_mass"] == len(prompts[0]["marks"]) and s["verdict"] == "consistent"
+    assert np.isfinite(s["gamma_ci"]).all()
     code, _, err = run_cli(["fit-posterior", str(path), "--bootstrap", "5"], capsys, monkeypatch)
     assert code == 0, err
     assert "inexact" in err and err.splitlines()[0].startswith("synthetic: Consistent")
