@@ -17,7 +17,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from llmprobe.bayes import discounted_counts, fit_bayes, fit_dirichlet, fit_dirichlet_mixture, posterior_predictive
+from llmprobe.bayes import (
+    bootstrap_exact_bayes,
+    discounted_counts,
+    fit_bayes,
+    fit_dirichlet,
+    fit_dirichlet_mixture,
+    posterior_predictive,
+)
 
 N_COMPONENTS = 5
 
@@ -61,6 +68,7 @@ def main() -> None:
     parser.add_argument("--categories", type=int, default=50)
     parser.add_argument("--marks", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--resamples", type=int, default=5, help="bootstrap resamples timed on the marks")
     args = parser.parse_args()
 
     probs, _ = synthetic_mixture(args.rows, args.categories, seed=0)
@@ -84,6 +92,11 @@ def main() -> None:
                                  ("fit_bayes free γ (robust)", robust_seconds, free.gamma)):
         print(f"{name:<32} {seconds:>8.3f} {10.0:>7.1f} {seconds / 10.0:>6.2f}  {seconds / exact_seconds:>10.1f}"
               f"  {gamma:.4f}")
+    start = time.perf_counter()
+    bootstrap_exact_bayes(*data, n_bootstrap=args.resamples, seed=0)
+    per_resample = (time.perf_counter() - start - robust_seconds) / args.resamples
+    print(f"{'bootstrap, per resample':<32} {per_resample:>8.3f} {'':>7} {'':>6}  {per_resample / exact_seconds:>10.1f}"
+          "  (each reruns the robust fit)")
 
 
 if __name__ == "__main__":
