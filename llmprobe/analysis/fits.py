@@ -192,14 +192,13 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
     exact_in, free_in = model.predict(test.exact), model.predict(test.free)
     exact_out, free_out = held_out_predictions(model, fold, test.profile) if fold is not None else (exact_in, free_in)
 
-    if prior_spec == "fit":
+    if reference is None:  # --prior fit
         bayes = exact_in
         prior_desc: dict[str, Any] = {"kind": "fit", "weights": test.exact.weights.tolist(),
                                       "alphas": test.exact.alphas.tolist()}
         if test.exact.n_components == 1:
             prior_desc["alpha"] = test.exact.alphas[0].tolist()
     else:
-        assert reference is not None
         bayes = mixture_posterior_predictive(reference.mixture.weights, reference.mixture.alphas, cm.counts)
         prior_desc = reference.describe()
     last = np.array([outcomes[s][p - 1] if p > 0 else -1 for s, p in zip(sequence, position)], dtype=np.int64)
@@ -212,9 +211,9 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
         baselines["true_theta"] = true_theta(cm.theta)
     scores = _scores(cm.probs, weights, exact_in, exact_out, free_in, free_out, bayes, prior_desc["kind"],
                      baselines, fold is not None, n_folds)
-    best = scores["forgetting"]["kl_bits_out_of_sample"]
+    held = "out_of_sample" if fold is not None else "in_sample"
     verdict = decide(Evidence(
-        best_kl_bits=best, exact_kl_bits=scores["exact_bayes"]["kl_bits_out_of_sample"],
+        best_kl_bits=scores["forgetting"][f"kl_bits_{held}"], exact_kl_bits=scores["exact_bayes"][f"kl_bits_{held}"],
         never_kl_bits=scores["never_updating"]["kl_bits"], out_of_sample=fold is not None,
         gamma=test.free.gamma, gamma_ci=test.gamma_ci, rejected=test.rejected,
         alpha0_at_bound=test.exact.at_bound or test.free.at_bound,
@@ -273,9 +272,11 @@ def _scores(probs: np.ndarray, weights: np.ndarray, exact_in: np.ndarray, exact_
         "n_folds": n_folds if out_of_sample else 0,
     }
     for name, inside, outside in (("exact_bayes", exact_in, exact_out), ("forgetting", free_in, free_out)):
-        a, b = score(probs, inside, weights), score(probs, outside, weights)
+        a = score(probs, inside, weights)
+        b = score(probs, outside, weights) if out_of_sample else None  # null: nothing could be held out
         scores[name] = {"kl_bits_in_sample": a.kl_bits, "tv_in_sample": a.tv,
-                        "kl_bits_out_of_sample": b.kl_bits, "tv_out_of_sample": b.tv}
+                        "kl_bits_out_of_sample": None if b is None else b.kl_bits,
+                        "tv_out_of_sample": None if b is None else b.tv}
     for name, predictions in baselines.items():
         scores[name] = {**score(probs, predictions, weights).to_dict(), "fitted": False}
     if prior_kind != "fit":

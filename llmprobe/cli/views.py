@@ -246,7 +246,8 @@ def _scores_table(result: PosteriorResult) -> Table:
             extra = f" ({result.summary['prior']['source']})" if key == "reference_prior" else ""
             table.add_row(label + extra, f"{row['kl_bits']:.4f}", f"{row['tv']:.4f}", "nothing fitted")
         else:
-            table.add_row(label, f"{row['kl_bits_out_of_sample']:.4f}", f"{row['tv_out_of_sample']:.4f}", where)
+            held = "out_of_sample" if scores["out_of_sample"] else "in_sample"
+            table.add_row(label, f"{row[f'kl_bits_{held}']:.4f}", f"{row[f'tv_{held}']:.4f}", where)
     return table
 
 

@@ -121,7 +121,10 @@ def test_a_single_sequence_is_scored_in_sample_and_says_so(tmp_path, capsys, mon
     path = write_trace(tmp_path / "one.parquet", records("coin", 1, 20)[7:8], bayesian([1.0], [[2.0, 1.0]]))
     s = posterior(path)
     assert not s["scores"]["out_of_sample"] and "in sample" in s["verdict_sentence"]
+    assert s["scores"]["exact_bayes"]["kl_bits_out_of_sample"] is None and s["verdict"] == "consistent"
     assert any("in sample" in w for w in s["verdict_warnings"])
+    code, _, err = run_cli(["fit-posterior", str(path), "--bootstrap", "5"], capsys, monkeypatch)
+    assert code == 0 and "in sample" in err, err
     code, _, err = run_cli(["fit-posterior", str(path), "--prior-components", "auto"], capsys, monkeypatch)
     assert_one_line_error(code, err, "--prior-components", "2 or more sequences")
 
