@@ -84,7 +84,8 @@ def category_marks(trace: Trace, label: str | None = None) -> CategoryMarks:
     outcomes = {}
     for meta, sequence in zip(metas, frame["sequence"]):
         seq_outcomes = meta.get("outcomes")
-        if isinstance(seq_outcomes, list) and len(seq_outcomes) > len(outcomes.get(sequence, [])):
+        if isinstance(seq_outcomes, list) and (sequence not in outcomes  # an n = 0 prompt may be its own sequence
+                                               or len(seq_outcomes) > len(outcomes[sequence])):
             outcomes[sequence] = seq_outcomes
     order = np.lexsort((frame["position"].to_numpy(), frame["prompt_index"].to_numpy()))
     return CategoryMarks(

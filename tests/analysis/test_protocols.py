@@ -103,3 +103,19 @@ def test_cli_bad_choices_are_one_line(tmp_path, capsysbinary, monkeypatch):
     assert_one_line_error(code, err, "--by", "template")
     code, _, err = run_cli(["fit-posterior", "missing.parquet", "--gamma-variant", "falck"], capsysbinary, monkeypatch)
     assert_one_line_error(code, err, "--gamma-variant", "gupta")
+
+
+def test_independent_per_n_prompts_each_fit_as_their_own_sequence(tmp_path, capsysbinary, monkeypatch):
+    """coin_icl.toml: n = 0 prompts are sequences without outcomes; the laplace-rule model matches Bayes."""
+    records = list(generate(load_experiment(PEERS / "coin_icl.toml")))
+    trace = _filter_trace(tmp_path / "icl.parquet", records, gamma=1.0)
+    code, stdout, err = run_cli(["fit-posterior", str(trace), "--by", "template", "--prior", "uniform",
+                                 "--bootstrap", "5", "--json"], capsysbinary, monkeypatch)
+    assert code == 0, err
+    summary = json.loads(stdout)[0]
+    assert summary["n_sequences"] == len(records) == 165
+    by_n = summary["by_template"]["by_n"]
+    assert [row["n"] for row in by_n] == [0, 1, 3, 10, 20]
+    assert all(row["tvd_bayes_mean"] < 1e-6 and row["marks"] == 33 for row in by_n)
+    by_theta_n = summary["by_template"]["by_theta_n"]
+    assert len(by_theta_n) == 11 * 5 and {row["templates"] for row in by_theta_n} == {3}
