@@ -226,3 +226,10 @@ def test_bad_config_is_one_line_on_the_command_line(tmp_path, capsys, monkeypatc
     code, out, err = run_cli(["experiment", str(path)], capsys, monkeypatch)
     assert_one_line_error(code, err, "bad.toml", "templates[1].instruction")
     assert out == ""
+
+
+def test_martingale_refuses_templated_experiments():
+    from llmprobe.analysis.martingale import model_martingale
+
+    with pytest.raises(UsageError, match="single-\\[template\\]"):
+        model_martingale(None, loads_experiment(TEMPLATED), [0], paths=1, horizon=1)
