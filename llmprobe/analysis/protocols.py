@@ -30,13 +30,25 @@ BY_CHOICES = ("template",)
 GAMMA_VARIANTS = ("gupta",)
 STATISTICS = ("p_first_model", "p_first_bayes", "tvd_theta", "kl_theta_bits", "tvd_bayes", "kl_bayes_bits")
 
-__all__ = ["BY_CHOICES", "GAMMA_VARIANTS", "STATISTICS", "per_mark_statistics", "peer_gamma", "template_tables"]
+__all__ = ["BY_CHOICES", "GAMMA_VARIANTS", "STATISTICS", "bayes_from_fit_table", "per_mark_statistics", "peer_gamma",
+           "template_tables"]
 
 
 def check_choice(value: str | None, choices: tuple[str, ...], option: str) -> str | None:
     if value is not None and value not in choices:
         raise UsageError(f"expected {' or '.join(choices)}, got {value!r}", where=option)
     return value
+
+
+def bayes_from_fit_table(table: pd.DataFrame, cm: CategoryMarks) -> np.ndarray:
+    """(M, K) posterior predictive per mark from fit-posterior's long table (one row per mark and category)."""
+    k = len(cm.categories)
+    ids = table["prompt_id"].to_numpy()
+    if (len(table) != len(cm) * k or list(table["category"].iloc[:k]) != cm.categories
+            or not np.array_equal(ids[::k], cm.marks["prompt_id"].to_numpy())
+            or not np.array_equal(table["position"].to_numpy()[::k], cm.marks["position"].to_numpy())):
+        raise ValueError("the fit table's rows are not the marks' (mark-major, categories in order)")
+    return table["bayes_prob"].to_numpy(dtype=np.float64).reshape(len(cm), k)
 
 
 def per_mark_statistics(cm: CategoryMarks, bayes: np.ndarray) -> pd.DataFrame:

@@ -95,9 +95,8 @@ def fit_posterior(
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_posterior
     from llmprobe.files import check_new_output
-    from llmprobe.tracing.reader import open_trace
-
     from llmprobe.analysis import protocols
+    from llmprobe.tracing.reader import open_trace
 
     protocols.check_choice(by, protocols.BY_CHOICES, "--by")
     protocols.check_choice(gamma_variant, protocols.GAMMA_VARIANTS, "--gamma-variant")
@@ -128,7 +127,7 @@ def _peer_statistics(result, marks, by: Optional[str], gamma_variant: Optional[s
     from llmprobe.cli.views import show_peer_gamma, show_template_tables
 
     if by == "template":
-        bayes = result.table["bayes_prob"].to_numpy().reshape(len(marks), len(marks.categories))
+        bayes = protocols.bayes_from_fit_table(result.table, marks)
         tables = protocols.template_tables(protocols.per_mark_statistics(marks, bayes))
         show_template_tables(result.label, marks.categories, tables, out)
         result.summary["by_template"] = protocols.tables_to_json(tables)
