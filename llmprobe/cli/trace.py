@@ -26,8 +26,10 @@ def trace(
     quiet: opt.in_panel(opt.Quiet, OUTPUT) = False,
     input_format: Annotated[Literal["auto", "text", "jsonl"], typer.Option(
         rich_help_panel=INPUT, help="auto: by extension (stdin: JSONL when it starts with '{').")] = "auto",
-    chat: Annotated[bool, typer.Option("--chat", rich_help_panel=INPUT,
-                                       help="Wrap each prompt in the tokenizer's chat template.")] = False,
+    chat: Annotated[Optional[str], typer.Option(
+        "--chat", metavar="[user|prefill]", rich_help_panel=INPUT,
+        help="Wrap each prompt in the tokenizer's chat template: user (the default when given alone) makes it the"
+             " user turn; prefill makes prompt[:split] the user turn and the rest the open assistant turn.")] = None,
     truncate: Annotated[Optional[Literal["left", "right"]], typer.Option(
         rich_help_panel=INPUT, help="Cut prompts longer than the model's context from this side instead of failing.")]
     = None,
@@ -39,6 +41,7 @@ def trace(
     offload_folder: opt.OffloadFolder = None,
     trust_remote_code: opt.TrustRemoteCode = False,
     allow_pickle: opt.AllowPickle = False,
+    attn_implementation: opt.AttnImplementation = None,
     top_k: opt.in_panel(opt.TopK, CAPTURE) = 20,
     targets: Annotated[Optional[str], typer.Option(
         rich_help_panel=CAPTURE, metavar="TEXT[,TEXT...]",
@@ -94,11 +97,12 @@ def trace(
                    else targets.split(",") if targets is not None else [])  # --targets "" is an error, not none
     settings = TraceSettings(top_k=top_k, targets=target_list, max_new_tokens=max_new_tokens, sample=sample,
                              temperature=temperature, top_p=top_p, seed=seed, batch_size=parse_batch_size(batch_size),
-                             chat=chat, truncate=truncate, layers=layers, save_embeddings=save_embeddings)
+                             chat={None: False, "user": True}.get(chat, chat), truncate=truncate, layers=layers,
+                             save_embeddings=save_embeddings)
     ray_options = ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor,
                                   ray_prompts_per_task)
     loading = opt.model_options(model, device, dtype, device_map, max_memory, offload_folder, trust_remote_code,
-                                allow_pickle)
+                                allow_pickle, attn_implementation)
     run_trace(prompts, output or default_output(prompts), fmt, force, input_format, settings, loading,
               shlex.join(["llmprobe", *sys.argv[1:]]), Output(quiet), resume=resume, ray_options=ray_options)
 
