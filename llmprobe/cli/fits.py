@@ -97,10 +97,10 @@ def fit_posterior(
     as_json: opt.Json = False,
     bootstrap: opt.Bootstrap = 200,
     seed: opt.Seed = 0,
-    by: Annotated[Optional[str], typer.Option(
+    by: Annotated[Optional[Literal["template"]], typer.Option(
         "--by", help="template: also the per-n tables of mean ± std over prompt templates (docs/experiments.md).")]
     = None,
-    gamma_variant: Annotated[Optional[str], typer.Option(
+    gamma_variant: Annotated[Optional[Literal["gupta"]], typer.Option(
         "--gamma-variant", help="gupta: also Gupta et al.'s γ (decayed Beta(1,1) pseudo-counts, L1 on template means).")]
     = None,
     force: opt.Force = False,
