@@ -95,18 +95,20 @@ def trace_table(prompts: str | Iterable[str | dict[str, Any]], model: str | Load
 
 
 def fit_posterior(trace: Any, *, prior: str = "fit", bootstrap: int = 200, seed: int = 0,
-                  label: str | None = None) -> PosteriorResult:
+                  label: str | None = None, **options: Any) -> PosteriorResult:
     """``llmprobe fit-posterior``: model vs Bayesian posterior predictive at every mark.
 
     ``trace``: a DataFrame from :func:`trace` or :func:`llmprobe.read_trace`, a Trace, or a path.
     The result has ``.summary`` (the ``--json`` dict), ``.table`` (the ``-o`` per-mark table) and
-    ``.by_n`` (the per-n table the CLI shows). ``prior``: "fit", "uniform" or a fit-prior JSON file.
+    ``.by_n`` (the per-n table the CLI shows). ``prior`` as ``--prior``; ``options`` as the other
+    flags (``components``, ``max_components``, ``min_mass``, ``folds``; see
+    :func:`llmprobe.analysis.fits.fit_posterior`).
     """
     from llmprobe.analysis.fits import fit_posterior as fit
     from llmprobe.analysis.marks import category_marks
 
     opened = _as_trace(trace)
-    return fit(category_marks(opened, label), prior, bootstrap, seed)
+    return fit(category_marks(opened, label), prior, bootstrap, seed, **options)
 
 
 def fit_prior(trace: Any, *, components: str | int = 1, max_components: int = 5, from_counts: bool = False,

@@ -87,13 +87,15 @@ def category_marks(trace: Trace, label: str | None = None) -> CategoryMarks:
     theta = _optional_matrix([mk.get("theta", m.get("theta")) for m, mk in zip(metas, marks)], len(categories))
     if counts is not None and frame["n"].isna().any():
         frame["n"] = counts.sum(axis=1)
-    outcomes = {}
-    for meta, sequence in zip(metas, frame["sequence"]):
+    order = np.lexsort((frame["position"].to_numpy(), frame["prompt_index"].to_numpy()))
+    outcomes = {}  # in input order, whatever the storage order (processing order, Ray parts, a sorted DataFrame)
+    sequences = frame["sequence"].tolist()
+    for row in order:
+        meta, sequence = metas[row], sequences[row]
         seq_outcomes = meta.get("outcomes")
         if isinstance(seq_outcomes, list) and (sequence not in outcomes  # an n = 0 prompt may be its own sequence
                                                or len(seq_outcomes) > len(outcomes[sequence])):
             outcomes[sequence] = seq_outcomes
-    order = np.lexsort((frame["position"].to_numpy(), frame["prompt_index"].to_numpy()))
     return CategoryMarks(
         label=label or trace_label(trace),
         categories=categories,

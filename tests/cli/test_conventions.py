@@ -45,11 +45,11 @@ def test_inspect_table_is_the_result_on_stdout(tiny_trace, capsysbinary, monkeyp
 def test_fit_tables_on_stdout_unless_stdout_carries_data(coin_trace, tmp_path, capsysbinary, monkeypatch):
     code, stdout, err = run_cli(["fit-posterior", str(coin_trace), "--bootstrap", "10"], capsysbinary, monkeypatch)
     assert code == 0, err
-    assert b"best explains the predictions" in stdout and "best explains" not in err
+    assert b"posterior predictive by number of examples" in stdout and "by number of examples" not in err
     code, stdout, err = run_cli(["fit-posterior", str(coin_trace), "--bootstrap", "10", "--json"], capsysbinary,
                                 monkeypatch)
     assert code == 0, err
-    assert json.loads(stdout)[0]["n_bootstrap"] == 10 and "best explains" in err  # tables moved to stderr
+    assert json.loads(stdout)[0]["n_bootstrap"] == 10 and "by number of examples" in err  # tables moved to stderr
     # fit-prior piped without -o writes the prior JSON to stdout: then its tables go to stderr ...
     code, stdout, err = run_cli(["fit-prior", str(coin_trace)], capsysbinary, monkeypatch)
     assert code == 0, err
@@ -74,7 +74,7 @@ def test_piped_tables_never_cut_numbers(coin_trace, capsysbinary, monkeypatch):
     assert code == 0, err
     text = stdout.decode()
     assert "…" not in text
-    assert "P(heads) model" in text and "P(tails) Bayes" in text and "KL(model‖filter) bits" in text
+    assert "heads model" in text and "heads Bayes" in text and "KL(Bayes‖model)" in text
     code, summary, _ = run_cli(["fit-posterior", str(coin_trace), "--bootstrap", "10", "--json"], capsysbinary,
                                monkeypatch)
     gamma = json.loads(summary)[0]["forgetting"]["gamma"]

@@ -34,7 +34,7 @@ def test_jsonl_trace_pipes_into_fit_posterior(coin_prompts, tiny_model_dir, tmp_
     parquet = traced("parquet", coin_prompts, tiny_model_dir, capsysbinary, monkeypatch)
     fits = []
     for data in (jsonl, parquet):
-        code, stdout, err = run_cli(["fit-posterior", "-", "--json", "--bootstrap", "10", "-q"], capsysbinary,
+        code, stdout, err = run_cli(["fit-posterior", "-", "--json", "--bootstrap", "10", "--min-mass", "0", "-q"], capsysbinary,
                                     monkeypatch, stdin=data)
         assert code == 0, err
         fits.append(json.loads(stdout))
