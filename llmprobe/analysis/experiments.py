@@ -55,7 +55,7 @@ THETA_TOLERANCE = 1e-6
 TEMPLATE_FIELDS = ("outcome", "cue", "index")
 
 # Allowed keys per table; anything else is an error (typos must not be silently ignored).
-_TOP_KEYS = {"experiment", "template", "categories"}
+_TOP_KEYS = {"experiment", "template", "categories", "prior"}  # [prior]: read by `wind-tunnel` (llmprobe.control)
 _EXPERIMENT_KEYS = {"name", "description", "layout", "n_max", "sequences", "seed", "theta", "thetas"}
 _TEMPLATE_KEYS = {"prefix", "example", "separator", "cues"}
 _CATEGORY_KEYS = {"name", "target", "text"}

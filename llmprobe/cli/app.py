@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from llmprobe.cli import analyses, figures, fits, trace
+from llmprobe.cli import analyses, control, figures, fits, trace
 from llmprobe.cli.output import error_line
 from llmprobe.errors import UsageError
 
@@ -35,6 +35,7 @@ COMMANDS = {
     "plot": figures.plot, "plot-icl": figures.plot_icl, "plot-prior": figures.plot_prior,
     "plot-layers": figures.plot_layers, "report": figures.report,
     "continuity": analyses.continuity, "martingale": analyses.martingale,
+    "wind-tunnel": control.wind_tunnel,
 }
 for name, command in COMMANDS.items():
     app.command(name)(command)
