@@ -7,7 +7,7 @@ For a single-Dirichlet coin prior (configs/control/coin.toml) and a 2-component 
 
     llmprobe wind-tunnel CONFIG -o WORK/CASE            (default sizes and steps unless --steps)
     llmprobe experiment CONFIG -o WORK/CASE.jsonl
-    llmprobe trace WORK/CASE.jsonl --model WORK/CASE --targets " heads, tails" -o WORK/CASE.parquet
+    llmprobe trace WORK/CASE.jsonl --model WORK/CASE -o WORK/CASE.parquet
     llmprobe fit-posterior WORK/CASE.parquet --prior WORK/CASE/prior.json --json -o WORK/CASE-fit.parquet
 
 and the same trace and fit for the default SmolLM2 on the same prompts. It prints, per model:
@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("LLMPROBE_CACHE", "/tmp/lpcache")
 CASES = {"single": ROOT / "configs" / "control" / "coin.toml", "mixture": ROOT / "configs" / "control" / "coin-mixture.toml"}
 GOAL_KL = {"single": 0.01, "mixture": 0.02}
-TARGETS = " heads, tails"
 
 
 def llmprobe(*args: str) -> str:
@@ -139,7 +138,7 @@ def main() -> None:
         prompts = work / f"{case}.jsonl"
         llmprobe("experiment", str(config), "-o", str(prompts), "--force", "--quiet")
         trace = work / f"{case}-control.parquet"
-        llmprobe("trace", str(prompts), "--model", str(control), "--targets", TARGETS, "-o", str(trace), "--force",
+        llmprobe("trace", str(prompts), "--model", str(control), "-o", str(trace), "--force",
                  "--quiet", "--device", "cpu")
         row = evaluate(trace, control / "prior.json", work, f"{case}-control")
         row.update(train_seconds=trained["train_seconds"], wall_seconds=round(wall, 1),
@@ -148,7 +147,7 @@ def main() -> None:
         if not args.skip_default_model:
             default_trace = work / "smollm2.parquet"
             if not default_trace.exists():
-                llmprobe("trace", str(prompts), "--targets", TARGETS, "-o", str(default_trace), "--force", "--quiet",
+                llmprobe("trace", str(prompts), "-o", str(default_trace), "--force", "--quiet",
                          "--device", "cpu")
             results[f"{case}/SmolLM2"] = evaluate(default_trace, control / "prior.json", work, f"{case}-smollm2")
         print(f"{case}: done ({wall:.0f} s wall for training)", flush=True)
