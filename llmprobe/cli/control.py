@@ -66,8 +66,9 @@ def wind_tunnel(
         trained = train_control(experiment, known, settings, out, on_step)
     save_control(trained, output)
     held = trained.held_out
-    out.log(f"wrote {output}: {trained.seconds:.0f} s of training; held-out KL(Bayes || model) at the marks"
-            f" {held['kl_bits_trained']:.4f} bits (untrained {held['kl_bits_untrained']:.4f})")
+    out.log(f"wrote {output}: {trained.seconds:.0f} s of training ({trained.cpu_seconds:.0f} CPU-s); held-out"
+            f" KL(Bayes || model) at the marks {held['kl_bits_trained']:.2e} bits (untrained"
+            f" {held['kl_bits_untrained']:.2e})")
     if as_json:
         out.data_text(json.dumps(trained.summary(), indent=1) + "\n")
 
@@ -86,7 +87,7 @@ def _training_bar(out: Output, total: int) -> Iterator[Callable]:
 
         def on_step(stats) -> None:
             speed = progress.tasks[task].speed
-            progress.update(task, completed=stats.step, loss=f"{stats.loss:.4f}", kl=f"{stats.kl_bits:.4f}",
+            progress.update(task, completed=stats.step, loss=f"{stats.loss:.4f}", kl=f"{stats.kl_bits:.1e}",
                             rate=f"{speed:.1f}" if speed else "-")
 
         yield on_step

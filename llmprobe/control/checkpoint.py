@@ -49,7 +49,7 @@ def model_card(trained: TrainedControl, name: str) -> str:
     s, exp, prior = trained.settings, trained.experiment, trained.prior
     held = trained.held_out
     rows = _thin(trained.curve, CARD_POINTS)
-    curve = "\n".join(f"| {r['step']} | {r['loss']:.4f} | {r['kl_bits']:.4f} | {r['seconds']:.0f} |" for r in rows)
+    curve = "\n".join(f"| {r['step']} | {r['loss']:.4f} | {r['kl_bits']:.2e} | {r['seconds']:.0f} |" for r in rows)
     components = "\n".join(f"| {w:.4g} | {', '.join(f'{a:g}' for a in alpha)} |"
                            for w, alpha in zip(prior.weights, prior.alphas))
     return f"""---
@@ -66,7 +66,7 @@ fits report for a model that is Bayesian by construction (see docs/wind-tunnel.m
 ## Prior
 
 {prior.describe()} over the categories {', '.join(exp.category_names)} (targets {', '.join(map(repr, exp.targets))}),
-given as `{prior.spec}`; `prior.json` holds it for `llmprobe fit-posterior --prior`.
+`--prior {prior.canonical}` (given as `{prior.spec}`); `prior.json` holds it for `llmprobe fit-posterior --prior`.
 
 | weight | concentrations |
 |---|---|
@@ -86,10 +86,11 @@ from θ; the model is scored at marks n = 0..{exp.n_max}. {trained.sequences_see
 {s.layers} layers, hidden size {s.hidden}, {s.heads} heads, MLP {s.intermediate}; {trained.parameters:,}
 parameters; vocabulary {trained.tokenizer.get_vocab_size()} tokens (byte-level BPE with every target as one
 token); context {trained.context} tokens. AdamW, peak learning rate {s.learning_rate:g}, {s.warmup_steps}
-warm-up steps then cosine decay; seed {s.seed}; device {s.device}; {trained.seconds:.0f} s of training.
+warm-up steps then cosine decay; seed {s.seed}; device {s.device}, {s.threads} thread(s); {trained.seconds:.0f} s of
+training ({trained.cpu_seconds:.0f} CPU-seconds).
 
 Held-out KL(Bayes ‖ model) at the marks of {held['sequences']} fresh sequences ({held['marks']:,} marks),
-in bits: **{held['kl_bits_trained']:.4f}** trained, {held['kl_bits_untrained']:.4f} untrained.
+in bits: **{held['kl_bits_trained']:.2e}** trained, {held['kl_bits_untrained']:.2e} untrained.
 
 ## Training curve
 

@@ -65,6 +65,16 @@ class KnownPrior:
                 thetas[rows] = rng.dirichlet(self.alphas[j], size=int(rows.sum()))
         return thetas
 
+    @property
+    def canonical(self) -> str:
+        """The ``--prior`` string that gives this prior back: ``dirichlet:3,1.5`` or ``mixture:0.6*12,3+0.4*3,12``."""
+        def alphas(alpha: np.ndarray) -> str:
+            return ",".join(f"{a:g}" for a in alpha)
+
+        if self.weights.size == 1:
+            return f"dirichlet:{alphas(self.alphas[0])}"
+        return "mixture:" + "+".join(f"{w:g}*{alphas(a)}" for w, a in zip(self.weights, self.alphas))
+
     def describe(self) -> str:
         """``Dirichlet(2, 2)`` or ``0.5 Dirichlet(1, 1) + 0.5 Dirichlet(20, 2)``."""
         def one(alpha: np.ndarray) -> str:
@@ -79,7 +89,8 @@ class KnownPrior:
         return {
             "format": PRIOR_FORMAT,
             "source": "wind-tunnel (the known training prior)",
-            "spec": self.spec,
+            "spec": self.canonical,
+            "given_as": self.spec,
             "categories": list(self.categories),
             "mixture": {"weights": self.weights.tolist(), "alphas": self.alphas.tolist()},
         }

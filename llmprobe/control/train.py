@@ -102,6 +102,7 @@ class TrainedControl:
     curve: list[dict[str, float]] = field(default_factory=list)
     held_out: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time while training: what a shared machine does not inflate
     sequences_seen: int = 0
     parameters: int = 0
     context: int = 0
@@ -114,13 +115,15 @@ class TrainedControl:
             "targets": self.experiment.targets,
             "n_max": self.experiment.n_max,
             "prior": self.prior.describe(),
-            "prior_spec": self.prior.spec,
+            "prior_spec": self.prior.canonical,
+            "prior_given_as": self.prior.spec,
             "settings": asdict(self.settings),
             "parameters": self.parameters,
             "context_tokens": self.context,
             "vocab_size": self.tokenizer.get_vocab_size(),
             "sequences_seen": self.sequences_seen,
             "train_seconds": round(self.seconds, 1),
+            "train_cpu_seconds": round(self.cpu_seconds, 1),
             "held_out": self.held_out,
             "curve": self.curve,
         }
@@ -231,7 +234,7 @@ def _train(experiment: Experiment, prior: KnownPrior, settings: ControlSettings,
                                   weight_decay=0.01)
     curve: list[dict[str, float]] = []
     window_loss, window_kl, window_steps = 0.0, 0.0, 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for step in range(settings.steps):
         model.train()
         batch = encode(render(experiment, prior, data_rng, settings.batch_size), tokenizer, prior, targets_list)
@@ -250,12 +253,12 @@ def _train(experiment: Experiment, prior: KnownPrior, settings: ControlSettings,
             window_loss, window_kl, window_steps = 0.0, 0.0, 0
         if on_step is not None:
             on_step(stats)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     model.eval()
     trained = held_out_kl(model, held_out, targets, pad_id, device)
     return TrainedControl(
         model=model, tokenizer=tokenizer, experiment=experiment, prior=prior, settings=settings, curve=curve,
         held_out={"sequences": settings.eval_sequences, "marks": int(held_out.bayes.shape[0]),
                   "kl_bits_untrained": untrained, "kl_bits_trained": trained},
-        seconds=seconds, sequences_seen=settings.steps * settings.batch_size, parameters=parameters, context=context,
+        seconds=seconds, cpu_seconds=cpu_seconds, sequences_seen=settings.steps * settings.batch_size, parameters=parameters, context=context,
     )

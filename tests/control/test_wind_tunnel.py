@@ -163,6 +163,9 @@ def test_prior_specs_parse_to_the_same_mixture():
     assert mixture.alphas.tolist() == [[1, 1], [20, 2], [2, 20]]
     assert np.allclose(mixture.mean, [0.5, 0.5])
     assert parse_prior_spec("uniform", cats).alphas.tolist() == [[1.0, 1.0]]
+    for prior in (single, mixture):  # the canonical spelling gives the same prior back
+        again = parse_prior_spec(prior.canonical, cats)
+        assert np.array_equal(again.weights, prior.weights) and np.array_equal(again.alphas, prior.alphas)
 
 
 def test_sampled_thetas_follow_the_prior():
