@@ -1,6 +1,6 @@
 """The positive control end to end: train it, trace it, fit it, and put the default model beside it.
 
-Run: python benchmarks/bench_wind_tunnel.py [--steps N] [--quick] [--work DIR]
+Run: python benchmarks/bench_wind_tunnel.py [--steps N] [--quick] [--objective next-token] [--work DIR]
 
 For a single-Dirichlet coin prior (configs/control/coin.toml) and a 2-component mixture prior
 (configs/control/coin-mixture.toml) this runs, as a user would, through the CLI:
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="150 steps: a reduced run, reported as such.")
     parser.add_argument("--work", default="/tmp/llmprobe-wind-tunnel", help="Working directory.")
     parser.add_argument("--cases", default="single,mixture")
+    parser.add_argument("--objective", default=None, help="wind-tunnel --objective (default: its default).")
     parser.add_argument("--skip-default-model", action="store_true")
     args = parser.parse_args()
     steps = 150 if args.quick and args.steps is None else args.steps
@@ -132,6 +133,8 @@ def main() -> None:
         train = ["wind-tunnel", str(config), "-o", str(control), "--force", "--json"]
         if steps is not None:
             train += ["--steps", str(steps)]
+        if args.objective is not None:
+            train += ["--objective", args.objective]
         started = time.perf_counter()
         trained = json.loads(llmprobe(*train))
         wall = time.perf_counter() - started
@@ -141,7 +144,8 @@ def main() -> None:
         llmprobe("trace", str(prompts), "--model", str(control), "-o", str(trace), "--force",
                  "--quiet", "--device", "cpu")
         row = evaluate(trace, control / "prior.json", work, f"{case}-control")
-        row.update(train_seconds=trained["train_seconds"], wall_seconds=round(wall, 1),
+        row.update(train_seconds=trained["train_seconds"], train_cpu_seconds=trained.get("train_cpu_seconds"),
+                   objective=trained["settings"]["objective"], wall_seconds=round(wall, 1),
                    steps=trained["settings"]["steps"], held_out=trained["held_out"])
         results[f"{case}/control"] = row
         if not args.skip_default_model:
@@ -171,7 +175,8 @@ def main() -> None:
                   f"  exact-Bayes fit: mean {row['exact_prior_mean']:.3f}, alpha0 {row['exact_alpha0']:.3g}"
                   f"  mixture fit to predictions: weights {np.round(rec['weights'], 3).tolist()},"
                   f" means {np.round(rec['means'], 3).tolist()}"
-                  + (f"  [trained {row['steps']} steps in {row['train_seconds']:.0f} s]" if name == "control" else ""))
+                  + (f"  [trained {row['steps']} steps ({row['objective']}) in {row['train_seconds']:.0f} s,"
+                     f" {row['train_cpu_seconds']} CPU-s]" if name == "control" else ""))
     print("RESULT " + json.dumps(results))
 
 
