@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
-from scipy.special import expit, logit
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("LLMPROBE_CACHE", "/tmp/lpcache")
@@ -123,7 +122,7 @@ def main() -> None:
     steps = 150 if args.quick and args.steps is None else args.steps
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from _common import machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+    from _common import machine  # benchmarks/ is on sys.path when run as a script
 
     print(f"machine: {machine()}", flush=True)
     results: dict = {}

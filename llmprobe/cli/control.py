@@ -1,17 +1,20 @@
 """``wind-tunnel``: train a positive control, a small Llama that is Bayesian by construction (docs/wind-tunnel.md)."""
 
 import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Callable, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from llmprobe.cli import options as opt
 from llmprobe.cli.output import Output
+from llmprobe.control.settings import ControlSettings
 from llmprobe.errors import UsageError
 
 MODEL, TRAINING = "Model size", "Training"
+DEFAULTS = ControlSettings()
 
 
 def wind_tunnel(
@@ -20,22 +23,27 @@ def wind_tunnel(
     prior: Annotated[Optional[str], typer.Option(
         help="The known prior: dirichlet:A1,A2,..., mixture:W*A1,A2,...+W*A1,A2,..., uniform, or a prior JSON file"
              " (default: the experiment's [prior] table).")] = None,
-    layers: Annotated[int, typer.Option(rich_help_panel=MODEL, help="Decoder layers.")] = 4,
-    hidden: Annotated[int, typer.Option(rich_help_panel=MODEL, help="Hidden size.")] = 64,
-    heads: Annotated[int, typer.Option(rich_help_panel=MODEL, help="Attention heads (hidden/heads must be even).")] = 4,
-    intermediate: Annotated[int, typer.Option(rich_help_panel=MODEL, help="MLP width.")] = 256,
-    steps: Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Optimizer steps.")] = 600,
-    batch_size: Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Sequences per step.")] = 32,
-    learning_rate: Annotated[float, typer.Option(rich_help_panel=TRAINING, help="Peak AdamW learning rate.")] = 3e-3,
-    warmup_steps: Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Linear warm-up steps.")] = 30,
+    layers: Annotated[int, typer.Option(rich_help_panel=MODEL, help="Decoder layers.")] = DEFAULTS.layers,
+    hidden: Annotated[int, typer.Option(rich_help_panel=MODEL, help="Hidden size.")] = DEFAULTS.hidden,
+    heads: Annotated[int, typer.Option(rich_help_panel=MODEL, help="Attention heads (hidden/heads must be even).")]
+    = DEFAULTS.heads,
+    intermediate: Annotated[int, typer.Option(rich_help_panel=MODEL, help="MLP width.")] = DEFAULTS.intermediate,
+    steps: Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Optimizer steps.")] = DEFAULTS.steps,
+    batch_size: Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Sequences per step.")]
+    = DEFAULTS.batch_size,
+    learning_rate: Annotated[float, typer.Option(rich_help_panel=TRAINING, help="Peak AdamW learning rate.")]
+    = DEFAULTS.learning_rate,
+    warmup_steps: Annotated[int, typer.Option(rich_help_panel=TRAINING, help="Linear warm-up steps.")]
+    = DEFAULTS.warmup_steps,
     objective: Annotated[str, typer.Option(
         rich_help_panel=TRAINING,
         help="posterior (cross-entropy to the exact posterior predictive at the marks) or next-token"
-             " (the sampled outcomes); same minimizer.")] = "posterior",
+             " (the sampled outcomes); same minimizer.")] = DEFAULTS.objective,
     eval_sequences: Annotated[int, typer.Option(rich_help_panel=TRAINING,
-                                                help="Held-out sequences for the KL before/after.")] = 256,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    threads: Annotated[int, typer.Option(help="CPU threads for training.")] = 1,
+                                                help="Held-out sequences for the KL before/after.")]
+    = DEFAULTS.eval_sequences,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = DEFAULTS.device,
+    threads: Annotated[int, typer.Option(help="CPU threads for training.")] = DEFAULTS.threads,
     seed: opt.Seed = 0,
     as_json: opt.Json = False,
     force: opt.Force = False,
@@ -44,7 +52,6 @@ def wind_tunnel(
     """Train a small Llama on data drawn under a known prior, so its exact Bayesian answer is known."""
     from llmprobe.analysis.experiments import load_experiment
     from llmprobe.control.prior import resolve_prior
-    from llmprobe.control.train import ControlSettings
     from llmprobe.files import check_new_output
 
     if output is None:

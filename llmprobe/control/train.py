@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,53 +34,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llmprobe.analysis.experiments import Experiment
 from llmprobe.control.data import BOS, EOS, PAD, Sequences, build_tokenizer, encode, render, target_ids
 from llmprobe.control.prior import KnownPrior
-from llmprobe.errors import UsageError
+from llmprobe.control.settings import ControlSettings
 from llmprobe.progress import SILENT, Reporter
 
-OBJECTIVES = ("posterior", "next-token")
 _LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class ControlSettings:
-    """Model sizes and the training run. The defaults train a coin control in about 10 minutes on 2 CPU cores."""
-
-    layers: int = 4
-    hidden: int = 64
-    heads: int = 4
-    intermediate: int = 256
-    steps: int = 600
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    warmup_steps: int = 30
-    objective: str = "posterior"
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 1  # CPU threads; the matrices are small, so more threads rarely help and often hurt
-    eval_sequences: int = 256
-    log_every: int = 0  # 0: about 50 points over the run
-
-    def validate(self) -> None:
-        positive = {"layers": "--layers", "hidden": "--hidden", "heads": "--heads", "intermediate": "--intermediate",
-                    "steps": "--steps", "batch_size": "--batch-size", "threads": "--threads", "eval_sequences": "--eval-sequences"}
-        for name, flag in positive.items():
-            if getattr(self, name) < 1:
-                raise UsageError(f"must be 1 or more, got {getattr(self, name)}", where=flag)
-        if self.hidden % self.heads:
-            raise UsageError(f"--hidden {self.hidden} must be a multiple of --heads {self.heads}", where="--hidden")
-        if (self.hidden // self.heads) % 2:
-            raise UsageError(f"the head width --hidden/--heads = {self.hidden // self.heads} must be even (rotary"
-                             " embeddings)", where="--heads")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise UsageError(f"must be > 0, got {self.learning_rate}", where="--learning-rate")
-        if self.warmup_steps < 0:
-            raise UsageError(f"must be 0 or more, got {self.warmup_steps}", where="--warmup-steps")
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}", where="--objective")
-
-    @property
-    def every(self) -> int:
-        return self.log_every or max(1, self.steps // 50)
 
 
 @dataclass(frozen=True)
@@ -260,5 +218,6 @@ def _train(experiment: Experiment, prior: KnownPrior, settings: ControlSettings,
         model=model, tokenizer=tokenizer, experiment=experiment, prior=prior, settings=settings, curve=curve,
         held_out={"sequences": settings.eval_sequences, "marks": int(held_out.bayes.shape[0]),
                   "kl_bits_untrained": untrained, "kl_bits_trained": trained},
-        seconds=seconds, cpu_seconds=cpu_seconds, sequences_seen=settings.steps * settings.batch_size, parameters=parameters, context=context,
+        seconds=seconds, cpu_seconds=cpu_seconds, sequences_seen=settings.steps * settings.batch_size,
+        parameters=parameters, context=context,
     )
