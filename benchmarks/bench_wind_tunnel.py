@@ -31,7 +31,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +117,8 @@ def main() -> None:
     parser.add_argument("--cases", default="single,mixture")
     parser.add_argument("--objective", default=None, help="wind-tunnel --objective (default: its default).")
     parser.add_argument("--skip-default-model", action="store_true")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Keep controls and traces already in WORK (from an earlier run) instead of redoing them.")
     args = parser.parse_args()
     steps = 150 if args.quick and args.steps is None else args.steps
     work = Path(args.work)
@@ -126,6 +127,7 @@ def main() -> None:
 
     print(f"machine: {machine()}", flush=True)
     results: dict = {}
+    default_traced = False  # SmolLM2 is traced once: both cases use the same prompts
     for case in args.cases.split(","):
         config = CASES[case]
         control = work / f"{case}-control"
@@ -134,26 +136,27 @@ def main() -> None:
             train += ["--steps", str(steps)]
         if args.objective is not None:
             train += ["--objective", args.objective]
-        started = time.perf_counter()
-        trained = json.loads(llmprobe(*train))
-        wall = time.perf_counter() - started
+        reuse = args.reuse and (control / "training.json").is_file()
+        trained = json.loads((control / "training.json").read_text() if reuse else llmprobe(*train))
         prompts = work / f"{case}.jsonl"
         llmprobe("experiment", str(config), "-o", str(prompts), "--force", "--quiet")
         trace = work / f"{case}-control.parquet"
-        llmprobe("trace", str(prompts), "--model", str(control), "-o", str(trace), "--force",
-                 "--quiet", "--device", "cpu")
+        if not (args.reuse and trace.is_file()):
+            llmprobe("trace", str(prompts), "--model", str(control), "-o", str(trace), "--force",
+                     "--quiet", "--device", "cpu")
         row = evaluate(trace, control / "prior.json", work, f"{case}-control")
         row.update(train_seconds=trained["train_seconds"], train_cpu_seconds=trained.get("train_cpu_seconds"),
-                   objective=trained["settings"]["objective"], wall_seconds=round(wall, 1),
+                   objective=trained["settings"]["objective"],
                    steps=trained["settings"]["steps"], held_out=trained["held_out"])
         results[f"{case}/control"] = row
         if not args.skip_default_model:
             default_trace = work / "smollm2.parquet"
-            if not default_trace.exists():
+            if not default_trace.exists() or not (args.reuse or default_traced):
+                default_traced = True
                 llmprobe("trace", str(prompts), "-o", str(default_trace), "--force", "--quiet",
                          "--device", "cpu")
             results[f"{case}/SmolLM2"] = evaluate(default_trace, control / "prior.json", work, f"{case}-smollm2")
-        print(f"{case}: done ({wall:.0f} s wall for training)", flush=True)
+        print(f"{case}: done ({trained['train_seconds']:.0f} s of training)", flush=True)
 
     for case in args.cases.split(","):
         prior = json.loads((work / f"{case}-control" / "prior.json").read_text())
