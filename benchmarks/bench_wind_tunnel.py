@@ -171,7 +171,7 @@ def main() -> None:
             if row is None:
                 continue
             rec = row["recovered"]
-            print(f"{name:8s} KL {row['mean_kl_bits']:.4f} bits (goal <= {GOAL_KL[case]})  TV {row['mean_tv']:.4f}"
+            print(f"{name:8s} KL {row['mean_kl_bits']:.2e} bits (goal <= {GOAL_KL[case]})  TV {row['mean_tv']:.4f}"
                   f"  entropy gap {row['mean_entropy_gap_bits']:+.4f}  mass {row['mean_mass']:.3f}  gamma {row['gamma']:.3f}"
                   f" CI [{row['gamma_ci'][0]:.3f}, {row['gamma_ci'][1]:.3f}] rejected={row['exact_bayes_rejected']}"
                   f"  exact-Bayes fit: mean {row['exact_prior_mean']:.3f}, alpha0 {row['exact_alpha0']:.3g}"
