@@ -57,17 +57,30 @@ class Sequences:
 
 
 def training_experiment(experiment: Experiment) -> Experiment:
-    """The experiment with one more outcome per sequence, so every mark 0..n_max is followed by one."""
-    return experiment.with_overrides(n_max=experiment.n_max + 1, sequences=1, layout="marks")
+    """The experiment as one marks prompt per θ with one more outcome, so every mark 0..n_max is followed by one.
+
+    The per-n options (``ns``, ``draws``) only choose which prompts are traced, so they are dropped;
+    a chain of phases is refused: its sequences are not exchangeable, so no prior describes them.
+    """
+    if experiment.phases is not None:
+        raise UsageError("experiment.phases: a chain of θs is not exchangeable; a control needs one θ per"
+                         " sequence (use theta or thetas)", where=experiment.where)
+    plain = dataclasses.replace(experiment, ns=None, draws="nested")
+    return plain.with_overrides(n_max=experiment.n_max + 1, sequences=1, layout="marks")
 
 
 def render(experiment: Experiment, prior: KnownPrior, rng: np.random.Generator, count: int) -> list[dict[str, Any]]:
-    """``count`` marks-layout records, θ from the prior for each, outcomes seeded from ``rng``."""
-    thetas = prior.sample_thetas(rng, count)
+    """``count`` marks-layout records, θ from the prior for each, outcomes seeded from ``rng``.
+
+    An experiment with several templates renders each θ with every template, so ``count`` records
+    come from ceil(count / templates) θs.
+    """
     base = training_experiment(experiment)
+    per_theta = max(1, len(base.templates))
+    thetas = prior.sample_thetas(rng, -(-count // per_theta))
     seed = int(rng.integers(0, 2**31))
     drawn = dataclasses.replace(base, thetas=tuple(tuple(float(x) for x in t) for t in thetas))
-    return list(generate(drawn, seed=seed))
+    return list(generate(drawn, seed=seed))[:count]
 
 
 def _pieces(records: list[dict[str, Any]], targets: list[str]) -> list[str]:
