@@ -13,11 +13,11 @@ For a single-Dirichlet coin prior (configs/control/coin.toml) and a 2-component 
 and the same trace and fit for the default SmolLM2 on the same prompts. It prints, per model:
 mean KL(Bayes || model) under the true prior at the marks, TV, the entropy gap (fit-posterior's
 summary), the exact-Bayes fit's prior mean and alpha0 and the forgetting fit's gamma with its CI
-(fit-posterior's single-Dirichlet filter fit), and, for the mixture, the mixture weights and
-component means recovered from the model's predictions. llmprobe has no fit of a mixture prior to
-a model's *predictions* yet (fit-prior fits distributions or counts, not updating), so that one
-number comes from a small maximum-likelihood fit in this script (``fit_mixture_to_predictions``):
-minimise the mean KL(model || mixture posterior predictive) over the weights and concentrations.
+(fit-posterior's filter fit, with ``--prior-components`` = the true prior's component count), its
+verdict and its updating prior's weights and means, and, as a reference for the mixture, the
+weights and component means of a small maximum-likelihood fit in this script
+(``fit_mixture_to_predictions``: minimise the mean KL(model || mixture posterior predictive) from
+several random starts), which shows what a fit of the updating prior should recover.
 
 Goals (issue 14; default settings, 2 CPU cores, <= 10 minutes of training each): KL <= 0.01 bits
 (single), <= 0.02 bits (mixture); gamma >= 0.97; prior mean and alpha0 within 10 %; mixture weights
@@ -94,12 +94,19 @@ def fit_mixture_to_predictions(table: pd.DataFrame, components: int, seed: int =
 
 def evaluate(trace: Path, prior_file: Path, work: Path, label: str) -> dict:
     fit_table = work / f"{label}-fit.parquet"
-    summary = json.loads(llmprobe("fit-posterior", str(trace), "--prior", str(prior_file), "--json", "--quiet",
-                                  "--bootstrap", "100", "-o", str(fit_table), "--force"))[0]
     prior = json.loads(prior_file.read_text())["mixture"]
+    components = str(len(prior["weights"]))
+    summary = json.loads(llmprobe("fit-posterior", str(trace), "--prior", str(prior_file), "--json", "--quiet",
+                                  "--prior-components", components, "--bootstrap", "50", "-o", str(fit_table),
+                                  "--force"))[0]
     table = pd.read_parquet(fit_table)
     recovered = fit_mixture_to_predictions(table, len(prior["weights"]))
+    updating = summary.get("updating_prior", {}).get("exact", {})
     return {
+        "verdict": summary.get("verdict"), "verdict_sentence": summary.get("verdict_sentence"),
+        "updating_prior_weights": updating.get("weights"),
+        "updating_prior_means": [m[0] for m in updating.get("means", [])],
+        "updating_prior_strengths": updating.get("strengths"),
         "mean_kl_bits": summary["mean_kl_bits"], "mean_tv": summary["mean_tv"],
         "mean_entropy_gap_bits": summary["mean_entropy_gap_bits"], "mean_mass": summary["mean_mass"],
         "exact_prior_mean": summary["exact_bayes"]["prior_mean"][0], "exact_alpha0": summary["exact_bayes"]["alpha0"],
@@ -177,6 +184,10 @@ def main() -> None:
                   f"  exact-Bayes fit: mean {row['exact_prior_mean']:.3f}, alpha0 {row['exact_alpha0']:.3g}"
                   f"  mixture fit to predictions: weights {np.round(rec['weights'], 3).tolist()},"
                   f" means {np.round(rec['means'], 3).tolist()}"
+                  + f"  verdict {row['verdict']}: {row['verdict_sentence']}  updating prior (fit-posterior):"
+                  f" weights {np.round(row['updating_prior_weights'] or [], 3).tolist()},"
+                  f" means {np.round(row['updating_prior_means'], 3).tolist()},"
+                  f" strengths {np.round(row['updating_prior_strengths'] or [], 2).tolist()}"
                   + (f"  [trained {row['steps']} steps ({row['objective']}) in {row['train_seconds']:.0f} s,"
                      f" {row['train_cpu_seconds']} CPU-s]" if name == "control" else ""))
     print("RESULT " + json.dumps(results))
