@@ -56,6 +56,8 @@ TEMPLATE_FIELDS = ("outcome", "cue", "index")
 
 # Allowed keys per table; anything else is an error (typos must not be silently ignored).
 _TOP_KEYS = {"experiment", "template", "categories"}
+# Examples per sequence: far beyond any model context, yet small enough to generate without exhausting memory.
+MAX_EXAMPLES = 100_000
 _EXPERIMENT_KEYS = {"name", "description", "layout", "n_max", "sequences", "seed", "theta", "thetas"}
 _TEMPLATE_KEYS = {"prefix", "example", "separator", "cues"}
 _CATEGORY_KEYS = {"name", "target", "text"}
@@ -117,7 +119,7 @@ class Experiment:
         if seed is not None:
             changes["seed"] = _check_int(seed, "seed (override)", where, minimum=0)
         if n_max is not None:
-            changes["n_max"] = _check_int(n_max, "n_max (override)", where, minimum=0)
+            changes["n_max"] = _check_int(n_max, "n_max (override)", where, minimum=0, maximum=MAX_EXAMPLES)
         if sequences is not None:
             changes["sequences"] = _check_int(sequences, "sequences (override)", where, minimum=1)
         if layout is not None:
@@ -141,7 +143,7 @@ def load_experiment(path: Path | str) -> Experiment:
     except OSError as e:
         raise UsageError(f"cannot read experiment file: {e.strerror or e}", where=where) from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a BOM some editors add is not TOML
     except UnicodeDecodeError as e:
         raise UsageError(f"not UTF-8 text (byte {e.start}): TOML files must be UTF-8", where=where) from None
     return loads_experiment(text, where=where)
@@ -171,7 +173,8 @@ def _parse(data: dict[str, Any], where: str) -> Experiment:
         )
     description = _optional_str(exp, "description", "experiment.", where, default="")
     layout = _check_layout(exp.get("layout", "marks"), "experiment.layout", where)
-    n_max = _check_int(_require(exp, "n_max", "experiment.", where), "experiment.n_max", where, minimum=0)
+    n_max = _check_int(_require(exp, "n_max", "experiment.", where), "experiment.n_max", where, minimum=0,
+                       maximum=MAX_EXAMPLES)
     sequences = _check_int(
         _require(exp, "sequences", "experiment.", where), "experiment.sequences", where, minimum=1
     )
@@ -264,12 +267,14 @@ def _check_str(value: Any, label: str, where: str, *, allow_empty: bool = False)
     return value
 
 
-def _check_int(value: Any, label: str, where: str, *, minimum: int) -> int:
+def _check_int(value: Any, label: str, where: str, *, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise UsageError(f"{label}: must be an integer, got {_describe(value)}", where=where)
     value = int(value)
     if value < minimum:
         raise UsageError(f"{label}: must be >= {minimum}, got {value}", where=where)
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{label}: must be <= {maximum}, got {value}", where=where)
     return value
 
 

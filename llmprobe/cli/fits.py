@@ -28,10 +28,10 @@ def experiment(
 
     to_file = output is not None and output != "-"
     if to_file:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[config])
     records = generate(load_experiment(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout)
     if to_file:
-        with atomic_file(output, "w") as stream:
+        with atomic_file(output, "w", replace=force) as stream:
             count = write_jsonl(records, stream)
     else:
         count = write_jsonl(records, sys.stdout)
@@ -61,14 +61,14 @@ def fit_prior(
 
     counts = opt.parse_counts(n) if n is not None else None
     if output is not None:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[trace_path])
     out = Output(quiet)
     marks = category_marks(open_trace(trace_path))
     result = fit(marks, components, max_components, from_counts, counts, seed)
     show_fit_prior(result, marks.label, out)
     document = json.dumps(result, indent=1) + "\n"
     if output is not None:
-        write_atomic(output, document)
+        write_atomic(output, document, replace=force)
     if as_json or output is None and not sys.stdout.isatty():
         out.data_text(document)
 
@@ -94,7 +94,7 @@ def fit_posterior(
     if traces.count("-") > 1:
         raise UsageError("standard input can be read only once", where="TRACE")
     if output is not None:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior])])
     out = Output(quiet)
     results = []
     labels: set[str] = set()

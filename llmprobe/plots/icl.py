@@ -296,7 +296,7 @@ def write_icl_figure(source: str, output: str | None, *, force: bool) -> Path:
         if source == "-":
             raise UsageError("give an output file when the fit table comes from stdin", where="-o")
         output = str(Path(source).with_suffix("")) + ".icl.png"
-    check_image_output(output, force)
+    check_image_output(output, force, inputs=[source])
     fit = open_fit(source)
-    save_figure(plot_icl(summarize(fit), fit.summaries), output)
+    save_figure(plot_icl(summarize(fit), fit.summaries), output, replace=force)
     return Path(output)

@@ -281,8 +281,8 @@ def write_tokens_figure(source: str, prompt: str | None, output: str | None, *, 
         if source == "-":
             raise UsageError("give an output file when the trace comes from stdin", where="-o")
         output = str(Path(source).with_suffix("")) + (f".{prompt}" if prompt else "") + ".png"
-    check_image_output(output, force)
+    check_image_output(output, force, inputs=[source])
     grid = load_token_grid(source, prompt, positions, top, layer)
-    save_figure(plot_tokens(grid, wrap), output)
+    save_figure(plot_tokens(grid, wrap), output, replace=force)
     return Path(output)
 

@@ -126,7 +126,11 @@ def run_trace_ray(records: list[PromptRecord], output: str, fmt: str, force: boo
     check_with_skeleton(records, settings, model_options, out)
     local = ray_options.address is None and not os.environ.get("RAY_ADDRESS")
     with _ray_prints_off_stdout(out.quiet):
-        _run_on_ray(ray, records, target, settings, model_options, ray_options, run_meta, local, out)
+        try:
+            _run_on_ray(ray, records, target, settings, model_options, ray_options, run_meta, local, out, force)
+        except FileExistsError:
+            raise UsageError("was created by another run while this one worked; it was kept, nothing was replaced;"
+                             " pass --force to replace it", where=output) from None
 
 
 @contextlib.contextmanager
@@ -139,7 +143,7 @@ def _ray_prints_off_stdout(quiet: bool):
 
 
 def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceSettings, model_options: ModelOptions,
-                ray_options: RayOptions, run_meta: dict[str, Any], local: bool, out: Reporter) -> None:
+                ray_options: RayOptions, run_meta: dict[str, Any], local: bool, out: Reporter, replace: bool) -> None:
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not out.quiet,
@@ -163,7 +167,7 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
             runtime_env={"env_vars": worker_env()},
         )
         out.log(f"tracing {len(records)} prompts on Ray ({ray_options.actors} actor(s), {per_task} prompts per task)")
-        with atomic_dir(target) as staging:
+        with atomic_dir(target, replace=replace) as staging:
             try:
                 traced.write_parquet(str(staging))
             except Exception as exc:  # Ray wraps what the actors raised in its own exception types

@@ -39,7 +39,7 @@ class Sink(Protocol):
     def write(self, batch: pa.RecordBatch) -> None: ...
 
 
-def check_output(output: str, fmt: str, force: bool) -> None:
+def check_output(output: str, fmt: str, force: bool, inputs: list[str] = ()) -> None:
     """Fail before any work when the output cannot be written."""
     if fmt not in OUTPUT_FORMATS:
         raise UsageError(f"unknown format {fmt!r} (expected {', '.join(OUTPUT_FORMATS)})", where="--format")
@@ -48,12 +48,12 @@ def check_output(output: str, fmt: str, force: bool) -> None:
             raise UsageError("refusing to write binary Parquet to a terminal; use --format jsonl or redirect",
                              where="-o")
         return
-    check_new_output(output, force)
+    check_new_output(output, force, inputs=inputs)
 
 
 @contextmanager
 def open_trace_sink(output: str, fmt: str, schema: pa.Schema, metadata: dict[str, Any],
-                    vocab: list[str] | None) -> Iterator[Sink]:
+                    vocab: list[str] | None, *, replace: bool = False) -> Iterator[Sink]:
     """A sink for record batches; the file appears at ``output`` only if the block completes."""
     schema = schema.with_metadata(encode_metadata(metadata, vocab))
     if output == "-":
@@ -62,7 +62,7 @@ def open_trace_sink(output: str, fmt: str, schema: pa.Schema, metadata: dict[str
             yield sink
         stream.flush()
         return
-    with atomic_file(output) as stream, _make_sink(stream, fmt, schema) as sink:
+    with atomic_file(output, replace=replace) as stream, _make_sink(stream, fmt, schema) as sink:
         yield sink
 
 
