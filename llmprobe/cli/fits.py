@@ -41,7 +41,7 @@ def experiment(
 def fit_prior(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace with targets (file, directory or -).")],
     components: Annotated[str, typer.Option(help="Mixture components, or 'auto' to choose by BIC.")] = "1",
-    max_components: Annotated[int, typer.Option(help="Largest K tried with --components auto.")] = 5,
+    max_components: Annotated[int, typer.Option(min=1, help="Largest K tried with --components auto.")] = 5,
     from_counts: Annotated[bool, typer.Option("--from-counts",
                                               help="Fit a Dirichlet-multinomial to the examples' counts.")] = False,
     n: Annotated[Optional[str], typer.Option("--n", metavar="N[,N...]",

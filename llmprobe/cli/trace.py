@@ -25,7 +25,7 @@ def trace(
     offload_folder: opt.OffloadFolder = None,
     trust_remote_code: opt.TrustRemoteCode = False,
     allow_pickle: opt.AllowPickle = False,
-    input_format: Annotated[str, typer.Option(help="auto (by extension), text or jsonl.")] = "auto",
+    input_format: Annotated[str, typer.Option(help="auto (by extension; Parquet by content), text, jsonl or parquet (a prompt column).")] = "auto",
     chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")] = False,
     top_k: opt.TopK = 20,
     targets: Annotated[Optional[str], typer.Option(

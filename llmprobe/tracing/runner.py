@@ -58,7 +58,7 @@ def targets_from_records(records: list[PromptRecord]) -> list[str]:
 
 def read_targets_file(path: str) -> list[str]:
     try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        lines = Path(path).read_text(encoding="utf-8-sig").split("\n")  # -sig: a leading BOM is not a target
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read targets file: {exc}", where=path) from None
     targets = [line.removesuffix("\r") for line in lines if line.strip()]
@@ -100,6 +100,7 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
         settings.targets = targets_from_records(records)
     loaded = model_options.load(log=out.log)
     tracer = Tracer(loaded, settings)
+    refuse_overlong(tracer, records)
     for record in records:
         tracer.encode(record)
     out.log(f"loaded {loaded.source.label} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
@@ -112,6 +113,25 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
             discard(output)
         rows = _checkpointed(tracer, records, output, fmt, metadata, resume_command(command), out, replace_output)
     out.log(f"wrote {rows} rows for {len(records)} prompts to {'stdout' if output == '-' else output}")
+
+
+def refuse_overlong(tracer: Tracer, records: list[PromptRecord]) -> None:
+    """Refuse, before tokenizing it, a prompt too long for the context whatever its tokenization.
+
+    A token covers at most as many characters as the longest vocabulary entry (four times that, for
+    tokenizers whose normalizer merges characters), so a prompt with more characters than that many
+    times the context cannot fit: a 46 MB line fails in milliseconds instead of after a minute of
+    tokenizing. Shorter prompts are measured exactly by :meth:`Tracer.encode`.
+    """
+    if tracer.settings.truncate is not None or not tracer.max_context:
+        return
+    limit = tracer.max_context - tracer.settings.max_new_tokens
+    chars_per_token = 4 * max(map(len, tracer.tokenizer.get_vocab()), default=1)
+    for record in records:
+        if len(record.text) > limit * chars_per_token:
+            raise UsageError(f"prompt has {len(record.text)} characters, so at least {len(record.text) // chars_per_token}"
+                             f" tokens, but the model's context is {tracer.max_context} tokens; shorten it or pass"
+                             " --truncate left|right", where=f"prompt {record.id!r} (line {record.line})")
 
 
 def _stream(tracer: Tracer, records: list[PromptRecord], fmt: str, metadata: dict, out: Reporter) -> int:
