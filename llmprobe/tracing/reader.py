@@ -131,8 +131,15 @@ def read_trace(source: str | Path, columns: list[str] | None = None, *, token_st
     order = [c for c in ("prompt_index", "layer", "position") if c in frame.columns]
     if order:
         frame = frame.sort_values(order, kind="stable").reset_index(drop=True)
-    if token_strings and trace.vocab is not None and "topk_ids" in frame.columns:
-        vocab = np.array(trace.vocab, dtype=object)
+    if token_strings and "topk_ids" in frame.columns:
+        # a trace without its vocabulary (written by another tool) shows ids instead of token strings
+        vocab = np.array(trace.vocab if trace.vocab is not None else [], dtype=object)
+        largest = max((int(ids.max()) for ids in frame["topk_ids"] if len(ids)), default=-1)
+        if trace.vocab is None:
+            vocab = np.array([f"#{i}" for i in range(largest + 1)], dtype=object)
+        elif largest >= len(vocab):
+            raise UsageError(f"token id {largest} is outside its vocabulary of {len(vocab)} (the file is damaged)",
+                             where=trace.source)
         frame["topk_tokens"] = [vocab[ids] for ids in frame["topk_ids"]]
     frame.attrs["llmprobe"] = trace.meta
     return frame
