@@ -9,6 +9,7 @@ option errors are fast.
 
 import errno
 import os
+import re
 import sys
 
 import typer
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         with command.make_context("llmprobe", args) as ctx:
             command.invoke(ctx)
     except UsageError as exc:
-        error_line(str(exc))
+        error_line(one_line(str(exc)))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         error_line("interrupted: no output file was written, and anything already written to stdout is incomplete")
@@ -77,6 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     if _stdout_closed():  # the last write went to a reader that had gone: a pipe cut short
         _quiet_stdout()
         sys.exit(141)
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def one_line(message: str) -> str:
+    """A message as one plain line: terminal escapes (torch bolds parts of its errors) and line breaks
+    from a library's text are removed."""
+    return " ".join(ANSI_ESCAPE.sub("", message).split())
 
 
 def _is_broken_pipe(exc: BaseException) -> bool:
@@ -112,7 +122,7 @@ def _unexpected(exc: BaseException) -> None:
     """A bug or an environment fault: one line, or the traceback with LLMPROBE_DEBUG=1."""
     if os.environ.get("LLMPROBE_DEBUG", "") not in ("", "0"):
         raise exc
-    detail = " ".join(str(exc).split()) or "no message"
+    detail = one_line(str(exc)) or "no message"
     if len(detail) > 300:
         detail = detail[:297] + "..."
     error_line(f"unexpected {type(exc).__name__}: {detail} (run with LLMPROBE_DEBUG=1 for the traceback)")

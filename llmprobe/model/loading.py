@@ -17,8 +17,10 @@ hash) that goes into the trace metadata.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import time
@@ -110,8 +112,11 @@ def convert_gguf(gguf: Path, log=lambda msg: None) -> Path:
     log(f"converting {gguf.name} to a cached safetensors copy (once; about 30 s)")
     started = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers draws its own tqdm bar here, which no setting turns off; the log line above
+        # (silenced by -q) says what is happening instead
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unreadable files
         raise UsageError(f"cannot load GGUF file: {_first_line(exc)}", where=str(gguf)) from None
     # The weights are dequantized float32 now; drop the GGUF quantizer so they save as plain safetensors.

@@ -121,7 +121,7 @@ def run_trace_ray(records: list[PromptRecord], output: str, fmt: str, force: boo
 
     ray_options.validate()
     check_placement(model_options.device_map, model_options.max_memory, model_options.offload_folder)
-    target = check_output_dir(output, fmt, force)
+    target = check_output_dir(output, fmt, force, inputs=[run_meta["prompts"]] if run_meta.get("prompts") else [])
     ray = import_ray()
     check_with_skeleton(records, settings, model_options, out)
     local = ray_options.address is None and not os.environ.get("RAY_ADDRESS")
@@ -182,13 +182,13 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
             ray.shutdown()
 
 
-def check_output_dir(output: str, fmt: str, force: bool) -> Path:
+def check_output_dir(output: str, fmt: str, force: bool, inputs: list[str] = ()) -> Path:
     if fmt != "parquet":
         raise UsageError("the ray engine writes Parquet part files only", where="--format")
     if output == "-":
         raise UsageError("the ray engine writes a directory of Parquet part files, not a stream; pass -o DIR",
                          where="-o")
-    return check_new_output(output, force, directory=True)
+    return check_new_output(output, force, directory=True, inputs=inputs)
 
 
 def check_with_skeleton(records: list[PromptRecord], settings: TraceSettings, model_options: ModelOptions,

@@ -337,3 +337,23 @@ def test_an_unusable_cache_is_one_line_before_the_conversion(prompts, tmp_path, 
     code, _, err = run_cli(["trace", str(prompts), "-o", str(tmp_path / "out.parquet"), "--device", "cpu"], capsys,
                            monkeypatch)
     assert_one_line_error(code, err, str(cache), "LLMPROBE_CACHE")
+
+
+def test_the_conversion_draws_no_bar_of_its_own(prompts, tmp_path, capsys, monkeypatch):
+    """transformers' GGUF conversion bar ignores every setting; llmprobe's log line (silenced by -q) replaces it."""
+    import sys
+
+    import transformers
+    from tqdm.auto import tqdm
+
+    def converting(*args, **kwargs):
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...", file=sys.stderr):
+            pass
+        raise OSError("stop after the bar")
+
+    monkeypatch.setenv("LLMPROBE_CACHE", str(tmp_path / "empty-cache"))  # so the conversion really starts
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", converting)
+    code, _, err = run_cli(["trace", str(prompts), "-o", str(tmp_path / "out.parquet"), "--device", "cpu", "-q"],
+                           capsys, monkeypatch)
+    assert_one_line_error(code, err, "cannot load GGUF file", "stop after the bar")
+    assert "Converting" not in err

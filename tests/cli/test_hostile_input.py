@@ -379,3 +379,36 @@ def test_a_hidden_work_directory_inside_a_trace_directory_is_skipped(tiny_loaded
     (parts / ".b.parquet.x1y2.partial").write_bytes(b"a merge in progress")
     code, _, err = run_cli(["fit-prior", str(parts), "-q", "--json"], capsys, monkeypatch)
     assert code == 0, err
+
+
+def test_a_refused_pickle_under_allow_pickle_is_one_plain_line_and_runs_nothing(trace_cli, tiny_model_dir,
+                                                                               tmp_path):
+    """A pickle that torch's weights-only loader refuses: one line, without torch's terminal escapes."""
+    import io
+    import pickle
+    import zipfile
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("PAYLOAD RAN",))
+
+    model = tmp_path / "pickled"
+    model.mkdir()
+    for item in tiny_model_dir.iterdir():
+        if item.name != "model.safetensors":
+            shutil.copy(item, model / item.name)
+    weights = model / "pytorch_model.bin"
+    torch.save({"x": torch.zeros(1)}, weights)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(weights) as source, zipfile.ZipFile(buffer, "w") as target:
+        for entry in source.infolist():
+            data = source.read(entry.filename)
+            target.writestr(entry, pickle.dumps(Payload(), protocol=2) if entry.filename.endswith("data.pkl") else data)
+    weights.write_bytes(buffer.getvalue())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n")
+    code, out, err = trace_cli(prompts, tmp_path / "out.parquet", "--allow-pickle", model=model)
+    assert_one_line_error(code, err, "cannot load model")
+    assert "\x1b" not in err and b"PAYLOAD RAN" not in out and "PAYLOAD RAN" not in err
