@@ -135,11 +135,30 @@ def run_trace_ray(records: list[PromptRecord], output: str, fmt: str, force: boo
 
 @contextlib.contextmanager
 def _ray_prints_off_stdout(quiet: bool):
-    """Ray prints its workers' errors to stdout, which carries data: send them to stderr (nowhere with -q)."""
+    """Ray prints its workers' errors to stdout, which carries data: send them to stderr (nowhere with -q).
+
+    With -q, file descriptor 2 is pointed at /dev/null while Ray runs too: Ray's C++ core worker writes
+    its own warnings there, past Python's ``sys.stderr``. It is restored before any error is reported.
+    """
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(open(os.devnull, "w")) if quiet else sys.stderr
         stack.enter_context(contextlib.redirect_stdout(sink))
+        if quiet:
+            stack.enter_context(_fd2_to(sink))
         yield
+
+
+@contextlib.contextmanager
+def _fd2_to(sink):
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceSettings, model_options: ModelOptions,
@@ -147,7 +166,7 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not out.quiet,
-                 logging_level="WARNING")
+                 logging_level="ERROR" if out.quiet else "WARNING")
     try:
         if local:
             check_local_resources(ray.cluster_resources(), ray_options)
