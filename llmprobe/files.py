@@ -58,15 +58,15 @@ def check_new_output(output: str | Path, force: bool, *, directory: bool = False
     except OSError as exc:
         raise UsageError(f"cannot use as output ({exc.strerror})", where=str(output)) from None
     if mode is not None:
-        if stat.S_ISDIR(mode) and not directory:
-            raise UsageError("is a directory", where=str(output))
-        if stat.S_ISREG(mode) and directory:
-            raise UsageError("is a file, not a directory", where=str(output))
         if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
             raise UsageError("is not a regular file or directory (a device, pipe or socket); refusing to replace"
                              " it (use -o - for stdout)", where=str(output))
+        if stat.S_ISDIR(mode) and not directory:
+            raise UsageError("is a directory", where=str(output))
         if not force:
             raise UsageError("already exists; pass --force to replace it", where=str(output))
+        if stat.S_ISREG(mode) and directory:
+            raise UsageError("is a file, not a directory", where=str(output))
     if not path.parent.is_dir():
         raise UsageError(f"directory {str(path.parent)!r} does not exist", where=str(output))
     if not os.access(path.parent, os.W_OK):

@@ -28,7 +28,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs 
 Json = Annotated[bool, typer.Option("--json", help="The summary as JSON on stdout instead of tables.")]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (0 or more).")]
 Bootstrap = Annotated[int, typer.Option("--bootstrap", min=1, metavar="B", help="Bootstrap resamples.")]
-TopK = Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="Candidates per position.")]
+TopK = Annotated[int, typer.Option("--top-k", metavar="K", help="Candidates per position.")]
 Prompt = Annotated[Optional[str], typer.Option("--prompt", metavar="ID",
                                                help="Prompt id (needed when the trace has several).")]
 Layer = Annotated[Optional[int], typer.Option("--layer", help="Layer of a per-layer trace (default: the last).")]

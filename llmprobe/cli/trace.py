@@ -93,13 +93,15 @@ def trace(
 def inspect(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace file or directory, or - for stdin.")],
     prompt: Annotated[Optional[str], typer.Option(metavar="ID", help="Only this prompt id.")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="Candidates shown per position.")] = 5,
+    top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="Candidates shown per position.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout instead of tables.")] = False,
 ) -> None:
     """Show a trace position by position: token, top candidates, the actual next token, entropy."""
     from llmprobe.cli.views import show_trace
     from llmprobe.tracing.reader import read_trace
 
+    if top_k < 1:
+        raise UsageError("must be 1 or more", where="--top-k")
     frame = read_trace(trace_path)
     if prompt is not None:
         frame = frame[frame["prompt_id"] == prompt]
