@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         with command.make_context("llmprobe", args) as ctx:
             command.invoke(ctx)
     except UsageError as exc:
-        error_line(one_line(str(exc)))
+        error_line(one_line(" ".join([str(exc), *getattr(exc, "__notes__", [])])))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         error_line("interrupted: no output file was written, and anything already written to stdout is incomplete")
@@ -123,9 +123,11 @@ def _unexpected(exc: BaseException) -> None:
     if os.environ.get("LLMPROBE_DEBUG", "") not in ("", "0"):
         raise exc
     detail = one_line(str(exc)) or "no message"
+    notes = one_line(" ".join(getattr(exc, "__notes__", [])))
     if len(detail) > 300:
         detail = detail[:297] + "..."
-    error_line(f"unexpected {type(exc).__name__}: {detail} (run with LLMPROBE_DEBUG=1 for the traceback)")
+    error_line(f"unexpected {type(exc).__name__}: {detail} (run with LLMPROBE_DEBUG=1 for the traceback)"
+               + (f"; {notes}" if notes else ""))
     sys.exit(1)
 
 

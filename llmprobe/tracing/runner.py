@@ -194,6 +194,11 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted with {len(done)} of {len(records)} prompts done and saved in {work.path};"
                           f" resume with: {resume_with}") from None
+    except Exception as exc:
+        if not isinstance(exc, UsageError) or not bad_numbers:  # the one line then says how to continue
+            exc.add_note(f"{len(done)} of {len(records)} prompts are saved in {work.path}; once the cause is fixed,"
+                         f" resume with: {resume_with}")
+        raise
     finally:  # any other failure (out of memory, a driver error) may pass on a retry: the work stays
         work.close()
         if bad_numbers:

@@ -120,3 +120,30 @@ def test_a_second_run_is_told_another_run_is_writing(small, tmp_path, capsys, mo
     code, err = run_cli(args(output, "--resume"), capsys, monkeypatch)
     assert code == 0, err
     assert pq.read_metadata(output).num_rows > 0
+
+
+def test_an_unexpected_error_mid_run_is_one_line_that_says_how_to_resume(small, small_reference, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Say CUDA ran out of memory or a driver failed: one line, the work kept, the resume command given."""
+    import llmprobe.tracing.runner
+
+    _, args = small
+    output = tmp_path / "out.parquet"
+    check = llmprobe.tracing.runner.check_finite
+    calls = []
+
+    def failing(batch, records):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        check(batch, records)
+
+    with monkeypatch.context() as m:
+        m.setattr(llmprobe.tracing.runner, "check_finite", failing)
+        code, err = run_cli(args(output), capsys, monkeypatch)
+    assert code == 1
+    line = one_line_error(code, err, "unexpected RuntimeError", "LLMPROBE_DEBUG=1", "6 of 20 prompts are saved")
+    assert "resume with:" in line and "--resume" in line
+    code, err = run_cli(args(output, "--resume"), capsys, monkeypatch)
+    assert code == 0, err
+    assert_same_trace(output, small_reference)
