@@ -130,8 +130,8 @@ def rename_noreplace(source: Path, target: Path) -> None:
     """Move ``source`` to ``target`` atomically, failing with :class:`FileExistsError` if ``target`` exists.
 
     ``renameat2(RENAME_NOREPLACE)`` where the kernel and file system have it; else for a file a hard
-    link (which never replaces) followed by removing the old name; else for a directory a rename that
-    the kernel refuses over a non-empty directory.
+    link (which never replaces) followed by removing the old name; else (a directory, or a file system
+    without hard links) an existence check and a rename, which leaves only a tiny window.
     """
     renameat2 = _renameat2()
     if renameat2 is not None:
@@ -146,7 +146,17 @@ def rename_noreplace(source: Path, target: Path) -> None:
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
         os.rename(source, target)
         return
-    os.link(source, target, follow_symlinks=False)
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:  # a file system without hard links (FAT, some network mounts): check, then rename
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        os.rename(source, target)
+        return
     os.unlink(source)
 
 

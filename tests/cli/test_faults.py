@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -168,15 +169,27 @@ def test_an_output_inside_an_input_directory_is_refused(tiny_loaded, tmp_path, c
     assert_one_line_error(code, err, "is also an input")
 
 
-@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs /dev/null")
-def test_a_device_is_never_replaced(prompts, trace_args, capsys, monkeypatch):
-    before = os.stat("/dev/null")
-    for args in (trace_args(prompts, "/dev/null", "--force"),
-                 ["experiment", str(COIN), "-o", "/dev/null", "--force"]):
-        code, _, err = run_cli(args, capsys, monkeypatch)
-        assert_one_line_error(code, err, "/dev/null", "not a regular file")
-    after = os.stat("/dev/null")
-    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+def special_files(tmp_path: Path) -> list[Path]:
+    """A FIFO, and (as root) a character device like /dev/null — made in tmp_path, so that a regression can
+    never replace the real /dev/null (as the old code did when run as root)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    made = [fifo]
+    if os.geteuid() == 0:
+        device = tmp_path / "null-device"
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        made.append(device)
+    return made
+
+
+def test_a_device_or_pipe_is_never_replaced(prompts, trace_args, tmp_path, capsys, monkeypatch):
+    for special in special_files(tmp_path):
+        before = os.lstat(special)
+        for args in (trace_args(prompts, special, "--force"), ["experiment", str(COIN), "-o", str(special), "--force"]):
+            code, _, err = run_cli(args, capsys, monkeypatch)
+            assert_one_line_error(code, err, str(special), "not a regular file")
+        after = os.lstat(special)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
 
 
 def test_an_existing_directory_is_refused_even_with_force(tiny_loaded, tmp_path, capsys, monkeypatch):
@@ -357,3 +370,13 @@ def test_the_conversion_draws_no_bar_of_its_own(prompts, tmp_path, capsys, monke
                            capsys, monkeypatch)
     assert_one_line_error(code, err, "cannot load GGUF file", "stop after the bar")
     assert "Converting" not in err
+
+
+@pytest.mark.parametrize("missing", ["renameat2", "renameat2 and hard links"])
+def test_no_replace_rename_without_renameat2_or_hard_links(missing, tmp_path, monkeypatch):
+    monkeypatch.setattr(llmprobe.files, "_renameat2", lambda: None)
+    if "hard links" in missing:
+        def no_links(*args, **kwargs):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        monkeypatch.setattr(llmprobe.files.os, "link", no_links)
+    test_no_replace_rename_never_replaces(tmp_path)
