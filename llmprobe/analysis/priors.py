@@ -1,5 +1,8 @@
 """Priors as files: one reader for every command that takes a prior, and the ``--prior`` choices.
 
+``--prior`` specs (:func:`reference_prior`): ``uniform``, ``dirichlet:a1,...,aK``, a fit-posterior
+``--json`` summary (its fitted *updating prior*) or a fit-prior file (a *prior over rows*).
+
 A prior file is JSON holding a :class:`~llmprobe.bayes.MixtureFit` or
 :class:`~llmprobe.bayes.DirichletFit` ``to_dict()`` (``alphas`` + ``weights``, or ``alpha``), at the
 top level or under one key, with optional ``categories`` and a label (``model``, ``trace``, ...)
@@ -128,3 +131,83 @@ def prior_for(spec: str, categories: list[str]) -> MixtureFit:
         raise UsageError(f"prior is over {prior.categories}, the trace over {categories}", where=spec)
     return MixtureFit(weights=prior.weights, alphas=prior.alphas, loglik=float("nan"), n_obs=0.0, iterations=0,
                       converged=True)
+
+
+@dataclass
+class ReferencePrior:
+    """A fixed prior given with ``--prior`` (not fitted to the predictions), and what it is.
+
+    ``kind``: ``uniform``, ``dirichlet`` (``dirichlet:2,5,1.5``) or ``file``; ``role`` says what the
+    prior is: ``updating prior`` (uniform, dirichlet:, or a fit-posterior JSON: the gamma = 1
+    updating prior it fitted) or ``prior over rows`` (a fit-prior JSON: the spread of predictions
+    across prompts, which is not the prior a model updates from).
+    """
+
+    mixture: MixtureFit
+    kind: str
+    role: str
+    source: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "role": self.role, "source": self.source,
+                "weights": self.mixture.weights.tolist(), "alphas": self.mixture.alphas.tolist()}
+
+
+DIRICHLET_PREFIX = "dirichlet:"
+
+
+def reference_prior(spec: str, categories: list[str]) -> ReferencePrior:
+    """``--prior`` other than ``fit``: ``uniform``, ``dirichlet:a1,...,aK``, a fit-posterior JSON
+    (its updating prior) or a fit-prior JSON (a prior over rows). One-line errors name ``--prior``."""
+    k = len(categories)
+    if spec == "uniform":
+        return ReferencePrior(prior_for(spec, categories), "uniform", "updating prior", spec)
+    if spec.startswith(DIRICHLET_PREFIX):
+        try:
+            alpha = np.array([float(x) for x in spec[len(DIRICHLET_PREFIX):].split(",")])
+        except ValueError:
+            raise UsageError(f"expected dirichlet:a1,...,a{k} with numbers, got {spec!r}", where="--prior") from None
+        if alpha.shape != (k,) or not np.all(np.isfinite(alpha)) or np.any(alpha <= 0):
+            raise UsageError(f"dirichlet: needs {k} finite positive numbers (one per category:"
+                             f" {', '.join(categories)}), got {spec!r}", where="--prior")
+        return ReferencePrior(_fixed_mixture(np.ones(1), alpha[None, :]), "dirichlet", "updating prior", spec)
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError("no such prior file (expected 'fit', 'uniform', 'dirichlet:a1,...,aK' or a prior JSON"
+                         " file)", where=spec)
+    updating = _updating_prior_in(path)
+    if updating is None:
+        return ReferencePrior(prior_for(spec, categories), "file", "prior over rows", spec)
+    weights, alphas, file_categories = updating
+    if alphas.shape[1] != k or (file_categories is not None and file_categories != categories):
+        raise UsageError(f"updating prior is over {file_categories or alphas.shape[1]}, the trace over"
+                         f" {categories}", where=spec)
+    return ReferencePrior(_fixed_mixture(weights, alphas), "file", "updating prior", spec)
+
+
+def _fixed_mixture(weights: np.ndarray, alphas: np.ndarray) -> MixtureFit:
+    return MixtureFit(weights=weights, alphas=alphas, loglik=float("nan"), n_obs=0.0, iterations=0, converged=True)
+
+
+def _updating_prior_in(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None] | None:
+    """The gamma = 1 updating prior of a fit-posterior ``--json`` summary (the first trace's), if it is one."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # read_prior reports what is wrong with the file
+    summary = document[0] if isinstance(document, list) and document else document
+    if not isinstance(summary, dict) or not isinstance(summary.get("updating_prior"), dict):
+        return None
+    exact = summary["updating_prior"].get("exact", {})
+    try:
+        alphas = np.atleast_2d(np.asarray(exact["alphas"], dtype=float))
+        weights = np.asarray(exact["weights"], dtype=float).reshape(-1)
+    except (KeyError, TypeError, ValueError):
+        raise UsageError("fit-posterior summary without a readable updating_prior.exact (weights, alphas)",
+                         where=str(path)) from None
+    if (alphas.ndim != 2 or alphas.shape[1] < 2 or not np.all(np.isfinite(alphas)) or np.any(alphas <= 0)
+            or weights.shape != (alphas.shape[0],) or np.any(weights < 0)
+            or not math.isclose(weights.sum(), 1.0, rel_tol=1e-6)):
+        raise UsageError("updating_prior.exact needs positive alphas and weights summing to 1", where=str(path))
+    names = summary.get("categories")
+    return weights, alphas, names if isinstance(names, list) else None

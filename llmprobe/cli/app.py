@@ -15,6 +15,7 @@ import sys
 import typer
 
 from llmprobe.cli import analyses, figures, fits, trace
+from llmprobe.cli.options import fill_optional_values
 from llmprobe.cli.output import error_line
 from llmprobe.errors import UsageError
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
       ``run with LLMPROBE_DEBUG=1 for the traceback``, exit 1 (with ``LLMPROBE_DEBUG=1`` it is raised).
     """
     command = typer.main.get_command(app)
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = fill_optional_values(sys.argv[1:] if argv is None else list(argv))
     try:
         with command.make_context("llmprobe", args) as ctx:
             command.invoke(ctx)

@@ -52,7 +52,7 @@ def fit_prior(
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Fit a Dirichlet (or a K-component Dirichlet mixture) to a trace's category distributions."""
+    """Fit the prior over rows: a Dirichlet (mixture) over the spread of a trace's category distributions."""
     from llmprobe.analysis.fits import fit_prior as fit
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_prior
@@ -76,23 +76,49 @@ def fit_prior(
 def fit_posterior(
     traces: Annotated[list[str], typer.Argument(metavar="TRACE...", help="Traces of experiment prompts (or -).")],
     prior: Annotated[str, typer.Option(
-        help="'fit' (the exact-Bayes prior fitted to the predictions), 'uniform', or a fit-prior JSON file.")] = "fit",
+        help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
+             " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON"
+             " (a prior over rows).")] = "fit",
+    prior_components: Annotated[str, typer.Option(
+        "--prior-components", metavar="K|auto",
+        help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto'"
+             " chooses by held-out KL.")] = "1",
+    max_components: Annotated[int, typer.Option(help="Largest K tried with --prior-components auto.")] = 3,
+    min_mass: Annotated[float, typer.Option(
+        "--min-mass", help="Leave out marks with less probability than this on the categories.")] = 0.05,
+    folds: Annotated[int, typer.Option(help="Folds of sequences for the out-of-sample scores (2 or more).")] = 5,
     output: opt.output("Per-mark table, .parquet or .csv.") = None,
     as_json: opt.Json = False,
     bootstrap: opt.Bootstrap = 200,
     seed: opt.Seed = 0,
+    by: Annotated[Optional[str], typer.Option(
+        "--by", help="template: also the per-n tables of mean ± std over prompt templates (docs/experiments.md).")]
+    = None,
+    gamma_variant: Annotated[Optional[str], typer.Option(
+        "--gamma-variant", help="gupta: also Gupta et al.'s γ (decayed Beta(1,1) pseudo-counts, L1 on template means).")]
+    = None,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Compare a model's in-context predictions with the Bayesian posterior predictive, mark by mark."""
-    from llmprobe.analysis.fits import fit_posterior as fit, write_fit_table
+    """Does the model update like a Bayesian? The updating prior, the exact-Bayes test, baselines, a verdict."""
+    from llmprobe.analysis.fits import fit_posterior as fit, parse_components, write_fit_table
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_posterior
     from llmprobe.files import check_new_output
+    from llmprobe.analysis import protocols
     from llmprobe.tracing.reader import open_trace
 
+    protocols.check_choice(by, protocols.BY_CHOICES, "--by")
+    protocols.check_choice(gamma_variant, protocols.GAMMA_VARIANTS, "--gamma-variant")
     if traces.count("-") > 1:
         raise UsageError("standard input can be read only once", where="TRACE")
+    parse_components(prior_components)
+    if not 0.0 <= min_mass < 1.0:
+        raise UsageError(f"must be in [0, 1), got {min_mass}", where="--min-mass")
+    if folds < 2:
+        raise UsageError(f"must be 2 or more, got {folds}", where="--folds")
+    if max_components < 1:
+        raise UsageError(f"must be 1 or more, got {max_components}", where="--max-components")
     if output is not None:
         check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior])])
     out = Output(quiet)
@@ -101,13 +127,32 @@ def fit_posterior(
     for path in traces:
         trace = open_trace(path)
         label = _unique_label(trace.meta.get("model") or path, path, labels)
-        results.append(fit(category_marks(trace, label), prior, bootstrap, seed))
+        marks = category_marks(trace, label)
+        results.append(fit(marks, prior, bootstrap, seed, components=prior_components,
+                           max_components=max_components, min_mass=min_mass, folds=folds))
+        _peer_statistics(results[-1], marks, by, gamma_variant, out)
     show_fit_posterior(results, out)
     if output is not None:
         write_fit_table(results, output, force)
         out.log(f"wrote the per-mark table to {output}")
     if as_json:
         out.data_text(json.dumps([r.summary for r in results], indent=1) + "\n")
+
+
+def _peer_statistics(result, marks, by: Optional[str], gamma_variant: Optional[str], out: Output) -> None:
+    """``--by template`` and ``--gamma-variant``: shown, and added to the JSON summary under their own keys."""
+    from llmprobe.analysis import protocols
+    from llmprobe.cli.views import show_peer_gamma, show_template_tables
+
+    if by == "template":
+        bayes = protocols.bayes_from_fit_table(result.table, marks)
+        tables = protocols.template_tables(protocols.per_mark_statistics(marks, bayes))
+        show_template_tables(result.label, marks.categories, tables, out)
+        result.summary["by_template"] = protocols.tables_to_json(tables)
+    if gamma_variant is not None:
+        peer = protocols.peer_gamma(marks, gamma_variant)
+        show_peer_gamma(result.label, peer, out)
+        result.summary["gamma_variants"] = {gamma_variant: peer.to_dict()}
 
 
 def _unique_label(label: str, path: str, seen: set[str]) -> str:
