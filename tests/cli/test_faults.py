@@ -296,7 +296,7 @@ def test_a_full_disk_or_read_only_directory_is_one_line_and_no_leftovers(fault, 
     commands = {
         "p.jsonl": ["experiment", str(COIN)],
         "prior.json": ["fit-prior", str(trace)],
-        "fit.parquet": ["fit-posterior", str(trace), "--bootstrap", "2"],
+        "fit.parquet": ["fit-posterior", str(trace), "--bootstrap", "2", "--min-mass", "0"],
         "fig.png": ["plot", str(trace), "--prompt", "coin-s0000"],
     }
     with monkeypatch.context() as m:
