@@ -28,10 +28,10 @@ def experiment(
 
     to_file = output is not None and output != "-"
     if to_file:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[config])
     records = generate(load_experiment(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout)
     if to_file:
-        with atomic_file(output, "w") as stream:
+        with atomic_file(output, "w", replace=force) as stream:
             count = write_jsonl(records, stream)
     else:
         count = write_jsonl(records, sys.stdout)
@@ -41,7 +41,7 @@ def experiment(
 def fit_prior(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace with targets (file, directory or -).")],
     components: Annotated[str, typer.Option(help="Mixture components, or 'auto' to choose by BIC.")] = "1",
-    max_components: Annotated[int, typer.Option(help="Largest K tried with --components auto.")] = 5,
+    max_components: Annotated[int, typer.Option(min=1, help="Largest K tried with --components auto.")] = 5,
     from_counts: Annotated[bool, typer.Option("--from-counts",
                                               help="Fit a Dirichlet-multinomial to the examples' counts.")] = False,
     n: Annotated[Optional[str], typer.Option("--n", metavar="N[,N...]",
@@ -61,14 +61,14 @@ def fit_prior(
 
     counts = opt.parse_counts(n) if n is not None else None
     if output is not None:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[trace_path])
     out = Output(quiet)
     marks = category_marks(open_trace(trace_path))
     result = fit(marks, components, max_components, from_counts, counts, seed)
     show_fit_prior(result, marks.label, out)
     document = json.dumps(result, indent=1) + "\n"
     if output is not None:
-        write_atomic(output, document)
+        write_atomic(output, document, replace=force)
     if as_json or output is None and not sys.stdout.isatty():
         out.data_text(document)
 
@@ -120,7 +120,7 @@ def fit_posterior(
     if max_components < 1:
         raise UsageError(f"must be 1 or more, got {max_components}", where="--max-components")
     if output is not None:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior])])
     out = Output(quiet)
     results = []
     labels: set[str] = set()
