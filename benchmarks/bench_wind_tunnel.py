@@ -38,7 +38,6 @@ import pandas as pd
 from scipy.optimize import minimize
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("LLMPROBE_CACHE", "/tmp/lpcache")
 CASES = {"single": ROOT / "configs" / "control" / "coin.toml", "mixture": ROOT / "configs" / "control" / "coin-mixture.toml"}
 GOAL_KL = {"single": 0.01, "mixture": 0.02}
 
