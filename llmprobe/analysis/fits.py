@@ -347,7 +347,7 @@ def write_fit_table(results: list[PosteriorResult], output: str, force: bool) ->
     """The long per-mark table as Parquet (with the fits in its metadata) or CSV, written atomically."""
     check_new_output(output, force)
     frame = pd.concat([r.table for r in results], ignore_index=True)
-    with atomic_file(output, "wb") as stream:
+    with atomic_file(output, "wb", replace=force) as stream:
         if Path(output).suffix.lower() == ".csv":
             stream.write(frame.to_csv(index=False).encode("utf-8"))
         else:

@@ -7,8 +7,9 @@ A prior file is JSON holding a :class:`~llmprobe.bayes.MixtureFit` or
 :class:`~llmprobe.bayes.DirichletFit` ``to_dict()`` (``alphas`` + ``weights``, or ``alpha``), at the
 top level or under one key, with optional ``categories`` and a label (``model``, ``trace``, ...)
 beside it; ``llmprobe fit-prior -o`` writes one (format ``llmprobe.prior/1``). Every check happens
-here: finite positive alphas over two or more categories, weights that sum to 1, category names
-that match. Pure numpy: the figures (:mod:`llmprobe.plots.prior`) and the fits both read through it.
+here: JSON numbers (not strings, not booleans) for alphas and weights, finite positive alphas of at
+most :data:`MAX_ALPHA` over two or more categories, one row of alphas per weight, non-negative weights
+that sum to 1, category names that match. A leading UTF-8 BOM is ignored. Pure numpy: the figures (:mod:`llmprobe.plots.prior`) and the fits both read through it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from llmprobe.bayes import MixtureFit
 from llmprobe.errors import UsageError
 
 LABEL_KEYS = ("model", "trace", "label", "source")
+# Larger concentrations are a point mass for every purpose here, and their sums and log-gamma terms
+# lose all precision or overflow; no fit-prior output comes near this.
+MAX_ALPHA = 1e12
 
 
 @dataclass
@@ -54,14 +58,20 @@ def read_prior(source: str) -> Prior:
             raise UsageError("no such file" if not path.exists() else "not a file", where=source)
         raw = path.read_bytes()
     try:
-        document = json.loads(raw.decode("utf-8"))
+        document = json.loads(raw.decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"not JSON ({exc})", where=source) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read prior file ({exc.strerror})", where=source) from None
     found = _find_fit(document)
     if found is None:
         raise UsageError("not a fitted prior: no object with 'alphas' and 'weights' (mixture) or 'alpha'"
                          " (Dirichlet)", where=source)
     fit, outer = found
+    raw_alphas = fit["alphas"] if "alphas" in fit else fit["alpha"]
+    if not _all_numbers(raw_alphas) or not _all_numbers(fit.get("weights", [1.0])):
+        raise UsageError("alphas and weights must be JSON numbers (lists of numbers), not strings or booleans",
+                         where=source)
     try:
         alphas = np.atleast_2d(np.asarray(fit["alphas"] if "alphas" in fit else fit["alpha"], dtype=float))
         weights = np.asarray(fit.get("weights", [1.0]), dtype=float).reshape(-1)
@@ -69,6 +79,10 @@ def read_prior(source: str) -> Prior:
         raise UsageError("alphas and weights must be numbers", where=source) from None
     if alphas.ndim != 2 or alphas.shape[1] < 2 or not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
         raise UsageError("alphas must be finite positive numbers over two or more categories", where=source)
+    if np.any(alphas > MAX_ALPHA):
+        raise UsageError(f"alphas must be at most {MAX_ALPHA:g} (got {alphas.max():g})", where=source)
+    if alphas.shape[0] != 1 and "weights" not in fit:
+        raise UsageError(f"a mixture of {alphas.shape[0]} components needs 'weights'", where=source)
     if weights.shape != (alphas.shape[0],) or np.any(weights < 0) or not math.isclose(weights.sum(), 1.0,
                                                                                         rel_tol=1e-6):
         raise UsageError(f"weights must be {alphas.shape[0]} non-negative numbers summing to 1", where=source)
@@ -77,6 +91,13 @@ def read_prior(source: str) -> Prior:
     facts = {k: v for k, v in fit.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     return Prior(weights, alphas, categories, label, facts,
                  has_names=fit.get("categories", outer.get("categories")) is not None)
+
+
+def _all_numbers(value: Any) -> bool:
+    """A JSON number or a (nested) list of them; booleans and strings are not numbers."""
+    if isinstance(value, list):
+        return bool(value) and all(_all_numbers(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _find_fit(document: Any) -> tuple[dict, dict] | None:
@@ -95,6 +116,8 @@ def _categories(fit: dict, outer: dict, k: int, source: str) -> list[str]:
     names = fit.get("categories", outer.get("categories"))
     if names is None:
         return [f"category {i + 1}" for i in range(k)]
+    if not isinstance(names, list):
+        raise UsageError(f"'categories' must be a list naming the {k} categories of the alphas", where=source)
     names = [n.get("name") if isinstance(n, dict) else n for n in names]
     if len(names) != k or not all(isinstance(n, str) for n in names):
         raise UsageError(f"'categories' must name the {k} categories of the alphas", where=source)

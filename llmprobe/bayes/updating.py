@@ -11,8 +11,9 @@ weights are updated by the Dirichlet-multinomial marginal likelihood, as conjuga
 one component this is the filter of :mod:`llmprobe.bayes.bayes_fit`. The objective is the same,
 the weighted mean KL(model || filter) over marks, with an analytic gradient in theta = (log
 alpha_ck, weight logits u_2..u_C, [gamma]) and the same robust fit (gamma profiled on a grid from
-the nested gamma = 1 fit, then refined). Mixture fits are started from ``n_init`` random component
-means and the best gamma = 1 start is kept.
+the nested gamma = 1 fit, then refined). Mixture fits are started from the Dirichlet-multinomial
+mixture fitted to the sequences' outcome counts (the prior the examples came from) and from
+``n_init`` random component means; the best gamma = 1 start is kept.
 
 Held-out scores: sequences are split into folds (:func:`sequence_folds`); a fit on the other folds
 gives its marks zero weight, so every fold reuses the cached counts and predicts its own marks.
@@ -42,6 +43,7 @@ from llmprobe.bayes.bayes_fit import (
     bootstrap_gamma,
     robust_fit,
 )
+from llmprobe.bayes.mixture import fit_dirichlet_multinomial_mixture
 from llmprobe.bayes.posterior import mixture_posterior_predictive
 from llmprobe.bayes.verdict import score
 
@@ -178,15 +180,28 @@ def _objective(marks: _Marks, n_components: int, seed: int | None, n_init: int):
     strength = float(np.clip(np.exp(base.theta).sum(), 0.5, 1e4))
     n_categories = marks.probs.shape[1]
     rng = np.random.default_rng(seed)
-    best: tuple[float, np.ndarray] | None = None
+    starts = [_data_prior_start(marks, n_components, seed)]
     for _ in range(n_init):
         means = rng.dirichlet(np.ones(n_categories), size=n_components)
-        theta = np.concatenate([np.log(means * strength).reshape(-1), np.zeros(n_components - 1)])
+        starts.append(np.concatenate([np.log(means * strength).reshape(-1), np.zeros(n_components - 1)]))
+    best: tuple[float, np.ndarray] | None = None
+    for theta in starts:
         candidate = _MixtureFilter(marks, n_components, theta)
         solution = _minimize(candidate, marks.weights, 1.0, theta)
         if best is None or solution.value < best[0]:
             best = (solution.value, solution.theta)
     return _MixtureFilter(marks, n_components, best[1])  # type: ignore[index]  # n_init >= 1
+
+
+def _data_prior_start(marks: _Marks, n_components: int, seed: int | None) -> np.ndarray:
+    """A start at the prior the in-context examples were drawn from: the Dirichlet-multinomial mixture
+    fitted to each sequence's outcome counts. An exactly Bayesian model updates from that prior, so
+    its fit starts at the answer; random starts alone can merge two components into one."""
+    counts = marks.positions.one_hot.sum(axis=1)
+    data_prior = fit_dirichlet_multinomial_mixture(counts, n_components, seed)
+    alphas = np.clip(data_prior.alphas, np.exp(-LOG_ALPHA_BOUND) * 2, np.exp(LOG_ALPHA_BOUND) / 2)
+    logits = np.log(np.maximum(data_prior.weights, 1e-6))
+    return np.concatenate([np.log(alphas).reshape(-1), logits[1:] - logits[0]])
 
 
 def _to_prior(objective, solution: Solution, gamma_fixed: bool, weights: np.ndarray) -> UpdatingPrior:

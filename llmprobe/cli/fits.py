@@ -32,10 +32,10 @@ def experiment(
 
     to_file = output is not None and output != "-"
     if to_file:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[config])
     records = generate(opt.experiment_config(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout)
     if to_file:
-        with atomic_file(output, "w") as stream:
+        with atomic_file(output, "w", replace=force) as stream:
             count = write_jsonl(records, stream)
     else:
         count = write_jsonl(records, sys.stdout)
@@ -45,7 +45,7 @@ def experiment(
 def fit_prior(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace with targets (file, directory or -).")],
     components: Annotated[str, typer.Option(help="Mixture components, or 'auto' to choose by BIC.")] = "1",
-    max_components: Annotated[int, typer.Option(help="Largest K tried with --components auto.")] = 5,
+    max_components: Annotated[int, typer.Option(min=1, help="Largest K tried with --components auto.")] = 5,
     from_counts: Annotated[bool, typer.Option("--from-counts",
                                               help="Fit a Dirichlet-multinomial to the examples' counts.")] = False,
     n: Annotated[Optional[str], typer.Option("--n", metavar="N[,N...]",
@@ -66,7 +66,7 @@ def fit_prior(
 
     counts = opt.parse_counts(n) if n is not None else None
     if output is not None:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[trace_path])
     prior_on_stdout = as_json or output is None and not sys.stdout.isatty()
     out = Output(quiet, stdout_is_data=prior_on_stdout)
     marks = category_marks(open_trace(trace_path))
@@ -74,7 +74,7 @@ def fit_prior(
     show_fit_prior(result, marks.label, out)
     document = json.dumps(result, indent=1) + "\n"
     if output is not None:
-        write_atomic(output, document)
+        write_atomic(output, document, replace=force)
     if prior_on_stdout:
         out.data_text(document)
 
@@ -133,7 +133,7 @@ def fit_posterior(
     if max_components < 1:
         raise UsageError(f"must be 1 or more, got {max_components}", where="--max-components")
     if output is not None:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior])])
     out = Output(quiet, stdout_is_data=as_json)
     results = []
     labels: set[str] = set()

@@ -24,8 +24,9 @@ def trace(
     resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT,
                                          help="Continue the interrupted run writing OUTPUT (same arguments).")] = False,
     quiet: opt.in_panel(opt.Quiet, OUTPUT) = False,
-    input_format: Annotated[Literal["auto", "text", "jsonl"], typer.Option(
-        rich_help_panel=INPUT, help="auto: by extension (stdin: JSONL when it starts with '{').")] = "auto",
+    input_format: Annotated[Literal["auto", "text", "jsonl", "parquet"], typer.Option(
+        rich_help_panel=INPUT, help="auto: by extension (Parquet by content); parquet: a table with a prompt column.")]
+    = "auto",
     chat: Annotated[Optional[str], typer.Option(
         "--chat", metavar="[user|prefill]", rich_help_panel=INPUT,
         help="Wrap each prompt in the tokenizer's chat template: user (the default when given alone) makes it the"

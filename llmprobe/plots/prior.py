@@ -204,6 +204,6 @@ def write_prior_figure(source: str, output: str | None, *, force: bool) -> Path:
         if source == "-":
             raise UsageError("give an output file when the prior comes from stdin", where="-o")
         output = str(Path(source).with_suffix("")) + ".prior.png"
-    check_image_output(output, force)
-    save_figure(plot_prior(read_prior(source)), output)
+    check_image_output(output, force, inputs=[source])
+    save_figure(plot_prior(read_prior(source)), output, replace=force)
     return Path(output)

@@ -110,7 +110,7 @@ def test_help_has_one_metavar_style_and_no_twins(command, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("command,choices", [
-    ("trace", ["parquet|jsonl|csv", "auto|float32|bfloat16|float16", "auto|cpu|cuda[:N]|mps", "auto|text|jsonl",
+    ("trace", ["parquet|jsonl|csv", "auto|float32|bfloat16|float16", "auto|cpu|cuda[:N]|mps", "auto|text|jsonl|parquet",
                "left|right", "local|ray"]),
     ("martingale", ["auto|float32|bfloat16|float16"]),
     ("experiment", ["marks|per-n|both"]),
