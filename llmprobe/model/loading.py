@@ -101,8 +101,11 @@ def gguf_sha256(gguf: Path) -> str:
     if memo.exists():
         return memo.read_text().strip()
     digest = sha256_file(gguf)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest)
+    try:  # only a memo: an unusable cache is reported where the conversion writes into it
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest)
+    except OSError:
+        pass
     return digest
 
 
