@@ -37,6 +37,7 @@ from llmprobe.bayes.updating import (
 )
 from llmprobe.bayes.verdict import (
     FIT_KL_BITS,
+    FORGETTING_BITS,
     GAMMA_IDENTIFIABLE_LOW,
     NO_UPDATE_BITS,
     Evidence,
@@ -233,6 +234,7 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
         "verdict_sentence": verdict.sentence,
         "verdict_warnings": verdict.warnings,
         "thresholds": {"fit_kl_bits": FIT_KL_BITS, "no_update_bits": NO_UPDATE_BITS,
+                       "forgetting_bits": FORGETTING_BITS,
                        "gamma_identifiable_low": GAMMA_IDENTIFIABLE_LOW, "min_mass": min_mass},
         "n_marks": len(cm),
         "n_marks_used": int(used.sum()),

@@ -15,6 +15,7 @@ from llmprobe.bayes.updating import (
 )
 from llmprobe.bayes.verdict import (
     FIT_KL_BITS,
+    FORGETTING_BITS,
     Evidence,
     decide,
     frequency_follower,
@@ -35,11 +36,20 @@ GOOD = dict(best_kl_bits=1e-4, exact_kl_bits=2e-4, never_kl_bits=0.3, out_of_sam
     ({"never_kl_bits": 5e-4}, "no-updating"),
     ({"never_updates": True, "alpha0_at_bound": True}, "no-updating"),
     ({"gamma_ci": (0.001, 1.0)}, "no-updating"),  # the interval of defect 2
-    ({"gamma": 0.85, "gamma_ci": (0.83, 0.87), "rejected": True}, "rejected"),
+    ({"gamma": 0.85, "gamma_ci": (0.83, 0.87), "rejected": True, "exact_kl_bits": 0.05}, "rejected"),
     ({"gamma": 0.85, "gamma_ci": (0.83, 0.87), "rejected": True, "best_kl_bits": 0.18}, "poor-fit"),
+    # gamma = 1 statistically rejected, but forgetting buys under FORGETTING_BITS: negligible (the mixture control)
+    ({"gamma": 0.999, "gamma_ci": (0.999, 0.9999), "rejected": True}, "consistent"),
+    ({"gamma": 0.999, "gamma_ci": (0.999, 0.9999), "rejected": True,
+      "exact_kl_bits": 1e-4 + FORGETTING_BITS * 1.5}, "rejected"),
 ])
 def test_verdict_rule(change, verdict):
     assert decide(Evidence(**{**GOOD, **change})).verdict == verdict
+
+
+def test_negligible_forgetting_is_consistent_with_a_warning():
+    v = decide(Evidence(**{**GOOD, "gamma": 0.999, "gamma_ci": (0.999, 0.9999), "rejected": True}))
+    assert v.verdict == "consistent" and any("negligible" in w for w in v.warnings)
 
 
 def test_verdict_warns_about_in_sample_numbers_and_non_convergence():
