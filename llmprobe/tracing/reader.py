@@ -70,12 +70,11 @@ def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
         parquet = pq.ParquetFile(handle)
     except (pa.ArrowInvalid, OSError) as exc:
         raise UsageError(f"not a Parquet file ({str(exc).splitlines()[0]})", where=name) from None
-    kv = parquet.schema_arrow.metadata
-    meta = decode_metadata(kv)
+    meta = decode_metadata(parquet.schema_arrow.metadata)
     if meta is None:
         raise UsageError("a Parquet file, but not an llmprobe trace (no llmprobe metadata)", where=name)
     table = parquet.read(columns=columns)
-    return Trace(table, meta, decode_vocab(kv), name)
+    return Trace(table, meta, decode_vocab(parquet.metadata.metadata), name)  # the file's key-value metadata
 
 
 def read_trace(source: str | Path, columns: list[str] | None = None, *, token_strings: bool = True):

@@ -2,7 +2,8 @@
 
 A Parquet trace is written one row group per record batch through :func:`llmprobe.files.atomic_file`,
 so memory does not grow with the number of prompts and an error or Ctrl-C never leaves a truncated
-trace. An existing file is never replaced without ``force``.
+trace. An existing file is never replaced without ``force``. The vocabulary goes into the footer's
+key-value metadata once (:func:`llmprobe.tracing.schema.file_metadata`), not into the Arrow schema.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from llmprobe.errors import UsageError
 from llmprobe.files import atomic_file, check_new_output
-from llmprobe.tracing.schema import encode_metadata
+from llmprobe.tracing.schema import file_metadata
 
 OUTPUT_FORMATS = ("parquet", "jsonl", "csv")
 JSON_COLUMNS = ("mark", "meta")  # string columns holding JSON objects
@@ -55,23 +56,25 @@ def check_output(output: str, fmt: str, force: bool) -> None:
 def open_trace_sink(output: str, fmt: str, schema: pa.Schema, metadata: dict[str, Any],
                     vocab: list[str] | None) -> Iterator[Sink]:
     """A sink for record batches; the file appears at ``output`` only if the block completes."""
-    schema = schema.with_metadata(encode_metadata(metadata, vocab))
+    schema_meta, file_only = file_metadata(metadata, vocab) if fmt == "parquet" else ({}, {})
+    schema = schema.with_metadata(schema_meta)
     if output == "-":
         stream = sys.stdout.buffer
-        with _make_sink(stream, fmt, schema) as sink:
+        with _make_sink(stream, fmt, schema, file_only) as sink:
             yield sink
         stream.flush()
         return
-    with atomic_file(output) as stream, _make_sink(stream, fmt, schema) as sink:
+    with atomic_file(output) as stream, _make_sink(stream, fmt, schema, file_only) as sink:
         yield sink
 
 
 @contextmanager
-def _make_sink(stream, fmt: str, schema: pa.Schema) -> Iterator[Sink]:
+def _make_sink(stream, fmt: str, schema: pa.Schema, file_only: dict[bytes, bytes]) -> Iterator[Sink]:
     if fmt == "parquet":
         writer = pq.ParquetWriter(stream, schema, **parquet_options(schema))
         try:
             yield writer
+            writer.add_key_value_metadata(file_only)
         finally:
             writer.close()
     elif fmt == "jsonl":
