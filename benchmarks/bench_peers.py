@@ -11,8 +11,9 @@ documented way:
 
 * llmprobe: ``Tracer._trace_batch`` (which also computes next-token log-prob and rank and two targets);
 * nnsight: ``LanguageModel(model).trace(ids)`` saving ``lm_head.output``, reduced with torch;
-* TransformerLens: a ``HookedTransformer`` built from the same weights (its Llama weight conversion,
-  no layer-norm folding), ``model(ids, return_type="logits")``, reduced with torch.
+* TransformerLens: ``TransformerBridge.boot_transformers`` on the same checkpoint directory (its own
+  copy of the weights, eager attention as it forces), ``bridge(ids, return_type="logits")``, reduced
+  with torch.
 
 Runs alternate tool by tool within every repeat (A B C D, D C B A, ...), so load from other jobs
 falls on all alike; a tool's time is its fastest repeat per batch, summed, and each ratio is
@@ -58,26 +59,21 @@ def nnsight_job(loaded):
 
 
 def transformer_lens_job(loaded):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+    """TransformerLens 4's bridge over the same checkpoint directory (its own copy of the weights; it
+    forces eager attention, its documented default); older versions: a HookedTransformer."""
+    import transformer_lens
 
-    config = loaded.model.config
-    cfg = HookedTransformerConfig(
-        d_model=config.hidden_size, d_head=config.hidden_size // config.num_attention_heads,
-        n_heads=config.num_attention_heads, n_key_value_heads=config.num_key_value_heads,
-        d_mlp=config.intermediate_size, n_layers=config.num_hidden_layers, n_ctx=min(config.max_position_embeddings, 2048),
-        d_vocab=config.vocab_size, act_fn="silu", normalization_type="RMS", eps=config.rms_norm_eps,
-        positional_embedding_type="rotary", rotary_dim=config.hidden_size // config.num_attention_heads,
-        rotary_base=getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"],
-        final_rms=True, gated_mlp=True, original_architecture="LlamaForCausalLM", device="cpu", dtype=torch.float32)
-    model = HookedTransformer(cfg)
-    model.load_and_process_state_dict(convert_llama_weights(loaded.model, cfg), fold_ln=False,
-                                      center_writing_weights=False, center_unembed=False, fold_value_biases=False)
-    model.eval()
+    if hasattr(transformer_lens, "TransformerBridge"):
+        bridge = transformer_lens.TransformerBridge.boot_transformers(
+            str(loaded.source.path), device="cpu", dtype=torch.float32, tokenizer=loaded.tokenizer)
+        bridge.eval()
+    else:  # TransformerLens 2 and 3
+        bridge = transformer_lens.HookedTransformer.from_pretrained_no_processing(
+            "meta-llama/Llama-2-7b-hf", hf_model=loaded.model, tokenizer=loaded.tokenizer)
 
     def run(ids: torch.Tensor):
         with torch.inference_mode():
-            return reduce_logits(model(ids, return_type="logits"))
+            return reduce_logits(bridge(ids, return_type="logits"))
     return run
 
 
