@@ -36,10 +36,10 @@ def check_new_output(output: str | Path, force: bool, *, directory: bool = False
     path = Path(output)
     if path.is_dir() and not directory:
         raise UsageError("is a directory", where=str(output))
-    if path.exists() and not path.is_dir() and directory:
-        raise UsageError("is a file, not a directory", where=str(output))
     if path.exists() and not force:
         raise UsageError("already exists; pass --force to replace it", where=str(output))
+    if path.exists() and not path.is_dir() and directory:
+        raise UsageError("is a file, not a directory", where=str(output))
     if not path.parent.is_dir():
         raise UsageError(f"directory {str(path.parent)!r} does not exist", where=str(output))
     return path

@@ -5,7 +5,8 @@ probability of each category is the exponentiated whole-string score of the cate
 (``target_seq_logprobs``, so multi-token targets are scored as continuations). The distribution is
 renormalized over the category set, and the mass the model put on the set is kept: mass outside
 the set is part of the finding. Experiment prompts carry ``categories``, ``targets``, ``theta``,
-``sequence`` and ``outcomes`` in their metadata and ``n``/``counts`` in each mark.
+``sequence``, ``outcomes`` (and, from ``[[templates]]``, ``template``) in their metadata and ``n``/``counts``
+(and, in a chain of θs, ``theta``) in each mark.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class CategoryMarks:
 
     label: str  # which trace (model) these come from
     categories: list[str]
-    marks: pd.DataFrame  # prompt_id, prompt_index, position, sequence, n, layout
+    marks: pd.DataFrame  # prompt_id, prompt_index, position, sequence, n, layout, template
     probs: np.ndarray  # (M, K) model probabilities renormalized over the categories
     mass: np.ndarray  # (M,) total model probability on the category set
     counts: np.ndarray | None  # (M, K) running counts of the in-context examples, if known
@@ -73,15 +74,18 @@ def category_marks(trace: Trace, label: str | None = None) -> CategoryMarks:
         "sequence": [m.get("sequence", pid) for m, pid in zip(metas, scored.column("prompt_id").to_pylist())],
         "n": [mk.get("n") for mk in marks],
         "layout": [m.get("layout") for m in metas],
+        "template": [m.get("template", 0) for m in metas],  # [[templates]] experiments; 0 otherwise
     })
     counts = _optional_matrix([mk.get("counts") for mk in marks], len(categories))
-    theta = _optional_matrix([m.get("theta") for m in metas], len(categories))
+    # a chain of θs (experiment.phases) gives each mark its own θ
+    theta = _optional_matrix([mk.get("theta", m.get("theta")) for m, mk in zip(metas, marks)], len(categories))
     if counts is not None and frame["n"].isna().any():
         frame["n"] = counts.sum(axis=1)
     outcomes = {}
     for meta, sequence in zip(metas, frame["sequence"]):
         seq_outcomes = meta.get("outcomes")
-        if isinstance(seq_outcomes, list) and len(seq_outcomes) > len(outcomes.get(sequence, [])):
+        if isinstance(seq_outcomes, list) and (sequence not in outcomes  # an n = 0 prompt may be its own sequence
+                                               or len(seq_outcomes) > len(outcomes[sequence])):
             outcomes[sequence] = seq_outcomes
     order = np.lexsort((frame["position"].to_numpy(), frame["prompt_index"].to_numpy()))
     return CategoryMarks(

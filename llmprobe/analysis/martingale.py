@@ -157,6 +157,9 @@ def model_martingale(loaded, exp, ns: list[int], *, paths: int, horizon: int, se
     """
     from llmprobe.analysis.experiments import generate
 
+    if exp.templated:
+        raise UsageError("martingale takes the single-[template] form; [[templates]] experiments are not supported",
+                         where=exp.where)
     if exp.n_max < ns[-1] + horizon:
         raise UsageError(f"n_max {exp.n_max} < largest n {ns[-1]} + horizon {horizon}", where=exp.where)
     records = list(generate(exp, layout="marks"))

@@ -65,6 +65,7 @@ def martingale(
     offload_folder: opt.OffloadFolder = None,
     trust_remote_code: opt.TrustRemoteCode = False,
     allow_pickle: opt.AllowPickle = False,
+    attn_implementation: opt.AttnImplementation = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout instead of a table.")] = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -80,7 +81,7 @@ def martingale(
     exp = exp.with_overrides(n_max=ns[-1] + horizon, sequences=sequences)
     out = Output(quiet)
     loaded = opt.model_options(model, device, dtype, device_map, max_memory, offload_folder, trust_remote_code,
-                               allow_pickle).load(log=out.log)
+                               allow_pickle, attn_implementation).load(log=out.log)
     results = model_martingale(loaded, exp, ns, paths=paths, horizon=horizon, seed=seed, n_bootstrap=bootstrap,
                                batch_size=batch_size, out=out)
     if as_json:

@@ -13,6 +13,7 @@ import sys
 import typer
 
 from llmprobe.cli import analyses, figures, fits, trace
+from llmprobe.cli.options import fill_optional_values
 from llmprobe.cli.output import error_line
 from llmprobe.errors import UsageError
 
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="llmprobe", standalone_mode=False)
+        command.main(args=fill_optional_values(sys.argv[1:] if argv is None else argv), prog_name="llmprobe",
+                     standalone_mode=False)
     except UsageError as exc:
         error_line(str(exc))
         sys.exit(exc.exit_code)

@@ -81,6 +81,12 @@ def fit_posterior(
     as_json: opt.Json = False,
     bootstrap: opt.Bootstrap = 200,
     seed: opt.Seed = 0,
+    by: Annotated[Optional[str], typer.Option(
+        "--by", help="template: also the per-n tables of mean ± std over prompt templates (docs/experiments.md).")]
+    = None,
+    gamma_variant: Annotated[Optional[str], typer.Option(
+        "--gamma-variant", help="gupta: also Gupta et al.'s γ (decayed Beta(1,1) pseudo-counts, L1 on template means).")]
+    = None,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -89,8 +95,11 @@ def fit_posterior(
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_posterior
     from llmprobe.files import check_new_output
+    from llmprobe.analysis import protocols
     from llmprobe.tracing.reader import open_trace
 
+    protocols.check_choice(by, protocols.BY_CHOICES, "--by")
+    protocols.check_choice(gamma_variant, protocols.GAMMA_VARIANTS, "--gamma-variant")
     if traces.count("-") > 1:
         raise UsageError("standard input can be read only once", where="TRACE")
     if output is not None:
@@ -101,13 +110,31 @@ def fit_posterior(
     for path in traces:
         trace = open_trace(path)
         label = _unique_label(trace.meta.get("model") or path, path, labels)
-        results.append(fit(category_marks(trace, label), prior, bootstrap, seed))
+        marks = category_marks(trace, label)
+        results.append(fit(marks, prior, bootstrap, seed))
+        _peer_statistics(results[-1], marks, by, gamma_variant, out)
     show_fit_posterior(results, out)
     if output is not None:
         write_fit_table(results, output, force)
         out.log(f"wrote the per-mark table to {output}")
     if as_json:
         out.data_text(json.dumps([r.summary for r in results], indent=1) + "\n")
+
+
+def _peer_statistics(result, marks, by: Optional[str], gamma_variant: Optional[str], out: Output) -> None:
+    """``--by template`` and ``--gamma-variant``: shown, and added to the JSON summary under their own keys."""
+    from llmprobe.analysis import protocols
+    from llmprobe.cli.views import show_peer_gamma, show_template_tables
+
+    if by == "template":
+        bayes = protocols.bayes_from_fit_table(result.table, marks)
+        tables = protocols.template_tables(protocols.per_mark_statistics(marks, bayes))
+        show_template_tables(result.label, marks.categories, tables, out)
+        result.summary["by_template"] = protocols.tables_to_json(tables)
+    if gamma_variant is not None:
+        peer = protocols.peer_gamma(marks, gamma_variant)
+        show_peer_gamma(result.label, peer, out)
+        result.summary["gamma_variants"] = {gamma_variant: peer.to_dict()}
 
 
 def _unique_label(label: str, path: str, seen: set[str]) -> str:

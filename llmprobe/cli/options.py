@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmprobe.errors import UsageError
-from llmprobe.model.loading import ModelOptions, parse_max_memory
+from llmprobe.model.loading import ModelOptions, check_attn_implementation, parse_max_memory
 
 MODEL_PANEL = "Model"
 
@@ -28,10 +28,17 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs 
 Json = Annotated[bool, typer.Option("--json", help="The summary as JSON on stdout instead of tables.")]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (0 or more).")]
 Bootstrap = Annotated[int, typer.Option("--bootstrap", min=1, metavar="B", help="Bootstrap resamples.")]
-TopK = Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="Candidates per position.")]
+TopK = Annotated[int, typer.Option("--top-k", metavar="K", help="Candidates per position.")]
 Prompt = Annotated[Optional[str], typer.Option("--prompt", metavar="ID",
                                                help="Prompt id (needed when the trace has several).")]
 Layer = Annotated[Optional[int], typer.Option("--layer", help="Layer of a per-layer trace (default: the last).")]
+AttnImplementation = Annotated[Optional[str], typer.Option(
+    "--attn-implementation", rich_help_panel=MODEL_PANEL, metavar="sdpa|eager",
+    help="Attention kernel (default: transformers' choice, usually sdpa); recorded in the trace metadata.")]
+
+# Options whose value may be left out: `--chat` alone means `--chat user`. typer has no optional
+# values, so the command line is rewritten before parsing (see :func:`fill_optional_values`).
+OPTIONAL_VALUES = {"--chat": ("user", ("user", "prefill"))}
 
 # The model options, the same for every command that loads a model (trace, martingale).
 Model = Annotated[Optional[str], typer.Option(
@@ -55,10 +62,25 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", rich_help_panel=MOD
 
 def model_options(model: Optional[str], device: str, dtype: str, device_map: Optional[str],
                   max_memory: Optional[str], offload_folder: Optional[str], trust_remote_code: bool,
-                  allow_pickle: bool) -> ModelOptions:
+                  allow_pickle: bool, attn_implementation: Optional[str] = None) -> ModelOptions:
     """The parsed model options (in the order a command declares them)."""
     return ModelOptions(model, device, dtype, device_map, trust_remote_code, allow_pickle,
-                        parse_max_memory(max_memory) if max_memory else None, offload_folder)
+                        parse_max_memory(max_memory) if max_memory else None, offload_folder,
+                        check_attn_implementation(attn_implementation))
+
+
+def fill_optional_values(argv: list[str]) -> list[str]:
+    """``--chat`` not followed by one of its values becomes ``--chat=user`` (up to a ``--``)."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if arg in OPTIONAL_VALUES:
+            default, values = OPTIONAL_VALUES[arg]
+            if i + 1 >= len(argv) or argv[i + 1] not in values:
+                arg = f"{arg}={default}"
+        out.append(arg)
+    return out
 
 
 def parse_counts(spec: str, option: str = "--n") -> list[int]:

@@ -25,8 +25,12 @@ def trace(
     offload_folder: opt.OffloadFolder = None,
     trust_remote_code: opt.TrustRemoteCode = False,
     allow_pickle: opt.AllowPickle = False,
+    attn_implementation: opt.AttnImplementation = None,
     input_format: Annotated[str, typer.Option(help="auto (by extension), text or jsonl.")] = "auto",
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the tokenizer's chat template.")] = False,
+    chat: Annotated[Optional[str], typer.Option(
+        "--chat", metavar="[user|prefill]",
+        help="Wrap each prompt in the tokenizer's chat template: user (the default when given alone) makes it the"
+             " user turn; prefill makes prompt[:split] the user turn and the rest the open assistant turn.")] = None,
     top_k: opt.TopK = 20,
     targets: Annotated[Optional[str], typer.Option(
         rich_help_panel=CAPTURE, help="Comma-separated target strings scored exactly at every position (spaces kept).")]
@@ -81,11 +85,11 @@ def trace(
                    else targets.split(",") if targets is not None else [])  # --targets "" is an error, not none
     settings = TraceSettings(top_k=top_k, targets=target_list, max_new_tokens=max_new_tokens, sample=sample,
                              temperature=temperature, top_p=top_p, seed=seed, batch_size=parse_batch_size(batch_size),
-                             chat=chat, truncate=truncate, layers=layers, save_embeddings=save_embeddings)
+                             chat={None: False, "user": True}.get(chat, chat), truncate=truncate, layers=layers, save_embeddings=save_embeddings)
     ray_options = ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor,
                                   ray_prompts_per_task)
     loading = opt.model_options(model, device, dtype, device_map, max_memory, offload_folder, trust_remote_code,
-                                allow_pickle)
+                                allow_pickle, attn_implementation)
     run_trace(prompts, output or default_output(prompts), fmt, force, input_format, settings, loading,
               shlex.join(["llmprobe", *sys.argv[1:]]), Output(quiet), resume=resume, ray_options=ray_options)
 
@@ -93,13 +97,15 @@ def trace(
 def inspect(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace file or directory, or - for stdin.")],
     prompt: Annotated[Optional[str], typer.Option(metavar="ID", help="Only this prompt id.")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, metavar="K", help="Candidates shown per position.")] = 5,
+    top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="Candidates shown per position.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout instead of tables.")] = False,
 ) -> None:
     """Show a trace position by position: token, top candidates, the actual next token, entropy."""
     from llmprobe.cli.views import show_trace
     from llmprobe.tracing.reader import read_trace
 
+    if top_k < 1:
+        raise UsageError("must be 1 or more", where="--top-k")
     frame = read_trace(trace_path)
     if prompt is not None:
         frame = frame[frame["prompt_id"] == prompt]

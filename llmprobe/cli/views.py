@@ -223,3 +223,30 @@ def martingale_table(results: list[MartingaleResult], alpha: float, name: str) -
                       "yes" if r.rejected(alpha) else "no",
                       "" if r.mean_category_mass is None else f"{r.mean_category_mass:.3f}")
     return table
+
+
+def show_template_tables(label: str, categories: list[str], tables, out: Output) -> None:
+    """``fit-posterior --by template``: per n, mean ± std over templates (docs/experiments.md)."""
+    by_n = tables["by_n"]
+    table = Table(title=f"{label}: per n, mean ± std over templates (TV/KL to θ, and to the posterior predictive)",
+                  title_justify="left")
+    first = categories[0]
+    for name in ("n", "templates", "marks", f"P({first}) model", f"P({first}) Bayes", "TV to θ", "KL(θ‖model) bits",
+                 "TV to Bayes", "KL(Bayes‖model) bits"):
+        table.add_column(name, justify="right")
+    for _, row in by_n.iterrows():
+        cell = lambda s: f"{row[s + '_mean']:.3f} ± {row[s + '_std']:.3f}"  # noqa: E731
+        table.add_row(str(int(row["n"])), str(int(row["templates"])), str(int(row["marks"])),
+                      cell("p_first_model"), cell("p_first_bayes"), cell("tvd_theta"), cell("kl_theta_bits"),
+                      cell("tvd_bayes"), cell("kl_bayes_bits"))
+    out.show(table)
+
+
+def show_peer_gamma(label: str, fit, out: Output) -> None:
+    """``fit-posterior --gamma-variant``: the peer's γ and its objective."""
+    table = Table(title=f"{label}: γ as Gupta et al. fit it (decayed Beta(1,1) pseudo-counts, L1 on template means)",
+                  title_justify="left")
+    for name in ("variant", "γ", "mean |ΔP|", "positions", "marks"):
+        table.add_column(name, justify="right" if name != "variant" else "left")
+    table.add_row("gupta", f"{fit.gamma:.3f}", f"{fit.mean_abs_error:.4f}", str(fit.n_positions), str(fit.n_marks))
+    out.show(table)

@@ -311,6 +311,7 @@ class LoadedModel:
     dtype: Any
     device_map: dict[str, Any] | None
     load_seconds: float
+    attn_implementation: str | None = None  # the attention kernel in use ("sdpa", "eager", ...)
 
     @property
     def vocab_size(self) -> int:
@@ -329,6 +330,7 @@ class LoadedModel:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "device_map": self.device_map,
+            "attn_implementation": self.attn_implementation,
             **self.source.extra,
         }
 
@@ -345,11 +347,13 @@ class ModelOptions:
     allow_pickle: bool = False
     max_memory: dict[int | str, int | str] | None = None
     offload_folder: str | None = None
+    attn_implementation: str | None = None  # None: transformers' default (sdpa where available)
 
     def load(self, log=lambda msg: None) -> "LoadedModel":
         return load_model(self.model, device=self.device, dtype=self.dtype, device_map=self.device_map,
                           max_memory=self.max_memory, offload_folder=self.offload_folder,
-                          trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle, log=log)
+                          trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
+                          attn_implementation=self.attn_implementation, log=log)
 
     def skeleton(self, log=lambda msg: None) -> "LoadedModel":
         return load_skeleton(self.model, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
@@ -366,14 +370,17 @@ def load_model(
     offload_folder: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    attn_implementation: str | None = None,
     log=lambda msg: None,
 ) -> LoadedModel:
     """Load weights onto ``device``, or place them with accelerate when ``device_map`` is given
-    ("auto", "balanced", "sequential" or an explicit module -> device/"cpu"/"disk" dict)."""
+    ("auto", "balanced", "sequential" or an explicit module -> device/"cpu"/"disk" dict).
+    ``attn_implementation`` picks the attention kernel (:data:`ATTN_IMPLEMENTATIONS`; None: the default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     check_placement(device_map, max_memory, offload_folder)
+    attn_implementation = check_attn_implementation(attn_implementation)
     torch_device = resolve_device(device) if device_map is None else None
     torch_dtype = resolve_dtype(dtype, torch_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     source = _checked_source(spec, trust_remote_code, allow_pickle, log)
@@ -390,6 +397,7 @@ def load_model(
             trust_remote_code=trust_remote_code,
             use_safetensors=not allow_pickle or None,
             local_files_only=True,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     except UsageError:
         raise
@@ -407,7 +415,18 @@ def load_model(
         dtype=torch_dtype,
         device_map=getattr(model, "hf_device_map", None) if device_map else None,
         load_seconds=time.perf_counter() - started,
+        attn_implementation=getattr(model.config, "_attn_implementation", attn_implementation),
     )
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def check_attn_implementation(value: str | None) -> str | None:
+    """``--attn-implementation``: None (the default kernel) or one of :data:`ATTN_IMPLEMENTATIONS`."""
+    if value is not None and value not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"expected {' or '.join(ATTN_IMPLEMENTATIONS)}, got {value!r}", where="--attn-implementation")
+    return value
 
 
 def _checked_source(spec: str | None, trust_remote_code: bool, allow_pickle: bool, log) -> ModelSource:

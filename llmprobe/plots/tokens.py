@@ -95,7 +95,7 @@ def token_grid(frame: pd.DataFrame, source: str, prompt: str | None, positions: 
     """One prompt's numbers from a trace frame (:func:`~llmprobe.tracing.reader.read_trace`, one layer)."""
     start, end = parse_positions(positions)
     if top is not None and top < 1:
-        raise UsageError("must be 1 or more", where="--top")
+        raise UsageError("must be 1 or more", where="--top-k")
     meta = frame.attrs["llmprobe"]
     chosen_prompt = _choose_prompt(frame, prompt, source)
     frame = frame[frame["prompt_id"] == chosen_prompt]

@@ -39,7 +39,7 @@ PART_COMPRESSION = "zstd"
 # Trace-metadata keys whose values must not change between an interrupted run and its resume: a
 # trace records them once, so every row must come from the same model, numerics and settings.
 FINGERPRINT_KEYS = ("model", "weights_sha256", "model_revision", "dtype", "device", "device_map", "settings",
-                    "llmprobe_version", "torch_version", "transformers_version")
+                    "attn_implementation", "llmprobe_version", "torch_version", "transformers_version")
 
 
 def work_dir_for(output: str) -> Path:

@@ -8,11 +8,19 @@ at marks, and emits one :class:`pyarrow.RecordBatch` per batch of prompts.
 The full ``[batch, length, vocabulary]`` logits never exist. The engine runs the model's forward with
 ``logits_to_keep=1``, captures the final norm's output (:func:`llmprobe.model.structure.split_causal_lm`)
 and sends those hidden states through the output head a block of positions at a time, each block
-reduced at once
-(:meth:`llmprobe.tracing.hooks.LogitReducer.reduce_hidden`; padding positions skip the head). The same
-path serves the output layer, the logit lens, generation steps and multi-token targets; prompt
-embeddings are read off the captured final-normed states. A model that cannot be split that way is traced through a
-hook on its output head instead (today's path: its own forward holds the logits), with a notice.
+reduced at once (:meth:`llmprobe.tracing.hooks.LogitReducer.reduce_hidden`; padding positions skip
+the head). The same path serves the output layer, the logit lens, generation steps and multi-token
+targets; prompt embeddings are read off the captured final-normed states. A model that cannot be
+split that way is traced through a hook on its output head instead (its own forward then holds the
+logits), with a one-line notice.
+
+Chat modes (``--chat``): "user" (or ``True``) renders the prompt as the user turn followed by the
+generation prompt; "prefill" renders ``prompt[:split]`` (trailing whitespace dropped) as the user turn
+and ``prompt[split:]`` as the start of the assistant's reply, left open (no end-of-turn token), where
+``split`` is the record's field of that name (``llmprobe experiment`` writes it for templates with an
+instruction). The text around each turn is found from the template's structure (rendered once with
+sentinel contents), never by searching the rendered text for the prompt, so a prompt that also
+occurs in a system prompt is still placed right; marks keep referring to the original prompt text.
 
 Row semantics: the row at ``position`` i holds P(. | x_0..x_i); ``next_token`` is x_{i+1}.
 Generated tokens get rows of their own (phase ``generated``) until ``max_new_tokens`` or an
@@ -47,6 +55,8 @@ AUTO = "auto"  # --batch-size auto: as many prompts as fit, halving on out-of-me
 AUTO_MAX_BATCH = 64  # the most prompts --batch-size auto puts in one batch (and its planning size)
 AUTO_BUDGET_CPU = 1 << 30  # bytes of activations (or, on the hook path, logits) one auto batch may take on the CPU
 AUTO_FREE_FRACTION = 0.25  # on a GPU: of the memory free when tracing starts
+CHAT_MODES = ("user", "prefill")
+_SENTINELS = ("\ue000llmprobe user turn\ue001", "\ue000llmprobe assistant turn\ue001")  # private-use marks
 
 
 @dataclass
@@ -59,13 +69,15 @@ class TraceSettings:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int | str = 8  # or AUTO
-    chat: bool = False
+    chat: bool | str = False  # False, True (= "user") or one of CHAT_MODES
     truncate: str | None = None  # "left" | "right": cut prompts longer than the context instead of failing
     layers: str | None = None  # logit lens: "all" or "0,4,8" (0-based decoder layers; docs/analyses.md)
     save_embeddings: bool = False  # keep the output head's input at marks (else the last position)
 
     def validate(self) -> None:
         """The checks that need no model, so bad options fail before a model load."""
+        if self.chat not in (False, True, *CHAT_MODES):
+            raise UsageError(f"expected {' or '.join(CHAT_MODES)}, got {self.chat!r}", where="--chat")
         if self.truncate not in (None, "left", "right"):
             raise UsageError(f"expected left or right, got {self.truncate!r}", where="--truncate")
         if self.top_k < 1:
@@ -81,6 +93,11 @@ class TraceSettings:
             if self.max_new_tokens:
                 raise UsageError("the logit lens covers prompt positions only; trace generated text as a prompt"
                                  " instead of combining it with --max-new-tokens", where="--layers")
+
+    @property
+    def chat_mode(self) -> str | None:
+        """None (no chat template), "user" or "prefill"."""
+        return "user" if self.chat is True else self.chat or None
 
     @property
     def batch_prompts(self) -> int:
@@ -161,6 +178,7 @@ class Tracer:
         self._auto_limit = AUTO_MAX_BATCH  # --batch-size auto: halved on every out-of-memory error
         self._auto_budget: int | None = None  # bytes a batch may take, set on first use
         self._cache_kwarg = "cache" if "cache" in _parameters(self.model) else "past_key_values"
+        self._chat_frame: tuple[str, ...] | None = None  # the template's text around the turns, found once
         self.parts, why_not = split_causal_lm(self.model)  # None: trace through a hook on the output head
         if self.parts is None:
             reporter.log(f"notice: {why_not}; tracing through a hook on the output head, which holds the"
@@ -200,15 +218,10 @@ class Tracer:
     # ----------------------------------------------------------------------------------- encoding
     def encode(self, record: PromptRecord) -> EncodedPrompt:
         text, shift = record.text, 0
-        if self.settings.chat:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": record.text}], add_generation_prompt=True, tokenize=False
-            )
-            shift = text.find(record.text)
-            if shift < 0:
-                raise UsageError("the chat template altered the prompt text; marks cannot be placed",
-                                 where=_where(record))
-        enc = self.tokenizer(text, add_special_tokens=not self.settings.chat, return_offsets_mapping=True)
+        mode = self.settings.chat_mode
+        if mode is not None:
+            text, shift = self._chat_text(record, mode)
+        enc = self.tokenizer(text, add_special_tokens=mode is None, return_offsets_mapping=True)
         ids, spans = list(enc["input_ids"]), enc["offset_mapping"]
         if not ids:
             raise UsageError("prompt tokenizes to nothing", where=_where(record))
@@ -228,6 +241,70 @@ class Tracer:
             marks_at = {new_position[p]: m for p, m in marks_at.items() if p in new_position}
             exact = {new_position[p]: e for p, e in exact.items() if p in new_position}
         return EncodedPrompt(record, ids, marks_at, exact)
+
+    def _render_chat(self, messages: list[dict[str, str]], open_turn: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=not open_turn, tokenize=False)
+
+    def _frame(self, mode: str) -> tuple[str, ...]:
+        """The template's text before, between and after the turns, from one rendering with sentinels.
+
+        "user": (before the user text, after it up to the end of the generation prompt).
+        "prefill": (before the user text, between it and the assistant text); nothing follows.
+        """
+        if self._chat_frame is None:
+            user, assistant = _SENTINELS
+            try:
+                if mode == "user":
+                    rendered = self._render_chat([{"role": "user", "content": user}], open_turn=False)
+                else:
+                    rendered = self._render_chat([{"role": "user", "content": user},
+                                                  {"role": "assistant", "content": assistant}], open_turn=True)
+            except Exception as exc:  # no template, or one that rejects these roles
+                raise UsageError(f"cannot apply the tokenizer's chat template: {str(exc).splitlines()[0]}",
+                                 where="--chat") from None
+            if rendered.count(user) != 1 or (mode == "prefill" and rendered.count(assistant) != 1):
+                raise UsageError("the chat template does not show each turn's text once; marks cannot be placed",
+                                 where="--chat")
+            before, rest = rendered.split(user)
+            if mode == "user":
+                self._chat_frame = (before, rest)
+            else:
+                self._chat_frame = (before, rest.split(assistant)[0])
+        return self._chat_frame
+
+    def _chat_text(self, record: PromptRecord, mode: str) -> tuple[str, Callable[[int], int]]:
+        """The prompt in the chat template, and where each original character offset lands in it."""
+        frame = self._frame(mode)
+        if mode == "user":
+            text = frame[0] + record.text + frame[1]
+            expected = self._render_chat([{"role": "user", "content": record.text}], open_turn=False)
+            if text != expected:
+                raise UsageError("the chat template altered the prompt text; marks cannot be placed",
+                                 where=_where(record))
+            return text, lambda offset: offset + len(frame[0])
+        split = record.meta.get("split")
+        if split is None:
+            raise UsageError("--chat prefill needs a split point: the record has no \"split\" field (the character"
+                             " offset where the assistant turn starts; `llmprobe experiment` writes it for templates"
+                             " with an instruction)", where=_where(record))
+        if isinstance(split, bool) or not isinstance(split, int) or not 0 < split < len(record.text):
+            raise UsageError(f"\"split\" must be an offset inside the prompt (1..{len(record.text) - 1}), got {split!r}",
+                             where=_where(record))
+        user, assistant = record.text[:split].rstrip(), record.text[split:]
+        if not user:
+            raise UsageError("the user turn (the prompt before \"split\") is empty", where=_where(record))
+        for i, mark in enumerate(record.marks):
+            if mark["offset"] < split:
+                raise UsageError(f"mark {i}: offset {mark['offset']} lies in the user turn (before split {split});"
+                                 " with --chat prefill marks belong to the assistant turn", where=_where(record))
+        start = len(frame[0]) + len(user) + len(frame[1])
+        text = frame[0] + user + frame[1] + assistant
+        expected = self._render_chat([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+                                     open_turn=True)
+        if not expected.startswith(text):
+            raise UsageError("the chat template altered the prompt text; marks cannot be placed",
+                             where=_where(record))
+        return text, lambda offset: offset - split + start
 
     # ----------------------------------------------------------------------------------- tracing
     def trace(self, records: Iterable[PromptRecord],
@@ -597,8 +674,12 @@ def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int
     return totals
 
 
-def map_marks(marks: list[dict[str, Any]], spans, shift: int, record: PromptRecord) -> tuple[dict[int, int], dict[int, bool]]:
+def map_marks(marks: list[dict[str, Any]], spans, shift: int | Callable[[int], int],
+              record: PromptRecord) -> tuple[dict[int, int], dict[int, bool]]:
     """Place each mark (a character offset) on the token that ends at it.
+
+    ``shift`` maps an offset in the record's text to one in the tokenized text: a number added to it,
+    or a function (a chat template places the turns' texts at different shifts).
 
     The row used is the last token that starts before the offset. When the offset falls inside that
     token (the tokenizer merged characters across it), the row conditions on the whole token; the
@@ -609,8 +690,9 @@ def map_marks(marks: list[dict[str, Any]], spans, shift: int, record: PromptReco
     real = ends > starts  # special tokens have empty spans
     at: dict[int, int] = {}
     exact: dict[int, bool] = {}
+    place = shift if callable(shift) else (lambda o: o + shift)
     for i, mark in enumerate(marks):
-        offset = mark["offset"] + shift
+        offset = place(mark["offset"])
         candidates = np.nonzero(real & (starts < offset))[0]
         if len(candidates) == 0:
             raise UsageError(f"mark {i}: offset {mark['offset']} precedes the first token", where=_where(record))
