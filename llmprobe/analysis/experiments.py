@@ -78,7 +78,9 @@ VALUE_FIELDS = ("theta", "theta_percent", "category", "n", "n_max")  # [[templat
 _VALUE_RE = re.compile(r"(?P<vec>theta|theta_percent|category)(?:\[(?P<i>\d+)\])?\Z|(?:n|n_max)\Z")
 
 # Allowed keys per table; anything else is an error (typos must not be silently ignored).
-_TOP_KEYS = {"experiment", "template", "templates", "categories"}
+_TOP_KEYS = {"experiment", "template", "templates", "categories", "prior"}  # [prior]: read by `wind-tunnel`
+# Examples per sequence: far beyond any model context, yet small enough to generate without exhausting memory.
+MAX_EXAMPLES = 100_000
 _EXPERIMENT_KEYS = {"name", "description", "layout", "n_max", "sequences", "seed", "theta", "thetas",
                     "draws", "ns", "phases", "template_draws", "chat"}
 _TEMPLATE_KEYS = {"prefix", "example", "separator", "cues"}
@@ -175,7 +177,7 @@ class Experiment:
         if seed is not None:
             changes["seed"] = _check_int(seed, "seed (override)", where, minimum=0)
         if n_max is not None:
-            changes["n_max"] = _check_int(n_max, "n_max (override)", where, minimum=0)
+            changes["n_max"] = _check_int(n_max, "n_max (override)", where, minimum=0, maximum=MAX_EXAMPLES)
             if self.phases is not None and changes["n_max"] != self.n_max:
                 raise UsageError(f"n_max (override): experiment.phases fix n_max at {self.n_max}", where=where)
             if self.ns is not None and changes["n_max"] < self.ns[-1]:
@@ -211,7 +213,7 @@ def load_experiment(path: Path | str) -> Experiment:
     except OSError as e:
         raise UsageError(f"cannot read experiment file: {e.strerror or e}", where=where) from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a BOM some editors add is not TOML
     except UnicodeDecodeError as e:
         raise UsageError(f"not UTF-8 text (byte {e.start}): TOML files must be UTF-8", where=where) from None
     return loads_experiment(text, where=where)
@@ -256,13 +258,14 @@ def _parse(data: dict[str, Any], where: str) -> Experiment:
     phases = _parse_phases(exp, len(categories), where) if "phases" in exp else None
     if phases is not None:
         total = sum(n for _, n in phases)
-        n_max = _check_int(exp.get("n_max", total), "experiment.n_max", where, minimum=0)
+        n_max = _check_int(exp.get("n_max", total), "experiment.n_max", where, minimum=0, maximum=MAX_EXAMPLES)
         if n_max != total:
             raise UsageError(f"experiment.n_max: is {n_max} but the phases hold {total} draws (or leave it out)",
                              where=where)
         thetas = tuple(theta for theta, _ in phases)
     else:
-        n_max = _check_int(_require(exp, "n_max", "experiment.", where), "experiment.n_max", where, minimum=0)
+        n_max = _check_int(_require(exp, "n_max", "experiment.", where), "experiment.n_max", where, minimum=0,
+                           maximum=MAX_EXAMPLES)
         thetas = _parse_thetas(exp, len(categories), where)
     sequences = _check_int(
         _require(exp, "sequences", "experiment.", where), "experiment.sequences", where, minimum=1
@@ -472,12 +475,14 @@ def _check_str(value: Any, label: str, where: str, *, allow_empty: bool = False)
     return value
 
 
-def _check_int(value: Any, label: str, where: str, *, minimum: int) -> int:
+def _check_int(value: Any, label: str, where: str, *, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise UsageError(f"{label}: must be an integer, got {_describe(value)}", where=where)
     value = int(value)
     if value < minimum:
         raise UsageError(f"{label}: must be >= {minimum}, got {value}", where=where)
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{label}: must be <= {maximum}, got {value}", where=where)
     return value
 
 

@@ -17,35 +17,48 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmprobe.analysis.marks import CategoryMarks
+from llmprobe.analysis.priors import reference_prior
 from llmprobe.bayes import (
-    BayesFit,
-    ExactBayesTest,
-    bootstrap_exact_bayes,
     entropy_bits,
     fit_dirichlet_mixture,
     fit_dirichlet_multinomial_mixture,
     kl_bits,
     mixture_posterior_predictive,
-    posterior_predictive,
     select_components,
     total_variation,
 )
+from llmprobe.bayes.updating import (
+    UpdatingFit,
+    UpdatingPrior,
+    held_out_predictions,
+    select_updating_prior,
+    sequence_folds,
+)
+from llmprobe.bayes.verdict import (
+    FIT_KL_BITS,
+    GAMMA_IDENTIFIABLE_LOW,
+    NO_UPDATE_BITS,
+    Evidence,
+    decide,
+    frequency_follower,
+    never_updating,
+    recency,
+    score,
+    true_theta,
+)
 from llmprobe.errors import UsageError
 from llmprobe.files import atomic_file, check_new_output
-from llmprobe.analysis.marks import CategoryMarks
-from llmprobe.analysis.priors import prior_for
 
 PRIOR_FORMAT = "llmprobe.prior/1"
-# A fitted prior strength beyond this means the predictions do not move with the examples at all:
-# the prior swamps any counts, so the forgetting factor has nothing to act on and is not identifiable.
-UNRESPONSIVE_ALPHA0 = 1e6
 FIT_META_KEY = b"llmprobe.fit"
 
 
 # ------------------------------------------------------------------------------------------ fit-prior
 def fit_prior(cm: CategoryMarks, components: str, max_components: int, from_counts: bool, n_filter: list[int] | None,
               seed: int) -> dict[str, Any]:
-    """Fit a Dirichlet (mixture) to the model's category distributions, or to the example counts.
+    """Fit the *prior over rows*: a Dirichlet (mixture) over the model's category distributions across
+    marks and prompts, or over the examples' counts. Not the *updating prior* (fit-posterior).
 
     ``n_filter``: only the marks after these numbers of examples (all marks when None)."""
     keep = np.ones(len(cm), dtype=bool) if n_filter is None else np.isin(cm.marks["n"].to_numpy(), n_filter)
@@ -56,25 +69,34 @@ def fit_prior(cm: CategoryMarks, components: str, max_components: int, from_coun
             raise UsageError("the trace's marks carry no counts (experiment prompts do)", where="--from-counts")
         last = cm.marks.assign(_row=np.arange(len(cm)))[keep].groupby("sequence")["_row"].max().to_numpy()
         data = cm.counts[last]
+        data = data[data.sum(axis=1) > 0]
+        if data.shape[0] < 2:
+            raise UsageError(f"only {data.shape[0]} sequence(s) with examples before the chosen marks; counts after"
+                             " n = 0 examples are empty, so --from-counts needs marks with n >= 1", where="--n")
     else:
         data = cm.probs[keep]
     if data.shape[0] < 2:
         raise UsageError(f"only {data.shape[0]} distribution(s) to fit; a prior needs several")
-    if components == "auto":
-        selection = select_components(data, max_components, seed, counts=from_counts)
-        best, table = selection.best, selection.table
-    else:
+    if components != "auto":
         try:
             k = int(components)
         except ValueError:
             raise UsageError(f"expected a number or 'auto', got {components!r}", where="--components") from None
         if k < 1:
             raise UsageError("must be 1 or more", where="--components")
-        fit = fit_dirichlet_multinomial_mixture if from_counts else fit_dirichlet_mixture
-        best = fit(data, k, seed)
-        table = [{"n_components": k, "loglik": best.loglik, "bic": best.bic}]
+    try:
+        if components == "auto":
+            selection = select_components(data, max_components, seed, counts=from_counts)
+            best, table = selection.best, selection.table
+        else:
+            fit = fit_dirichlet_multinomial_mixture if from_counts else fit_dirichlet_mixture
+            best = fit(data, k, seed)
+            table = [{"n_components": k, "loglik": best.loglik, "bic": best.bic}]
+    except ValueError as exc:  # data the fit cannot take (e.g. a category never counted)
+        raise UsageError(f"cannot fit a prior over rows to these marks: {exc}", where=cm.label) from None
     return {
         "format": PRIOR_FORMAT,
+        "kind": "prior over rows",
         "trace": cm.label,
         "categories": cm.categories,
         "data": "counts" if from_counts else "probabilities",
@@ -86,6 +108,16 @@ def fit_prior(cm: CategoryMarks, components: str, max_components: int, from_coun
 
 
 # ------------------------------------------------------------------------------------------ fit-posterior
+DEFAULT_MIN_MASS = 0.05
+"""Marks where the model puts less than this probability on the category set are left out of every
+fit and score (it is not predicting a category there; renormalizing would invent a prediction)."""
+
+DEFAULT_FOLDS = 5
+"""Out-of-sample scores: sequences dealt into this many folds, each scored by fits on the others."""
+
+DEFAULT_MAX_COMPONENTS = 3
+
+
 @dataclass
 class PosteriorResult:
     label: str
@@ -108,52 +140,163 @@ def _sequence_inputs(cm: CategoryMarks) -> tuple[list[np.ndarray], np.ndarray, n
     return [np.asarray(cm.outcomes[k], dtype=np.int64) for k in keys], sequence, cm.marks["n"].to_numpy(dtype=np.int64)
 
 
-def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: int) -> PosteriorResult:
+def parse_components(spec: str) -> int | None:
+    """``--prior-components``: a number >= 1, or ``auto`` (None: choose by held-out KL)."""
+    if spec == "auto":
+        return None
+    try:
+        k = int(spec)
+    except ValueError:
+        raise UsageError(f"expected a number or 'auto', got {spec!r}", where="--prior-components") from None
+    if k < 1:
+        raise UsageError("must be 1 or more, or 'auto'", where="--prior-components")
+    return k
+
+
+def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: int, *, components: str = "1",
+                  max_components: int = DEFAULT_MAX_COMPONENTS, min_mass: float = DEFAULT_MIN_MASS,
+                  folds: int = DEFAULT_FOLDS) -> PosteriorResult:
+    """The updating prior, the exact-Bayes test under it, out-of-sample scores, baselines and the verdict."""
     if cm.counts is None:
         raise UsageError("marks carry no running counts (generate prompts with `llmprobe experiment`)")
+    if not 0.0 <= min_mass < 1.0:
+        raise UsageError(f"must be in [0, 1), got {min_mass}", where="--min-mass")
+    if folds < 2:
+        raise UsageError(f"must be 2 or more, got {folds}", where="--folds")
+    n_components = parse_components(components)
+    if max_components < 1:
+        raise UsageError("must be 1 or more", where="--max-components")
+    reference = None if prior_spec == "fit" else reference_prior(prior_spec, cm.categories)
     outcomes, sequence, position = _sequence_inputs(cm)
-    test: ExactBayesTest = bootstrap_exact_bayes(cm.probs, outcomes, sequence, position,
-                                                 n_bootstrap=n_bootstrap, seed=seed)
-    if prior_spec == "fit":
-        bayes = posterior_predictive(test.exact.prior_alpha, cm.counts)
-        prior_desc: dict[str, Any] = {"kind": "fit", "alpha": test.exact.prior_alpha.tolist()}
+    used = cm.mass >= min_mass
+    used_sequences = np.unique(sequence[used])
+    if used.sum() < 2:
+        raise UsageError(f"only {int(used.sum())} of {len(cm)} marks have mass >= {min_mass} on the categories;"
+                         " nothing to fit", where="--min-mass")
+    weights = used.astype(float)
+    n_folds = min(folds, used_sequences.size)
+    fold = None
+    if n_folds >= 2:  # deal the sequences that have used marks; the others carry no weight anywhere
+        dealt = np.isin(sequence, used_sequences)
+        fold = np.zeros(len(cm), dtype=np.int64)
+        fold[dealt] = sequence_folds(sequence[dealt], n_folds, seed)
+    selection: list[dict[str, float]] = []
+    if n_components is None:
+        if fold is None:
+            raise UsageError("needs 2 or more sequences to choose components out of sample", where="--prior-components")
+        model, selection = select_updating_prior(cm.probs, outcomes, sequence, position, max_components, fold,
+                                                 weights=weights, seed=seed)
     else:
-        prior = prior_for(prior_spec, cm.categories)
-        bayes = mixture_posterior_predictive(prior.weights, prior.alphas, cm.counts)
-        prior_desc = {"kind": "uniform" if prior_spec == "uniform" else "file", "source": prior_spec,
-                      "weights": prior.weights.tolist(), "alphas": prior.alphas.tolist()}
-    filtered = test.free.predictive(outcomes, sequence, position)
-    table = _long_table(cm, bayes, filtered)
+        model = UpdatingFit(cm.probs, outcomes, sequence, position, n_components, weights=weights, seed=seed)
+    test = model.test(n_bootstrap=n_bootstrap, seed=seed, selection=selection)
+    exact_in, free_in = model.predict(test.exact), model.predict(test.free)
+    exact_out, free_out = held_out_predictions(model, fold, test.profile) if fold is not None else (exact_in, free_in)
+
+    if reference is None:  # --prior fit
+        bayes = exact_in
+        prior_desc: dict[str, Any] = {"kind": "fit", "weights": test.exact.weights.tolist(),
+                                      "alphas": test.exact.alphas.tolist()}
+        if test.exact.n_components == 1:
+            prior_desc["alpha"] = test.exact.alphas[0].tolist()
+    else:
+        bayes = mixture_posterior_predictive(reference.mixture.weights, reference.mixture.alphas, cm.counts)
+        prior_desc = reference.describe()
+    last = np.array([outcomes[s][p - 1] if p > 0 else -1 for s, p in zip(sequence, position)], dtype=np.int64)
+    baselines = {
+        "never_updating": never_updating(cm.probs, sequence, position),
+        "frequency": frequency_follower(cm.counts),
+        "recency": recency(last, len(cm.categories)),
+    }
+    if cm.theta is not None:
+        baselines["true_theta"] = true_theta(cm.theta)
+    scores = _scores(cm.probs, weights, exact_in, exact_out, free_in, free_out, bayes, prior_desc["kind"],
+                     baselines, fold is not None, n_folds)
+    held = "out_of_sample" if fold is not None else "in_sample"
+    verdict = decide(Evidence(
+        best_kl_bits=scores["forgetting"][f"kl_bits_{held}"], exact_kl_bits=scores["exact_bayes"][f"kl_bits_{held}"],
+        never_kl_bits=scores["never_updating"]["kl_bits"], out_of_sample=fold is not None,
+        gamma=test.free.gamma, gamma_ci=test.gamma_ci, rejected=test.rejected,
+        alpha0_at_bound=test.exact.at_bound or test.free.at_bound,
+        converged=all(f.converged or f.at_bound for f in (test.exact, test.free)),
+        never_updates=test.exact.n_components == 1 and test.exact.at_bound,
+        components_chosen=n_components is None or n_components > 1))
+
+    table = _long_table(cm, bayes, free_in, exact_out, used)
     by_n = summarize_by_n(table)
     per_mark = table.drop_duplicates(["prompt_id", "position"])
+    fitted = per_mark[per_mark["used"]]
+    n_inexact = int((~cm.marks["exact"].to_numpy(dtype=bool)).sum()) if "exact" in cm.marks else 0
     summary = {
         "trace": cm.label,
         "categories": cm.categories,
+        "verdict": verdict.verdict,
+        "verdict_sentence": verdict.sentence,
+        "verdict_warnings": verdict.warnings,
+        "thresholds": {"fit_kl_bits": FIT_KL_BITS, "no_update_bits": NO_UPDATE_BITS,
+                       "gamma_identifiable_low": GAMMA_IDENTIFIABLE_LOW, "min_mass": min_mass},
         "n_marks": len(cm),
-        "n_sequences": int(len(outcomes)),
+        "n_marks_used": int(used.sum()),
+        "n_marks_low_mass": int((~used).sum()),
+        "n_marks_inexact": n_inexact,
+        "n_sequences": len(outcomes),
         "prior": prior_desc,
+        "updating_prior": test.to_dict(),
         "exact_bayes": _fit_summary(test.exact),
         "forgetting": _fit_summary(test.free),
         "gamma_ci": list(test.gamma_ci),
         "gamma_ci_level": test.level,
         "exact_bayes_rejected": test.rejected,
-        "gamma_identifiable": bool(test.exact.prior_strength < UNRESPONSIVE_ALPHA0),
+        "gamma_identifiable": bool(not (test.exact.n_components == 1 and test.exact.at_bound)),
         "n_bootstrap": n_bootstrap,
+        "scores": scores,
+        # descriptive means against the --prior reference, over every mark (as the report averages them);
+        # the scores, the verdict and the peers' statistics below are over the used marks
         "mean_kl_bits": float(per_mark["kl_bits"].mean()),
         "mean_tv": float(per_mark["tv"].mean()),
         "mean_entropy_gap_bits": float((per_mark["entropy_model_bits"] - per_mark["entropy_bayes_bits"]).mean()),
+        "entropy_mae_bits": float(fitted["entropy_error_bits"].mean()),
         "mean_mass": float(per_mark["mass"].mean()),
     }
+    if cm.theta is not None:
+        summary["tv_theta"] = {"mean": float(fitted["tv_theta"].mean()), "std": float(fitted["tv_theta"].std(ddof=0))}
+        summary["kl_theta_bits"] = {"mean": float(fitted["kl_theta_bits"].mean()),
+                                    "std": float(fitted["kl_theta_bits"].std(ddof=0))}
     return PosteriorResult(cm.label, cm.categories, table, by_n, summary)
 
 
-def _fit_summary(fit: BayesFit) -> dict[str, Any]:
-    return {"prior_mean": fit.prior_mean.tolist(), "alpha0": fit.prior_strength, "gamma": fit.gamma,
-            "mean_kl_bits_model_to_filter": fit.mean_kl_bits, "converged": fit.converged}
+def _scores(probs: np.ndarray, weights: np.ndarray, exact_in: np.ndarray, exact_out: np.ndarray,
+            free_in: np.ndarray, free_out: np.ndarray, bayes: np.ndarray, prior_kind: str,
+            baselines: dict[str, np.ndarray], out_of_sample: bool, n_folds: int) -> dict[str, Any]:
+    """Every predictor scored the same way: mean KL(model || predictor) in bits and mean TV, used marks."""
+    scores: dict[str, Any] = {
+        "measure": "mean over used marks of KL(model‖predictor) in bits and of TV",
+        "out_of_sample": out_of_sample,
+        "n_folds": n_folds if out_of_sample else 0,
+    }
+    for name, inside, outside in (("exact_bayes", exact_in, exact_out), ("forgetting", free_in, free_out)):
+        a = score(probs, inside, weights)
+        b = score(probs, outside, weights) if out_of_sample else None  # null: nothing could be held out
+        scores[name] = {"kl_bits_in_sample": a.kl_bits, "tv_in_sample": a.tv,
+                        "kl_bits_out_of_sample": None if b is None else b.kl_bits,
+                        "tv_out_of_sample": None if b is None else b.tv}
+    for name, predictions in baselines.items():
+        scores[name] = {**score(probs, predictions, weights).to_dict(), "fitted": False}
+    if prior_kind != "fit":
+        scores["reference_prior"] = {**score(probs, bayes, weights).to_dict(), "fitted": False, "kind": prior_kind}
+    return scores
 
 
-def _long_table(cm: CategoryMarks, bayes: np.ndarray, filtered: np.ndarray) -> pd.DataFrame:
+def _fit_summary(fit: UpdatingPrior) -> dict[str, Any]:
+    means = fit.alphas / fit.strengths[:, None]
+    return {"prior_mean": (fit.weights @ means).tolist(), "alpha0": float(fit.weights @ fit.strengths),
+            "weights": fit.weights.tolist(), "alphas": fit.alphas.tolist(), "gamma": fit.gamma,
+            "mean_kl_bits_model_to_filter": fit.mean_kl_bits, "converged": fit.converged, "at_bound": fit.at_bound}
+
+
+def _long_table(cm: CategoryMarks, bayes: np.ndarray, filtered: np.ndarray, held_out: np.ndarray,
+                used: np.ndarray) -> pd.DataFrame:
     m, k = cm.probs.shape
+    entropy_model, entropy_bayes = entropy_bits(cm.probs), entropy_bits(bayes)
     per_mark = pd.DataFrame({
         "trace": cm.label,
         "prompt_id": cm.marks["prompt_id"].to_numpy(),
@@ -162,11 +305,16 @@ def _long_table(cm: CategoryMarks, bayes: np.ndarray, filtered: np.ndarray) -> p
         "sequence": cm.marks["sequence"].astype(str).to_numpy(),
         "n": cm.marks["n"].to_numpy(dtype=np.int64),
         "mass": cm.mass,
+        "used": used,
+        "exact": cm.marks["exact"].to_numpy(dtype=bool) if "exact" in cm.marks else True,
         "tv": total_variation(bayes, cm.probs),
         "kl_bits": kl_bits(bayes, cm.probs),
         "kl_model_bayes_bits": kl_bits(cm.probs, bayes),
-        "entropy_model_bits": entropy_bits(cm.probs),
-        "entropy_bayes_bits": entropy_bits(bayes),
+        "entropy_model_bits": entropy_model,
+        "entropy_bayes_bits": entropy_bayes,
+        "entropy_error_bits": np.abs(entropy_model - entropy_bayes),
+        "tv_theta": total_variation(cm.theta, cm.probs) if cm.theta is not None else np.nan,
+        "kl_theta_bits": kl_bits(cm.theta, cm.probs) if cm.theta is not None else np.nan,
     })
     long = per_mark.loc[per_mark.index.repeat(k)].reset_index(drop=True)
     long.insert(6, "category", np.tile(cm.categories, m))
@@ -175,15 +323,23 @@ def _long_table(cm: CategoryMarks, bayes: np.ndarray, filtered: np.ndarray) -> p
     long.insert(9, "model_prob", cm.probs.reshape(-1))
     long.insert(10, "bayes_prob", bayes.reshape(-1))
     long.insert(11, "filter_prob", filtered.reshape(-1))
+    long.insert(12, "held_out_prob", held_out.reshape(-1))
     return long
 
 
 def summarize_by_n(table: pd.DataFrame) -> pd.DataFrame:
-    """Means over marks for each (trace, layout, n, category)."""
+    """Per (trace, layout, n, category): mass and mark counts over all marks, the other means (and the
+    std of TV to theta) over the used marks (NaN where every mark at that n was left out)."""
     keys = ["trace", "layout", "n", "category"]
     grouped = table.groupby(keys, dropna=False, sort=True)
-    out = grouped[["model_prob", "bayes_prob", "filter_prob", "tv", "kl_bits", "mass"]].mean()
+    out = grouped[["mass"]].mean()
     out["marks"] = grouped.size()
+    out["used"] = grouped["used"].sum()
+    used = table[table["used"]].groupby(keys, dropna=False, sort=True)
+    columns = ["model_prob", "bayes_prob", "filter_prob", "held_out_prob", "tv", "kl_bits", "entropy_error_bits",
+               "tv_theta", "kl_theta_bits"]
+    out = out.join(used[columns].mean())
+    out["tv_theta_std"] = used["tv_theta"].std(ddof=0)
     return out.reset_index()
 
 
@@ -191,7 +347,7 @@ def write_fit_table(results: list[PosteriorResult], output: str, force: bool) ->
     """The long per-mark table as Parquet (with the fits in its metadata) or CSV, written atomically."""
     check_new_output(output, force)
     frame = pd.concat([r.table for r in results], ignore_index=True)
-    with atomic_file(output, "wb") as stream:
+    with atomic_file(output, "wb", replace=force) as stream:
         if Path(output).suffix.lower() == ".csv":
             stream.write(frame.to_csv(index=False).encode("utf-8"))
         else:

@@ -1,12 +1,14 @@
 """From a trace to category distributions at marks: the bridge between traces and ``llmprobe.bayes``.
 
-At every marked row (or, for prompts without marks, the last prompt position) the model's
+At every marked row (and, for each prompt without marks, its last prompt position) the model's
 probability of each category is the exponentiated whole-string score of the category's target
 (``target_seq_logprobs``, so multi-token targets are scored as continuations). The distribution is
 renormalized over the category set, and the mass the model put on the set is kept: mass outside
 the set is part of the finding. Experiment prompts carry ``categories``, ``targets``, ``theta``,
 ``sequence``, ``outcomes`` (and, from ``[[templates]]``, ``template``) in their metadata and ``n``/``counts``
-(and, in a chain of θs, ``theta``) in each mark.
+(and, in a chain of θs, ``theta``) in each mark; the tracer adds ``"exact": false`` to a mark that
+falls inside a token (kept in the ``exact`` column). Targets whose tokens nest (" z" begins " zorp")
+are refused: their probabilities are not disjoint events.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from llmprobe.errors import UsageError
 from llmprobe.tracing.reader import Trace
@@ -28,7 +31,7 @@ class CategoryMarks:
 
     label: str  # which trace (model) these come from
     categories: list[str]
-    marks: pd.DataFrame  # prompt_id, prompt_index, position, sequence, n, layout, template
+    marks: pd.DataFrame  # prompt_id, prompt_index, position, sequence, n, layout, template, exact
     probs: np.ndarray  # (M, K) model probabilities renormalized over the categories
     mass: np.ndarray  # (M,) total model probability on the category set
     counts: np.ndarray | None  # (M, K) running counts of the in-context examples, if known
@@ -52,15 +55,17 @@ def category_marks(trace: Trace, label: str | None = None) -> CategoryMarks:
         layers = table.column("layer").to_numpy()
         table = table.filter(layers == layers.max())
     scored = table.filter(table.column("target_seq_logprobs").is_valid())
-    has_marks = scored.column("mark_index").null_count < scored.num_rows
-    if has_marks:
-        scored = scored.filter(scored.column("mark_index").is_valid())
+    # per prompt: its marked rows, or (a prompt without marks) its one scored row, the last position
+    marked = scored.column("mark_index").is_valid().to_numpy(zero_copy_only=False)
+    prompt_index = scored.column("prompt_index").to_numpy()
+    scored = scored.filter(pa.array(marked | ~np.isin(prompt_index, np.unique(prompt_index[marked]))))
     if scored.num_rows == 0:
         raise UsageError("trace has no marked rows with target scores", where=trace.source)
     trace_targets = [t["text"] for t in trace.meta.get("targets", [])]
     metas = [json.loads(m) if m else {} for m in scored.column("meta").to_pylist()]
     marks = [json.loads(m) if m else {} for m in scored.column("mark").to_pylist()]
     categories, columns = _category_columns(metas, trace_targets, trace.source)
+    _refuse_overlapping_targets([trace.meta.get("targets", [])[c] for c in columns], trace.source)
     logprobs = np.asarray(scored.column("target_seq_logprobs").to_pylist(), dtype=np.float64)[:, columns]
     if not np.all(np.isfinite(logprobs)):
         raise UsageError("non-finite target log-probabilities in the trace", where=trace.source)
@@ -75,6 +80,7 @@ def category_marks(trace: Trace, label: str | None = None) -> CategoryMarks:
         "n": [mk.get("n") for mk in marks],
         "layout": [m.get("layout") for m in metas],
         "template": [m.get("template", 0) for m in metas],  # [[templates]] experiments; 0 otherwise
+        "exact": [bool(mk.get("exact", True)) for mk in marks],
     })
     counts = _optional_matrix([mk.get("counts") for mk in marks], len(categories))
     # a chain of θs (experiment.phases) gives each mark its own θ
@@ -114,6 +120,19 @@ def _category_columns(metas: list[dict], trace_targets: list[str], source: str) 
     if missing:
         raise UsageError(f"the trace did not score target(s) {', '.join(map(repr, missing))}", where=source)
     return names, [trace_targets.index(t) for t in targets]
+
+
+def _refuse_overlapping_targets(targets: list[dict], source: str) -> None:
+    """Categories must be disjoint events: no target's tokens may begin another target's tokens."""
+    for a in targets:
+        for b in targets:
+            ids_a, ids_b = a.get("token_ids"), b.get("token_ids")
+            if a is b or not ids_a or not ids_b:
+                continue
+            if len(ids_a) < len(ids_b) and list(ids_b[: len(ids_a)]) == list(ids_a):
+                raise UsageError(f"targets {a['text']!r} and {b['text']!r} overlap ({a['text']!r} is the first"
+                                 f" token(s) of {b['text']!r}): their events are nested, not disjoint categories;"
+                                 " choose targets whose first tokens differ", where=source)
 
 
 def _optional_matrix(values: list[Any], width: int) -> np.ndarray | None:

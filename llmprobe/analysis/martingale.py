@@ -95,6 +95,7 @@ class CategoryPredictor:
         self.tokenizer = loaded.tokenizer
         self.batch_size = batch_size
         self.targets = [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets]
+        self.max_context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
 
     def logprobs(self, prefixes: list[str]) -> np.ndarray:
         """log P(target_k | prefix) for every prefix and whole target string: [N, K]."""
@@ -109,6 +110,10 @@ class CategoryPredictor:
                     context = tuple(ids + target[:step])
                     wanted.append((i, k, contexts.setdefault(context, len(contexts)), token))
         order = list(contexts)
+        longest = max(map(len, order), default=0)
+        if self.max_context and longest > self.max_context:  # as trace refuses them: no silent wrong numbers
+            raise UsageError(f"a prompt (with its continuation) has {longest} tokens but the model's context is"
+                             f" {self.max_context} tokens; test at smaller --n or --horizon", where="--n")
         scores = []
         for start in range(0, len(order), self.batch_size):
             scores.append(self._last_logprobs(order[start : start + self.batch_size], torch))
@@ -116,6 +121,9 @@ class CategoryPredictor:
         out = np.zeros((len(prefixes), len(self.targets)))
         for i, k, c, token in wanted:
             out[i, k] += float(table[c, token])
+        if not np.all(np.isfinite(out)):
+            raise UsageError("the model's log-probabilities are NaN or infinite: its logits overflowed or its weights"
+                             " are corrupt (try --dtype float32)", where="--model")
         return out
 
     def _last_logprobs(self, contexts: list[tuple[int, ...]], torch):

@@ -4,7 +4,9 @@ Each prompt row is a multinomial over K categories with a Dirichlet(alpha) prior
 finite Dirichlet mixture). After counts n the Bayesian next-outcome prediction is
 (alpha_k + n_k) / (alpha_0 + n); a mixture also reweights its components by B(alpha_j + n) / B(alpha_j).
 A forgetting filter uses discounted counts c_{j+1} = gamma c_j + e_{x_j}; gamma = 1 is exact Bayes.
-Fits: Dirichlet / mixture priors by maximum likelihood, and (m, alpha_0, gamma) to a model's predictions.
+Fits: Dirichlet / mixture priors over rows by maximum likelihood; the *updating prior* (a Dirichlet
+mixture filter with gamma, :mod:`.updating`) to a model's predictions, robustly; and the verdict on
+whether the model updates like a Bayesian, with baselines (:mod:`.verdict`).
 """
 
 from llmprobe.bayes.bayes_fit import (
@@ -22,7 +24,13 @@ from llmprobe.bayes.dirichlet import (
     fit_dirichlet,
     fit_dirichlet_multinomial,
 )
-from llmprobe.bayes.metrics import entropy_bits, entropy_gap_bits, hellinger, kl_bits, total_variation
+from llmprobe.bayes.metrics import (
+    entropy_bits,
+    entropy_gap_bits,
+    hellinger,
+    kl_bits,
+    total_variation,
+)
 from llmprobe.bayes.mixture import (
     ComponentSelection,
     MixtureFit,
@@ -36,15 +44,31 @@ from llmprobe.bayes.posterior import (
     mixture_posterior_weights,
     posterior_predictive,
 )
+from llmprobe.bayes.updating import (
+    UpdatingFit,
+    UpdatingPrior,
+    UpdatingPriorTest,
+    held_out_predictions,
+    select_updating_prior,
+    sequence_folds,
+)
+from llmprobe.bayes.verdict import VERDICTS, Evidence, Verdict, decide
 
 __all__ = [
     "DEFAULT_FLOOR",
+    "VERDICTS",
     "BayesFit",
     "ComponentSelection",
     "DirichletFit",
+    "Evidence",
     "ExactBayesTest",
     "MixtureFit",
+    "UpdatingFit",
+    "UpdatingPrior",
+    "UpdatingPriorTest",
+    "Verdict",
     "bootstrap_exact_bayes",
+    "decide",
     "dirichlet_logpdf",
     "dirichlet_multinomial_logpmf",
     "discounted_counts",
@@ -55,6 +79,7 @@ __all__ = [
     "fit_dirichlet_mixture",
     "fit_dirichlet_multinomial",
     "fit_dirichlet_multinomial_mixture",
+    "held_out_predictions",
     "hellinger",
     "kl_bits",
     "mixture_posterior_predictive",
@@ -62,5 +87,7 @@ __all__ = [
     "outcomes_from_running_counts",
     "posterior_predictive",
     "select_components",
+    "select_updating_prior",
+    "sequence_folds",
     "total_variation",
 ]

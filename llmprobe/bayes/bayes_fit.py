@@ -11,16 +11,28 @@ model, so minimizing it is maximum likelihood for samples of the model's own pre
 exactly when the model is the filter, needs no floor for zeros in the model's distribution (0 log 0
 = 0; q > 0 always), and is reported in bits.
 
+Robust free fit: the objective in (alpha, gamma) has plateaus (a huge alpha_0 makes gamma
+irrelevant), so a local optimizer started anywhere can stop far from the optimum and even above
+the nested gamma = 1 fit. The free fit therefore profiles gamma over :data:`GAMMA_GRID` (alpha
+fitted at each fixed gamma, warm-started from its neighbour, starting with the nested gamma = 1
+fit), then refines (alpha, gamma) jointly from the best grid point, and keeps the best of all of
+them; a free fit no better than gamma = 1 (by :data:`TIE_NATS`) is the gamma = 1 fit. By
+construction it is never worse than the gamma = 1 fit or any other grid point.
+
 Test of gamma = 1: bootstrap over sequences (marks in one sequence share outcomes and are not
-independent). Each resample refits gamma; exact Bayes is rejected when the percentile interval
-lies below 1.
+independent). Each resample runs the same robust fit; exact Bayes is rejected when the
+percentile interval lies below 1.
+
+Flags: ``at_bound`` says alpha_0 ran to the optimizer's bound (log alpha_k = +-30) or beyond
+:data:`ALPHA0_UNBOUNDED`, where the predictions no longer move with the counts and alpha_0 is a
+lower bound rather than an estimate; such a fit is never reported ``converged``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -35,6 +47,21 @@ GAMMA_MIN = 1e-3
 
 GAMMA_ONE_TOLERANCE = 1e-4
 """Estimates of gamma within this of 1 count as 1: the optimizer's resolution at the bound."""
+
+GAMMA_GRID = (1.0, 0.9, 0.75, 0.5, 0.25, GAMMA_MIN)
+"""The fixed values of gamma the free fit profiles before refining, from the nested gamma = 1 down."""
+
+TIE_NATS = 1e-12
+"""A free fit must lower the mean KL by more than this (nats) below the gamma = 1 fit to be kept."""
+
+LOG_ALPHA_BOUND = 30.0
+"""The optimizer keeps every log alpha_k in [-30, 30]."""
+
+ALPHA0_UNBOUNDED = 1e6
+"""A filter whose prior is worth more than a million examples does not move with the counts at any
+resolution the data have: the fit is heading for alpha_0 -> infinity (never updating), and its
+alpha_0 is a lower bound, not an estimate. Such fits are flagged ``at_bound``, never ``converged``."""
+
 
 _LN2 = float(np.log(2.0))
 
@@ -56,6 +83,7 @@ class BayesFit:
     n_sequences: int
     iterations: int
     converged: bool
+    at_bound: bool = False
 
     @property
     def prior_alpha(self) -> np.ndarray:
@@ -82,6 +110,7 @@ class BayesFit:
             "n_sequences": self.n_sequences,
             "iterations": self.iterations,
             "converged": self.converged,
+            "at_bound": self.at_bound,
         }
 
     @classmethod
@@ -97,6 +126,7 @@ class BayesFit:
             n_sequences=int(d["n_sequences"]),
             iterations=int(d["iterations"]),
             converged=bool(d["converged"]),
+            at_bound=bool(d.get("at_bound", False)),
         )
 
 
@@ -170,11 +200,16 @@ def _as_outcomes(outcomes: ArrayLike | Sequence[ArrayLike]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Positions:
-    """Where each mark sits: its sequence's one-hot outcomes (S, L, K) and how many precede it."""
+    """Where each mark sits: its sequence's one-hot outcomes (S, L, K) and how many precede it.
+
+    Counts at a fixed gamma do not depend on the parameters or the weights, so they are computed
+    once per gamma and cached (the profile and every bootstrap resample reuse them).
+    """
 
     one_hot: np.ndarray
     sequence: np.ndarray
     position: np.ndarray
+    cache: dict[float, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -196,8 +231,11 @@ class _Positions:
         return cls((x[..., None] == np.arange(n_categories)).astype(float), seq, pos)
 
     def counts(self, gamma: float) -> np.ndarray:
-        """(M, K) discounted counts at the marks."""
-        return discounted_sums(self.one_hot, gamma)[self.sequence, self.position]
+        """(M, K) discounted counts at the marks (cached per gamma)."""
+        key = float(gamma)
+        if key not in self.cache:
+            self.cache[key] = discounted_sums(self.one_hot, key)[self.sequence, self.position]
+        return self.cache[key]
 
     def counts_and_derivative(self, gamma: float) -> tuple[np.ndarray, np.ndarray]:
         """(M, K) discounted counts at the marks and their derivative in gamma.
@@ -241,82 +279,142 @@ class _Marks:
         return int(np.unique(self.positions.sequence).size)
 
 
-def _mean_kl_and_gradient(
-    theta: np.ndarray, marks: _Marks, weights: np.ndarray, fixed_gamma: float | None
-) -> tuple[float, np.ndarray]:
-    """Weighted mean KL(model || filter) in nats and its gradient in theta = (log alpha_k, [gamma]).
+class FilterObjective(Protocol):
+    """A family of filters: parameters theta (without gamma), their bounds, a start and the objective.
 
-    With p rows summing to 1: KL = -H(p) - sum_k p_k log(alpha_k + c_k) + log(alpha_0 + |c|).
+    ``__call__(theta, weights, gamma)`` returns the weighted mean KL(model || filter) in nats and
+    its gradient; with ``gamma=None`` the last entry of theta is gamma and the gradient includes it.
     """
-    n_categories = marks.probs.shape[1]
-    alpha = np.exp(theta[:n_categories])
-    if fixed_gamma is None:
-        counts, d_counts = marks.positions.counts_and_derivative(theta[n_categories])
-    else:
-        counts = marks.positions.counts(fixed_gamma)
-    updated = alpha + counts
-    total = updated.sum(axis=1)
-    ratio = marks.probs / updated
-    w = weights / weights.sum()
-    kl = float(w @ (np.log(total) - marks.entropy - (marks.probs * np.log(updated)).sum(axis=1)))
-    gradient = alpha * (float(w @ (1.0 / total)) - w @ ratio)
-    if fixed_gamma is None:
-        grad_gamma = float(w @ (d_counts.sum(axis=1) / total - (ratio * d_counts).sum(axis=1)))
-        gradient = np.append(gradient, grad_gamma)
-    return kl, gradient
+
+    marks: _Marks
+
+    def start(self) -> np.ndarray: ...
+
+    def bounds(self) -> list[tuple[float, float]]: ...
+
+    def __call__(self, theta: np.ndarray, weights: np.ndarray, gamma: float | None) -> tuple[float, np.ndarray]: ...
 
 
-def _initial_theta(marks: _Marks, gamma: float | None) -> np.ndarray:
-    """Prior mean from the marks with no examples yet (else all marks), strength 2, gamma 0.9."""
-    first = marks.positions.position == 0
-    rows = first if np.any(first) else np.ones_like(first)
-    mean = marks.weights[rows] @ marks.probs[rows] / marks.weights[rows].sum()
-    log_alpha = np.log(np.maximum(mean, 1e-6) * 2.0)
-    return log_alpha if gamma is not None else np.append(log_alpha, 0.9)
+@dataclass(frozen=True)
+class _DirichletFilter:
+    """The one-Dirichlet filter; theta = log alpha_k."""
+
+    marks: _Marks
+
+    def start(self) -> np.ndarray:
+        """Prior mean from the weighted marks with no examples yet (else all weighted marks), strength 2."""
+        weights = self.marks.weights
+        first = (self.marks.positions.position == 0) & (weights > 0)
+        rows = first if np.any(first) else weights > 0
+        mean = weights[rows] @ self.marks.probs[rows] / weights[rows].sum()
+        return np.log(np.maximum(mean, 1e-6) * 2.0)
+
+    def bounds(self) -> list[tuple[float, float]]:
+        return [(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND)] * self.marks.probs.shape[1]
+
+    def __call__(self, theta: np.ndarray, weights: np.ndarray, gamma: float | None) -> tuple[float, np.ndarray]:
+        """With p rows summing to 1: KL = -H(p) - sum_k p_k log(alpha_k + c_k) + log(alpha_0 + |c|)."""
+        marks = self.marks
+        n_categories = marks.probs.shape[1]
+        alpha = np.exp(theta[:n_categories])
+        if gamma is None:
+            counts, d_counts = marks.positions.counts_and_derivative(theta[n_categories])
+        else:
+            counts = marks.positions.counts(gamma)
+        updated = alpha + counts
+        total = updated.sum(axis=1)
+        ratio = marks.probs / updated
+        w = weights / weights.sum()
+        kl = float(w @ (np.log(total) - marks.entropy - (marks.probs * np.log(updated)).sum(axis=1)))
+        gradient = alpha * (float(w @ (1.0 / total)) - w @ ratio)
+        if gamma is None:
+            grad_gamma = float(w @ (d_counts.sum(axis=1) / total - (ratio * d_counts).sum(axis=1)))
+            gradient = np.append(gradient, grad_gamma)
+        return kl, gradient
+
+
+@dataclass(frozen=True)
+class Solution:
+    """One optimizer result: theta without gamma, gamma, the objective (nats) and the optimizer's word."""
+
+    theta: np.ndarray
+    gamma: float
+    value: float
+    iterations: int
+    success: bool
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The robust fit: the nested gamma = 1 solution, the free one, and the profile over the grid."""
+
+    exact: Solution
+    free: Solution
+    grid: dict[float, Solution]
+
+    def profile_table(self) -> list[dict[str, float]]:
+        """gamma and the best mean KL (bits) with gamma held there, for reports."""
+        return [{"gamma": g, "mean_kl_bits": max(s.value, 0.0) / _LN2} for g, s in sorted(self.grid.items())]
 
 
 def _minimize(
-    marks: _Marks, weights: np.ndarray, gamma: float | None, start: np.ndarray
-) -> tuple[np.ndarray, float, int, bool]:
-    """L-BFGS-B on theta; gamma, when free, is bounded to [GAMMA_MIN, 1]."""
-    n_categories = marks.probs.shape[1]
-    bounds = [(-30.0, 30.0)] * n_categories + ([] if gamma is not None else [(GAMMA_MIN, 1.0)])
+    objective: FilterObjective, weights: np.ndarray, gamma: float | None, start: np.ndarray
+) -> Solution:
+    """L-BFGS-B on theta (plus gamma in [GAMMA_MIN, 1] when ``gamma`` is None)."""
+    bounds = objective.bounds() + ([] if gamma is not None else [(GAMMA_MIN, 1.0)])
     result = minimize(
-        _mean_kl_and_gradient,
+        objective,
         start,
-        args=(marks, weights, gamma),
+        args=(weights, gamma),
         jac=True,
         method="L-BFGS-B",
         bounds=bounds,
-        options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10},
+        options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-9},
     )
-    return result.x, float(result.fun), int(result.nit), bool(result.success)
+    if gamma is None:
+        return Solution(result.x[:-1], float(result.x[-1]), float(result.fun), int(result.nit), bool(result.success))
+    return Solution(result.x, float(gamma), float(result.fun), int(result.nit), bool(result.success))
 
 
-def _to_fit(
-    marks: _Marks, theta: np.ndarray, gamma: float | None, mean_kl_nats: float, iterations: int, converged: bool
-) -> BayesFit:
-    n_categories = marks.probs.shape[1]
-    alpha = np.exp(theta[:n_categories])
+def robust_fit(
+    objective: FilterObjective, weights: np.ndarray | None = None, warm: Profile | None = None
+) -> Profile:
+    """Profile gamma over :data:`GAMMA_GRID` (warm-started down the grid from the gamma = 1 fit), then
+    refine gamma jointly from the best grid point; the free solution is the best of all of them.
+
+    ``warm``: an earlier profile (the full-data fit, for bootstrap resamples) whose grid solutions
+    start each fixed-gamma fit.
+    """
+    w = objective.marks.weights if weights is None else weights
+    grid: dict[float, Solution] = {}
+    previous = objective.start()
+    for gamma in GAMMA_GRID:
+        start = warm.grid[gamma].theta if warm is not None else previous
+        grid[gamma] = _minimize(objective, w, gamma, start)
+        previous = grid[gamma].theta
+    best = min(grid.values(), key=lambda s: s.value)
+    refined = _minimize(objective, w, None, np.append(best.theta, best.gamma))
+    free = refined if refined.value < best.value else best
+    if free.value > grid[1.0].value - TIE_NATS:
+        free = grid[1.0]  # forgetting that buys nothing (a flat profile, alpha_0 -> infinity) is not reported
+    return Profile(grid[1.0], free, grid)
+
+
+def _to_fit(marks: _Marks, solution: Solution, gamma_fixed: bool) -> BayesFit:
+    alpha = np.exp(solution.theta)
+    at_bound = bool(np.any(np.abs(solution.theta) >= LOG_ALPHA_BOUND - 1e-6) or alpha.sum() > ALPHA0_UNBOUNDED)
     return BayesFit(
         prior_mean=alpha / alpha.sum(),
         prior_strength=float(alpha.sum()),
-        gamma=float(theta[n_categories]) if gamma is None else float(gamma),
-        gamma_fixed=gamma is not None,
-        mean_kl_bits=max(mean_kl_nats, 0.0) / _LN2,
+        gamma=solution.gamma,
+        gamma_fixed=gamma_fixed,
+        mean_kl_bits=max(solution.value, 0.0) / _LN2,
         n_marks=int(marks.probs.shape[0]),
         n_sequences=marks.n_sequences,
-        iterations=iterations,
-        converged=converged,
+        iterations=solution.iterations,
+        converged=solution.success and not at_bound,
+        at_bound=at_bound,
     )
-
-
-def _fit_marks(marks: _Marks, gamma: float | None) -> tuple[BayesFit, np.ndarray]:
-    """The fit and its optimizer parameters theta (to warm-start refits)."""
-    if gamma is not None and not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-    theta, value, iterations, converged = _minimize(marks, marks.weights, gamma, _initial_theta(marks, gamma))
-    return _to_fit(marks, theta, gamma, value, iterations, converged), theta
 
 
 def fit_bayes(
@@ -333,9 +431,43 @@ def fit_bayes(
     ``probs`` (M, K): the model's distribution over the K categories at each mark (rows are
     renormalized). ``outcomes``: the category sequences, an (S, L) int array padded with -1 or a
     list of 1-D arrays. ``sequence`` (M,): which sequence each mark belongs to; ``position`` (M,):
-    how many of its outcomes precede the mark. ``gamma=1.0`` fits exact Bayes.
+    how many of its outcomes precede the mark. ``gamma=1.0`` fits exact Bayes; a free gamma is
+    fitted robustly (:func:`robust_fit`), so it is never worse than the gamma = 1 fit.
     """
-    return _fit_marks(_Marks.build(probs, outcomes, sequence, position, weights), gamma)[0]
+    marks = _Marks.build(probs, outcomes, sequence, position, weights)
+    objective = _DirichletFilter(marks)
+    if gamma is not None:
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        return _to_fit(marks, _minimize(objective, marks.weights, gamma, objective.start()), True)
+    return _to_fit(marks, robust_fit(objective).free, False)
+
+
+def bootstrap_gamma(
+    objective: FilterObjective, full: Profile, n_bootstrap: int, level: float, seed: int | None
+) -> tuple[np.ndarray, tuple[float, float], bool]:
+    """Percentile bootstrap of the robust free gamma over sequences: (samples, interval, rejected).
+
+    Each resample draws the observed sequences with replacement (a sequence drawn r times gets its
+    marks' weights multiplied by r) and reruns :func:`robust_fit`, warm-started from ``full``.
+    """
+    if n_bootstrap < 1 or not 0.0 < level < 1.0:
+        raise ValueError("n_bootstrap must be >= 1 and level in (0, 1)")
+    marks = objective.marks
+    rng = np.random.default_rng(seed)
+    sequences, mark_to_sequence = np.unique(marks.positions.sequence, return_inverse=True)
+    mark_to_sequence = mark_to_sequence.reshape(-1)
+    # only sequences with weighted marks are drawn (a sequence whose marks all carry weight 0 is not data)
+    eligible = np.flatnonzero(np.bincount(mark_to_sequence, weights=marks.weights, minlength=sequences.size) > 0)
+    samples = np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        draws = np.zeros(sequences.size)
+        draws[eligible] = np.bincount(rng.integers(eligible.size, size=eligible.size), minlength=eligible.size)
+        resampled = marks.weights * draws[mark_to_sequence]
+        samples[b] = robust_fit(objective, resampled, warm=full).free.gamma
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(samples, [tail, 100.0 - tail])
+    return samples, (float(low), float(high)), bool(high < 1.0 - GAMMA_ONE_TOLERANCE)
 
 
 def bootstrap_exact_bayes(
@@ -349,28 +481,19 @@ def bootstrap_exact_bayes(
     level: float = 0.95,
     seed: int | None = 0,
 ) -> ExactBayesTest:
-    """Fits gamma free and gamma = 1, and a percentile bootstrap CI for gamma over sequences.
+    """Fits gamma free (robustly) and gamma = 1, and a percentile bootstrap CI for gamma over sequences.
 
-    Each resample draws the observed sequences with replacement (a sequence drawn r times gets its
-    marks' weights multiplied by r) and refits from the full-data estimate. Inputs as in
-    :func:`fit_bayes`.
+    Every resample runs the same robust fit as the full data (:func:`bootstrap_gamma`). Inputs as
+    in :func:`fit_bayes`.
     """
     if n_bootstrap < 1 or not 0.0 < level < 1.0:
         raise ValueError("n_bootstrap must be >= 1 and level in (0, 1)")
     marks = _Marks.build(probs, outcomes, sequence, position, weights)
-    free, free_theta = _fit_marks(marks, None)
-    exact = _fit_marks(marks, 1.0)[0]
-    rng = np.random.default_rng(seed)
-    sequences, mark_to_sequence = np.unique(marks.positions.sequence, return_inverse=True)
-    samples = np.empty(n_bootstrap)
-    for b in range(n_bootstrap):
-        draws = np.bincount(rng.integers(sequences.size, size=sequences.size), minlength=sequences.size)
-        resampled = marks.weights * draws[mark_to_sequence]
-        samples[b] = _minimize(marks, resampled, None, free_theta)[0][-1]
-    tail = 100.0 * (1.0 - level) / 2.0
-    low, high = np.percentile(samples, [tail, 100.0 - tail])
-    rejected = bool(high < 1.0 - GAMMA_ONE_TOLERANCE)
-    return ExactBayesTest(free, exact, (float(low), float(high)), level, rejected, samples)
+    objective = _DirichletFilter(marks)
+    profile = robust_fit(objective)
+    samples, interval, rejected = bootstrap_gamma(objective, profile, n_bootstrap, level, seed)
+    return ExactBayesTest(_to_fit(marks, profile.free, False), _to_fit(marks, profile.exact, True), interval,
+                          level, rejected, samples)
 
 
 def outcomes_from_running_counts(

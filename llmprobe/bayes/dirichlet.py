@@ -27,6 +27,10 @@ top-k would otherwise have no likelihood. Fits on data with many floored entries
 floor: they push that category's alpha towards 0. Report the floor with such fits.
 """
 
+ALPHA0_UNBOUNDED = 1e8
+"""A fitted alpha_0 beyond this is the limit alpha_0 -> infinity (rows that do not vary, up to float
+rounding), not an estimate: such fits are reported unconverged whatever the iteration did."""
+
 DATA_PROBABILITIES = "probabilities"
 DATA_COUNTS = "counts"
 
@@ -150,8 +154,8 @@ def fit_from_mean_log(
     """Dirichlet MLE from its sufficient statistic, the (weighted) mean of log p per category.
 
     Returns (alpha, iterations, converged). Converged means the last Newton step changed every
-    alpha_k by less than ``tol`` relative. The MLE does not exist when the rows do not vary (alpha
-    grows without bound); the iteration then stops at ``max_iter`` unconverged.
+    alpha_k by less than ``tol`` relative and alpha_0 <= :data:`ALPHA0_UNBOUNDED`. The MLE does not
+    exist when the rows do not vary (alpha grows without bound); the fit is then unconverged.
     """
     s = np.asarray(mean_log_p, dtype=float)
 
@@ -173,7 +177,7 @@ def fit_from_mean_log(
         change = np.max(np.abs(new_alpha - alpha) / alpha)
         alpha = new_alpha
         if change < tol:
-            return alpha, iteration, True
+            return alpha, iteration, bool(alpha.sum() <= ALPHA0_UNBOUNDED)
     return alpha, max_iter, False
 
 
@@ -223,7 +227,8 @@ def fit_dm_rows(
 ) -> tuple[np.ndarray, int, bool]:
     """Dirichlet-multinomial MLE for validated count rows (each with n > 0) and frequency weights.
 
-    Returns (alpha, iterations, converged), converged as in :func:`fit_from_mean_log`. Newton with
+    Returns (alpha, iterations, converged), converged as in :func:`fit_from_mean_log` (so the
+    multinomial limit alpha_0 -> infinity is never converged). Newton with
     backtracking where the Hessian gives an ascent direction, else Minka's fixed point
     alpha_k <- alpha_k sum w (psi(n_ik + alpha_k) - psi(alpha_k)) / sum w (psi(n_i + a0) - psi(a0)).
     """
@@ -252,7 +257,7 @@ def fit_dm_rows(
         change = np.max(np.abs(new_alpha - alpha) / alpha)
         alpha = new_alpha
         if change < tol:
-            return alpha, iteration, True
+            return alpha, iteration, bool(alpha.sum() <= ALPHA0_UNBOUNDED)
     return alpha, max_iter, False
 
 

@@ -32,7 +32,7 @@ def continuity(
     if output is not None:
         from llmprobe.plots.common import check_image_output
 
-        check_image_output(output, force)
+        check_image_output(output, force, inputs=[trace_path])
     result, pairs, meta = analyse(trace_path, over=over, max_pairs=max_pairs, quantile=quantile, seed=seed)
     if as_json:
         out.data_text(json.dumps(finite_or_null(asdict(result))) + "\n")
@@ -42,7 +42,7 @@ def continuity(
         from llmprobe.plots.common import save_figure
         from llmprobe.plots.continuity import continuity_figure
 
-        save_figure(continuity_figure(result, pairs, meta.get("model", "")), output)
+        save_figure(continuity_figure(result, pairs, meta.get("model", "")), output, replace=force)
         out.log(f"wrote {output}")
 
 

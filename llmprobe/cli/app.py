@@ -7,12 +7,14 @@ libraries (torch, transformers, matplotlib) are imported inside the commands, so
 option errors are fast.
 """
 
+import errno
 import os
+import re
 import sys
 
 import typer
 
-from llmprobe.cli import analyses, figures, fits, trace
+from llmprobe.cli import analyses, control, figures, fits, trace
 from llmprobe.cli.options import fill_optional_values
 from llmprobe.cli.output import error_line
 from llmprobe.errors import UsageError
@@ -36,34 +38,106 @@ COMMANDS = {
     "plot": figures.plot, "plot-icl": figures.plot_icl, "plot-prior": figures.plot_prior,
     "plot-layers": figures.plot_layers, "report": figures.report,
     "continuity": analyses.continuity, "martingale": analyses.martingale,
+    "wind-tunnel": control.wind_tunnel,
 }
 for name, command in COMMANDS.items():
     app.command(name)(command)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    """Entry point: every expected failure becomes one line on stderr and a non-zero exit.
+
+    The command is invoked through click's context directly rather than through typer's ``main``,
+    which in non-standalone mode *returns* an exit code for Ctrl-C (and maps a broken pipe to 1), so
+    the interrupt would otherwise pass for success. Here:
+
+    * :class:`UsageError` (bad input, an unwritable output, ...) prints its line, exit 2 (130 for an
+      interrupted trace, which says how to resume);
+    * Ctrl-C / SIGINT anywhere (model loading, streaming to stdout, a fit) prints one line, exit 130;
+    * a closed stdout (``llmprobe ... | head``) exits 141 quietly, as a shell pipeline expects;
+    * an option parser error prints its message on one line, exit 2;
+    * anything else is a bug or an environment fault: one line naming the exception and
+      ``run with LLMPROBE_DEBUG=1 for the traceback``, exit 1 (with ``LLMPROBE_DEBUG=1`` it is raised).
+    """
     command = typer.main.get_command(app)
+    args = fill_optional_values(sys.argv[1:] if argv is None else list(argv))
     try:
-        command.main(args=fill_optional_values(sys.argv[1:] if argv is None else argv), prog_name="llmprobe",
-                     standalone_mode=False)
+        with command.make_context("llmprobe", args) as ctx:
+            command.invoke(ctx)
     except UsageError as exc:
-        error_line(str(exc))
+        error_line(one_line(" ".join([str(exc), *getattr(exc, "__notes__", [])])))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        error_line("interrupted; nothing was written for the unfinished output")
+        error_line("interrupted: no output file was written, and anything already written to stdout is incomplete")
         sys.exit(130)
-    except BrokenPipeError:
-        sys.stderr.close()
+    except OSError as exc:
+        if not _is_broken_pipe(exc):
+            _unexpected(exc)
+        _quiet_stdout()
         sys.exit(141)
     except Exception as exc:
         _exit_for_parser_error(exc)
+    if _stdout_closed():  # the last write went to a reader that had gone: a pipe cut short
+        _quiet_stdout()
+        sys.exit(141)
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def one_line(message: str) -> str:
+    """A message as one plain line: terminal escapes (torch bolds parts of its errors) and line breaks
+    from a library's text are removed."""
+    return " ".join(ANSI_ESCAPE.sub("", message).split())
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    """EPIPE, whether raised by Python or by pyarrow writing a Parquet stream to stdout."""
+    while exc is not None:
+        if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _stdout_closed() -> bool:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not complain about the pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _unexpected(exc: BaseException) -> None:
+    """A bug or an environment fault: one line, or the traceback with LLMPROBE_DEBUG=1."""
+    if os.environ.get("LLMPROBE_DEBUG", "") not in ("", "0"):
+        raise exc
+    detail = one_line(str(exc)) or "no message"
+    notes = one_line(" ".join(getattr(exc, "__notes__", [])))
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    error_line(f"unexpected {type(exc).__name__}: {detail} (run with LLMPROBE_DEBUG=1 for the traceback)"
+               + (f"; {notes}" if notes else ""))
+    sys.exit(1)
 
 
 def _exit_for_parser_error(exc: Exception) -> None:
     """Map the option parser's exceptions (click's, or the copy typer vendors) to exit codes.
 
-    They are matched by shape rather than class because typer has shipped both.
+    They are matched by shape rather than class because typer has shipped both; anything else is
+    :func:`_unexpected`.
     """
     name = type(exc).__name__
     if name == "NoArgsIsHelpError":
@@ -77,5 +151,4 @@ def _exit_for_parser_error(exc: Exception) -> None:
     if name == "Abort":
         error_line("aborted")
         sys.exit(130)
-    raise exc
-
+    _unexpected(exc)

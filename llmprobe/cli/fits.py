@@ -28,10 +28,10 @@ def experiment(
 
     to_file = output is not None and output != "-"
     if to_file:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[config])
     records = generate(load_experiment(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout)
     if to_file:
-        with atomic_file(output, "w") as stream:
+        with atomic_file(output, "w", replace=force) as stream:
             count = write_jsonl(records, stream)
     else:
         count = write_jsonl(records, sys.stdout)
@@ -41,7 +41,7 @@ def experiment(
 def fit_prior(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace with targets (file, directory or -).")],
     components: Annotated[str, typer.Option(help="Mixture components, or 'auto' to choose by BIC.")] = "1",
-    max_components: Annotated[int, typer.Option(help="Largest K tried with --components auto.")] = 5,
+    max_components: Annotated[int, typer.Option(min=1, help="Largest K tried with --components auto.")] = 5,
     from_counts: Annotated[bool, typer.Option("--from-counts",
                                               help="Fit a Dirichlet-multinomial to the examples' counts.")] = False,
     n: Annotated[Optional[str], typer.Option("--n", metavar="N[,N...]",
@@ -52,7 +52,7 @@ def fit_prior(
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Fit a Dirichlet (or a K-component Dirichlet mixture) to a trace's category distributions."""
+    """Fit the prior over rows: a Dirichlet (mixture) over the spread of a trace's category distributions."""
     from llmprobe.analysis.fits import fit_prior as fit
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_prior
@@ -61,14 +61,14 @@ def fit_prior(
 
     counts = opt.parse_counts(n) if n is not None else None
     if output is not None:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[trace_path])
     out = Output(quiet)
     marks = category_marks(open_trace(trace_path))
     result = fit(marks, components, max_components, from_counts, counts, seed)
     show_fit_prior(result, marks.label, out)
     document = json.dumps(result, indent=1) + "\n"
     if output is not None:
-        write_atomic(output, document)
+        write_atomic(output, document, replace=force)
     if as_json or output is None and not sys.stdout.isatty():
         out.data_text(document)
 
@@ -76,7 +76,17 @@ def fit_prior(
 def fit_posterior(
     traces: Annotated[list[str], typer.Argument(metavar="TRACE...", help="Traces of experiment prompts (or -).")],
     prior: Annotated[str, typer.Option(
-        help="'fit' (the exact-Bayes prior fitted to the predictions), 'uniform', or a fit-prior JSON file.")] = "fit",
+        help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
+             " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON"
+             " (a prior over rows).")] = "fit",
+    prior_components: Annotated[str, typer.Option(
+        "--prior-components", metavar="K|auto",
+        help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto'"
+             " chooses by held-out KL.")] = "1",
+    max_components: Annotated[int, typer.Option(help="Largest K tried with --prior-components auto.")] = 3,
+    min_mass: Annotated[float, typer.Option(
+        "--min-mass", help="Leave out marks with less probability than this on the categories.")] = 0.05,
+    folds: Annotated[int, typer.Option(help="Folds of sequences for the out-of-sample scores (2 or more).")] = 5,
     output: opt.output("Per-mark table, .parquet or .csv.") = None,
     as_json: opt.Json = False,
     bootstrap: opt.Bootstrap = 200,
@@ -90,8 +100,8 @@ def fit_posterior(
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Compare a model's in-context predictions with the Bayesian posterior predictive, mark by mark."""
-    from llmprobe.analysis.fits import fit_posterior as fit, write_fit_table
+    """Does the model update like a Bayesian? The updating prior, the exact-Bayes test, baselines, a verdict."""
+    from llmprobe.analysis.fits import fit_posterior as fit, parse_components, write_fit_table
     from llmprobe.analysis.marks import category_marks
     from llmprobe.cli.views import show_fit_posterior
     from llmprobe.files import check_new_output
@@ -102,8 +112,15 @@ def fit_posterior(
     protocols.check_choice(gamma_variant, protocols.GAMMA_VARIANTS, "--gamma-variant")
     if traces.count("-") > 1:
         raise UsageError("standard input can be read only once", where="TRACE")
+    parse_components(prior_components)
+    if not 0.0 <= min_mass < 1.0:
+        raise UsageError(f"must be in [0, 1), got {min_mass}", where="--min-mass")
+    if folds < 2:
+        raise UsageError(f"must be 2 or more, got {folds}", where="--folds")
+    if max_components < 1:
+        raise UsageError(f"must be 1 or more, got {max_components}", where="--max-components")
     if output is not None:
-        check_new_output(output, force)
+        check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior])])
     out = Output(quiet)
     results = []
     labels: set[str] = set()
@@ -111,7 +128,8 @@ def fit_posterior(
         trace = open_trace(path)
         label = _unique_label(trace.meta.get("model") or path, path, labels)
         marks = category_marks(trace, label)
-        results.append(fit(marks, prior, bootstrap, seed))
+        results.append(fit(marks, prior, bootstrap, seed, components=prior_components,
+                           max_components=max_components, min_mass=min_mass, folds=folds))
         _peer_statistics(results[-1], marks, by, gamma_variant, out)
     show_fit_posterior(results, out)
     if output is not None:

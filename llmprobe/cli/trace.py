@@ -26,7 +26,7 @@ def trace(
     trust_remote_code: opt.TrustRemoteCode = False,
     allow_pickle: opt.AllowPickle = False,
     attn_implementation: opt.AttnImplementation = None,
-    input_format: Annotated[str, typer.Option(help="auto (by extension), text or jsonl.")] = "auto",
+    input_format: Annotated[str, typer.Option(help="auto (by extension; Parquet by content), text, jsonl or parquet (a prompt column).")] = "auto",
     chat: Annotated[Optional[str], typer.Option(
         "--chat", metavar="[user|prefill]",
         help="Wrap each prompt in the tokenizer's chat template: user (the default when given alone) makes it the"

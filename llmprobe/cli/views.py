@@ -12,6 +12,7 @@ import math
 
 import pandas as pd
 from rich.table import Table
+from rich.text import Text
 
 from llmprobe.analysis.continuity import ContinuityResult
 from llmprobe.analysis.fits import PosteriorResult
@@ -100,8 +101,9 @@ def show_models(inventory: dict, as_json: bool, out: Output) -> None:
 def show_fit_prior(result: dict, label: str, out: Output) -> None:
     """``fit-prior``: the components, then the BIC table."""
     mixture = result["mixture"]
-    table = Table(title=f"{label}: Dirichlet prior over {', '.join(result['categories'])} ({result['data']},"
-                        f" {result['n_rows']} rows)", title_justify="left")
+    table = Table(title=f"{label}: prior over rows — a Dirichlet over {', '.join(result['categories'])} fitted to the"
+                        f" spread of {result['n_rows']} rows ({result['data']}); not the updating prior"
+                        " (fit-posterior)", title_justify="left")
     table.add_column("component")
     table.add_column("weight", justify="right")
     table.add_column("α0 (strength)", justify="right")
@@ -120,12 +122,32 @@ def show_fit_prior(result: dict, label: str, out: Output) -> None:
 
 
 def show_fit_posterior(results: list[PosteriorResult], out: Output) -> None:
-    """``fit-posterior``: per trace the per-n table and the fitted filters; several traces side by side."""
+    """``fit-posterior``: per trace the verdict in one sentence, its warnings, the per-n table, the
+    fitted updating prior and every predictor's scores; several traces side by side."""
     for result in results:
+        s = result.summary
+        out.show(Text(f"{result.label}: {s['verdict_sentence']}", style="bold"))
+        for warning in _warnings(s):
+            out.show(Text(f"warning: {warning}"))
         out.show(_per_n_table(result))
         out.show(_fit_table(result))
+        out.show(_scores_table(result))
     if len(results) > 1:
         out.show(_comparison_table(results))
+
+
+def _warnings(s: dict) -> list[str]:
+    lines = list(s["verdict_warnings"])
+    if s["n_marks_low_mass"]:
+        lines.append(f"{s['n_marks_low_mass']} of {s['n_marks']} marks left out: less than"
+                     f" {s['thresholds']['min_mass']:g} probability on the categories (--min-mass)")
+    if s["prior"].get("role") == "prior over rows":
+        lines.append(f"--prior {s['prior']['source']} is a prior over rows (fit-prior: the spread of predictions"
+                     " across prompts), not the prior a model updates from; pass a fit-posterior --json file for that")
+    if s["n_marks_inexact"]:
+        lines.append(f"{s['n_marks_inexact']} marks are inexact (the mark falls inside a token; column 'exact'):"
+                     " the model may not be predicting a category there")
+    return lines
 
 
 def _vector(values) -> str:
@@ -134,41 +156,98 @@ def _vector(values) -> str:
 
 def _per_n_table(result: PosteriorResult) -> Table:
     by_n = result.by_n
-    show_categories = result.categories if len(result.categories) <= MAX_CATEGORY_COLUMNS else []
+    k = len(result.categories)
+    show_categories = result.categories[:1] if k == 2 else result.categories if k <= MAX_CATEGORY_COLUMNS else []
+    has_theta = by_n["tv_theta"].notna().any()
+    several_layouts = by_n["layout"].nunique(dropna=False) > 1
     table = Table(title=f"{result.label}: model vs Bayes posterior predictive by number of examples",
-                  title_justify="left")
-    for name in ("layout", "n", "marks", *[f"P({c}) model" for c in show_categories],
-                 *[f"P({c}) Bayes" for c in show_categories], "TV", "KL bits", "mass"):
+                  title_justify="left", caption="TV, KL(Bayes‖model) and |ΔH| (entropy error, bits) against the"
+                  " --prior posterior predictive; TV θ (sd) and KL(θ‖model): against the true θ, mean (std) over marks")
+    for name in (*(["layout"] if several_layouts else []), "n", "marks", *[f"{c} model" for c in show_categories],
+                 *[f"{c} Bayes" for c in show_categories], "TV", "KL", "|ΔH|",
+                 *(["TV θ", "sd", "KL θ"] if has_theta else []), "mass"):
         table.add_column(name, justify="left" if name == "layout" else "right")
     for (layout, n), group in by_n.groupby(["layout", "n"], dropna=False, sort=True):
         per_cat = group.set_index("category")
         first = group.iloc[0]
+        used, marks = int(first["used"]), int(first["marks"])
         table.add_row(
-            str(layout), str(int(n)), str(int(first["marks"])),
-            *[f"{per_cat.loc[c, 'model_prob']:.3f}" for c in show_categories],
-            *[f"{per_cat.loc[c, 'bayes_prob']:.3f}" for c in show_categories],
-            f"{first['tv']:.3f}", f"{first['kl_bits']:.4f}", f"{first['mass']:.3f}",
+            *([str(layout)] if several_layouts else []), str(int(n)), str(marks) if used == marks else f"{used}/{marks}",
+            *[_number(per_cat.loc[c, "model_prob"], ".3f") for c in show_categories],
+            *[_number(per_cat.loc[c, "bayes_prob"], ".3f") for c in show_categories],
+            _number(first["tv"], ".3f"), _number(first["kl_bits"], ".3f"), _number(first["entropy_error_bits"], ".3f"),
+            *([_number(first["tv_theta"], ".3f"), _number(first["tv_theta_std"], ".3f"),
+               _number(first["kl_theta_bits"], ".2f")] if has_theta else []),
+            f"{first['mass']:.3f}",
         )
     return table
 
 
+def _number(value, spec: str) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _flags(fit: dict) -> str:
+    if fit["at_bound"]:
+        return "AT BOUND (α0 → ∞)"
+    return "yes" if fit["converged"] else "NO"
+
+
 def _fit_table(result: PosteriorResult) -> Table:
     s = result.summary
-    table = Table(title=f"{result.label}: the Bayesian model that best explains the predictions",
-                  title_justify="left")
-    for name in ("model", "prior mean", "α0", "γ", "KL(model‖filter) bits"):
-        table.add_column(name, justify="right" if name != "model" else "left")
-    for name, fit in (("exact Bayes (γ = 1)", s["exact_bayes"]), ("forgetting filter", s["forgetting"])):
-        table.add_row(name, _vector(fit["prior_mean"]), f"{fit['alpha0']:.3g}", f"{fit['gamma']:.3f}",
-                      f"{fit['mean_kl_bits_model_to_filter']:.4f}")
+    updating = s["updating_prior"]
+    k = len(updating["exact"]["weights"])
+    table = Table(title=f"{result.label}: the updating prior (the prior the predictions update from;"
+                        f" {k} component{'s' if k > 1 else ''})", title_justify="left")
+    for name in ("filter", "weights", "prior mean", "α0", "γ", "converged", "KL in-sample", "KL out-of-sample"):
+        table.add_column(name, justify="left" if name == "filter" else "right")
+    scores = s["scores"]
+    for name, key in (("exact Bayes (γ = 1)", "exact_bayes"), ("forgetting filter", "forgetting")):
+        fit = s[key]
+        strengths = [sum(a) for a in fit["alphas"]]
+        table.add_row(name, _vector(fit["weights"]), _vector(fit["prior_mean"]),
+                      _vector(strengths) if k > 1 else f"{fit['alpha0']:.3g}", f"{fit['gamma']:.3f}", _flags(fit),
+                      f"{scores[key]['kl_bits_in_sample']:.4f}",
+                      f"{scores[key]['kl_bits_out_of_sample']:.4f}" if scores["out_of_sample"] else "n/a")
     low, high = s["gamma_ci"]
-    table.caption = (f"γ {int(s['gamma_ci_level'] * 100)}% bootstrap CI [{low:.3f}, {high:.3f}] over"
-                     f" {s['n_sequences']} sequences ({s['n_bootstrap']} resamples): exact Bayes "
-                     + ("REJECTED" if s["exact_bayes_rejected"] else "not rejected")
-                     + ("" if s["gamma_identifiable"] else " (but the predictions do not respond to the"
-                        " examples: α0 → ∞, so γ is not identifiable)")
-                     + f". Overall vs the {s['prior']['kind']} prior: mean KL(Bayes‖model) {s['mean_kl_bits']:.4f}"
-                     f" bits, mean TV {s['mean_tv']:.4f}, mean mass on the categories {s['mean_mass']:.3f}.")
+    table.caption = (f"KL = mean KL(model‖filter) bits over {s['n_marks_used']} used marks; out-of-sample ="
+                     f" fitted on the other of {scores['n_folds']} folds of sequences. γ {int(s['gamma_ci_level'] * 100)}%"
+                     f" bootstrap CI [{low:.3f}, {high:.3f}] over {s['n_sequences']} sequences"
+                     f" ({s['n_bootstrap']} resamples): exact Bayes "
+                     + ("REJECTED" if s["exact_bayes_rejected"] else "not rejected") + "."
+                     + _selection_text(updating["selection"], k))
+    return table
+
+
+def _selection_text(selection: list[dict], chosen: int) -> str:
+    if not selection:
+        return ""
+    cells = ", ".join(f"{row['n_components']}: {row['held_out_kl_bits']:.4f}" for row in selection)
+    return f" Components by held-out KL bits ({cells}): {chosen}."
+
+
+SCORE_NAMES = {"exact_bayes": "exact Bayes (γ = 1), updating prior", "forgetting": "forgetting filter",
+               "never_updating": "never updating (the n = 0 prediction)", "frequency": "frequency follower (α0 → 0)",
+               "recency": "recency (last outcome)", "true_theta": "true θ", "reference_prior": "--prior"}
+
+
+def _scores_table(result: PosteriorResult) -> Table:
+    scores = result.summary["scores"]
+    table = Table(title=f"{result.label}: every predictor scored the same way (mean over used marks)",
+                  title_justify="left")
+    for name in ("predictor", "KL(model‖·) bits", "TV", "scored"):
+        table.add_column(name, justify="left" if name in ("predictor", "scored") else "right")
+    where = "out of sample" if scores["out_of_sample"] else "in sample"
+    for key, label in SCORE_NAMES.items():
+        if key not in scores:
+            continue
+        row = scores[key]
+        if "kl_bits" in row:
+            extra = f" ({result.summary['prior']['source']})" if key == "reference_prior" else ""
+            table.add_row(label + extra, f"{row['kl_bits']:.4f}", f"{row['tv']:.4f}", "nothing fitted")
+        else:
+            held = "out_of_sample" if scores["out_of_sample"] else "in_sample"
+            table.add_row(label, f"{row[f'kl_bits_{held}']:.4f}", f"{row[f'tv_{held}']:.4f}", where)
     return table
 
 

@@ -17,8 +17,10 @@ hash) that goes into the trace metadata.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import time
@@ -105,19 +107,22 @@ def convert_gguf(gguf: Path, log=lambda msg: None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf_header(gguf)
+    check_cache_usable(target.parent)  # before the 30 s conversion, not after it
     quiet_transformers()
     log(f"converting {gguf.name} to a cached safetensors copy (once; about 30 s)")
     started = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers draws its own tqdm bar here, which no setting turns off; the log line above
+        # (silenced by -q) says what is happening instead
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unreadable files
         raise UsageError(f"cannot load GGUF file: {_first_line(exc)}", where=str(gguf)) from None
     # The weights are dequantized float32 now; drop the GGUF quantizer so they save as plain safetensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_dir(target, replace=False) as staging:
             _save_conversion(model, tokenizer, gguf, staging, started)
@@ -125,6 +130,17 @@ def convert_gguf(gguf: Path, log=lambda msg: None) -> Path:
         if not (target / "llmprobe-conversion.json").exists():
             raise
     return target
+
+
+def check_cache_usable(directory: Path) -> None:
+    """The cache directory exists (created if need be) and is writable, or one line saying how to fix it."""
+    fix = "set LLMPROBE_CACHE to a writable directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot use the llmprobe cache ({exc.strerror or exc}); {fix}", where=str(cache_dir())) from None
+    if not directory.is_dir() or not os.access(directory, os.W_OK):
+        raise UsageError(f"the llmprobe cache is not a writable directory; {fix}", where=str(cache_dir()))
 
 
 def _save_conversion(model, tokenizer, gguf: Path, staging: Path, started: float) -> None:

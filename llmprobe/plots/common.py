@@ -47,14 +47,14 @@ def plain_label(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def check_image_output(output: str, force: bool) -> str:
+def check_image_output(output: str, force: bool, inputs: list[str] = ()) -> str:
     """The image format for ``output`` (from its extension); fails before any work if it cannot be written."""
     path = Path(output)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in IMAGE_FORMATS:
         raise UsageError(f"unknown image extension {path.suffix!r} (expected .{', .'.join(IMAGE_FORMATS)})",
                          where=output)
-    check_new_output(path, force)
+    check_new_output(path, force, inputs=inputs)
     return fmt
 
 
@@ -65,10 +65,10 @@ def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = DPI) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure(fig: Figure, output: str) -> None:
+def save_figure(fig: Figure, output: str, *, replace: bool = False) -> None:
     """Save ``fig`` to ``output``, format by extension (check it first with :func:`check_image_output`)."""
     path = Path(output)
-    write_atomic(path, figure_bytes(fig, path.suffix.lower().lstrip(".")))
+    write_atomic(path, figure_bytes(fig, path.suffix.lower().lstrip(".")), replace=replace)
 
 
 def data_uri(fig: Figure, fmt: str = "png", dpi: int = DPI) -> str:

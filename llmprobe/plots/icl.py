@@ -72,11 +72,14 @@ def open_fit(source: str) -> FitTable:
         try:
             parquet = pq.ParquetFile(pa.BufferReader(data))
             frame = parquet.read().to_pandas()
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (pa.ArrowException, OSError) as exc:
             raise UsageError(f"not a readable Parquet file ({str(exc).splitlines()[0]})", where=name) from None
         kv = parquet.schema_arrow.metadata or {}
         if FIT_META_KEY in kv:
-            meta = json.loads(kv[FIT_META_KEY])
+            try:
+                meta = json.loads(kv[FIT_META_KEY])
+            except ValueError:
+                raise UsageError("its fit metadata is not valid JSON (the file is damaged)", where=name) from None
             summaries = [m for m in (meta if isinstance(meta, list) else [meta]) if isinstance(m, dict)]
     else:
         try:
@@ -90,7 +93,19 @@ def open_fit(source: str) -> FitTable:
         raise UsageError("the fit table has no rows", where=name)
     frame = frame.astype({"trace": str, "prompt_id": str, "category": str})
     for column in ("theta", "model_prob", "bayes_prob", *MARK_METRICS):
-        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+        values = pd.to_numeric(frame[column], errors="coerce").astype(float)
+        bad = values.isna() & frame[column].notna()
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise UsageError(f"column {column} holds {frame[column].iloc[row]!r} in row {row + 1}, not a number",
+                             where=name)
+        frame[column] = values
+    for column in ("model_prob", "bayes_prob"):
+        outside = ~frame[column].between(0.0, 1.0) & frame[column].notna()
+        if outside.any():
+            row = int(outside.to_numpy().argmax())
+            raise UsageError(f"column {column} holds {frame[column].iloc[row]!r} in row {row + 1}, not a"
+                             " probability", where=name)
     return FitTable(frame, summaries, name)
 
 
@@ -296,7 +311,7 @@ def write_icl_figure(source: str, output: str | None, *, force: bool) -> Path:
         if source == "-":
             raise UsageError("give an output file when the fit table comes from stdin", where="-o")
         output = str(Path(source).with_suffix("")) + ".icl.png"
-    check_image_output(output, force)
+    check_image_output(output, force, inputs=[source])
     fit = open_fit(source)
-    save_figure(plot_icl(summarize(fit), fit.summaries), output)
+    save_figure(plot_icl(summarize(fit), fit.summaries), output, replace=force)
     return Path(output)

@@ -27,7 +27,7 @@ def write_layers_figure(trace_path: str, prompt: str | None, output: str, show: 
 
     if show not in SHOWS:
         raise UsageError(f"expected one of {', '.join(SHOWS)}, got {show!r}", where="--show")
-    check_image_output(output, force)
+    check_image_output(output, force, inputs=[trace_path])
     trace = open_trace(trace_path)
     trace.require_columns("layer", purpose="plot-layers (trace with --layers)")
     table = trace.table
@@ -47,7 +47,7 @@ def write_layers_figure(trace_path: str, prompt: str | None, output: str, show: 
     else:
         trace.require_columns("target_logprobs", purpose="plot-layers --show targets (trace with --targets)")
         fig, summary = _targets_figure(frame, [t["text"] for t in trace.meta.get("targets", [])], prompt)
-    save_figure(fig, output)
+    save_figure(fig, output, replace=force)
     return summary
 
 

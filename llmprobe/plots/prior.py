@@ -201,6 +201,6 @@ def write_prior_figure(source: str, output: str | None, *, force: bool) -> Path:
     """Read a prior file, draw it, write the figure; returns the file written."""
     if output is None:
         output = str(Path(source).with_suffix("")) + ".prior.png"
-    check_image_output(output, force)
-    save_figure(plot_prior(read_prior(source)), output)
+    check_image_output(output, force, inputs=[source])
+    save_figure(plot_prior(read_prior(source)), output, replace=force)
     return Path(output)

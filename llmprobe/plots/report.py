@@ -248,7 +248,7 @@ def write_report(trace_source: str, extras: list[str], output: str | None, *, fo
     path = Path(output)
     if path.suffix.lower() not in (".html", ".htm"):
         raise UsageError("the report is HTML; name it *.html", where=output)
-    check_new_output(path, force)
+    check_new_output(path, force, inputs=[trace_source, *extras])
     html = build_report(trace_source, extras, **options)
-    write_atomic(path, html.encode("utf-8"))
+    write_atomic(path, html.encode("utf-8"), replace=force)
     return path

@@ -66,6 +66,9 @@ def parse_positions(spec: str | None) -> tuple[int | None, int | None]:
         start, end = (int(p) if p.strip() else None for p in parts)
     except ValueError:
         raise UsageError(f"expected START:END (e.g. 0:32, 40: or :16), got {spec!r}", where="--positions") from None
+    if any(p is not None and p < 0 for p in (start, end)):
+        raise UsageError(f"positions are 0 or more (counted from the prompt's first token), got {spec!r}",
+                         where="--positions")
     if start is not None and end is not None and end <= start:
         raise UsageError(f"END must be greater than START in {spec!r}", where="--positions")
     return start, end
@@ -281,8 +284,8 @@ def write_tokens_figure(source: str, prompt: str | None, output: str | None, *, 
         if source == "-":
             raise UsageError("give an output file when the trace comes from stdin", where="-o")
         output = str(Path(source).with_suffix("")) + (f".{prompt}" if prompt else "") + ".png"
-    check_image_output(output, force)
+    check_image_output(output, force, inputs=[source])
     grid = load_token_grid(source, prompt, positions, top, layer)
-    save_figure(plot_tokens(grid, wrap), output)
+    save_figure(plot_tokens(grid, wrap), output, replace=force)
     return Path(output)
 

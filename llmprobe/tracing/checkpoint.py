@@ -13,14 +13,26 @@ reported done. A crash (SIGKILL, power loss) at any point leaves at most one unc
 temporary file, a part the manifest does not list, or a torn last manifest line — which
 :meth:`WorkDir.open` discards. The manifest is append-only, so a run of any length costs one short
 write per batch.
+
+Before any work a resume checks every committed part's footer against its manifest line: a part that
+is missing, truncated or unreadable is dropped from the manifest (rewritten atomically) and only its
+prompts are traced again; the merge restores the uninterrupted run's row order. A resume also
+removes the hidden ``.OUTPUT.*.partial`` file a merge killed by SIGKILL left beside the output.
+
+Nothing here follows a symbolic link: the work directory is checked with ``lstat`` (a planted link
+at its name is refused), and the lock, the manifest and the part files are opened with
+``O_NOFOLLOW`` (new files also with ``O_EXCL``), so a run never writes through a link into another
+place.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +43,7 @@ import pyarrow.parquet as pq
 
 from llmprobe.errors import UsageError
 from llmprobe.tracing.prompts import PromptRecord
-from llmprobe.files import fsync_dir
+from llmprobe.files import PARTIAL_SUFFIX, fsync_dir
 
 MANIFEST = "manifest.jsonl"
 LOCK = "lock"
@@ -71,12 +83,15 @@ class _Part:
 class WorkDir:
     """The work directory of one output; use :meth:`open`, which also takes the run's lock."""
 
-    def __init__(self, path: Path, header: dict[str, Any], parts: list[_Part], lock_fd: int) -> None:
+    def __init__(self, path: Path, header: dict[str, Any], parts: list[_Part], lock_fd: int,
+                 repaired: list[str]) -> None:
         self.path = path
         self.header = header
         self.parts = parts
+        self.repaired = repaired  # damaged parts dropped on open: their prompts must be traced again
         self._lock_fd = lock_fd
-        self._manifest = open(path / MANIFEST, "ab")
+        self._next = 1 + max((_part_number(p.name) for p in parts), default=-1)
+        self._manifest = os.fdopen(_open_nofollow(path / MANIFEST, os.O_WRONLY | os.O_APPEND), "ab")
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -91,14 +106,18 @@ class WorkDir:
         """Continue the work directory of ``output``, or create it; refuse one from different settings."""
         path = work_dir_for(output)
         _remove_leftovers(path)
-        if not path.exists():
+        check_not_a_link(path, output)
+        if not os.path.lexists(path):
             _create(path, {"fingerprint": fingerprint, "metadata": metadata})
         lock_fd = _lock(path, output)
         try:
+            check_not_a_link(path, output)
             header, parts = _read_manifest(path)
             _check_fingerprint(header["fingerprint"], fingerprint, path)
+            parts, repaired = _drop_damaged(path, header, parts)
             _discard_uncommitted(path, parts)
-            return cls(path, header, parts, lock_fd)
+            _remove_stale_merges(output)
+            return cls(path, header, parts, lock_fd, repaired)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -106,9 +125,9 @@ class WorkDir:
     # ------------------------------------------------------------------------------ commit
     def commit(self, batch: pa.RecordBatch, prompts: list[int]) -> None:
         """Make one batch durable: part file first, then its manifest line (see the module docstring)."""
-        name = f"part-{len(self.parts):05d}.parquet"
+        name = f"part-{self._next:05d}.parquet"
         temp = self.path / f".{name}.tmp"
-        with open(temp, "wb") as f:
+        with os.fdopen(_open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
             pq.write_table(pa.Table.from_batches([batch]), f, compression=PART_COMPRESSION)
             f.flush()
             os.fsync(f.fileno())
@@ -119,10 +138,15 @@ class WorkDir:
         self._manifest.flush()
         os.fsync(self._manifest.fileno())
         self.parts.append(part)
+        self._next += 1
 
-    def tables(self, schema: pa.Schema) -> Iterator[pa.Table]:
-        """The committed parts in processing order, one table each, checked against the manifest."""
-        for part in self.parts:
+    def tables(self, schema: pa.Schema, order: list[int] | None = None) -> Iterator[pa.Table]:
+        """The committed parts in processing order, one table each, checked against the manifest.
+
+        ``order`` (each prompt's rank in an uninterrupted run's processing order) sorts the parts,
+        needed when a repaired part was traced again after later ones."""
+        parts = self.parts if order is None else sorted(self.parts, key=lambda p: min(order[i] for i in p.prompts))
+        for part in parts:
             try:
                 table = pq.read_table(self.path / part.name).cast(schema)
             except (pa.ArrowInvalid, OSError) as exc:
@@ -149,6 +173,7 @@ class WorkDir:
 def discard(output: str) -> None:
     """Throw away the work directory of ``output`` (``--force`` over an interrupted run)."""
     path = work_dir_for(output)
+    check_not_a_link(path, output)
     if path.exists():
         lock_fd = _lock(path, output)
         os.close(lock_fd)
@@ -171,8 +196,50 @@ def _create(path: Path, header: dict[str, Any]) -> None:
     fsync_dir(path.parent)
 
 
+def check_not_a_link(path: Path, output: str) -> None:
+    """Refuse a work directory name that is a symbolic link or not a directory (never followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
+        raise UsageError(f"the work directory {path} is {what}; llmprobe never follows links there — remove it",
+                         where=output)
+
+
+def is_locked(output: str) -> bool:
+    """Whether a running llmprobe holds the lock of ``output``'s work directory."""
+    try:
+        fd = _open_nofollow(work_dir_for(output) / LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _open_nofollow(path: Path, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
+
+def _part_number(name: str) -> int:
+    return int(name.removeprefix("part-").removesuffix(".parquet"))
+
+
 def _lock(path: Path, output: str) -> int:
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = _open_nofollow(path / LOCK, os.O_RDWR | os.O_CREAT)
+    except OSError as exc:
+        raise UsageError(f"cannot open the work directory's lock ({exc.strerror})", where=str(path)) from None
     try:
         import fcntl
 
@@ -181,12 +248,22 @@ def _lock(path: Path, output: str) -> int:
         pass
     except OSError:
         os.close(fd)
-        raise UsageError(f"another llmprobe trace is writing it (lock held on {path})", where=output) from None
+        raise UsageError(f"another llmprobe trace is writing it right now (lock held on {path}); wait for it to"
+                         " finish or choose another -o", where=output) from None
     return fd
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any], list[_Part]]:
-    data = (path / MANIFEST).read_bytes()
+    try:
+        fd = _open_nofollow(path / MANIFEST, os.O_RDONLY)
+    except FileNotFoundError:
+        raise UsageError("the work directory has no manifest (was it deleted?), so its parts cannot be trusted;"
+                         " rerun with --force to start over", where=str(path)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the work directory's manifest ({exc.strerror}); rerun with --force to"
+                         " start over", where=str(path)) from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
     lines = data.split(b"\n")
     complete, torn = lines[:-1], lines[-1]  # a crash mid-append leaves a last line without its newline
     if torn:
@@ -202,11 +279,49 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], list[_Part]]:
     except (IndexError, KeyError, ValueError, TypeError):
         raise UsageError("the work directory's manifest is damaged; rerun with --force to start over",
                          where=str(path)) from None
-    missing = [p.name for p in parts if not (path / p.name).is_file()]
-    if missing:
-        raise UsageError(f"committed part {missing[0]} is missing; rerun with --force to start over",
-                         where=str(path))
     return header, parts
+
+
+def _drop_damaged(path: Path, header: dict[str, Any], parts: list[_Part]) -> tuple[list[_Part], list[str]]:
+    """Parts whose file is missing, truncated or holds another row count than listed are dropped (file and
+    manifest line), so a resume traces just their prompts again instead of failing at the merge."""
+    damaged = [p.name for p in parts if not _intact(path / p.name, p.rows)]
+    if not damaged:
+        return parts, []
+    kept = [p for p in parts if p.name not in damaged]
+    lines = [json.dumps(header)] + [json.dumps({"part": p.name, "prompts": p.prompts, "rows": p.rows}) for p in kept]
+    temp = path / f".{MANIFEST}.tmp"
+    temp.unlink(missing_ok=True)
+    with os.fdopen(_open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path / MANIFEST)
+    fsync_dir(path)
+    for name in damaged:
+        (path / name).unlink(missing_ok=True)
+    return kept, damaged
+
+
+def _intact(part: Path, rows: int) -> bool:
+    """The part is a regular file whose Parquet footer is readable and counts ``rows`` rows."""
+    try:
+        if not stat.S_ISREG(os.lstat(part).st_mode):
+            return False
+        return pq.ParquetFile(part).metadata.num_rows == rows
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def _remove_stale_merges(output: str) -> None:
+    """A merge killed by SIGKILL leaves its hidden temporary output; the lock holder may delete it."""
+    target = Path(output)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*{PARTIAL_SUFFIX}"):
+        try:
+            if stat.S_ISREG(os.lstat(stale).st_mode):
+                stale.unlink()
+        except OSError:
+            pass
 
 
 def _check_fingerprint(then: dict[str, Any], now: dict[str, Any], path: Path) -> None:
@@ -227,7 +342,10 @@ def _discard_uncommitted(path: Path, parts: list[_Part]) -> None:
     keep = {MANIFEST, LOCK, *(p.name for p in parts)}
     for entry in path.iterdir():
         if entry.name not in keep:
-            entry.unlink()
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def _remove_leftovers(path: Path) -> None:

@@ -50,6 +50,7 @@ from llmprobe.progress import SILENT, Reporter
 from llmprobe.tracing.prompts import PromptRecord
 from llmprobe.tracing.schema import PHASE_GENERATED, PHASE_PROMPT, trace_schema
 
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SORT_WINDOW_BATCHES = 32  # prompts are length-sorted within windows of this many batches
 AUTO = "auto"  # --batch-size auto: as many prompts as fit, halving on out-of-memory
 AUTO_MAX_BATCH = 64  # the most prompts --batch-size auto puts in one batch (and its planning size)
@@ -88,6 +89,9 @@ class TraceSettings:
             raise UsageError(f"must be 1 or more, or auto; got {self.batch_size}", where="--batch-size")
         if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise UsageError("sampling needs --temperature > 0 and 0 < --top-p <= 1", where="--sample")
+        if self.sample and self.top_p < FLOAT32_EPS:  # the float32 nucleus cut would drop every token
+            raise UsageError(f"must be at least {FLOAT32_EPS:.2g} (float32 resolution), got {self.top_p:g}",
+                             where="--top-p")
         if self.layers is not None:
             parse_layers(self.layers, None)
             if self.max_new_tokens:
@@ -493,6 +497,10 @@ class Tracer:
         if not self.settings.sample:
             return logits.argmax(-1)
         probs = torch.softmax(logits.float() / self.settings.temperature, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise UsageError("sampling probabilities are NaN or infinite: the model's logits overflowed or its weights"
+                             " are corrupt (try --dtype float32 or a larger --temperature); not written",
+                             where="--sample")
         if self.settings.top_p < 1:
             sorted_probs, order = probs.sort(-1, descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs >= self.settings.top_p

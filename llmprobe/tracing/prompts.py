@@ -1,8 +1,15 @@
-"""Reading prompt files: plain text (one prompt per line) or JSONL records.
+"""Reading prompt files: plain text (one prompt per line), JSONL records, or a Parquet table of prompts.
 
 The whole file is read and validated before any model is loaded, so a malformed line 90,000 fails
 in a second instead of after an hour of tracing, and never leaves half an output behind. Prompt text
 is only ever data: nothing in a prompt file is used as a path or evaluated.
+
+A leading UTF-8 byte-order mark is dropped (like a CRLF line end, it is an editor's artefact, not
+prompt text). Text that is not valid Unicode — invalid UTF-8, or a JSON ``\\udfff`` escape naming a lone
+UTF-16 surrogate — is refused with its line. A Parquet file (by its ``PAR1`` magic bytes, whatever
+its name; Hugging Face datasets ship Parquet) is read as a table with a string ``prompt`` column and
+optional ``id`` and ``marks`` columns, every other column kept as an extra field; each row is
+validated like a JSONL record. Any other binary input (a NUL byte) is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from typing import Any
 
 from llmprobe.errors import UsageError
 
-INPUT_FORMATS = ("auto", "text", "jsonl")
+INPUT_FORMATS = ("auto", "text", "jsonl", "parquet")
+UTF8_BOM = b"\xef\xbb\xbf"
+PARQUET_MAGIC = b"PAR1"
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 RESERVED_FIELDS = ("id", "prompt", "marks")
 
@@ -37,6 +46,14 @@ def read_prompts(source: str, input_format: str = "auto") -> list[PromptRecord]:
                          where="--input-format")
     name = "<stdin>" if source == "-" else source
     data = _read_bytes(source)
+    if input_format == "parquet" or input_format == "auto" and data.startswith(PARQUET_MAGIC):
+        return _read_parquet(data, name)
+    data = data.removeprefix(UTF8_BOM)
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise UsageError("a binary file, not prompts (NUL byte); give a text, JSONL or Parquet prompt file",
+                         where=f"{name}:{line}")
     lines = data.split(b"\n")
     if input_format == "auto":
         input_format = _detect_format(source, lines)
@@ -92,11 +109,54 @@ def _decode(raw: bytes, name: str, number: int) -> str:
         ) from None
 
 
+def _read_parquet(data: bytes, name: str) -> list[PromptRecord]:
+    """A table of prompts: a string ``prompt`` column, optional ``id`` and ``marks``; one record per row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else exc})",
+                         where=name) from None
+    if "prompt" not in table.column_names:
+        raise UsageError(f"a Parquet table of prompts needs a \"prompt\" column (it has"
+                         f" {', '.join(table.column_names[:8]) or 'none'})", where=name)
+    records: list[PromptRecord] = []
+    first_row_of: dict[str, int] = {}
+    for number, row in enumerate(table.to_pylist(), start=1):
+        where = f"{name}: row {number}"
+        _check_unicode(row, where)
+        record = _record_from_object({k: v for k, v in row.items() if v is not None or k == "prompt"}, where,
+                                     len(records), number)
+        if record.id in first_row_of:
+            raise UsageError(f"duplicate id {record.id!r} (first used in row {first_row_of[record.id]})", where=where)
+        first_row_of[record.id] = number
+        records.append(record)
+    if not records:
+        raise UsageError("no prompts found (the table has no rows)", where=name)
+    return records
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """Refuse strings that cannot be UTF-8 (lone surrogates from ``\\ud800``-style JSON escapes)."""
+    try:
+        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("utf-8", "backslashreplace").decode("ascii")
+        raise UsageError(f"contains {bad}, a lone UTF-16 surrogate, which is not text", where=where) from None
+
+
 def _parse_jsonl(text: str, where: str, index: int, number: int) -> PromptRecord:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"invalid JSON: {exc.msg} (column {exc.colno})", where=where) from None
+    _check_unicode(obj, where)
+    return _record_from_object(obj, where, index, number)
+
+
+def _record_from_object(obj: Any, where: str, index: int, number: int) -> PromptRecord:
     if not isinstance(obj, dict):
         raise UsageError("expected a JSON object with a \"prompt\" field", where=where)
     prompt = obj.get("prompt")

@@ -121,29 +121,52 @@ def run_trace_ray(records: list[PromptRecord], output: str, fmt: str, force: boo
 
     ray_options.validate()
     check_placement(model_options.device_map, model_options.max_memory, model_options.offload_folder)
-    target = check_output_dir(output, fmt, force)
+    target = check_output_dir(output, fmt, force, inputs=[run_meta["prompts"]] if run_meta.get("prompts") else [])
     ray = import_ray()
     check_with_skeleton(records, settings, model_options, out)
     local = ray_options.address is None and not os.environ.get("RAY_ADDRESS")
     with _ray_prints_off_stdout(out.quiet):
-        _run_on_ray(ray, records, target, settings, model_options, ray_options, run_meta, local, out)
+        try:
+            _run_on_ray(ray, records, target, settings, model_options, ray_options, run_meta, local, out, force)
+        except FileExistsError:
+            raise UsageError("was created by another run while this one worked; it was kept, nothing was replaced;"
+                             " pass --force to replace it", where=output) from None
 
 
 @contextlib.contextmanager
 def _ray_prints_off_stdout(quiet: bool):
-    """Ray prints its workers' errors to stdout, which carries data: send them to stderr (nowhere with -q)."""
+    """Ray prints its workers' errors to stdout, which carries data: send them to stderr (nowhere with -q).
+
+    With -q, file descriptor 2 is pointed at /dev/null while Ray runs too: Ray's C++ core worker writes
+    its own warnings there, past Python's ``sys.stderr``. It is restored before any error is reported.
+    """
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(open(os.devnull, "w")) if quiet else sys.stderr
         stack.enter_context(contextlib.redirect_stdout(sink))
+        if quiet:
+            stack.enter_context(_fd2_to(sink))
         yield
 
 
+@contextlib.contextmanager
+def _fd2_to(sink):
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceSettings, model_options: ModelOptions,
-                ray_options: RayOptions, run_meta: dict[str, Any], local: bool, out: Reporter) -> None:
+                ray_options: RayOptions, run_meta: dict[str, Any], local: bool, out: Reporter, replace: bool) -> None:
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not out.quiet,
-                 logging_level="WARNING")
+                 logging_level="ERROR" if out.quiet else "WARNING")
     try:
         if local:
             check_local_resources(ray.cluster_resources(), ray_options)
@@ -163,7 +186,7 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
             runtime_env={"env_vars": worker_env()},
         )
         out.log(f"tracing {len(records)} prompts on Ray ({ray_options.actors} actor(s), {per_task} prompts per task)")
-        with atomic_dir(target) as staging:
+        with atomic_dir(target, replace=replace) as staging:
             try:
                 traced.write_parquet(str(staging))
             except Exception as exc:  # Ray wraps what the actors raised in its own exception types
@@ -178,13 +201,13 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
             ray.shutdown()
 
 
-def check_output_dir(output: str, fmt: str, force: bool) -> Path:
+def check_output_dir(output: str, fmt: str, force: bool, inputs: list[str] = ()) -> Path:
     if fmt != "parquet":
         raise UsageError("the ray engine writes Parquet part files only", where="--format")
     if output == "-":
         raise UsageError("the ray engine writes a directory of Parquet part files, not a stream; pass -o DIR",
                          where="-o")
-    return check_new_output(output, force, directory=True)
+    return check_new_output(output, force, directory=True, inputs=inputs)
 
 
 def check_with_skeleton(records: list[PromptRecord], settings: TraceSettings, model_options: ModelOptions,

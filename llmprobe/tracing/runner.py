@@ -13,6 +13,7 @@ Inf before it is written.
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -24,7 +25,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmprobe.tracing.checkpoint import WorkDir, discard, run_fingerprint, work_dir_for
+from llmprobe.tracing.checkpoint import WorkDir, check_not_a_link, discard, is_locked, run_fingerprint, work_dir_for
 from llmprobe.tracing.engine import TraceSettings, Tracer
 from llmprobe.errors import UsageError
 from llmprobe.progress import Reporter
@@ -57,7 +58,7 @@ def targets_from_records(records: list[PromptRecord]) -> list[str]:
 
 def read_targets_file(path: str) -> list[str]:
     try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        lines = Path(path).read_text(encoding="utf-8-sig").split("\n")  # -sig: a leading BOM is not a target
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read targets file: {exc}", where=path) from None
     targets = [line.removesuffix("\r") for line in lines if line.strip()]
@@ -80,15 +81,26 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
         return
     if resume and output == "-":
         raise UsageError("a trace written to stdout cannot be resumed; write it to a file with -o", where="--resume")
-    interrupted = output != "-" and work_dir_for(output).exists()
+    if output != "-":
+        check_not_a_link(work_dir_for(output), output)
+    interrupted = output != "-" and os.path.lexists(work_dir_for(output))
+    if interrupted and is_locked(output):
+        raise UsageError(f"another llmprobe trace is writing it right now (its work is in {work_dir_for(output)});"
+                         " wait for it to finish or choose another -o", where=output)
     if interrupted and not (resume or force):
         raise UsageError(f"an interrupted run left its work in {work_dir_for(output)}; pass --resume to continue"
                          " it or --force to start over", where=output)
-    check_output(output, fmt, force or (resume and interrupted))
+    if resume and not interrupted and not force and os.path.isfile(output):
+        check_output(output, fmt, True, inputs=[prompts])
+        out.log(f"{output} is complete: no interrupted run to resume (pass --force to trace it again)")
+        return
+    check_output(output, fmt, force or (resume and interrupted), inputs=[prompts])
+    replace_output = force or (resume and os.path.lexists(output))  # a merge that crashed after its rename
     if not settings.targets:
         settings.targets = targets_from_records(records)
     loaded = model_options.load(log=out.log)
     tracer = Tracer(loaded, settings, reporter=out)
+    refuse_overlong(tracer, records)
     for record in records:
         tracer.encode(record)
     out.log(f"loaded {loaded.source.label} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
@@ -99,8 +111,27 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
     else:
         if interrupted and not resume:
             discard(output)
-        rows = _checkpointed(tracer, records, output, fmt, metadata, resume_command(command), out)
+        rows = _checkpointed(tracer, records, output, fmt, metadata, resume_command(command), out, replace_output)
     out.log(f"wrote {rows} rows for {len(records)} prompts to {'stdout' if output == '-' else output}")
+
+
+def refuse_overlong(tracer: Tracer, records: list[PromptRecord]) -> None:
+    """Refuse, before tokenizing it, a prompt too long for the context whatever its tokenization.
+
+    A token covers at most as many characters as the longest vocabulary entry (four times that, for
+    tokenizers whose normalizer merges characters), so a prompt with more characters than that many
+    times the context cannot fit: a 46 MB line fails in milliseconds instead of after a minute of
+    tokenizing. Shorter prompts are measured exactly by :meth:`Tracer.encode`.
+    """
+    if tracer.settings.truncate is not None or not tracer.max_context:
+        return
+    limit = tracer.max_context - tracer.settings.max_new_tokens
+    chars_per_token = 4 * max(map(len, tracer.tokenizer.get_vocab()), default=1)
+    for record in records:
+        if len(record.text) > limit * chars_per_token:
+            raise UsageError(f"prompt has {len(record.text)} characters, so at least {len(record.text) // chars_per_token}"
+                             f" tokens, but the model's context is {tracer.max_context} tokens; shorten it or pass"
+                             " --truncate left|right", where=f"prompt {record.id!r} (line {record.line})")
 
 
 def _stream(tracer: Tracer, records: list[PromptRecord], fmt: str, metadata: dict, out: Reporter) -> int:
@@ -116,25 +147,27 @@ def _stream(tracer: Tracer, records: list[PromptRecord], fmt: str, metadata: dic
 
 
 def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt: str, metadata: dict,
-                  resume_with: str, out: Reporter) -> int:
+                  resume_with: str, out: Reporter, replace_output: bool = False) -> int:
     """Trace into committed parts, skipping prompts a previous run committed, then merge them into ``output``.
 
     A resume feeds the engine from the start of the first length-sorting window with unfinished
     prompts, so every batch is composed exactly as in an uninterrupted run (same padding, same
-    numbers); batches that were already committed are recomputed once and dropped.
+    numbers); batches that were already committed are recomputed once and dropped. Windows whose
+    prompts are all committed are skipped, so a part found damaged costs only its own window.
     """
     work = WorkDir.open(output, run_fingerprint(metadata, records, fmt), metadata)
     interrupts = _Interrupts()
     done = work.done_prompts()
     bad_numbers = False
+    if work.repaired:
+        out.log(f"damaged part(s) {', '.join(work.repaired)} dropped: their prompts are traced again")
     if done:
         out.log(f"resuming: {len(done)} of {len(records)} prompts were done")
     try:
         with interrupts.installed():
             with out.progress("tracing", total=len(records)) as advance:
                 advance(len(done))
-                start = resume_start(done, len(records), tracer.settings.window_prompts)
-                for batch in tracer.trace(records[start:]):
+                for batch in _remaining_batches(tracer, records, done):
                     indices = batch.column("prompt_index")
                     new = sorted(set(indices.to_pylist()) - done)
                     if not new:
@@ -151,19 +184,49 @@ def _checkpointed(tracer: Tracer, records: list[PromptRecord], output: str, fmt:
                         done.update(new)
                         advance(len(new))
             rows = 0
-            with open_trace_sink(output, fmt, tracer.schema, work.metadata, tracer.vocab) as sink:
-                for table in work.tables(tracer.schema):
+            order = processing_ranks(tracer, records) if work.repaired else None
+            with open_trace_sink(output, fmt, tracer.schema, work.metadata, tracer.vocab,
+                                 replace=replace_output) as sink:
+                for table in work.tables(tracer.schema, order):
                     sink.write(table)
                     rows += table.num_rows
             work.remove()
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted with {len(done)} of {len(records)} prompts done and saved in {work.path};"
                           f" resume with: {resume_with}") from None
+    except Exception as exc:
+        if not isinstance(exc, UsageError) or not bad_numbers:  # the one line then says how to continue
+            exc.add_note(f"{len(done)} of {len(records)} prompts are saved in {work.path}; once the cause is fixed,"
+                         f" resume with: {resume_with}")
+        raise
     finally:  # any other failure (out of memory, a driver error) may pass on a retry: the work stays
         work.close()
         if bad_numbers:
             discard(output)
     return rows
+
+
+def _remaining_batches(tracer: Tracer, records: list[PromptRecord], done: set[int]) -> Iterator[pa.RecordBatch]:
+    """The engine's batches of every window holding unfinished prompts, each window fed from its start."""
+    window = tracer.settings.window_prompts
+    start = resume_start(done, len(records), window)
+    while start < len(records):
+        if any(i not in done for i in range(start, min(start + window, len(records)))):
+            yield from tracer.trace(records[start:start + window])
+        start += window
+
+
+def processing_ranks(tracer: Tracer, records: list[PromptRecord]) -> list[int]:
+    """Each prompt's place in an uninterrupted run's processing order (longest first within each window)."""
+    window = tracer.settings.window_prompts
+    ranks = [0] * len(records)
+    rank = 0
+    for start in range(0, len(records), window):
+        chunk = records[start:start + window]
+        for record in sorted(chunk, key=lambda r: -len(tracer.encode(r).ids)):
+            ranks[record.index] = rank
+            rank += 1
+    return ranks
 
 
 def resume_start(done: set[int], n_prompts: int, window: int) -> int:

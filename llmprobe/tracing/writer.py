@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Protocol
@@ -44,7 +45,7 @@ class Sink(Protocol):
     def write(self, batch: pa.RecordBatch) -> None: ...
 
 
-def check_output(output: str, fmt: str, force: bool) -> None:
+def check_output(output: str, fmt: str, force: bool, inputs: list[str] = ()) -> None:
     """Fail before any work when the output cannot be written."""
     if fmt not in OUTPUT_FORMATS:
         raise UsageError(f"unknown format {fmt!r} (expected {', '.join(OUTPUT_FORMATS)})", where="--format")
@@ -53,12 +54,12 @@ def check_output(output: str, fmt: str, force: bool) -> None:
             raise UsageError("refusing to write binary Parquet to a terminal; use --format jsonl or redirect",
                              where="-o")
         return
-    check_new_output(output, force)
+    check_new_output(output, force, inputs=inputs)
 
 
 @contextmanager
 def open_trace_sink(output: str, fmt: str, schema: pa.Schema, metadata: dict[str, Any],
-                    vocab: list[str] | None) -> Iterator[Sink]:
+                    vocab: list[str] | None, *, replace: bool = False) -> Iterator[Sink]:
     """A sink for record batches; the file appears at ``output`` only if the block completes."""
     schema_meta, file_only = file_metadata(metadata, vocab) if fmt == "parquet" else ({}, {})
     schema = schema.with_metadata(schema_meta)
@@ -68,7 +69,7 @@ def open_trace_sink(output: str, fmt: str, schema: pa.Schema, metadata: dict[str
             yield sink
         stream.flush()
         return
-    with atomic_file(output) as stream, _make_sink(stream, fmt, schema, file_only) as sink:
+    with atomic_file(output, replace=replace) as stream, _make_sink(stream, fmt, schema, file_only) as sink:
         yield sink
 
 
@@ -92,7 +93,7 @@ class _JsonlSink:
         self.stream = stream
 
     def write(self, batch: pa.RecordBatch) -> None:
-        lines = [json.dumps(row_to_json(row), ensure_ascii=False) for row in batch.to_pylist()]
+        lines = [json_line(row_to_json(row)) for row in batch.to_pylist()]
         self.stream.write(("\n".join(lines) + "\n").encode())
 
 
@@ -110,6 +111,24 @@ class _CsvSink:
 
     def write(self, batch: pa.RecordBatch) -> None:
         self._emit([[json.dumps(v) if isinstance(v, list) else v for v in row.values()] for row in batch.to_pylist()])
+
+
+def json_line(value: Any) -> str:
+    """Strict JSON: a NaN or infinity (say in a prompt's extra fields) becomes null, never a bare ``NaN``."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite_or_null(value), ensure_ascii=False, allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def row_to_json(row: dict[str, Any]) -> dict[str, Any]:

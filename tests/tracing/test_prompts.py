@@ -21,8 +21,10 @@ from llmprobe.tracing.writer import open_trace_sink
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
-# A line of a text prompt file: anything but line breaks (a lone \r would be stripped as a CRLF ending).
-line_text = st.text(st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",)), max_size=40)
+# A line of a text prompt file: anything but line breaks (a lone \r would be stripped as a CRLF ending),
+# NUL (a file with a NUL byte is binary, refused) and U+FEFF (a leading one is a byte-order mark, dropped).
+line_text = st.text(st.characters(blacklist_characters="\n\r\x00\ufeff", blacklist_categories=("Cs",)),
+                    max_size=40)
 prompt_text = line_text.filter(lambda t: t.strip() != "")
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), line_text,
                         st.floats(allow_nan=False, allow_infinity=False))

@@ -105,7 +105,7 @@ def test_driver_checks_fail_before_any_actor(local_ray, tiny_model_dir, prompt_f
         (["-o", str(tmp_path / "a"), "--top-k", "100000"], ("--top-k", "vocabulary size")),
         (["-o", "-"], ("-o", "directory of Parquet part files")),
         (["-o", str(tmp_path / "a"), "--format", "jsonl"], ("--format",)),
-        (["-o", str(prompt_file)], ("already exists", "--force")),
+        (["-o", str(prompt_file)], ("is also an input",)),
         (["-o", str(tmp_path / "a"), "--resume"], ("--resume",)),
     ]
     for extra, needles in cases:

@@ -1,0 +1,109 @@
+"""Write a trained control as an ordinary Hugging Face checkpoint directory, atomically.
+
+The directory holds config.json, generation_config.json, model.safetensors, tokenizer.json (+ its
+config), README.md (a model card: the prior, the data, the seed, the training curve), prior.json
+(the known prior as an ``llmprobe.prior/1`` file, for ``fit-posterior --prior``), training.json
+(the same facts, machine-readable) and experiment.toml (the experiment it was trained on). It is
+built in a staging directory by :func:`llmprobe.files.atomic_dir` and renamed into place only when
+complete: an interrupted run leaves no directory, and ``--force`` replaces an old one whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast
+
+from llmprobe.control.data import BOS, EOS, PAD
+from llmprobe.control.train import TrainedControl
+from llmprobe.files import atomic_dir, umask
+from llmprobe.model.loading import quiet_transformers
+
+CARD_POINTS = 10  # rows of the training curve in the model card
+
+
+def save_control(trained: TrainedControl, output: str | Path) -> Path:
+    """Write ``trained`` to ``output`` (replacing it whole if it exists; the CLI checks --force first)."""
+    target = Path(output)
+    quiet_transformers()  # no "Writing model shards" bar on stderr
+    with atomic_dir(target) as staging:
+        trained.model.save_pretrained(staging)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=trained.tokenizer, bos_token=BOS, eos_token=EOS,
+                                            pad_token=PAD, model_max_length=trained.context)
+        tokenizer.save_pretrained(staging)
+        summary = trained.summary()
+        (staging / "training.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        (staging / "prior.json").write_text(json.dumps(trained.prior.to_dict(), indent=1) + "\n", encoding="utf-8")
+        source = Path(trained.experiment.where)
+        if source.is_file():
+            (staging / "experiment.toml").write_bytes(source.read_bytes())
+        (staging / "README.md").write_text(model_card(trained, target.name), encoding="utf-8")
+        for path in staging.iterdir():  # safetensors writes its file private; outputs get the umask's permissions
+            path.chmod(0o666 & ~umask())
+    return target
+
+
+def model_card(trained: TrainedControl, name: str) -> str:
+    """A short model card: what the control is, the prior, the data, the seed, the curve."""
+    s, exp, prior = trained.settings, trained.experiment, trained.prior
+    held = trained.held_out
+    rows = _thin(trained.curve, CARD_POINTS)
+    curve = "\n".join(f"| {r['step']} | {r['loss']:.4f} | {r['kl_bits']:.2e} | {r['seconds']:.0f} |" for r in rows)
+    components = "\n".join(f"| {w:.4g} | {', '.join(f'{a:g}' for a in alpha)} |"
+                           for w, alpha in zip(prior.weights, prior.alphas))
+    return f"""---
+library_name: transformers
+tags: [llmprobe, positive-control, bayesian, wind-tunnel]
+---
+# {name}: a Bayesian positive control for `{exp.name}`
+
+A small `LlamaForCausalLM` trained by `llmprobe wind-tunnel` on sequences drawn under a known prior,
+so its exact Bayesian prediction at every mark is known: after counts n the Bayes-optimal next
+outcome is the posterior predictive of the prior below. Use it to calibrate what llmprobe's
+fits report for a model that is Bayesian by construction (see docs/wind-tunnel.md).
+
+## Prior
+
+{prior.describe()} over the categories {', '.join(exp.category_names)} (targets {', '.join(map(repr, exp.targets))}),
+`--prior {prior.canonical}` (given as `{prior.spec}`); `prior.json` holds it for `llmprobe fit-posterior --prior`.
+
+| weight | concentrations |
+|---|---|
+{components}
+
+## Data
+
+Experiment `{exp.name}` ({exp.where}, copied as `experiment.toml`), rendered by llmprobe's own
+experiment templates. Each training sequence draws θ from the prior and {exp.n_max + 1} outcomes
+from θ; the model is scored at marks n = 0..{exp.n_max}. {trained.sequences_seen:,} sequences
+({s.steps} steps of {s.batch_size}), objective `{s.objective}`
+({'cross-entropy to the exact posterior predictive at the marks' if s.objective == 'posterior'
+  else 'next-token cross-entropy on the sampled outcomes'}; next-token loss elsewhere).
+
+## Model and training
+
+{s.layers} layers, hidden size {s.hidden}, {s.heads} heads, MLP {s.intermediate}; {trained.parameters:,}
+parameters; vocabulary {trained.tokenizer.get_vocab_size()} tokens (byte-level BPE with every target as one
+token); context {trained.context} tokens. AdamW, peak learning rate {s.learning_rate:g}, {s.warmup_steps}
+warm-up steps then cosine decay; seed {s.seed}; device {s.device}, {s.threads} thread(s); {trained.seconds:.0f} s of
+training ({trained.cpu_seconds:.0f} CPU-seconds).
+
+Held-out KL(Bayes ‖ model) at the marks of {held['sequences']} fresh sequences ({held['marks']:,} marks),
+in bits: **{held['kl_bits_trained']:.2e}** trained, {held['kl_bits_untrained']:.2e} untrained.
+
+## Training curve
+
+Means over the steps since the previous row; KL(Bayes ‖ model) in bits at the training batches' marks.
+
+| step | loss | KL (bits) | seconds |
+|---|---|---|---|
+{curve}
+"""
+
+
+def _thin(curve: list[dict[str, float]], points: int) -> list[dict[str, float]]:
+    if len(curve) <= points:
+        return curve
+    stride = len(curve) / points
+    return [curve[min(len(curve) - 1, round((i + 1) * stride) - 1)] for i in range(points)]
