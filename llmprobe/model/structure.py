@@ -82,7 +82,8 @@ class OutputHead:
 
     A plain in-memory ``nn.Linear`` without bias is applied as one matrix product into a buffer the
     caller reuses (no fresh ``n x V`` allocation, so no page faults, per block); a head under an
-    accelerate hook (offloaded, or on another device) is called as a module, so the hook places it.
+    accelerate hook (offloaded, or on another device), or one with torch hooks, is called as a module on
+    ``[1, n, H]``, so the hooks place it or see its input.
     """
 
     def __init__(self, head: torch.nn.Linear) -> None:
@@ -96,9 +97,10 @@ class OutputHead:
         return self.module.weight.device
 
     def __call__(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self._direct and out is not None and rows.device == out.device and rows.dtype == out.dtype:
+        hooked = bool(self.module._forward_pre_hooks or self.module._forward_hooks)
+        if self._direct and not hooked and out is not None and rows.device == out.device and rows.dtype == out.dtype:
             return torch.mm(rows.to(self.module.weight.device), self.module.weight.t(), out=out[: rows.shape[0]])
-        return self.module(rows)
+        return self.module(rows[None]).squeeze(0)  # as the model calls it, [1, n, H], so its hooks see that
 
 
 class CausalLMParts:
