@@ -1,4 +1,14 @@
-"""The model's final norm and output head as one small frozen module: hidden state -> logits.
+"""The parts of a Llama-style causal LM the tracer calls itself: decoder body, final norm, output head.
+
+:func:`split_causal_lm` returns the final norm and an :class:`OutputHead` for the models whose logits
+are exactly ``lm_head(norm(last decoder layer))`` — no soft-capping, scaling or other step between
+them. The tracer then runs the model's own forward with ``logits_to_keep=1`` (the model projects only
+the last position), captures the final norm's output with a forward hook, and applies the head to a
+block of positions at a time, so ``[B, T, V]`` logits never exist. The model's forward and the head
+module keep accelerate's hooks (device maps, disk offload) in force: the head runs wherever accelerate
+put it.
+
+:class:`Unembed` is the model's final norm and output head as one small frozen module: hidden state -> logits.
 
 The logit lens reads a decoder layer's residual output as if it were the last layer's, by sending it
 through the same final norm and output head the model applies after its last layer (the "unembed"
@@ -12,9 +22,16 @@ output to it — while keeping accelerate's device-placement wrappers, which rep
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from llmprobe.errors import UsageError
+
+# model types whose ForCausalLM forward is exactly logits = lm_head(model(...).last_hidden_state)
+SPLITTABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # config fields that break it
 
 
 def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
@@ -58,3 +75,72 @@ class Unembed(torch.nn.Module):
         A bias cancels in Δz.
         """
         return float(self.head.weight.float().norm(dim=1).max()) / 2
+
+
+class OutputHead:
+    """The output head as a function of final-normed hidden rows ``[n, H] -> [n, V]``.
+
+    A plain in-memory ``nn.Linear`` without bias is applied as one matrix product into a buffer the
+    caller reuses (no fresh ``n x V`` allocation, so no page faults, per block); a head under an
+    accelerate hook (offloaded, or on another device), or one with torch hooks, is called as a module on
+    ``[1, n, H]``, so the hooks place it or see its input.
+    """
+
+    def __init__(self, head: torch.nn.Linear) -> None:
+        self.module = head
+        self.vocab_size = int(head.weight.shape[0])
+        self._direct = (getattr(head, "_hf_hook", None) is None and head.bias is None
+                        and head.weight.device.type != "meta")
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.weight.device
+
+    def __call__(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        hooked = bool(self.module._forward_pre_hooks or self.module._forward_hooks)
+        if self._direct and not hooked and out is not None and rows.device == out.device and rows.dtype == out.dtype:
+            return torch.mm(rows.to(self.module.weight.device), self.module.weight.t(), out=out[: rows.shape[0]])
+        return self.module(rows[None]).squeeze(0)  # as the model calls it, [1, n, H], so its hooks see that
+
+
+class CausalLMParts:
+    """What the tracer needs to apply the head itself: the final norm, whose output it captures while
+    the model's own forward runs with ``logits_to_keep=1`` (so the model projects only the last position),
+    and the output head it then applies to blocks of the captured final-normed hidden states."""
+
+    def __init__(self, norm: torch.nn.Module, head: torch.nn.Linear) -> None:
+        self.norm = norm
+        self.head = OutputHead(head)
+
+    @contextmanager
+    def final_hidden(self) -> Iterator[list[torch.Tensor]]:
+        """A list that receives the final norm's output of each forward call inside the block."""
+        found: list[torch.Tensor] = []
+        handle = self.norm.register_forward_hook(lambda module, args, output: found.append(output))
+        try:
+            yield found
+        finally:
+            handle.remove()
+
+
+def split_causal_lm(model: torch.nn.Module) -> tuple[CausalLMParts | None, str]:
+    """The model's final norm and head, or None and the reason it cannot be split that way."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SPLITTABLE_MODEL_TYPES:
+        return None, f"model type {model_type!r} is not one whose logits are lm_head(final norm(...))"
+    scaled = [name for name in LOGIT_POSTPROCESSING if getattr(config, name, None)]
+    if scaled:
+        return None, f"the model post-processes its logits ({', '.join(scaled)})"
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None, "its forward has no logits_to_keep argument"
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    norm = getattr(decoder, "norm", None)
+    head = model.get_output_embeddings()
+    if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList) or not isinstance(norm, torch.nn.Module):
+        return None, "no decoder with .layers and a final .norm"
+    if not isinstance(head, torch.nn.Linear):
+        return None, f"the output head is a {type(head).__name__}, not a linear layer"
+    return CausalLMParts(norm, head), ""

@@ -2,9 +2,17 @@
 
 It knows nothing about the command line or files. For each batch of prompts it runs one
 teacher-forced forward pass (left-padded, explicit position ids, so padded batches give the numbers
-of one prompt at a time), lets the hook in :mod:`llmprobe.tracing.hooks` reduce the logits on the device,
-optionally continues with KV-cached generation (each step captured by the same hook), scores
-multi-token targets at marks, and emits one :class:`pyarrow.RecordBatch` per batch of prompts.
+of one prompt at a time), optionally continues with KV-cached generation, scores multi-token targets
+at marks, and emits one :class:`pyarrow.RecordBatch` per batch of prompts.
+
+The full ``[batch, length, vocabulary]`` logits never exist. The engine runs the model's forward with
+``logits_to_keep=1``, captures the final norm's output (:func:`llmprobe.model.structure.split_causal_lm`)
+and sends those hidden states through the output head a block of positions at a time, each block
+reduced at once (:meth:`llmprobe.tracing.hooks.LogitReducer.reduce_hidden`; padding positions skip
+the head). The same path serves the output layer, the logit lens, generation steps and multi-token
+targets; prompt embeddings are read off the captured final-normed states. A model that cannot be
+split that way is traced through a hook on its output head instead (its own forward then holds the
+logits), with a one-line notice.
 
 Chat modes (``--chat``): "user" (or ``True``) renders the prompt as the user turn followed by the
 generation prompt; "prefill" renders ``prompt[:split]`` (trailing whitespace dropped) as the user turn
@@ -21,11 +29,11 @@ end-of-sequence token, which appears as the last row's ``next_token`` but gets n
 
 from __future__ import annotations
 
-import inspect
 import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -34,9 +42,11 @@ import torch
 
 from llmprobe import __version__
 from llmprobe.errors import UsageError
-from llmprobe.tracing.hooks import NO_TOKEN, PADDING, LogitReducer, capture_logits, token_logprob_and_rank
+from llmprobe.tracing.hooks import NO_TOKEN, PADDING, LogitReducer, StepStats, capture_logits, token_logprob_and_rank
 from llmprobe.tracing.lens import InternalsPlan, embed_positions, parse_layers, probe_internals
 from llmprobe.model.loading import LoadedModel
+from llmprobe.model.structure import CausalLMParts, split_causal_lm
+from llmprobe.progress import SILENT, Reporter
 from llmprobe.tracing.prompts import PromptRecord
 from llmprobe.tracing.schema import PHASE_GENERATED, PHASE_PROMPT, trace_schema
 
@@ -44,7 +54,7 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SORT_WINDOW_BATCHES = 32  # prompts are length-sorted within windows of this many batches
 AUTO = "auto"  # --batch-size auto: as many prompts as fit, halving on out-of-memory
 AUTO_MAX_BATCH = 64  # the most prompts --batch-size auto puts in one batch (and its planning size)
-AUTO_LOGIT_BUDGET_CPU = 1 << 30  # bytes of float32 logits one auto batch may produce on the CPU
+AUTO_BUDGET_CPU = 1 << 30  # bytes of activations (or, on the hook path, logits) one auto batch may take on the CPU
 AUTO_FREE_FRACTION = 0.25  # on a GPU: of the memory free when tracing starts
 CHAT_MODES = ("user", "prefill")
 _SENTINELS = ("\ue000llmprobe user turn\ue001", "\ue000llmprobe assistant turn\ue001")  # private-use marks
@@ -150,7 +160,7 @@ class _Rows:
 
 
 class Tracer:
-    def __init__(self, loaded: LoadedModel, settings: TraceSettings) -> None:
+    def __init__(self, loaded: LoadedModel, settings: TraceSettings, reporter: Reporter = SILENT) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -170,9 +180,13 @@ class Tracer:
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._auto_limit = AUTO_MAX_BATCH  # --batch-size auto: halved on every out-of-memory error
-        self._auto_budget: int | None = None  # bytes of logits a batch may produce, set on first use
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._auto_budget: int | None = None  # bytes a batch may take, set on first use
+        self._cache_kwarg = "cache" if "cache" in _parameters(self.model) else "past_key_values"
         self._chat_frame: tuple[str, ...] | None = None  # the template's text around the turns, found once
+        self.parts, why_not = split_causal_lm(self.model)  # None: trace through a hook on the output head
+        if self.parts is None:
+            reporter.log(f"notice: {why_not}; tracing through a hook on the output head, which holds the"
+                         " [batch, length, vocabulary] logits")
 
     # ----------------------------------------------------------------------------------- set-up
     def _tokenize_targets(self, targets: list[str]) -> list[list[int]]:
@@ -340,9 +354,30 @@ class Tracer:
         if self._auto_budget is None:
             device = self.loaded.device
             self._auto_budget = (int(torch.cuda.mem_get_info(device)[0] * AUTO_FREE_FRACTION)
-                                 if device.type == "cuda" else AUTO_LOGIT_BUDGET_CPU)
-        per_prompt = (width + self.settings.max_new_tokens) * self.loaded.vocab_size * 4
-        return max(1, min(self._auto_limit, self._auto_budget // per_prompt))
+                                 if device.type == "cuda" else AUTO_BUDGET_CPU)
+        return max(1, min(self._auto_limit, self._auto_budget // self._bytes_per_prompt(width)))
+
+    def _bytes_per_prompt(self, width: int) -> int:
+        """Peak working memory one prompt of ``width`` tokens (+ generation) adds to a batch.
+
+        The split path never holds logits of more than one block (a fixed size), so a prompt costs its
+        activations: the residual stream and its norms, attention's q/k/v/output, the MLP's three
+        intermediate tensors, the KV cache of every layer, and one layer's attention scores (heads x
+        T x T, float32, where the attention kernel materializes them). The hook path adds T x V float32.
+        """
+        config = self.model.config
+        tokens = width + self.settings.max_new_tokens
+        hidden = int(config.hidden_size)
+        heads = int(config.num_attention_heads)
+        kv_dim = int(getattr(config, "num_key_value_heads", heads) or heads) * (
+            int(getattr(config, "head_dim", 0) or 0) or hidden // heads)
+        element = torch.finfo(self.loaded.dtype).bits // 8 if self.loaded.dtype.is_floating_point else 4
+        per_token = element * (6 * hidden + 3 * int(getattr(config, "intermediate_size", 4 * hidden))
+                               + 2 * int(config.num_hidden_layers) * kv_dim)
+        per_prompt = tokens * per_token + heads * tokens * tokens * 4
+        if self.parts is None:
+            per_prompt += tokens * self.loaded.vocab_size * 4
+        return per_prompt
 
     @torch.inference_mode()
     def _trace_batch(self, batch: list[EncodedPrompt]) -> pa.RecordBatch:
@@ -351,24 +386,29 @@ class Tracer:
         width = max(lengths)
         input_ids, attention, position_ids, next_ids = padded_inputs([e.ids for e in batch], self.tokenizer.pad_token_id)
         generate = self.settings.max_new_tokens > 0
-        head = self.model.get_output_embeddings()
         embed_at = None
         if self.internals.embedding_dim:
             embed_at = tuple(map(list, zip(*[(b, width - len(e.ids) + p) for b, e in enumerate(batch)
                                              for p in embed_positions(e.ids, e.marks_at)])))
-        with capture_logits(head, self.reducer) as capture:
-            capture.next_ids = next_ids
-            with probe_internals(self.model, self.reducer, self.internals.hooked, next_ids, embed_at) as inside:
-                out = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 position_ids=position_ids.to(device), use_cache=generate)
-            stats = capture.pop()
+        with ExitStack() as stack:
+            capture = (None if self.parts is not None
+                       else stack.enter_context(capture_logits(self.model.get_output_embeddings(), self.reducer)))
+            with probe_internals(self.model, self.reducer, self.internals.hooked, next_ids,
+                                 embed_at if capture is not None else None) as inside:
+                stats, cache, normed = self._forward(capture, input_ids.to(device), attention.to(device),
+                                                     position_ids.to(device), next_ids, None, keep_last=generate)
+            embeddings = inside.embeddings
+            if embed_at is not None and normed is not None:
+                rows, cols = (torch.tensor(i, device=normed.device) for i in embed_at)
+                embeddings = normed[rows, cols].to(torch.float16).cpu()
+            del normed
             prompt_rows = [
                 self._rows_from_stats(stats, b, slice(width - n, width), 0, PHASE_PROMPT, input_ids[b, width - n :])
                 for b, n in enumerate(lengths)
             ]
             for rows, e in zip(prompt_rows, batch):
                 rows.next_ids[:-1] = e.ids[1:]
-            generated = self._generate(batch, capture, stats, out, attention, lengths, prompt_rows) if generate else None
+            generated = self._generate(batch, capture, stats, cache, attention, lengths, prompt_rows) if generate else None
         target_seq = self._target_sequence_scores(batch, prompt_rows) if self.target_tokens else None
         layer_rows = {layer: [self._rows_from_stats(st, b, slice(width - n, width), 0, PHASE_PROMPT,
                                                     input_ids[b, width - n :]) for b, n in enumerate(lengths)]
@@ -376,7 +416,26 @@ class Tracer:
         for rows_of_layer in layer_rows.values():
             for rows, e in zip(rows_of_layer, batch):
                 rows.next_ids[:-1] = e.ids[1:]
-        return self._record_batch(batch, prompt_rows, generated, target_seq, layer_rows, inside.embeddings)
+        return self._record_batch(batch, prompt_rows, generated, target_seq, layer_rows, embeddings)
+
+    def _forward(self, capture, input_ids: torch.Tensor, attention: torch.Tensor, position_ids: torch.Tensor,
+                 next_ids: torch.Tensor | None, cache, keep_last: bool) -> tuple[StepStats, Any, torch.Tensor | None]:
+        """One forward call: its statistics, its KV cache (when ``keep_last``: generation follows) and,
+        on the split path, the final-normed hidden states."""
+        kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                                      use_cache=keep_last)
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
+        if self.parts is None:
+            capture.next_ids = next_ids
+            out = self.model(**kwargs)
+            return capture.pop(), _cache_of(out), None
+        with self.parts.final_hidden() as found:
+            out = self.model(**kwargs, logits_to_keep=1)  # the model projects the last position only
+        (hidden,) = found
+        stats = self.reducer.reduce_hidden(self.parts.head, hidden, next_ids)
+        stats.last_logits = out.logits[:, -1, :]
+        return stats, _cache_of(out), hidden
 
     def _rows_from_stats(self, stats, b: int, cols: slice, first_position: int, phase: str,
                          token_ids: torch.Tensor) -> _Rows:
@@ -394,11 +453,10 @@ class Tracer:
             target_logprobs=None if stats.target_logprobs is None else stats.target_logprobs[b, cols].cpu().numpy(),
         )
 
-    def _generate(self, batch, capture, stats, out, attention, lengths, prompt_rows) -> list[list[_Rows]]:
-        """KV-cached generation; every step's logits pass through the same hook."""
+    def _generate(self, batch, capture, stats, cache, attention, lengths, prompt_rows) -> list[list[_Rows]]:
+        """KV-cached generation; every step goes through the same unembed-and-reduce path (or hook)."""
         device = self.loaded.device
         generators = [self._generator(e.record.index) for e in batch]
-        cache = getattr(out, "cache", None) or out.past_key_values
         attention = attention.to(device)
         positions = torch.tensor(lengths, device=device)[:, None]
         finished = torch.zeros(len(batch), dtype=torch.bool)
@@ -407,7 +465,7 @@ class Tracer:
         last_logits, last_lse = stats.last_logits, stats.logsumexp[:, -1]
         for _ in range(self.settings.max_new_tokens):
             chosen = self._choose(last_logits, generators)
-            logprob, rank = token_logprob_and_rank(last_logits.float(), last_lse, chosen)
+            logprob, rank = token_logprob_and_rank(last_logits.float(), last_lse.to(last_logits.device), chosen)
             chosen_host, logprob, rank = chosen.cpu(), logprob.cpu().numpy(), rank.cpu().numpy()
             for b, rows in enumerate(previous_rows):
                 if not finished[b]:
@@ -416,11 +474,8 @@ class Tracer:
             if bool(finished.all()):
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            capture.next_ids = None
-            out = self.model(input_ids=chosen[:, None], attention_mask=attention, position_ids=positions,
-                             use_cache=True, **{self._cache_kwarg: cache})
-            cache = getattr(out, "cache", None) or out.past_key_values
-            step = capture.pop()
+            step, cache, _ = self._forward(capture, chosen[:, None].to(device), attention, positions, None, cache,
+                                           keep_last=True)
             for b in range(len(batch)):
                 if not finished[b]:
                     rows = self._rows_from_stats(step, b, slice(0, 1), int(positions[b]), PHASE_GENERATED,
@@ -470,7 +525,7 @@ class Tracer:
                         pending.append((b, p, t, e.ids[: p + 1], ids))
         if pending:
             rest = continuation_logprobs(self.model, self.loaded.device, self.tokenizer.pad_token_id,
-                                         [(prefix, ids) for _, _, _, prefix, ids in pending], len(batch))
+                                         [(prefix, ids) for _, _, _, prefix, ids in pending], len(batch), self.parts)
             for (b, p, t, _, _), value in zip(pending, rest):
                 scores[b][p][t] += value
         return scores
@@ -543,6 +598,17 @@ class Tracer:
         return pa.RecordBatch.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
 
 
+def _cache_of(out):
+    """The KV cache a forward call returned (transformers 5 names it ``cache``)."""
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def _parameters(module: torch.nn.Module):
+    import inspect
+
+    return inspect.signature(module.forward).parameters
+
+
 def _release_memory(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -567,7 +633,7 @@ def padded_inputs(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor
 
 
 def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int], list[int]]],
-                          batch_size: int) -> list[float]:
+                          batch_size: int, parts: CausalLMParts | None = None) -> list[float]:
     """For each (prefix, target ids), the sum of log P(target[j] | prefix + target[:j]) over j >= 1.
 
     Each item needs the logits of the token sequence prefix + target[:-1]. Logits are causal, so one
@@ -575,6 +641,7 @@ def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int
     under the longest sequences that extend them ("carriers"): identical continuations (targets
     sharing all but their last token) and a mark's continuation that the prompt itself goes on to
     spell out (the recorded outcome, a prefix of the next mark's) need no pass of their own.
+    With ``parts`` (the split model) only the rows that score a target token go through the head.
     """
     needed = [tuple(prefix + target[:-1]) for prefix, target in items]
     carriers: list[tuple[int, ...]] = []
@@ -592,8 +659,16 @@ def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int
     for start in range(0, len(carriers), batch_size):
         chunk = list(range(start, min(start + batch_size, len(carriers))))
         input_ids, attention, position_ids, _ = padded_inputs([list(carriers[c]) for c in chunk], pad_id)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                       position_ids=position_ids.to(device), use_cache=False).logits
+        inputs = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                      position_ids=position_ids.to(device), use_cache=False)
+        if parts is None:
+            logits = model(**inputs).logits
+            unembed = lambda row, cols: logits[row, cols]  # noqa: E731
+        else:
+            with parts.final_hidden() as found:
+                model(**inputs, logits_to_keep=1)
+            hidden = found[0]
+            unembed = lambda row, cols: parts.head(hidden[row, cols])  # noqa: E731
         width = input_ids.shape[1]
         for row, c in enumerate(chunk):
             offset = width - len(carriers[c])
@@ -601,7 +676,7 @@ def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int
                 prefix, target = items[item]
                 # the logits at positions len(prefix) .. len(prefix)+m-2 predict target[1:]
                 first = offset + len(prefix)
-                rows = logits[row, first : first + len(target) - 1].float()
+                rows = unembed(row, slice(first, first + len(target) - 1)).float()
                 wanted = torch.tensor(target[1:], device=rows.device)
                 totals[item] = float((rows.gather(-1, wanted[:, None]).squeeze(-1) - torch.logsumexp(rows, -1)).sum())
     return totals

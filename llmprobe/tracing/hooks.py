@@ -49,18 +49,21 @@ class StepStats:
     next_logprob: torch.Tensor  # [B, T] float32 (NaN where next_ids is NO_TOKEN)
     next_rank: torch.Tensor  # [B, T] int64 (0 where next_ids is NO_TOKEN)
     target_logprobs: torch.Tensor | None  # [B, T, n_targets] float32
-    last_logits: torch.Tensor  # [B, V] logits of the last position, for choosing the next token
+    last_logits: torch.Tensor | None  # [B, V] logits of the last position, for choosing the next token
 
 
 class LogitReducer:
-    """Turns logits into :class:`StepStats`; shared by the output head and the logit lens.
+    """Turns logits into :class:`StepStats`; shared by the output head, the logit lens and generation.
 
-    ``chunk_positions`` bounds the positions reduced at once (and so the float32 working memory); the
-    logit lens also unembeds that many positions at a time.
+    Two entry points share one block-wise reduction: :meth:`reduce_hidden` applies an output head to a
+    block of hidden rows at a time and reduces each block at once (the engine's path: no ``[B, T, V]``
+    tensor ever exists), :meth:`reduce` reduces logits the model already produced (the hook path, for
+    models that cannot be split). ``chunk_positions`` bounds the positions reduced at once on a GPU.
     """
 
     TOPK_BLOCK = 32  # vocabulary entries per group of the group-maximum top-k (see block_topk)
     CPU_BLOCK_BYTES = 4 << 20  # float32 working set per pass on the CPU: about a core's share of cache
+    CPU_HEAD_BLOCK_BYTES = 32 << 20  # logits per output-head product on the CPU (rows enough to amortize W)
     RANK_FROM_TOPK_ON = ("cpu",)  # on a GPU a full comparison is cheaper than the shortcut's host sync
 
     def __init__(self, top_k: int, target_first_ids: list[int] | None = None, chunk_positions: int = 512) -> None:
@@ -68,46 +71,51 @@ class LogitReducer:
         self.target_first_ids = target_first_ids or None
         self.chunk_positions = chunk_positions
 
+    def head_rows(self, device: torch.device, vocab: int) -> int:
+        """Hidden rows sent through the output head at once: the most that keep its logits small."""
+        if device.type == "cpu":
+            return min(self.chunk_positions, max(self._step(device, vocab), self.CPU_HEAD_BLOCK_BYTES // (4 * vocab)))
+        return self.chunk_positions
+
+    def _step(self, device: torch.device, vocab: int) -> int:
+        """Rows reduced per pass over the vocabulary."""
+        if device.type == "cpu":
+            return max(1, min(self.chunk_positions, self.CPU_BLOCK_BYTES // (4 * vocab)))
+        return self.chunk_positions
+
     @torch.inference_mode()
     def reduce(self, logits: torch.Tensor, next_ids: torch.Tensor | None) -> StepStats:
+        """Statistics of ``[B, T, V]`` logits computed elsewhere (the hook path)."""
         batch, length, vocab = logits.shape
-        total = batch * length
-        flat = logits.reshape(total, vocab)
-        device = logits.device
-        step = self.chunk_positions
-        if device.type == "cpu":
-            step = max(1, min(step, self.CPU_BLOCK_BYTES // (4 * vocab)))
-        step = min(step, total)
-        k, n_targets = self.top_k, len(self.target_first_ids or [])
-        nan = float("nan")
-        out = (torch.full((total,), nan, device=device), torch.full((total,), nan, device=device),
-               torch.zeros((total, k), dtype=torch.long, device=device), torch.full((total, k), nan, device=device),
-               torch.full((total,), nan, device=device), torch.zeros((total,), dtype=torch.long, device=device),
-               torch.full((total, n_targets), nan, device=device))
-        work = (torch.empty(step, vocab, dtype=torch.float32, device=device),
-                torch.empty(step, vocab, dtype=torch.float32, device=device),
-                torch.empty(step, vocab, dtype=torch.bool, device=device))
-        nxt = None if next_ids is None else next_ids.reshape(-1)
-        runs = _live_runs(nxt, total)
-        nxt = None if nxt is None else nxt.to(device)
-        for first, stop in runs:
-            for s in range(first, stop, step):
-                e = min(s + step, stop)
-                rows = self._reduce_rows(flat[s:e], None if nxt is None else nxt[s:e], work)
-                for target, value in zip(out, rows):
-                    target[s:e] = value
-        lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp = out
-        shape = (batch, length)
-        return StepStats(
-            logsumexp=lse.view(shape),
-            entropy=entropy.view(shape),
-            topk_ids=top_ids.view(*shape, -1),
-            topk_logprobs=top_lp.view(*shape, -1),
-            next_logprob=next_lp.view(shape),
-            next_rank=next_rank.view(shape),
-            target_logprobs=target_lp.view(*shape, -1) if self.target_first_ids else None,
-            last_logits=logits[:, -1, :],
-        )
+        flat = logits.reshape(batch * length, vocab)
+        sink = _Reduction(self, batch, length, next_ids)
+        for first, stop in sink.runs:
+            sink.add(first, flat[first:stop])
+        return sink.stats(last_logits=logits[:, -1, :])
+
+    @torch.inference_mode()
+    def reduce_hidden(self, head, hidden: torch.Tensor, next_ids: torch.Tensor | None,
+                      keep_last: bool = False) -> StepStats:
+        """Statistics of ``head(hidden)`` for ``[B, T, H]`` final-normed hidden states, never holding
+        more than one block of logits: ``head(rows, out=buffer)`` maps ``[n, H]`` to ``[n, V]`` logits
+        (:class:`llmprobe.model.structure.OutputHead`, or the logit lens's unembedding). Padding
+        positions are not sent through the head at all. ``keep_last``: also return the logits of
+        each row's last position (for choosing a generated token)."""
+        batch, length, width = hidden.shape
+        flat = hidden.reshape(batch * length, width)
+        vocab = head.vocab_size
+        rows = self.head_rows(flat.device, vocab)
+        buffer = None
+        sink = _Reduction(self, batch, length, next_ids)
+        for first, stop in sink.runs:
+            for s in range(first, stop, rows):
+                e = min(s + rows, stop)
+                if buffer is None:
+                    buffer = torch.empty(min(rows, stop - s), vocab, dtype=flat.dtype, device=flat.device)
+                elif buffer.shape[0] < e - s:
+                    buffer = torch.empty(rows, vocab, dtype=flat.dtype, device=flat.device)
+                sink.add(s, head(flat[s:e], out=buffer))
+        return sink.stats(last_logits=head(hidden[:, -1, :].contiguous()) if keep_last else None)
 
     def _reduce_rows(self, rows: torch.Tensor, next_ids: torch.Tensor | None,
                      work: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
@@ -136,6 +144,58 @@ class LogitReducer:
         else:
             target_lp = lse[:, None][:, :0]
         return lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp
+
+
+class _Reduction:
+    """The output tensors of one reduction, filled block by block at flat position offsets."""
+
+    def __init__(self, reducer: LogitReducer, batch: int, length: int, next_ids: torch.Tensor | None) -> None:
+        self.reducer, self.shape = reducer, (batch, length)
+        self.total = batch * length
+        self.next_ids = None if next_ids is None else next_ids.reshape(-1)
+        self.runs = _live_runs(self.next_ids, self.total)
+        self.out: tuple[torch.Tensor, ...] | None = None
+        self.work: tuple[torch.Tensor, ...] | None = None
+        self.step = 0
+
+    def _allocate(self, device: torch.device, vocab: int) -> None:
+        total, k = self.total, self.reducer.top_k
+        n_targets = len(self.reducer.target_first_ids or [])
+        nan = float("nan")
+        self.out = (torch.full((total,), nan, device=device), torch.full((total,), nan, device=device),
+                    torch.zeros((total, k), dtype=torch.long, device=device), torch.full((total, k), nan, device=device),
+                    torch.full((total,), nan, device=device), torch.zeros((total,), dtype=torch.long, device=device),
+                    torch.full((total, n_targets), nan, device=device))
+        self.step = min(self.reducer._step(device, vocab), self.total)
+        self.work = (torch.empty(self.step, vocab, dtype=torch.float32, device=device),
+                     torch.empty(self.step, vocab, dtype=torch.float32, device=device),
+                     torch.empty(self.step, vocab, dtype=torch.bool, device=device))
+        if self.next_ids is not None:
+            self.next_ids = self.next_ids.to(device)
+
+    def add(self, offset: int, logits: torch.Tensor) -> None:
+        """Reduce ``[n, V]`` logits of flat positions ``offset .. offset + n``, a cache-sized block at a time."""
+        if self.out is None:
+            self._allocate(logits.device, logits.shape[1])
+        for s in range(0, logits.shape[0], self.step):
+            e = min(s + self.step, logits.shape[0])
+            nxt = None if self.next_ids is None else self.next_ids[offset + s : offset + e]
+            for target, value in zip(self.out, self.reducer._reduce_rows(logits[s:e], nxt, self.work)):
+                target[offset + s : offset + e] = value
+
+    def stats(self, last_logits: torch.Tensor | None) -> StepStats:
+        lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp = self.out
+        shape = self.shape
+        return StepStats(
+            logsumexp=lse.view(shape),
+            entropy=entropy.view(shape),
+            topk_ids=top_ids.view(*shape, -1),
+            topk_logprobs=top_lp.view(*shape, -1),
+            next_logprob=next_lp.view(shape),
+            next_rank=next_rank.view(shape),
+            target_logprobs=target_lp.view(*shape, -1) if self.reducer.target_first_ids else None,
+            last_logits=last_logits,
+        )
 
 
 def _live_runs(next_ids: torch.Tensor | None, total: int) -> list[tuple[int, int]]:

@@ -8,11 +8,13 @@ a plain trace joins a lens trace on (prompt_id, position) with layer = L-1.
 :func:`probe_internals` attaches, for the duration of one teacher-forced forward pass,
 
 * a forward hook on each chosen decoder layer that sends the layer's output through :class:`Unembed`
-  and reduces the logits on the device with the trace's own :class:`LogitReducer`, a few positions at a
-  time, so at most ``reducer.chunk_positions x vocabulary`` logits exist at once and only top-k,
-  entropy, next-token and target statistics leave the device;
-* a forward pre-hook on the output head that copies the head's input (the final-normed hidden state)
-  at the requested positions to the host as float16: the prompt embeddings for the continuity analysis.
+  and reduces the logits on the device with the trace's own :class:`LogitReducer` — the same
+  block-wise unembed-and-reduce path as the output layer, so one block of logits exists at a time and
+  only top-k, entropy, next-token and target statistics leave the device;
+* for models the engine cannot split into body and head (it then traces through a hook on the head),
+  a forward pre-hook on the output head that copies the head's input (the final-normed hidden state)
+  at the requested positions to the host as float16: the prompt embeddings for the continuity
+  analysis. When the engine runs the body itself it reads them off the body's output instead.
 
 All hooks are removed when the block exits, on every path.
 """
@@ -114,21 +116,20 @@ class Internals:
 
 def lens_stats(unembed: Unembed, reducer: LogitReducer, hidden: torch.Tensor,
                next_ids: torch.Tensor | None) -> StepStats:
-    """The reducer's statistics for ``unembed(hidden)``, computed a few positions at a time."""
-    batch, length = hidden.shape[:2]
-    step = max(1, reducer.chunk_positions // batch)
-    parts = []
-    for start in range(0, length, step):
-        logits = unembed(hidden[:, start : start + step])
-        nxt = None if next_ids is None else next_ids[:, start : start + step]
-        parts.append(reducer.reduce(logits, nxt))
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts], dim=1)  # noqa: E731
-    return StepStats(
-        logsumexp=cat("logsumexp"), entropy=cat("entropy"), topk_ids=cat("topk_ids"),
-        topk_logprobs=cat("topk_logprobs"), next_logprob=cat("next_logprob"), next_rank=cat("next_rank"),
-        target_logprobs=cat("target_logprobs") if reducer.target_first_ids else None,
-        last_logits=parts[-1].last_logits,
-    )
+    """The reducer's statistics for ``unembed(hidden)``, unembedded and reduced a block of positions at a
+    time by the same path as the output layer's (:meth:`LogitReducer.reduce_hidden`)."""
+    return reducer.reduce_hidden(_LensHead(unembed), hidden, next_ids, keep_last=True)
+
+
+class _LensHead:
+    """:class:`Unembed` in the shape :meth:`LogitReducer.reduce_hidden` calls: rows -> logits."""
+
+    def __init__(self, unembed: Unembed) -> None:
+        self.unembed = unembed
+        self.vocab_size = int(unembed.head.weight.shape[0])
+
+    def __call__(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unembed(rows)
 
 
 @contextmanager

@@ -153,8 +153,8 @@ def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
     if not isinstance(meta, dict):
         raise UsageError("its llmprobe metadata is not a JSON object (the file is damaged)", where=name)
     try:
-        vocab = decode_vocab(kv)
-    except (ValueError, UnicodeDecodeError):
+        vocab = decode_vocab(parquet.metadata.metadata)  # the file's key-value metadata: either layout
+    except (ValueError, UnicodeDecodeError, pa.ArrowException):
         vocab = False
     if vocab is not None and not (isinstance(vocab, list) and all(isinstance(t, str) for t in vocab)):
         raise UsageError("its vocabulary is not a JSON list of strings (the file is damaged)", where=name)

@@ -99,7 +99,7 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
     if not settings.targets:
         settings.targets = targets_from_records(records)
     loaded = model_options.load(log=out.log)
-    tracer = Tracer(loaded, settings)
+    tracer = Tracer(loaded, settings, reporter=out)
     refuse_overlong(tracer, records)
     for record in records:
         tracer.encode(record)

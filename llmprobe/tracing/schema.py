@@ -1,13 +1,17 @@
 """The trace format, defined once.
 
 A trace is a Parquet file (or a directory of Parquet part files) with one row per
-(prompt, position[, layer]). Every writer builds its Arrow tables from :func:`trace_schema` and
-every reader checks files with :func:`check_trace_schema`, so the column list lives here only.
-docs/traces.md documents each column for users.
+(prompt, position[, layer]). Every writer builds its Arrow tables from :func:`trace_schema`, and every
+reader goes through :func:`llmprobe.tracing.reader.open_trace`, which checks files against it, so the
+column list lives here only. docs/traces.md documents each column for users.
 
 Run-level facts (model, dtype, targets, generation settings, versions, command line) travel in the
-Parquet key-value metadata under :data:`META_KEY` as one JSON object; the vocabulary (token id ->
-display string) travels under :data:`VOCAB_KEY` so top-k ids need not repeat their strings per row.
+Parquet key-value metadata under :data:`META_KEY` as one JSON object (also inside the Arrow schema,
+where pyarrow keeps it). The vocabulary (token id -> display string), so top-k ids need not repeat
+their strings per row, is stored once per file: zstd-compressed JSON under :data:`VOCAB_ZSTD_KEY` in
+the file's key-value metadata only, not in the Arrow schema (whose serialized copy would repeat it):
+:func:`file_metadata` splits the two. Older traces held plain JSON under :data:`VOCAB_KEY`, in both
+places; :func:`decode_vocab` reads either layout.
 
 A JSONL trace (``--format jsonl``) carries the same facts in its first line, a header record
 (:func:`jsonl_header`: the metadata, the vocabulary and the Arrow schema), so every reader takes it
@@ -28,7 +32,9 @@ from llmprobe.errors import UsageError
 
 TRACE_FORMAT_VERSION = 1
 META_KEY = b"llmprobe"
-VOCAB_KEY = b"llmprobe.vocab"
+VOCAB_KEY = b"llmprobe.vocab"  # plain JSON: the layout of older traces (and Ray Data's part files)
+VOCAB_ZSTD_KEY = b"llmprobe.vocab.zstd"  # b"<json bytes>:" + zstd(JSON); written once per file
+VOCAB_ZSTD_LEVEL = 19  # about 0.5 s once per file; 480 kB of SmolLM2 JSON -> 170 kB
 
 PHASE_PROMPT = "prompt"
 PHASE_GENERATED = "generated"
@@ -94,9 +100,10 @@ def column_docs() -> dict[str, str]:
 
 
 def encode_metadata(meta: dict[str, Any], vocab: list[str] | None) -> dict[bytes, bytes]:
+    """Run metadata and plain-JSON vocabulary as one key-value dict (the layout Ray Data writes)."""
     out = {META_KEY: json.dumps({"trace_format": TRACE_FORMAT_VERSION, **meta}).encode()}
     if vocab is not None:
-        out[VOCAB_KEY] = json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode()  # compact: ~10% smaller
+        out[VOCAB_KEY] = _vocab_json(vocab)
     return out
 
 
@@ -122,6 +129,21 @@ def schema_from_jsonl_header(header: dict[str, Any]) -> pa.Schema:
     return schema.with_metadata(kv)
 
 
+def file_metadata(meta: dict[str, Any], vocab: list[str] | None) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """(schema metadata, file-only metadata) of a Parquet trace: the run metadata travels with the Arrow
+    schema; the compressed vocabulary goes into the file's key-value metadata alone, so it is stored once."""
+    schema_meta = encode_metadata(meta, None)
+    if vocab is None:
+        return schema_meta, {}
+    text = _vocab_json(vocab)
+    packed = pa.Codec("zstd", compression_level=VOCAB_ZSTD_LEVEL).compress(text, asbytes=True)
+    return schema_meta, {VOCAB_ZSTD_KEY: b"%d:" % len(text) + packed}
+
+
+def _vocab_json(vocab: list[str]) -> bytes:
+    return json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode()  # compact: ~10% smaller
+
+
 def decode_metadata(kv: dict[bytes, bytes] | None) -> dict[str, Any] | None:
     """The run metadata of a trace, or None when the file is not an llmprobe trace."""
     if not kv or META_KEY not in kv:
@@ -130,9 +152,15 @@ def decode_metadata(kv: dict[bytes, bytes] | None) -> dict[str, Any] | None:
 
 
 def decode_vocab(kv: dict[bytes, bytes] | None) -> list[str] | None:
-    if not kv or VOCAB_KEY not in kv:
+    """The vocabulary from a Parquet file's key-value metadata, in either layout (None if absent)."""
+    if not kv:
         return None
-    return json.loads(kv[VOCAB_KEY])
+    if VOCAB_ZSTD_KEY in kv:
+        size, _, packed = kv[VOCAB_ZSTD_KEY].partition(b":")
+        return json.loads(pa.Codec("zstd").decompress(packed, decompressed_size=int(size), asbytes=True))
+    if VOCAB_KEY in kv:
+        return json.loads(kv[VOCAB_KEY])
+    return None
 
 
 def check_finite(batch: pa.RecordBatch, records: Sequence[Any] | Mapping[int, Any]) -> None:

@@ -301,7 +301,7 @@ def rewrite(trace: Path, path: Path, *, meta: bytes | None = None, vocab: bytes 
     if meta is not None:
         kv[META_KEY] = meta
     if vocab is None:
-        kv.pop(VOCAB_KEY)
+        kv.pop(VOCAB_KEY, None)  # a trace written now keeps its vocabulary in the file metadata only
     elif vocab is not True:
         kv[VOCAB_KEY] = vocab
     if drop:

@@ -29,7 +29,7 @@ from llmprobe.plots.prior import (
     ternary_points,
 )
 from llmprobe.plots.tokens import HIGHLIGHT, load_token_grid, plot_tokens
-from llmprobe.tracing.schema import META_KEY, VOCAB_KEY, trace_schema
+from llmprobe.tracing.schema import META_KEY, decode_vocab, trace_schema
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.plots.fixtures import PNG_SIGNATURE, THETAS, experiment_records, mixture_prior_json, synthetic_fit, text_records, write_fit, write_trace
 
@@ -48,9 +48,9 @@ def is_png(path: Path) -> tuple[int, int]:
 
 
 def raw_rows(path: Path, prompt_id: str) -> tuple[list[dict], list[str]]:
-    """The trace's rows for one prompt and its vocabulary, read with pyarrow alone."""
+    """The trace's rows for one prompt and its vocabulary, read with pyarrow (and the vocabulary's decoder)."""
     parquet = pq.ParquetFile(path)
-    vocab = json.loads(parquet.schema_arrow.metadata[VOCAB_KEY])
+    vocab = decode_vocab(parquet.metadata.metadata)
     rows = [r for r in parquet.read().to_pylist() if r["prompt_id"] == prompt_id]
     return sorted(rows, key=lambda r: r["position"]), vocab
 
