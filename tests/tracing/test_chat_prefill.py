@@ -12,6 +12,7 @@ from llmprobe.cli.options import fill_optional_values
 from llmprobe.errors import UsageError
 from llmprobe.tracing.engine import TraceSettings, Tracer
 from llmprobe.tracing.prompts import PromptRecord
+from llmprobe.tracing.schema import JSONL_HEADER_KEY
 from tests.cli_helpers import assert_one_line_error, run_cli
 
 INSTRUCTION = "A coin lands heads 70% of the time. Continue the flips.\n"
@@ -104,7 +105,8 @@ def test_cli_prefill_trace_and_missing_split(tiny_model_dir, tmp_path, capsys, m
                             "--attn-implementation", "eager"], capsys, monkeypatch)
     assert code == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sum(r["mark_index"] is not None for r in rows) == 3
+    assert JSONL_HEADER_KEY in rows[0]  # a JSONL trace opens with its header record
+    assert sum(r["mark_index"] is not None for r in rows[1:]) == 3
     bare = tmp_path / "bare.jsonl"
     bare.write_text(json.dumps({"id": "b", "prompt": good.text, "marks": good.marks}) + "\n")
     code, _, err = run_cli(["trace", str(bare), "--chat", "prefill", "-m", str(tiny_model_dir), "--device", "cpu",
