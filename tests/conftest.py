@@ -10,7 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI does; see llmprobe/cli.py
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI does; see llmprobe/cli/app.py
+
+import signal
+
+# A shell without job control starts background jobs with SIGINT ignored, and an ignored signal stays
+# ignored in every process started from them, so the Ctrl-C tests would test nothing. The suite runs
+# with Python's own handler, which the llmprobe processes it starts then get as well (exec resets a
+# caught signal to its default, and Python installs its KeyboardInterrupt handler on start).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest
 
