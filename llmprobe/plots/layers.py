@@ -3,12 +3,15 @@
 Two views of a trace written with ``trace --layers``:
 
 * ``next`` — a layer x position heat map of the probability each layer's lens gives the token that
-  actually comes next (the eventual answer, teacher-forced);
+  actually comes next (teacher-forced); at the last position, where nothing follows, the probability
+  of the model's answer (its output-layer top-1 token), see :func:`next_token_grid`;
 * ``targets`` — at each mark (else the last position), the probability of each target's first token
   against the layer, one panel per position (at most ``MAX_PANELS``, evenly spaced).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pyarrow.compute as pc
@@ -43,7 +46,9 @@ def write_layers_figure(trace_path: str, prompt: str | None, output: str, show: 
     frame = table.filter(pc.equal(table.column("prompt_id"), prompt)).to_pandas()
     frame = frame[frame["phase"] == "prompt"].sort_values(["layer", "position"])
     if show == "next":
-        fig, summary = _next_token_figure(frame, prompt)
+        targets = [t["token_ids"][0] for t in trace.meta.get("targets", []) if t.get("token_ids")]
+        fig, summary = _next_token_figure(frame, prompt, targets if "target_logprobs" in frame.columns else [],
+                                          trace.vocab)
     else:
         trace.require_columns("target_logprobs", purpose="plot-layers --show targets (trace with --targets)")
         fig, summary = _targets_figure(frame, [t["text"] for t in trace.meta.get("targets", [])], prompt)
@@ -51,26 +56,56 @@ def write_layers_figure(trace_path: str, prompt: str | None, output: str, show: 
     return summary
 
 
-def _next_token_figure(frame, prompt: str):
+def next_token_grid(frame, target_first_ids: list[int], vocab: list[str] | None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """``(layers, positions, probs, answers)``: ``probs[layer, position]`` is the lens probability of the
+    token that actually comes next. Where nothing comes next (the prompt's last position: the answer is
+    still to come) it is the probability of the *answer*, the output layer's top-1 token there
+    (``answers[position]`` = its text), taken exactly from the targets when the answer is a target's first
+    token, else from that layer's top-k; NaN only where the answer is below that layer's top-k."""
+    layers = np.sort(frame["layer"].unique())
+    positions = np.sort(frame["position"].unique())
+    probs = np.exp(frame.pivot(index="layer", columns="position", values="next_logprob").reindex(
+        index=layers, columns=positions).to_numpy(dtype=float))
+    output = frame[frame["layer"] == layers[-1]].set_index("position")
+    answers = {}
+    for j in np.flatnonzero(np.isnan(probs[-1])):
+        top = output.loc[positions[j]]
+        answer = int(top["topk_ids"][0])
+        answers[int(positions[j])] = vocab[answer] if vocab is not None and answer < len(vocab) else f"#{answer}"
+        target = target_first_ids.index(answer) if answer in target_first_ids else None
+        rows = frame[frame["position"] == positions[j]].set_index("layer").reindex(layers)
+        for i, row in enumerate(rows.itertuples()):
+            if target is not None and row.target_logprobs is not None:
+                probs[i, j] = math.exp(row.target_logprobs[target])
+            elif answer in list(row.topk_ids):
+                probs[i, j] = math.exp(row.topk_logprobs[list(row.topk_ids).index(answer)])
+    return layers, positions, probs, answers
+
+
+def _next_token_figure(frame, prompt: str, target_first_ids: list[int], vocab: list[str] | None):
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     from llmprobe.plots.common import plain_label, token_label
 
-    layers = np.sort(frame["layer"].unique())
-    positions = np.sort(frame["position"].unique())
-    grid = frame.pivot(index="layer", columns="position", values="next_logprob").reindex(
-        index=layers, columns=positions).to_numpy(dtype=float)
-    probs = np.exp(grid)
+    layers, positions, probs, answers = next_token_grid(frame, target_first_ids, vocab)
     tokens = frame[frame["layer"] == layers[-1]].set_index("position")["token"].reindex(positions)
+    labels = [token_label(t) + (f" → {token_label(answers[p])}" if p in answers else "")
+              for p, t in zip(positions, tokens)]
     fig = Figure(figsize=(max(6.0, 0.28 * len(positions) + 2), max(3.0, 0.18 * len(layers) + 1.5)),
                  layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(probs, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="P(actual next token)")
+    cmap = colormaps["viridis"].with_extremes(bad="0.82")
+    image = ax.imshow(probs, aspect="auto", origin="lower", vmin=0, vmax=1, cmap=cmap, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="P(actual next token; → the answer)")
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     step = max(1, int(np.ceil(len(positions) / MAX_POSITION_LABELS)))
-    ax.set_xticks(range(0, len(positions), step), [token_label(t) for t in tokens.iloc[::step]], rotation=90)
-    ax.set_xlabel("input token (row predicts the token after it)")
+    ticks = sorted(set(range(0, len(positions), step)) | {j for j, p in enumerate(positions) if p in answers})
+    ax.set_xticks(ticks, [labels[j] for j in ticks], rotation=90)
+    ax.set_xlabel("input token (row predicts the token after it)" + (
+        "\n→ X: nothing follows; P(X, the output layer's top-1 answer)" if answers else "")
+        + ("\ngrey: the answer is below that layer's top-k" if np.isnan(probs).any() else ""))
     ax.set_ylabel("layer (logit lens)")
     ax.set_title(plain_label(f"prompt {prompt}: probability of the actual next token by layer"))
     ranks = frame.pivot(index="layer", columns="position", values="next_rank").reindex(index=layers)
@@ -80,6 +115,9 @@ def _next_token_figure(frame, prompt: str):
                f" for {int(top1.iloc[-1].sum())} positions")
     if emerged:
         summary += f", first reaching top-1 at layer {np.median(emerged):.0f} (median)"
+    for j, position in enumerate(positions):
+        if position in answers:
+            summary += f"; after the last token the answer {answers[position]!r} has P = {probs[-1, j]:.3f}"
     return fig, summary
 
 
