@@ -53,6 +53,10 @@ from llmprobe.files import atomic_file, check_new_output
 
 PRIOR_FORMAT = "llmprobe.prior/1"
 FIT_META_KEY = b"llmprobe.fit"
+KL_BAYES_MODEL = "KL(Bayes‖model)"
+"""The name of the per-mark ``kl_bits`` column (and of ``mean_kl_bits``) wherever it is shown: KL from the
+Bayesian posterior predictive to the model, sum_k bayes_k log2(bayes_k / model_k). The verdict's scores
+are the other direction, KL(model‖predictor), and are always labelled so."""
 
 
 # ------------------------------------------------------------------------------------------ fit-prior

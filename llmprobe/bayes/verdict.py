@@ -159,7 +159,7 @@ def decide(e: Evidence) -> Verdict:
     interval = f"γ = {e.gamma:.3f} [{low:.3f}, {high:.3f}]"
     warnings = []
     if not e.out_of_sample:
-        warnings.append("every KL here is in sample: there were too few sequences to hold some out")
+        warnings.append("every KL(model‖filter) here is in sample: there were too few sequences to hold some out")
     if not e.converged:
         warnings.append("a filter fit did not converge; its numbers are where the optimizer stopped")
     if e.never_updates:
@@ -167,7 +167,7 @@ def decide(e: Evidence) -> Verdict:
     elif e.alpha0_at_bound:
         warnings.append("a component's α0 ran to its bound (a point-mass component): a lower bound, not an estimate")
     if e.best_kl_bits > FIT_KL_BITS:
-        return Verdict("poor-fit", f"Poor fit: no Bayesian filter explains the predictions (best filter KL"
+        return Verdict("poor-fit", f"Poor fit: no Bayesian filter explains the predictions (best filter's KL(model‖filter)"
                                    f" {e.best_kl_bits:.4f} bits {where} > {FIT_KL_BITS}), whatever γ says.", warnings)
     if e.never_kl_bits - e.best_kl_bits < NO_UPDATE_BITS or e.never_updates or low < GAMMA_IDENTIFIABLE_LOW:
         reason = ("α0 → ∞" if e.never_updates else
@@ -185,10 +185,10 @@ def decide(e: Evidence) -> Verdict:
                             " prior can look like forgetting under one Dirichlet; choose the components"
                             " (--prior-components auto) before reading this as forgetting")
         return Verdict("rejected", f"Exact Bayes rejected: the model forgets, {interval}, and that filter fits"
-                                   f" (KL {e.best_kl_bits:.4f} bits {where}).", warnings)
+                                   f" (KL(model‖filter) {e.best_kl_bits:.4f} bits {where}).", warnings)
     if e.exact_kl_bits <= FIT_KL_BITS:
         return Verdict("consistent", f"Consistent with exact Bayesian updating under the fitted updating prior"
-                                     f" ({interval}; KL {e.exact_kl_bits:.4f} bits {where}).", warnings)
+                                     f" ({interval}; KL(model‖filter) {e.exact_kl_bits:.4f} bits {where}).", warnings)
     return Verdict("poor-fit", f"Poor fit: γ = 1 is not rejected ({interval}) but the exact-Bayes filter explains"
-                               f" the predictions poorly (KL {e.exact_kl_bits:.4f} bits {where} > {FIT_KL_BITS}).",
+                               f" the predictions poorly (KL(model‖filter) {e.exact_kl_bits:.4f} bits {where} > {FIT_KL_BITS}).",
                    warnings)

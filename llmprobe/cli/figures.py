@@ -32,14 +32,16 @@ def plot(
 def plot_icl(
     fit_path: Annotated[str, typer.Argument(metavar="FIT", help="fit-posterior table (Parquet or CSV), or -.")],
     output: opt.output("Image file: .png, .svg or .pdf (default: FIT.icl.png).") = None,
+    yscale: Annotated[Literal["auto", "linear", "log"], typer.Option(
+        help="Y axis of the probability and KL panels; auto: log when a plotted value is below 1 %.")] = "auto",
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Model vs Bayesian posterior predictive as examples accumulate; TV, KL, entropy collapse."""
+    """Model vs Bayesian posterior predictive as examples accumulate, one panel per θ; TV, KL, entropy."""
     opt.input_path(fit_path, "fit table", missing="no such file")
     from llmprobe.plots.icl import write_icl_figure
 
-    Output(quiet).log(f"wrote {write_icl_figure(fit_path, output, force=force)}")
+    Output(quiet).log(f"wrote {write_icl_figure(fit_path, output, force=force, yscale=yscale)}")
 
 
 def plot_prior(

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmprobe.analysis.continuity import ContinuityResult
-from llmprobe.analysis.fits import PosteriorResult
+from llmprobe.analysis.fits import KL_BAYES_MODEL, PosteriorResult
 from llmprobe.analysis.martingale import MartingaleResult
 from llmprobe.cli.output import Output
 from llmprobe.tracing.reader import visible
@@ -205,11 +205,11 @@ def _per_n_table(result: PosteriorResult) -> Table:
     has_theta = by_n["tv_theta"].notna().any()
     several_layouts = by_n["layout"].nunique(dropna=False) > 1
     table = Table(title=f"{result.label}: model vs Bayes posterior predictive by number of examples",
-                  title_justify="left", caption="TV, KL(Bayes‖model) and |ΔH| (entropy error, bits) against the"
+                  title_justify="left", caption=f"TV, {KL_BAYES_MODEL} (bits) and |ΔH| (entropy error, bits) against the"
                   " --prior posterior predictive; TV θ (sd) and KL(θ‖model): against the true θ, mean (std) over marks")
     for name in (*(["layout"] if several_layouts else []), "n", "marks", *[f"{c} model" for c in show_categories],
-                 *[f"{c} Bayes" for c in show_categories], "TV", "KL", "|ΔH|",
-                 *(["TV θ", "sd", "KL θ"] if has_theta else []), "mass"):
+                 *[f"{c} Bayes" for c in show_categories], "TV", KL_BAYES_MODEL, "|ΔH|",
+                 *(["TV θ", "sd", "KL(θ‖model)"] if has_theta else []), "mass"):
         table.add_column(name, justify="left" if name == "layout" else "right")
     for (layout, n), group in by_n.groupby(["layout", "n"], dropna=False, sort=True):
         per_cat = group.set_index("category")
@@ -243,7 +243,8 @@ def _fit_table(result: PosteriorResult) -> Table:
     k = len(updating["exact"]["weights"])
     table = Table(title=f"{result.label}: the updating prior (the prior the predictions update from;"
                         f" {k} component{'s' if k > 1 else ''})", title_justify="left")
-    for name in ("filter", "weights", "prior mean", "α0", "γ", "converged", "KL in-sample", "KL out-of-sample"):
+    for name in ("filter", "weights", "prior mean", "α0", "γ", "converged", "KL(model‖filter) in-sample",
+                 "KL(model‖filter) out-of-sample"):
         table.add_column(name, justify="left" if name == "filter" else "right")
     scores = s["scores"]
     for name, key in (("exact Bayes (γ = 1)", "exact_bayes"), ("forgetting filter", "forgetting")):
@@ -254,7 +255,7 @@ def _fit_table(result: PosteriorResult) -> Table:
                       f"{scores[key]['kl_bits_in_sample']:.4f}",
                       f"{scores[key]['kl_bits_out_of_sample']:.4f}" if scores["out_of_sample"] else "n/a")
     low, high = s["gamma_ci"]
-    table.caption = (f"KL = mean KL(model‖filter) bits over {s['n_marks_used']} used marks; out-of-sample ="
+    table.caption = (f"KL(model‖filter) in bits, mean over {s['n_marks_used']} used marks; out-of-sample ="
                      f" fitted on the other of {scores['n_folds']} folds of sequences. γ {int(s['gamma_ci_level'] * 100)}%"
                      f" bootstrap CI [{low:.3f}, {high:.3f}] over {s['n_sequences']} sequences"
                      f" ({s['n_bootstrap']} resamples): exact Bayes "
@@ -267,7 +268,7 @@ def _selection_text(selection: list[dict], chosen: int) -> str:
     if not selection:
         return ""
     cells = ", ".join(f"{row['n_components']}: {row['held_out_kl_bits']:.4f}" for row in selection)
-    return f" Components by held-out KL bits ({cells}): {chosen}."
+    return f" Components by held-out KL(model‖filter) bits ({cells}): {chosen}."
 
 
 SCORE_NAMES = {"exact_bayes": "exact Bayes (γ = 1), updating prior", "forgetting": "forgetting filter",
@@ -355,7 +356,7 @@ def show_template_tables(label: str, categories: list[str], tables, out: Output)
                   title_justify="left")
     first = categories[0]
     for name in ("n", "templates", "marks", f"P({first}) model", f"P({first}) Bayes", "TV to θ", "KL(θ‖model) bits",
-                 "TV to Bayes", "KL(Bayes‖model) bits"):
+                 "TV to Bayes", f"{KL_BAYES_MODEL} bits"):
         table.add_column(name, justify="right")
     for _, row in by_n.iterrows():
         cell = lambda s: f"{row[s + '_mean']:.3f} ± {row[s + '_std']:.3f}"  # noqa: E731

@@ -3,9 +3,13 @@
 Input is the long table ``llmprobe fit-posterior`` writes (Parquet, or CSV), one row per
 (mark, category). Sequences that share a source trace and a true θ form a *group*; each group is
 drawn as the mean over its sequences at every n, with a band from the 10th to the 90th percentile.
-Panels: one per category (model probability, Bayes prediction, θ), then the per-mark distances
-(total variation, KL(Bayes‖model) in bits), the entropy-collapse curve, and the probability mass
-the model puts on the category set at all.
+Small multiples: one probability panel per group (per run of neighbouring groups when there are more
+than :data:`MAX_PANELS`), in a grid with shared axes, each drawing the model probability, the Bayes
+prediction and θ for every category (for two categories only the first: the second is 1 − it).
+Then one row over all groups: the per-mark distances (total variation, KL(Bayes‖model) in bits —
+the direction of the ``kl_bits`` column, named by :data:`~llmprobe.analysis.fits.KL_BAYES_MODEL`
+everywhere it is shown), the entropy-collapse curve, and the mass the model puts on the categories.
+The y scale is linear, log, or ``auto``: log when a plotted value lies below 1 %.
 """
 
 from __future__ import annotations
@@ -31,13 +35,19 @@ from matplotlib.ticker import MaxNLocator
 from llmprobe.errors import UsageError
 from llmprobe.plots.common import check_image_output, plain_label, save_figure
 
-from llmprobe.analysis.fits import FIT_META_KEY  # noqa: E402
+from llmprobe.analysis.fits import FIT_META_KEY, KL_BAYES_MODEL
+
 FIT_COLUMNS = ("trace", "prompt_id", "sequence", "n", "category", "count", "theta", "model_prob", "bayes_prob",
                "mass", "tv", "kl_bits", "entropy_model_bits", "entropy_bayes_bits")
 MARK_KEY = ["trace", "prompt_id", "sequence", "n"]  # one mark: its rows share the per-mark columns
 MARK_METRICS = ("tv", "kl_bits", "entropy_model_bits", "entropy_bayes_bits", "mass")
 CATEGORY_METRICS = ("model_prob", "bayes_prob")
 BAND = (0.10, 0.90)
+YSCALES = ("auto", "linear", "log")
+LOG_BELOW = 0.01  # auto y scale: log when a plotted value lies below this
+MAX_PANELS = 12  # probability panels; more θ groups share panels in runs of neighbours
+PANEL_COLUMNS = 4
+MAX_BANDED_GROUPS = 3  # the overlaid bottom row draws bands only for this many groups or fewer
 HEADLINE_KEYS = {  # the fit-posterior summary's most telling entries, in this order, with display names
     "prior.kind": "prior",
     "exact_bayes.alpha0": "exact-Bayes α₀",
@@ -45,7 +55,7 @@ HEADLINE_KEYS = {  # the fit-posterior summary's most telling entries, in this o
     "forgetting.gamma": "fitted γ",
     "gamma_ci": "γ interval",
     "exact_bayes_rejected": "exact Bayes rejected",
-    "mean_kl_bits": "mean KL (bits)",
+    "mean_kl_bits": f"mean {KL_BAYES_MODEL} bits",
 }
 
 
@@ -206,86 +216,155 @@ def fit_params_line(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _colors(summary: IclSummary) -> list:
-    n = len(summary.groups)
+def _colors(n: int) -> list:
     if n == 1:
         return ["#1f4e9c"]
     cmap = colormaps["viridis"]
     return [cmap(0.9 * i / (n - 1)) for i in range(n)]
 
 
-def plot_icl(summary: IclSummary, fit_summaries: list[dict[str, Any]] | None = None) -> Figure:
-    """Category panels (model vs Bayes vs θ), then TV, KL, entropy collapse and mass against n."""
-    k = len(summary.categories)
-    per_row = min(k, 4)
-    cat_rows = math.ceil(k / per_row)
-    fig = Figure(figsize=(15.5, 3.4 * (cat_rows + 1) + 1.0), layout="constrained")
+def panel_groups(n_groups: int) -> list[list[int]]:
+    """Which groups each probability panel draws: one group a panel up to :data:`MAX_PANELS`, else
+    :data:`MAX_PANELS` runs of neighbouring groups (groups are sorted by θ)."""
+    if n_groups <= MAX_PANELS:
+        return [[g] for g in range(n_groups)]
+    return [chunk.tolist() for chunk in np.array_split(np.arange(n_groups), MAX_PANELS)]
+
+
+def shown_categories(categories: list[str]) -> list[str]:
+    """The categories with a probability curve: with two, the second is 1 − the first and is left out."""
+    return categories[:1] if len(categories) == 2 else list(categories)
+
+
+def choose_yscale(values: np.ndarray, yscale: str) -> str:
+    """``linear`` or ``log``: ``auto`` is log when any plotted positive value lies below :data:`LOG_BELOW`
+    (probabilities under 1 % are flat at the bottom of a linear axis)."""
+    if yscale != "auto":
+        return yscale
+    values = np.asarray(values, dtype=float)
+    positive = values[np.isfinite(values) & (values > 0)]
+    return "log" if positive.size and positive.min() < LOG_BELOW else "linear"
+
+
+def _log_bottom(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=float)
+    positive = values[np.isfinite(values) & (values > 0)]
+    return 10.0 ** math.floor(math.log10(positive.min())) if positive.size else LOG_BELOW
+
+
+def plot_icl(summary: IclSummary, fit_summaries: list[dict[str, Any]] | None = None, *,
+             yscale: str = "auto") -> Figure:
+    """Small multiples of P(category) against n, one panel per θ group (model vs Bayes vs θ), then TV,
+    KL, entropy collapse and mass against n for every group. ``yscale``: linear, log or auto
+    (:func:`choose_yscale`), for the probability panels and the KL panel."""
+    if yscale not in YSCALES:
+        raise UsageError(f"expected one of {', '.join(YSCALES)}, got {yscale!r}", where="--yscale")
+    shown = shown_categories(summary.categories)
+    panels = panel_groups(len(summary.groups))
+    columns = min(len(panels), PANEL_COLUMNS)
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(15.5, 2.9 * rows + 3.6 + 1.0), layout="constrained")
     outer = fig.add_gridspec(1, 2, width_ratios=[5.0, 1.0])
-    grid = outer[0].subgridspec(cat_rows + 1, 12)
-    colors = _colors(summary)
-    span = 12 // per_row
-    cat_axes = []
-    for i, category in enumerate(summary.categories):
-        r, c = divmod(i, per_row)
-        ax = fig.add_subplot(grid[r, c * span:(c + 1) * span], sharey=cat_axes[0] if cat_axes else None)
-        cat_axes.append(ax)
-        for group, color in zip(summary.groups.itertuples(), colors):
-            rows = summary.per_category[(summary.per_category["group"] == group.group)
-                                        & (summary.per_category["category"] == category)]
-            _mean_band(ax, rows[rows["metric"] == "model_prob"], color, "-", f"model_prob|{category}|{group.group}")
-            _mean_band(ax, rows[rows["metric"] == "bayes_prob"], color, "--", f"bayes_prob|{category}|{group.group}",
-                       band=False)
-            if group.theta is not None:
-                theta = group.theta[i]
-                ax.axhline(theta, color=color, linestyle=":", linewidth=1.3, gid=f"theta|{category}|{group.group}")
-        ax.set_title(f"P({plain_label(category)}) as examples accumulate", fontsize=10)
+    grid = outer[0].subgridspec(rows + 1, 12, height_ratios=[1.0] * rows + [1.25])
+    span = 12 // columns
+    group_colors = _colors(len(summary.groups))
+    category_colors = [colormaps["tab10"](i % 10) for i in range(len(shown))]
+    per_category = summary.per_category[summary.per_category["category"].isin(shown)]
+    thetas = [t[summary.categories.index(c)] for t in summary.groups["theta"] if t is not None for c in shown]
+    plotted = np.concatenate([per_category[["mean", "lo", "hi"]].to_numpy().ravel(), np.asarray(thetas, float)])
+    scale = choose_yscale(plotted, yscale)
+    first = None
+    for p, members in enumerate(panels):
+        r, c = divmod(p, columns)
+        ax = fig.add_subplot(grid[r, c * span:(c + 1) * span], sharex=first, sharey=first)
+        ax.set_gid(f"panel|{p}")
+        first = first or ax
+        for g in members:
+            group = summary.groups.iloc[g]
+            for i, category in enumerate(shown):
+                color = category_colors[i] if len(shown) > 1 else (group_colors[g] if len(members) > 1 else "#1f4e9c")
+                mine = per_category[(per_category["group"] == g) & (per_category["category"] == category)]
+                _mean_band(ax, mine[mine["metric"] == "model_prob"], color, "-", f"model_prob|{category}|{g}")
+                _mean_band(ax, mine[mine["metric"] == "bayes_prob"], color, "--", f"bayes_prob|{category}|{g}",
+                           band=False)
+                if group.theta is not None:
+                    ax.axhline(group.theta[summary.categories.index(category)], color=color, linestyle=":",
+                               linewidth=1.3, gid=f"theta|{category}|{g}")
+        ax.set_title(plain_label(_panel_title(summary, members)), fontsize=9.5)
         ax.set_xlabel("examples seen (n)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(f"P({plain_label(category)} | categories)")
+        if c == 0:
+            ax.set_ylabel(f"P({plain_label(shown[0])})" if len(shown) == 1 else "P(category)")
+        ax.set_yscale(scale)
         ax.grid(alpha=0.3)
-    # two categories mirror each other across 0.5; with more, each sits low and gets the room it needs
-    top = 1.0 if k == 2 else min(1.0, 1.15 * max(summary.per_category["hi"].max(), max(
-        (max(g) for g in summary.groups["theta"] if g is not None), default=0.0)))
-    cat_axes[0].set_ylim(-0.02 * top, top + 0.02 * top)
-    panels = [("tv", "total variation(model, Bayes)", "TV distance"),
-              ("kl_bits", "KL(Bayes ‖ model)", "KL (bits)"),
-              ("entropy", "entropy collapse (over the categories)", "entropy (bits)"),
-              ("mass", "model's mass on the categories", "P(any category)")]
-    for i, (metric, title, ylabel) in enumerate(panels):
-        ax = fig.add_subplot(grid[cat_rows, 3 * i:3 * (i + 1)])
-        for group, color in zip(summary.groups.itertuples(), colors):
-            rows = summary.per_mark[summary.per_mark["group"] == group.group]
+    top = 1.0 if len(summary.categories) == 2 else min(1.0, 1.15 * max(np.nanmax(plotted), 0.0))
+    if scale == "log":
+        first.set_ylim(_log_bottom(plotted), 1.2 * top)
+    else:
+        first.set_ylim(-0.02 * top, top + 0.02 * top)
+    metric_panels = [("tv", "total variation(model, Bayes)", "TV distance"),
+                     ("kl_bits", KL_BAYES_MODEL, f"{KL_BAYES_MODEL} (bits)"),
+                     ("entropy", "entropy collapse (over the categories)", "entropy (bits)"),
+                     ("mass", "model's mass on the categories", "P(any category)")]
+    bands = len(summary.groups) <= MAX_BANDED_GROUPS
+    for i, (metric, title, ylabel) in enumerate(metric_panels):
+        ax = fig.add_subplot(grid[rows, 3 * i:3 * (i + 1)])
+        for group, color in zip(summary.groups.itertuples(), group_colors):
+            mine = summary.per_mark[summary.per_mark["group"] == group.group]
             if metric == "entropy":
-                _mean_band(ax, rows[rows["metric"] == "entropy_model_bits"], color, "-",
-                           f"entropy_model_bits|{group.group}")
-                _mean_band(ax, rows[rows["metric"] == "entropy_bayes_bits"], color, "--",
+                _mean_band(ax, mine[mine["metric"] == "entropy_model_bits"], color, "-",
+                           f"entropy_model_bits|{group.group}", band=bands)
+                _mean_band(ax, mine[mine["metric"] == "entropy_bayes_bits"], color, "--",
                            f"entropy_bayes_bits|{group.group}", band=False)
             else:
-                _mean_band(ax, rows[rows["metric"] == metric], color, "-", f"{metric}|{group.group}")
+                _mean_band(ax, mine[mine["metric"] == metric], color, "-", f"{metric}|{group.group}", band=bands)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("examples seen (n)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
+        kl = summary.per_mark.loc[summary.per_mark["metric"] == "kl_bits", ["mean", "lo", "hi"]].to_numpy()
+        if metric == "kl_bits" and choose_yscale(kl.ravel(), yscale) == "log":
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=_log_bottom(kl.ravel()))
+        else:
+            ax.set_ylim(bottom=0)
         if metric in ("tv", "mass"):
             ax.set_ylim(top=1.02)
         ax.grid(alpha=0.3)
+    _legends(fig.add_subplot(outer[1]), summary, shown, category_colors, group_colors, bands)
+    fig.suptitle(_title(summary, fit_summaries or []), fontsize=11)
+    return fig
+
+
+def _panel_title(summary: IclSummary, members: list[int]) -> str:
+    groups = summary.groups.iloc[members]
+    if len(members) == 1:
+        return f"{groups['label'].iloc[0]} ({groups['sequences'].iloc[0]} seq.)"
+    return f"{groups['label'].iloc[0]} … {groups['label'].iloc[-1]} ({len(members)} groups)"
+
+
+def _legends(ax, summary: IclSummary, shown: list[str], category_colors: list, group_colors: list,
+             bands: bool) -> None:
+    ax.axis("off")
     style = [Line2D([], [], color="0.2", linestyle="-", label="model (mean)"),
              Patch(facecolor="0.2", alpha=0.18, label=f"model, {BAND[0]:.0%}–{BAND[1]:.0%}\nof sequences"),
              Line2D([], [], color="0.2", linestyle="--", label="Bayes posterior\npredictive (mean)"),
              Line2D([], [], color="0.2", linestyle=":", label="true θ")]
-    legend_ax = fig.add_subplot(outer[1])
-    legend_ax.axis("off")
-    first = legend_ax.legend(handles=style, loc="upper left", fontsize=8.5, frameon=False, title="lines",
-                             title_fontsize=9, alignment="left")
-    if len(summary.groups) > 1 or summary.groups["theta"].iloc[0] is not None:
-        legend_ax.add_artist(first)
-        groups = [Line2D([], [], color=c, linewidth=3, label=f"{plain_label(g.label)} ({g.sequences} seq.)")
-                  for g, c in zip(summary.groups.itertuples(), colors)]
-        legend_ax.legend(handles=groups, loc="upper left", bbox_to_anchor=(0.0, 0.66), fontsize=8.5, frameon=False,
-                         title="groups of sequences", title_fontsize=9, alignment="left")
-    fig.suptitle(_title(summary, fit_summaries or []), fontsize=11)
-    return fig
+    legends = [ax.legend(handles=style, loc="upper left", fontsize=8.5, frameon=False, title="lines",
+                         title_fontsize=9, alignment="left")]
+    if len(shown) > 1:
+        handles = [Line2D([], [], color=c, linewidth=3, label=plain_label(name)) for name, c in zip(shown, category_colors)]
+        legends.append(ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 0.7), fontsize=8.5,
+                                 frameon=False, title="categories (top panels)", title_fontsize=9, alignment="left"))
+    if len(summary.groups) > 1:
+        handles = [Line2D([], [], color=c, linewidth=3, label=f"{plain_label(g.label)} ({g.sequences} seq.)")
+                   for g, c in zip(summary.groups.itertuples(), group_colors)]
+        note = "" if bands else f"\n(bands: {MAX_BANDED_GROUPS} groups or fewer)"
+        legends.append(ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 0.7 if len(shown) == 1 else 0.45),
+                                 fontsize=8, frameon=False, title=f"groups (bottom row){note}", title_fontsize=9,
+                                 alignment="left"))
+    for legend in legends[:-1]:
+        ax.add_artist(legend)
 
 
 def _title(summary: IclSummary, fit_summaries: list[dict[str, Any]]) -> str:
@@ -305,7 +384,7 @@ def _mean_band(ax, rows: pd.DataFrame, color, linestyle: str, gid: str, band: bo
         ax.fill_between(rows["n"], rows["lo"], rows["hi"], color=color, alpha=0.18, linewidth=0, gid=gid)
 
 
-def write_icl_figure(source: str, output: str | None, *, force: bool) -> Path:
+def write_icl_figure(source: str, output: str | None, *, force: bool, yscale: str = "auto") -> Path:
     """Read a fit table, draw it, write the figure; returns the file written."""
     if output is None:
         if source == "-":
@@ -313,5 +392,5 @@ def write_icl_figure(source: str, output: str | None, *, force: bool) -> Path:
         output = str(Path(source).with_suffix("")) + ".icl.png"
     check_image_output(output, force, inputs=[source])
     fit = open_fit(source)
-    save_figure(plot_icl(summarize(fit), fit.summaries), output, replace=force)
+    save_figure(plot_icl(summarize(fit), fit.summaries, yscale=yscale), output, replace=force)
     return Path(output)

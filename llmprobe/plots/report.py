@@ -27,6 +27,7 @@ from llmprobe.errors import UsageError
 from llmprobe.files import check_new_output, write_atomic
 from llmprobe.plots.common import data_uri
 from llmprobe.plots.icl import MARK_KEY, FitTable, IclSummary, flatten_summary, open_fit, plot_icl, summarize
+from llmprobe.analysis.fits import KL_BAYES_MODEL
 from llmprobe.analysis.priors import Prior, read_prior
 from llmprobe.plots.prior import plot_prior
 from llmprobe.plots.tokens import plot_tokens, select_layer, token_grid
@@ -111,10 +112,10 @@ def fit_group_summary(fit: FitTable, summary: IclSummary | None = None) -> pd.Da
             "sequences": group.sequences,
             "marks": len(mine),
             "mean TV": float(mine["tv"].mean()),
-            "mean KL (bits)": float(mine["kl_bits"].mean()),
+            f"mean {KL_BAYES_MODEL} bits": float(mine["kl_bits"].mean()),
             "largest n": int(last["n"].iloc[0]),
             "TV at largest n": float(last["tv"].mean()),
-            "KL at largest n (bits)": float(last["kl_bits"].mean()),
+            f"{KL_BAYES_MODEL} bits at largest n": float(last["kl_bits"].mean()),
             "mean mass on categories": float(mine["mass"].mean()),
         })
     return pd.DataFrame(rows)
@@ -270,7 +271,7 @@ def _answer_section(summaries: list[dict[str, Any]]) -> list[str]:
                      f" CI {low:.3f}–{high:.3f}), prior strength α0 = {alpha0:.3g}.</p>")
         rows.append({"trace": str(s.get("trace")), "exact Bayes": verdict.split(" (")[0], "γ": gamma,
                      "γ CI low": float(low), "γ CI high": float(high), "α0": alpha0,
-                     "mean KL(Bayes‖model) bits": number(s, "mean_kl_bits"), "mean TV": number(s, "mean_tv"),
+                     f"mean {KL_BAYES_MODEL} bits": number(s, "mean_kl_bits"), "mean TV": number(s, "mean_tv"),
                      "mass on categories": number(s, "mean_mass")})
     parts.append(html_table(pd.DataFrame(rows)))
     return parts

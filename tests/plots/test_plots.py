@@ -243,7 +243,8 @@ def test_icl_figure_draws_the_summary(tmp_path):
         np.testing.assert_allclose(lines[f"model_prob|heads|{group.group}"].get_ydata(), means.to_numpy())
         np.testing.assert_allclose(lines[f"bayes_prob|heads|{group.group}"].get_ydata(),
                                    mine.groupby("n")["bayes_prob"].mean().to_numpy())
-        assert lines[f"theta|tails|{group.group}"].get_ydata()[0] == pytest.approx(group.theta[1])
+        assert lines[f"theta|heads|{group.group}"].get_ydata()[0] == pytest.approx(group.theta[0])
+        assert f"model_prob|tails|{group.group}" not in lines  # two categories: P(tails) = 1 − P(heads)
         marks = frame[frame["theta"].eq(group.theta[0])].drop_duplicates(["sequence", "n"])
         np.testing.assert_allclose(lines[f"kl_bits|{group.group}"].get_ydata(),
                                    marks.groupby("n")["kl_bits"].mean().to_numpy())

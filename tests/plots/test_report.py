@@ -151,9 +151,9 @@ def test_fit_table_is_the_fit_numbers(report_inputs):
         marks = frame[frame["theta"].eq(theta)].drop_duplicates(["sequence", "n"])  # heads rows: one per mark
         assert row["marks"] == len(marks) == 2 * 5 and row["sequences"] == 2
         assert row["mean TV"] == pytest.approx(marks["tv"].mean())
-        assert row["mean KL (bits)"] == pytest.approx(marks["kl_bits"].mean())
+        assert row["mean KL(Bayes‖model) bits"] == pytest.approx(marks["kl_bits"].mean())
         assert row["largest n"] == 4
-        assert row["KL at largest n (bits)"] == pytest.approx(marks[marks["n"] == 4]["kl_bits"].mean())
+        assert row["KL(Bayes‖model) bits at largest n"] == pytest.approx(marks[marks["n"] == 4]["kl_bits"].mean())
         assert row["mean mass on categories"] == pytest.approx(marks["mass"].mean())
 
 
@@ -237,7 +237,7 @@ def test_real_model_figures_and_report(real_loaded, tmp_path, capsysbinary, monk
         np.testing.assert_allclose(lines[f"model_prob|heads|{group.group}"].get_ydata(), mine["model_prob"])
     # the report's per-group means average (equal marks per group) to fit-posterior's own overall mean
     groups = fit_group_summary(fit)
-    assert groups["mean KL (bits)"].mean() == pytest.approx(fit.summaries[0]["mean_kl_bits"], rel=1e-9)
+    assert groups["mean KL(Bayes‖model) bits"].mean() == pytest.approx(fit.summaries[0]["mean_kl_bits"], rel=1e-9)
 
     for command in (["plot", str(trace), "--prompt", records[0].id], ["plot-prior", str(prior_path)]):
         code, _, err = run_cli([*command, "-o", str(tmp_path / "figure.png"), "--force"], capsysbinary, monkeypatch)
