@@ -52,23 +52,25 @@ def fit_prior(
                                              help="Only marks after these numbers of examples.")] = None,
     output: opt.output("Prior JSON for fit-posterior.") = None,
     as_json: Annotated[bool, typer.Option("--json", help="The prior JSON on stdout.")] = False,
+    table_format: opt.Format = "table",
     seed: opt.Seed = 0,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
     """Fit the prior over rows: a Dirichlet (mixture) over the spread of a trace's category distributions."""
+    fmt = opt.table_format(table_format, as_json)
     opt.input_path(trace_path, "trace file or directory")
     from llmprobe.analysis.fits import fit_prior as fit
     from llmprobe.analysis.marks import category_marks
-    from llmprobe.cli.views import show_fit_prior
+    from llmprobe.cli.views import fit_prior_rows, show_fit_prior
     from llmprobe.files import check_new_output, write_atomic
     from llmprobe.tracing.reader import open_trace
 
     counts = opt.parse_counts(n) if n is not None else None
     if output is not None:
         check_new_output(output, force, inputs=[trace_path])
-    prior_on_stdout = as_json or output is None and not sys.stdout.isatty()
-    out = Output(quiet, stdout_is_data=prior_on_stdout)
+    prior_on_stdout = fmt == "json" or fmt == "table" and output is None and not sys.stdout.isatty()
+    out = Output(quiet, stdout_is_data=prior_on_stdout or fmt == "tsv")
     marks = category_marks(open_trace(trace_path))
     result = fit(marks, components, max_components, from_counts, counts, seed)
     show_fit_prior(result, marks.label, out)
@@ -77,6 +79,8 @@ def fit_prior(
         write_atomic(output, document, replace=force)
     if prior_on_stdout:
         out.data_text(document)
+    elif fmt == "tsv":
+        out.data_tsv(fit_prior_rows(result))
 
 
 def fit_posterior(
@@ -95,6 +99,7 @@ def fit_posterior(
     folds: Annotated[int, typer.Option(help="Folds of sequences for the out-of-sample scores (2 or more).")] = 5,
     output: opt.output("Per-mark table, .parquet or .csv.") = None,
     as_json: opt.Json = False,
+    table_format: opt.Format = "table",
     bootstrap: opt.Bootstrap = 200,
     seed: opt.Seed = 0,
     by: Annotated[Optional[Literal["template"]], typer.Option(
@@ -107,6 +112,7 @@ def fit_posterior(
     quiet: opt.Quiet = False,
 ) -> None:
     """Does the model update like a Bayesian? The updating prior, the exact-Bayes test, baselines, a verdict."""
+    fmt = opt.table_format(table_format, as_json)
     if traces.count("-") > 1:
         raise UsageError("standard input can be read only once", where="TRACE")
     for path in traces:
@@ -118,7 +124,7 @@ def fit_posterior(
         opt.input_path(prior, "prior file")
     from llmprobe.analysis.fits import fit_posterior as fit, parse_components, write_fit_table
     from llmprobe.analysis.marks import category_marks
-    from llmprobe.cli.views import show_fit_posterior
+    from llmprobe.cli.views import fit_posterior_rows, show_fit_posterior
     from llmprobe.files import check_new_output
     from llmprobe.analysis import protocols
     from llmprobe.tracing.reader import open_trace
@@ -134,7 +140,7 @@ def fit_posterior(
         raise UsageError(f"must be 1 or more, got {max_components}", where="--max-components")
     if output is not None:
         check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior])])
-    out = Output(quiet, stdout_is_data=as_json)
+    out = Output(quiet, stdout_is_data=fmt != "table")
     results = []
     labels: set[str] = set()
     for path in traces:
@@ -148,8 +154,10 @@ def fit_posterior(
     if output is not None:
         write_fit_table(results, output, force)
         out.log(f"wrote the per-mark table to {output}")
-    if as_json:
+    if fmt == "json":
         out.data_text(json.dumps([r.summary for r in results], indent=1) + "\n")
+    elif fmt == "tsv":
+        out.data_tsv(fit_posterior_rows(results))
 
 
 def _peer_statistics(result, marks, by: Optional[str], gamma_variant: Optional[str], out: Output) -> None:

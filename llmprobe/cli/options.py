@@ -4,6 +4,7 @@ Help looks the same everywhere: values are shown as upper-case metavars (``PATH`
 choices as ``a|b|c`` (``Literal`` annotations, checked by the parser), flags bare, defaults as
 ``[default: …]`` (see :func:`llmprobe.cli.app.tidy_help`). One name per idea, everywhere: ``-o/--output`` and ``--force`` on every command that writes a file,
 ``-q/--quiet`` on every command that reports progress, ``--json`` where a command has a summary,
+``--format table|tsv|json`` on every command that prints a table (:func:`table_format`),
 ``--top-k``, ``--seed``, ``--bootstrap``, ``--n``, and the same model options (:data:`MODEL_OPTIONS`)
 on every command that loads a model. A command module uses these aliases as parameter annotations
 and so never spells an option's flags or help itself. This module is free of
@@ -31,6 +32,10 @@ def output(help: str) -> Any:
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="The summary as JSON on stdout instead of tables.")]
+TABLE_FORMATS = ("table", "tsv", "json")
+Format = Annotated[Literal["table", "tsv", "json"], typer.Option(
+    "--format", help="table: for people; tsv: a header line and tab-separated rows at full precision (tabs,"
+                     " newlines and backslashes in text escaped as \\t \\n \\\\); json: the same as --json.")]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (0 or more).")]
 Bootstrap = Annotated[int, typer.Option("--bootstrap", min=1, metavar="B", help="Bootstrap resamples.")]
 TopK = Annotated[int, typer.Option("--top-k", metavar="K", help="Candidates per position.")]
@@ -72,6 +77,15 @@ def in_panel(alias: Any, panel: str) -> Any:
     info = copy.copy(info)
     info.rich_help_panel = panel
     return Annotated[(kind, info, *rest)]
+
+
+def table_format(fmt: str, as_json: bool) -> str:
+    """The format a table-printing command writes: ``--json`` is ``--format json``; it conflicts with tsv."""
+    if fmt not in TABLE_FORMATS:
+        raise UsageError(f"expected one of {', '.join(TABLE_FORMATS)}, got {fmt!r}", where="--format")
+    if as_json and fmt == "tsv":
+        raise UsageError("--json is --format json; give one of them", where="--format")
+    return "json" if as_json else fmt
 
 
 def input_path(source: str, what: str, *, stdin: bool = True, missing: Optional[str] = None) -> str:

@@ -14,14 +14,19 @@ Off a terminal (a pipe, a file) tables are laid out at full width: rich would ot
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.text import Text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 UNLIMITED_WIDTH = 100_000  # columns a table may take off a terminal: never cut
 
@@ -42,6 +47,10 @@ class Output:
     def data_text(self, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
+
+    def data_tsv(self, frame: pd.DataFrame) -> None:
+        """``--format tsv``: the table's columns as a header line, then one line per row (:func:`tsv_text`)."""
+        self.data_text(tsv_text(frame))
 
     @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
@@ -89,6 +98,38 @@ def _console(*, stderr: bool, quiet: bool) -> Console:
     if not console.is_terminal:
         console.width = UNLIMITED_WIDTH
     return console
+
+
+def tsv_text(frame: pd.DataFrame) -> str:
+    """Tab-separated values at full precision: floats as Python's shortest round-trip repr, missing values
+    empty, booleans ``true``/``false``, lists and dicts as JSON, and in text ``\\``, tab, newline and carriage
+    return escaped as ``\\\\``, ``\\t``, ``\\n``, ``\\r``, other control characters and line separators
+    as ``\\uXXXX`` (so every row is one line with one tab between cells, however lines are split)."""
+    lines = ["\t".join(_tsv_cell(str(c)) for c in frame.columns)]
+    lines += ["\t".join(_tsv_cell(v) for v in row) for row in frame.itertuples(index=False, name=None)]
+    return "\n".join(lines) + "\n"
+
+
+def _tsv_cell(value: Any) -> str:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars: Python lists and numbers
+        value = value.tolist()
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)  # ASCII: no raw line separator inside a cell
+    if value is None or type(value).__name__ == "NAType" or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return "".join(TSV_ESCAPES.get(ch) or (f"\\u{ord(ch):04x}" if _breaks_lines(ch) else ch) for ch in str(value))
+
+
+TSV_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _breaks_lines(ch: str) -> bool:
+    """Control characters and the Unicode line separators (str.splitlines splits on several of them)."""
+    return ord(ch) < 0x20 or 0x7f <= ord(ch) <= 0x9f or ch in "\u2028\u2029"
 
 
 def error_line(message: str) -> None:

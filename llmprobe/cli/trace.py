@@ -113,13 +113,15 @@ def inspect(
     prompt: Annotated[Optional[str], typer.Option(metavar="ID", help="Only this prompt id.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="Candidates shown per position.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout instead of tables.")] = False,
+    table_format: opt.Format = "table",
     quiet: opt.Quiet = False,
 ) -> None:
     """Show a trace position by position: token, top candidates, the actual next token, entropy."""
     if top_k < 1:
         raise UsageError("must be 1 or more", where="--top-k")
+    fmt = opt.table_format(table_format, as_json)
     opt.input_path(trace_path, "trace file or directory")
-    from llmprobe.cli.views import show_trace
+    from llmprobe.cli.views import show_trace, trace_rows
     from llmprobe.tracing.reader import read_trace
 
     frame = read_trace(trace_path)
@@ -127,24 +129,34 @@ def inspect(
         frame = frame[frame["prompt_id"] == prompt]
         if frame.empty:
             raise UsageError(f"no prompt with id {prompt!r} in the trace", where="--prompt")
-    show_trace(frame, top_k, as_json, Output(quiet, stdout_is_data=as_json))
+    out = Output(quiet, stdout_is_data=fmt != "table")
+    if fmt == "tsv":
+        out.data_tsv(trace_rows(frame, top_k))
+    else:
+        show_trace(frame, top_k, fmt == "json", out)
 
 
 def models(
     prune: Annotated[bool, typer.Option("--prune", help="Remove duplicate, orphaned and half-made conversions first.")]
     = False,
     as_json: opt.Json = False,
+    table_format: opt.Format = "table",
     quiet: opt.Quiet = False,
 ) -> None:
     """The default model and the cached GGUF conversions (keyed by the GGUF's sha256)."""
-    from llmprobe.cli.views import show_models, show_pruned
+    fmt = opt.table_format(table_format, as_json)
+    from llmprobe.cli.views import models_rows, show_models, show_pruned
     from llmprobe.model.loading import inventory, prune_conversions
 
-    out = Output(quiet, stdout_is_data=as_json)
+    out = Output(quiet, stdout_is_data=fmt != "table")
     removed = prune_conversions() if prune else None
-    if removed is not None and not as_json:
+    if removed is not None and fmt != "json":
         show_pruned(removed, out)
-    show_models({**inventory(), **({"pruned": removed} if removed is not None else {})}, as_json, out)
+    listing = {**inventory(), **({"pruned": removed} if removed is not None else {})}
+    if fmt == "tsv":
+        out.data_tsv(models_rows(listing))
+    else:
+        show_models(listing, fmt == "json", out)
 
 
 def version() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pandas as pd
 from rich.markup import escape
@@ -374,3 +375,58 @@ def show_peer_gamma(label: str, fit, out: Output) -> None:
         table.add_column(name, justify="right" if name != "variant" else "left")
     table.add_row("gupta", f"{fit.gamma:.3f}", f"{fit.mean_abs_error:.4f}", str(fit.n_positions), str(fit.n_marks))
     out.show(table)
+
+
+# ------------------------------------------------------------------------------------------ --format tsv
+# The same results as the tables above, one row per table row, every number at full precision; each
+# command writes one table (docs/cli.md names which); everything else is in its JSON.
+def trace_rows(frame: pd.DataFrame, top: int) -> pd.DataFrame:
+    """``inspect --format tsv``: one row per position (and layer), the top candidates as columns."""
+    rows = []
+    for row in frame.itertuples(index=False):
+        record = _row_json(row, top)
+        candidates = record.pop("top")
+        for i in range(top):
+            candidate = candidates[i] if i < len(candidates) else {"token": None, "id": None, "prob": None}
+            record.update({f"top{i + 1}_token": candidate["token"], f"top{i + 1}_id": candidate["id"],
+                           f"top{i + 1}_prob": candidate["prob"]})
+        rows.append(record)
+    table = pd.DataFrame(rows)
+    integers = ["next_rank", *[f"top{i + 1}_id" for i in range(top)]]
+    return table.astype({c: "Int64" for c in integers if c in table.columns})  # missing stays missing, not 2.0
+
+
+def models_rows(inventory: dict) -> pd.DataFrame:
+    """``models --format tsv``: the cached conversions (the default model's record is in the JSON)."""
+    columns = ["source", "source_sha256", "quantization", "bytes", "converted_utc", "path"]
+    return pd.DataFrame([{c: entry.get(c) for c in columns} for entry in inventory["cached"]], columns=columns)
+
+
+def fit_prior_rows(result: dict) -> pd.DataFrame:
+    """``fit-prior --format tsv``: one row per mixture component (the BIC selection is in the JSON)."""
+    mixture, categories = result["mixture"], result["categories"]
+    rows = []
+    for j, (w, a0, mean, alpha) in enumerate(zip(mixture["weights"], mixture["concentrations"], mixture["means"],
+                                                 mixture["alphas"])):
+        rows.append({"component": j + 1, "weight": w, "alpha0": a0, **{f"mean_{c}": m for c, m in zip(categories, mean)},
+                     **{f"alpha_{c}": a for c, a in zip(categories, alpha)}})
+    return pd.DataFrame(rows)
+
+
+def fit_posterior_rows(results: list[PosteriorResult]) -> pd.DataFrame:
+    """``fit-posterior --format tsv``: the per-n table, long (one row per trace, layout, n, category)."""
+    return pd.concat([r.by_n for r in results], ignore_index=True)
+
+
+def continuity_rows(result: ContinuityResult) -> pd.DataFrame:
+    """``continuity --format tsv``: measure and value, one row per number of the result."""
+    values = asdict(result)
+    rows = [(name, value) for name, value in values.items() if name != "by_kind"]
+    for kind in values["by_kind"]:
+        rows += [(f"{kind['kind']}.{name}", value) for name, value in kind.items() if name != "kind"]
+    return pd.DataFrame(rows, columns=["measure", "value"], dtype=object)
+
+
+def martingale_rows(results: list[MartingaleResult], alpha: float) -> pd.DataFrame:
+    """``martingale --format tsv``: one row per n, with the verdict at ``alpha``."""
+    return pd.DataFrame([{**asdict(r), "rejected": r.rejected(alpha)} for r in results])
