@@ -74,3 +74,24 @@ def test_plot_layers_labels_the_answer(tiny_model_dir, tmp_path, capsysbinary, m
     code, _, err = run_cli(["plot-layers", str(path), "-o", str(tmp_path / "layers.png")], capsysbinary, monkeypatch)
     assert code == 0, err
     assert "after the last token the answer" in err and (tmp_path / "layers.png").stat().st_size > 0
+
+
+@pytest.mark.real_model
+def test_real_model_answer_column_is_paris(real_loaded, tmp_path):
+    """SmolLM2: after "The capital of France is" the answer " Paris" forms only in the last layers."""
+    from llmprobe.tracing.engine import Tracer, TraceSettings
+    from llmprobe.tracing.writer import open_trace_sink
+    from tests.plots.fixtures import text_records
+
+    path = tmp_path / "lens.parquet"
+    tracer = Tracer(real_loaded, TraceSettings(top_k=5, targets=[" Paris"], layers="20,26,28"))
+    records = text_records(["The capital of France is"])
+    with open_trace_sink(str(path), "parquet", tracer.schema, tracer.metadata(), tracer.vocab) as sink:
+        for batch in tracer.trace(records):
+            sink.write(batch)
+    target_ids = [t["token_ids"][0] for t in open_trace(path).meta["targets"]]
+    frame, (layers, positions, probs, answers) = grid_of(path, target_ids)
+    assert answers == {int(positions[-1]): " Paris"} and np.isfinite(probs[:, -1]).all()  # exact, via the target
+    assert list(layers) == [20, 26, 28, 29]  # the output layer is always included
+    assert probs[-1, -1] == pytest.approx(0.773, abs=0.01) and probs[:2, -1].max() < 0.01  # docs/analyses.md
+    assert probs[2, -1] == pytest.approx(0.070, abs=0.01)
