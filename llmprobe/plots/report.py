@@ -243,8 +243,9 @@ def _fit_section(fit: FitTable, image_format: str) -> list[str]:
     summary = summarize(fit)
     parts = ["<h2>In-context learning against the Bayesian posterior predictive</h2>",
              _figure(data_uri(plot_icl(summary, fit.summaries), image_format, REPORT_DPI), "in-context learning curves",
-                     "Mean over sequences (band: 10th–90th percentile) of the model's probability for each category, "
-                     "the Bayesian prediction and the true θ; distances, entropy and mass below."),
+                     "One panel per θ: mean over sequences (band: 10th–90th percentile) of the model's probability "
+                     "(with two categories, of the first), the Bayesian prediction and the true θ; below, over all "
+                     f"groups, TV, {KL_BAYES_MODEL}, entropy and mass."),
              html_table(fit_group_summary(fit, summary))]
     return parts
 
