@@ -57,6 +57,31 @@ def coin_records(layout: str, n_max: int, sequences: int = 1, theta: float | Non
         path.unlink()
 
 
+def fixed_length_records(tokenizer, tokens: int, count: int, seed: int = 0) -> list:
+    """``count`` coin-flip prompts of exactly ``tokens`` tokens each (no padding in a batch of them)."""
+    import random
+
+    from llmprobe.tracing.prompts import read_prompts
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        text = "I just flipped a coin, and it came up heads"
+        while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < tokens + 4:
+            text += rng.choice([", then heads", ", then tails"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+        text = tokenizer.decode(ids)
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) != tokens:
+            raise RuntimeError(f"could not make a prompt of exactly {tokens} tokens")
+        lines.append(text)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmprobe-bench-{os.getpid()}-fixed.txt"
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        return read_prompts(str(path))
+    finally:
+        path.unlink()
+
+
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int,
                 warm_up: tuple[str, ...] | None = None) -> dict[str, list[float]]:
     """Seconds of each run per repeat, alternating the order every repeat, after one untimed run of

@@ -2,9 +2,10 @@
 
 :func:`split_causal_lm` returns the final norm and an :class:`OutputHead` for the models whose logits
 are exactly ``lm_head(norm(last decoder layer))`` — no soft-capping, scaling or other step between
-them. The tracer then runs the model's own forward with ``logits_to_keep=1`` (the model projects only
-the last position), captures the final norm's output with a forward hook, and applies the head to a
-block of positions at a time, so ``[B, T, V]`` logits never exist. The model's forward and the head
+them. The tracer then runs the model's own forward with ``logits_to_keep`` set so that the model projects
+no position (or only the last, to choose a generated token), captures the final norm's output with a
+forward hook, and applies the head itself, a vocabulary tile of a pass of positions at a time, so
+``[B, T, V]`` logits never exist. The model's forward and the head
 module keep accelerate's hooks (device maps, disk offload) in force: the head runs wherever accelerate
 put it.
 
@@ -80,33 +81,57 @@ class Unembed(torch.nn.Module):
 class OutputHead:
     """The output head as a function of final-normed hidden rows ``[n, H] -> [n, V]``.
 
-    A plain in-memory ``nn.Linear`` without bias is applied as one matrix product into a buffer the
-    caller reuses (no fresh ``n x V`` allocation, so no page faults, per block); a head under an
-    accelerate hook (offloaded, or on another device), or one with torch hooks, is called as a module on
-    ``[1, n, H]``, so the hooks place it or see its input.
+    A plain in-memory ``nn.Linear`` without bias is ``tileable``: :meth:`logits` makes any vocabulary
+    slice of the logits as one matrix product into a buffer the caller reuses (no fresh allocation, so
+    no page faults, per tile), and :meth:`token_logits` one entry per row directly. A head under an
+    accelerate hook (offloaded, or on another device), or one with torch hooks while ``call_hooks``, is
+    called as a module on ``[1, n, H]``, so the hooks place it or see its input. ``call_hooks=False``
+    (the logit lens) calls the module's ``forward`` instead: accelerate's placement, which replaces
+    ``forward``, still applies, but the trace's own hooks on the head do not see a lens pass.
     """
 
-    def __init__(self, head: torch.nn.Linear) -> None:
+    def __init__(self, head: torch.nn.Linear, call_hooks: bool = True) -> None:
         self.module = head
+        self.call_hooks = call_hooks
         self.vocab_size = int(head.weight.shape[0])
-        self._direct = (getattr(head, "_hf_hook", None) is None and head.bias is None
-                        and head.weight.device.type != "meta")
+        self._plain = (getattr(head, "_hf_hook", None) is None and getattr(head, "bias", None) is None
+                       and head.weight.device.type != "meta")
 
     @property
     def device(self) -> torch.device:
         return self.module.weight.device
 
-    def __call__(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        hooked = bool(self.module._forward_pre_hooks or self.module._forward_hooks)
-        if self._direct and not hooked and out is not None and rows.device == out.device and rows.dtype == out.dtype:
-            return torch.mm(rows.to(self.module.weight.device), self.module.weight.t(), out=out[: rows.shape[0]])
-        return self.module(rows[None]).squeeze(0)  # as the model calls it, [1, n, H], so its hooks see that
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.weight.dtype
+
+    @property
+    def tileable(self) -> bool:
+        hooked = self.call_hooks and bool(self.module._forward_pre_hooks or self.module._forward_hooks)
+        return self._plain and not hooked
+
+    def logits(self, rows: torch.Tensor, first: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of vocabulary entries ``first .. stop`` for ``[n, H]`` rows (``tileable`` heads only)."""
+        weight = self.module.weight
+        return torch.mm(rows.to(weight.device, weight.dtype), weight[first:stop].t(), out=out)
+
+    def token_logits(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Row i's logit of token ``ids[i]``, computed in float64 and rounded to the head's dtype, as float32."""
+        weight = self.module.weight
+        exact = (rows.to(weight.device).double() * weight[ids.to(weight.device)].double()).sum(-1)
+        return exact.to(weight.dtype).float()
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.tileable:
+            return self.logits(rows, 0, self.vocab_size)
+        call = self.module if self.call_hooks else self.module.forward
+        return call(rows[None]).squeeze(0)  # as the model calls it, [1, n, H], so its hooks see that
 
 
 class CausalLMParts:
     """What the tracer needs to apply the head itself: the final norm, whose output it captures while
-    the model's own forward runs with ``logits_to_keep=1`` (so the model projects only the last position),
-    and the output head it then applies to blocks of the captured final-normed hidden states."""
+    the model's own forward runs with ``logits_to_keep`` (so the model projects at most the last position),
+    and the output head it then applies to the captured final-normed hidden states."""
 
     def __init__(self, norm: torch.nn.Module, head: torch.nn.Linear) -> None:
         self.norm = norm

@@ -6,10 +6,11 @@ of one prompt at a time), optionally continues with KV-cached generation, scores
 at marks, and emits one :class:`pyarrow.RecordBatch` per batch of prompts.
 
 The full ``[batch, length, vocabulary]`` logits never exist. The engine runs the model's forward with
-``logits_to_keep=1``, captures the final norm's output (:func:`llmprobe.model.structure.split_causal_lm`)
-and sends those hidden states through the output head a block of positions at a time, each block
-reduced at once (:meth:`llmprobe.tracing.hooks.LogitReducer.reduce_hidden`; padding positions skip
-the head). The same path serves the output layer, the logit lens, generation steps and multi-token
+``logits_to_keep`` set so that it projects no position (the last one only where a generated token is
+chosen from it), captures the final norm's output (:func:`llmprobe.model.structure.split_causal_lm`)
+and sends those hidden states through the output head itself, a pass of positions at a time, each
+pass's logits made and reduced one cache-sized vocabulary tile at a time
+(:meth:`llmprobe.tracing.hooks.LogitReducer.reduce_hidden`; padding positions skip the head). The same path serves the output layer, the logit lens, generation steps and multi-token
 targets; prompt embeddings are read off the captured final-normed states. A model that cannot be
 split that way is traced through a hook on its output head instead (its own forward then holds the
 logits), with a one-line notice.
@@ -430,11 +431,13 @@ class Tracer:
             capture.next_ids = next_ids
             out = self.model(**kwargs)
             return capture.pop(), _cache_of(out), None
+        # the model projects the last position only when a token is to be chosen from it, else none
+        keep = 1 if keep_last else torch.empty(0, dtype=torch.long, device=input_ids.device)
         with self.parts.final_hidden() as found:
-            out = self.model(**kwargs, logits_to_keep=1)  # the model projects the last position only
+            out = self.model(**kwargs, logits_to_keep=keep)
         (hidden,) = found
         stats = self.reducer.reduce_hidden(self.parts.head, hidden, next_ids)
-        stats.last_logits = out.logits[:, -1, :]
+        stats.last_logits = out.logits[:, -1, :] if keep_last else None
         return stats, _cache_of(out), hidden
 
     def _rows_from_stats(self, stats, b: int, cols: slice, first_position: int, phase: str,
@@ -666,7 +669,7 @@ def continuation_logprobs(model, device, pad_id: int, items: list[tuple[list[int
             unembed = lambda row, cols: logits[row, cols]  # noqa: E731
         else:
             with parts.final_hidden() as found:
-                model(**inputs, logits_to_keep=1)
+                model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
             hidden = found[0]
             unembed = lambda row, cols: parts.head(hidden[row, cols])  # noqa: E731
         width = input_ids.shape[1]

@@ -55,30 +55,56 @@ class StepStats:
 class LogitReducer:
     """Turns logits into :class:`StepStats`; shared by the output head, the logit lens and generation.
 
-    Two entry points share one block-wise reduction: :meth:`reduce_hidden` applies an output head to a
-    block of hidden rows at a time and reduces each block at once (the engine's path: no ``[B, T, V]``
-    tensor ever exists), :meth:`reduce` reduces logits the model already produced (the hook path, for
-    models that cannot be split). ``chunk_positions`` bounds the positions reduced at once on a GPU.
+    Two entry points share one running reduction (:class:`_Running`): :meth:`reduce_hidden` applies an
+    output head to hidden rows itself (the engine's path: no ``[B, T, V]`` tensor ever exists) and
+    :meth:`reduce` reduces logits the model already produced (the hook path, for models that cannot be
+    split). ``chunk_positions`` bounds the hidden rows sent through the head at once.
     """
 
-    TOPK_BLOCK = 32  # vocabulary entries per group of the group-maximum top-k (see block_topk)
-    CPU_BLOCK_BYTES = 4 << 20  # float32 working set per pass on the CPU: about a core's share of cache
-    CPU_HEAD_BLOCK_BYTES = 32 << 20  # logits per output-head product on the CPU (rows enough to amortize W)
-    RANK_FROM_TOPK_ON = ("cpu",)  # on a GPU a full comparison is cheaper than the shortcut's host sync
+    TOPK_BLOCK = 16  # vocabulary entries per group of the group-maximum top-k (see top_candidates)
+    CPU_BLOCK_BYTES = 4 << 20  # float32 working set per pass over whole rows on the CPU: a core's share of cache
+    CPU_TILE_BYTES = 3 << 20  # one tile of head logits on the CPU, [rows, vocabulary slice]: reduced in cache
+    TILE_ALIGN = 256  # tile widths are multiples of this
+    RANK_FROM_TOPK_ON = ("cpu",)  # on a GPU a full comparison is cheaper than skipping rows (a host sync)
 
     def __init__(self, top_k: int, target_first_ids: list[int] | None = None, chunk_positions: int = 512) -> None:
         self.top_k = top_k
         self.target_first_ids = target_first_ids or None
         self.chunk_positions = chunk_positions
+        self._buffers: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def head_rows(self, device: torch.device, vocab: int) -> int:
-        """Hidden rows sent through the output head at once: the most that keep its logits small."""
-        if device.type == "cpu":
-            return min(self.chunk_positions, max(self._step(device, vocab), self.CPU_HEAD_BLOCK_BYTES // (4 * vocab)))
-        return self.chunk_positions
+    def head_plan(self, device: torch.device, vocab: int) -> tuple[int, int]:
+        """(hidden rows per pass over the head's weight, vocabulary entries per tile of a pass's logits).
 
-    def _step(self, device: torch.device, vocab: int) -> int:
-        """Rows reduced per pass over the vocabulary."""
+        On the CPU a pass streams the whole weight from memory (113 MB for the default model), so a
+        pass takes ``chunk_positions`` rows and makes its logits one vocabulary tile at a time, each
+        small enough to be reduced while in cache. Tile widths are multiples of :data:`TILE_ALIGN`:
+        the matrix product is up to 1.5x slower at ragged widths. On a GPU a tile is the whole vocabulary.
+        """
+        rows = self.chunk_positions
+        if device.type != "cpu":
+            return rows, vocab
+        width = self.CPU_TILE_BYTES // (4 * rows) // self.TILE_ALIGN * self.TILE_ALIGN
+        return rows, min(vocab, max(width, self._narrowest_tile()))
+
+    def _narrowest_tile(self) -> int:
+        """The narrowest tile: wide enough for the group-maximum top-k (see :func:`top_candidates`)."""
+        return -(-2 * self.TOPK_BLOCK * self.top_k // self.TILE_ALIGN) * self.TILE_ALIGN
+
+    def work_buffers(self, device: torch.device, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Flat buffers of at least ``size`` elements, kept between calls (a fresh multi-megabyte buffer per
+        block costs page faults): two float32 working copies, a boolean one, a float32 copy of
+        lower-precision logits and a tile of logits in the head's dtype."""
+        kept = self._buffers.get(device)
+        if kept is None or kept[0].numel() < size or kept[4].dtype != dtype:
+            float32 = lambda: torch.empty(size, device=device)  # noqa: E731
+            kept = (float32(), float32(), torch.empty(size, dtype=torch.bool, device=device),
+                    float32() if dtype != torch.float32 else None, torch.empty(size, dtype=dtype, device=device))
+            self._buffers[device] = kept
+        return kept
+
+    def _row_step(self, device: torch.device, vocab: int) -> int:
+        """Rows of whole-vocabulary logits reduced per pass."""
         if device.type == "cpu":
             return max(1, min(self.chunk_positions, self.CPU_BLOCK_BYTES // (4 * vocab)))
         return self.chunk_positions
@@ -90,64 +116,126 @@ class LogitReducer:
         flat = logits.reshape(batch * length, vocab)
         sink = _Reduction(self, batch, length, next_ids)
         for first, stop in sink.runs:
-            sink.add(first, flat[first:stop])
+            sink.add_rows(first, flat[first:stop])
         return sink.stats(last_logits=logits[:, -1, :])
 
     @torch.inference_mode()
     def reduce_hidden(self, head, hidden: torch.Tensor, next_ids: torch.Tensor | None,
                       keep_last: bool = False) -> StepStats:
         """Statistics of ``head(hidden)`` for ``[B, T, H]`` final-normed hidden states, never holding
-        more than one block of logits: ``head(rows, out=buffer)`` maps ``[n, H]`` to ``[n, V]`` logits
-        (:class:`llmprobe.model.structure.OutputHead`, or the logit lens's unembedding). Padding
-        positions are not sent through the head at all. ``keep_last``: also return the logits of
-        each row's last position (for choosing a generated token)."""
+        more than one tile of logits. ``head`` is an :class:`llmprobe.model.structure.OutputHead`: when
+        it is ``tileable`` it makes a pass's logits a vocabulary slice at a time
+        (``head.logits(rows, first, stop, out)``), otherwise a block of rows at a time (``head(rows)``).
+        Padding positions are not sent through the head at all. ``keep_last``: also return the logits
+        of each row's last position (for choosing a generated token)."""
         batch, length, width = hidden.shape
         flat = hidden.reshape(batch * length, width)
-        vocab = head.vocab_size
-        rows = self.head_rows(flat.device, vocab)
-        buffer = None
         sink = _Reduction(self, batch, length, next_ids)
+        rows, width = self.head_plan(flat.device, head.vocab_size)
         for first, stop in sink.runs:
             for s in range(first, stop, rows):
                 e = min(s + rows, stop)
-                if buffer is None:
-                    buffer = torch.empty(min(rows, stop - s), vocab, dtype=flat.dtype, device=flat.device)
-                elif buffer.shape[0] < e - s:
-                    buffer = torch.empty(rows, vocab, dtype=flat.dtype, device=flat.device)
-                sink.add(s, head(flat[s:e], out=buffer))
+                if head.tileable:
+                    sink.add_tiles(s, flat[s:e], head, width)
+                else:
+                    sink.add_rows(s, head(flat[s:e]))
         return sink.stats(last_logits=head(hidden[:, -1, :].contiguous()) if keep_last else None)
 
-    def _reduce_rows(self, rows: torch.Tensor, next_ids: torch.Tensor | None,
-                     work: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        n = rows.shape[0]
-        x = rows.float().contiguous()  # a copy of this chunk only when the model runs in (b)float16
-        top_values, top_ids = block_topk(x, self.top_k, self.TOPK_BLOCK)
-        peak = top_values[:, 0]
-        y = torch.sub(x, peak[:, None], out=work[0][:n])  # <= 0, so exp cannot overflow
-        # exp(y) as exp2(y log2 e): torch's exp2 kernel is about twice as fast as exp on the CPU
-        e = torch.exp2(torch.mul(y, LOG2_E, out=work[1][:n]), out=work[1][:n])
-        total = e.sum(-1)
-        log_total = total.log()
-        lse = peak + log_total
-        # H = -sum p log p with p = e / total and log p = y - log total; e * y goes into y's buffer
-        entropy = log_total - torch.mul(e, y, out=y).sum(-1) / total
-        top_lp = top_values - lse[:, None]
-        if next_ids is None:
+
+class _Running:
+    """Statistics of ``n`` rows accumulated over vocabulary tiles seen left to right (an online softmax).
+
+    Kept per row: the running maximum ``peak``; ``total`` = Σ exp(z - peak) and ``spread`` =
+    Σ exp(z - peak) (z - peak), both rescaled when the peak rises, so the log-normalizer is
+    ``peak + log total`` and the entropy ``log total - spread / total``; the running top-k, merged with
+    each tile's; the logits of the next token and of the targets as their tiles pass; and the number
+    of entries above the next token's logit. A token that ends in the top-k is ranked from the top-k
+    values, exactly. For the others, the token's own tile is compared with the token's logit and every
+    other tile with ``threshold``: the same logit computed directly and rounded to the logits' dtype,
+    so an entry that ties the token's logit to within float rounding — where two matrix-product
+    kernels disagree too — can count either way. A single tile spanning the whole vocabulary (the
+    hook path; a GPU) is the plain reduction: nothing merged, no threshold.
+    """
+
+    def __init__(self, reducer: LogitReducer, next_ids: torch.Tensor | None, n: int, device: torch.device,
+                 threshold: torch.Tensor | None = None) -> None:
+        self.reducer, self.threshold = reducer, threshold
+        self.valid = None if next_ids is None else next_ids >= 0
+        self.ids = None if next_ids is None else next_ids.clamp(min=0)
+        self.peak = self.total = self.spread = self.top_values = self.top_ids = None
+        self.own = torch.full((n,), float("nan"), device=device)
+        self.larger = torch.zeros(n, dtype=torch.int32, device=device)
+        self.targets = torch.full((n, len(reducer.target_first_ids or ())), float("nan"), device=device)
+
+    def add(self, logits: torch.Tensor, first: int, vocab: int, work: tuple[torch.Tensor, ...]) -> None:
+        """Fold in the ``[n, w]`` logits of vocabulary entries ``first .. first + w`` (of ``vocab``)."""
+        n, w = logits.shape
+        stop = first + w
+        x = logits if logits.dtype == torch.float32 else _view(work[3], n, w).copy_(logits)
+        k = self.reducer.top_k
+        floor = None if self.top_values is None else self.top_values[:, -1]
+        values, ids, tile_peak = top_candidates(x, k, self.reducer.TOPK_BLOCK, floor)
+        if self.top_values is not None:
+            values, ids = torch.cat([self.top_values, values], 1), torch.cat([self.top_ids, ids + first], 1)
+        if values.shape[1] > k:
+            values, where = values.topk(k, dim=-1)
+            ids = ids.gather(1, where)
+        self.top_values, self.top_ids = values, ids
+        peak = tile_peak if self.peak is None else torch.maximum(self.peak, tile_peak)
+        # exp(x - peak) as exp2(u) with u = (x - peak) log2 e, made in one pass: torch's exp2 kernel is
+        # about twice as fast as exp on the CPU; u <= 0, so it cannot overflow
+        u = torch.add((-LOG2_E * peak)[:, None], x, alpha=LOG2_E, out=_view(work[0], n, w))
+        e = torch.exp2(u, out=_view(work[1], n, w))
+        total, spread = e.sum(-1), torch.mul(e, u, out=u).sum(-1) / LOG2_E  # e * u goes into u's buffer
+        if self.peak is not None:
+            shift = self.peak - peak  # <= 0: the earlier sums, taken against a lower peak, shrink
+            scale = shift.exp()
+            total, spread = total + scale * self.total, spread + scale * (self.spread + shift * self.total)
+        self.peak, self.total, self.spread = peak, total, spread
+        for j, target in enumerate(self.reducer.target_first_ids or ()):
+            if first <= target < stop:
+                self.targets[:, j] = x[:, target - first]
+        if self.valid is not None:
+            self._count_larger(x, first, stop == vocab, tile_peak, work[2])
+
+    def _count_larger(self, x: torch.Tensor, first: int, last: bool, tile_peak: torch.Tensor,
+                      buffer: torch.Tensor) -> None:
+        n, w = x.shape
+        inside = self.valid & (self.ids >= first) & (self.ids < first + w)
+        own = x.gather(1, (self.ids - first).clamp(0, w - 1)[:, None]).squeeze(1)
+        self.own = torch.where(inside, own, self.own)
+        threshold = self.own if self.threshold is None else torch.where(inside, own, self.threshold)
+        if x.device.type not in self.reducer.RANK_FROM_TOPK_ON:
+            larger = torch.gt(x, threshold[:, None], out=_view(buffer, n, w)).sum(-1, dtype=torch.int32)
+            self.larger += torch.where(self.valid, larger, 0)
+            return
+        need = self.valid & (tile_peak > threshold)  # where the token tops the tile there is nothing to count
+        if last:
+            need &= ~(self.top_ids == self.ids[:, None]).any(-1)  # ranked from the top-k instead
+        rows = need.nonzero().squeeze(-1)
+        if len(rows):
+            larger = torch.gt(x.index_select(0, rows), threshold[rows, None], out=_view(buffer, len(rows), w))
+            self.larger.index_add_(0, rows, larger.sum(-1, dtype=torch.int32))
+
+    def result(self) -> tuple[torch.Tensor, ...]:
+        """(log-normalizer, entropy, top-k ids, top-k log-probs, next log-prob, next rank, target log-probs)."""
+        log_total = self.total.log()
+        lse = self.peak + log_total
+        entropy = log_total - self.spread / self.total
+        if self.valid is None:
             next_lp = torch.full_like(lse, float("nan"))
             next_rank = torch.zeros_like(lse, dtype=torch.long)
-        elif x.device.type in self.RANK_FROM_TOPK_ON:
-            next_lp, next_rank = _logprob_and_rank_via_topk(x, lse, next_ids, top_values, top_ids, work[2])
         else:
-            next_lp, next_rank = token_logprob_and_rank(x, lse, next_ids, out=work[2][:n])
-        if self.target_first_ids:
-            target_lp = x[:, self.target_first_ids] - lse[:, None]
-        else:
-            target_lp = lse[:, None][:, :0]
-        return lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp
+            in_top = (self.top_ids == self.ids[:, None]).any(-1)
+            from_top = (self.top_values > self.own[:, None]).sum(-1, dtype=torch.int32)
+            rank = torch.where(in_top, from_top, self.larger).long() + 1
+            next_lp = torch.where(self.valid, self.own - lse, float("nan"))
+            next_rank = torch.where(self.valid, rank, 0)
+        return lse, entropy, self.top_ids, self.top_values - lse[:, None], next_lp, next_rank, self.targets - lse[:, None]
 
 
 class _Reduction:
-    """The output tensors of one reduction, filled block by block at flat position offsets."""
+    """The output tensors of one reduction, filled a block of rows at a time at flat position offsets."""
 
     def __init__(self, reducer: LogitReducer, batch: int, length: int, next_ids: torch.Tensor | None) -> None:
         self.reducer, self.shape = reducer, (batch, length)
@@ -155,33 +243,59 @@ class _Reduction:
         self.next_ids = None if next_ids is None else next_ids.reshape(-1)
         self.runs = _live_runs(self.next_ids, self.total)
         self.out: tuple[torch.Tensor, ...] | None = None
-        self.work: tuple[torch.Tensor, ...] | None = None
-        self.step = 0
 
-    def _allocate(self, device: torch.device, vocab: int) -> None:
-        total, k = self.total, self.reducer.top_k
-        n_targets = len(self.reducer.target_first_ids or [])
-        nan = float("nan")
-        self.out = (torch.full((total,), nan, device=device), torch.full((total,), nan, device=device),
-                    torch.zeros((total, k), dtype=torch.long, device=device), torch.full((total, k), nan, device=device),
-                    torch.full((total,), nan, device=device), torch.zeros((total,), dtype=torch.long, device=device),
-                    torch.full((total, n_targets), nan, device=device))
-        self.step = min(self.reducer._step(device, vocab), self.total)
-        self.work = (torch.empty(self.step, vocab, dtype=torch.float32, device=device),
-                     torch.empty(self.step, vocab, dtype=torch.float32, device=device),
-                     torch.empty(self.step, vocab, dtype=torch.bool, device=device))
-        if self.next_ids is not None:
-            self.next_ids = self.next_ids.to(device)
-
-    def add(self, offset: int, logits: torch.Tensor) -> None:
-        """Reduce ``[n, V]`` logits of flat positions ``offset .. offset + n``, a cache-sized block at a time."""
+    def _prepare(self, device: torch.device, rows: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Allocate the output tensors (once) and return work buffers of at least ``rows x width``."""
         if self.out is None:
-            self._allocate(logits.device, logits.shape[1])
-        for s in range(0, logits.shape[0], self.step):
-            e = min(s + self.step, logits.shape[0])
-            nxt = None if self.next_ids is None else self.next_ids[offset + s : offset + e]
-            for target, value in zip(self.out, self.reducer._reduce_rows(logits[s:e], nxt, self.work)):
-                target[offset + s : offset + e] = value
+            total, k = self.total, self.reducer.top_k
+            n_targets = len(self.reducer.target_first_ids or [])
+            nan = float("nan")
+            self.out = (torch.full((total,), nan, device=device), torch.full((total,), nan, device=device),
+                        torch.zeros((total, k), dtype=torch.long, device=device),
+                        torch.full((total, k), nan, device=device), torch.full((total,), nan, device=device),
+                        torch.zeros((total,), dtype=torch.long, device=device),
+                        torch.full((total, n_targets), nan, device=device))
+            if self.next_ids is not None:
+                self.next_ids = self.next_ids.to(device)
+        return self.reducer.work_buffers(device, rows * width, dtype)
+
+    def _next(self, offset: int, n: int) -> torch.Tensor | None:
+        return None if self.next_ids is None else self.next_ids[offset : offset + n]
+
+    def _store(self, offset: int, values: tuple[torch.Tensor, ...]) -> None:
+        for target, value in zip(self.out, values):
+            target[offset : offset + len(value)] = value
+
+    def add_rows(self, offset: int, logits: torch.Tensor) -> None:
+        """Reduce ``[n, V]`` logits of flat positions ``offset .. offset + n``, a cache-sized block at a time."""
+        n, vocab = logits.shape
+        step = min(self.reducer._row_step(logits.device, vocab), n)
+        work = self._prepare(logits.device, step, vocab, logits.dtype)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            nxt = None if self.next_ids is None else self._next(offset + s, e - s).to(logits.device)
+            running = _Running(self.reducer, nxt, e - s, logits.device)
+            running.add(logits[s:e], 0, vocab, work)
+            self._store(offset + s, running.result())
+
+    def add_tiles(self, offset: int, hidden: torch.Tensor, head, width: int) -> None:
+        """Reduce the head's logits for ``[n, H]`` hidden rows, made ``width`` vocabulary entries at a time
+        (a remainder narrower than the narrowest tile joins the last tile)."""
+        n, vocab = hidden.shape[0], head.vocab_size
+        edges = list(range(0, vocab, width))
+        if len(edges) > 1 and vocab - edges[-1] < self.reducer._narrowest_tile():
+            edges.pop()
+        edges.append(vocab)
+        widest = max(b - a for a, b in zip(edges, edges[1:]))
+        device = head.device
+        work = self._prepare(device, n, widest, head.dtype)
+        nxt = None if self.next_ids is None else self._next(offset, n).to(device)
+        threshold = None if nxt is None or len(edges) == 2 else head.token_logits(hidden, nxt.clamp(min=0))
+        running = _Running(self.reducer, nxt, n, device, threshold)
+        rows = hidden.to(device)
+        for first, stop in zip(edges, edges[1:]):
+            running.add(head.logits(rows, first, stop, out=_view(work[4], n, stop - first)), first, vocab, work)
+        self._store(offset, running.result())
 
     def stats(self, last_logits: torch.Tensor | None) -> StepStats:
         lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp = self.out
@@ -198,6 +312,11 @@ class _Reduction:
         )
 
 
+def _view(buffer: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """A contiguous ``[rows, width]`` view of the start of a flat work buffer."""
+    return buffer[: rows * width].view(rows, width)
+
+
 def _live_runs(next_ids: torch.Tensor | None, total: int) -> list[tuple[int, int]]:
     """[start, stop) runs of flat positions that are not :data:`PADDING`."""
     if next_ids is None:
@@ -210,45 +329,42 @@ def _live_runs(next_ids: torch.Tensor | None, total: int) -> list[tuple[int, int
 
 
 def block_topk(x: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x.topk(k)`` of a contiguous ``[n, V]`` tensor, via the maxima of groups of ``block`` entries.
-
-    The k largest entries lie in the k groups with the largest maxima (those k maxima are k entries
-    at least as large as the k-th largest), so a top-k over those groups' entries is exact. Group g
-    holds columns g, g + G, g + 2G, ... (G groups), so the maxima are one vectorized pass over
-    ``block`` rows of G contiguous values.
-    """
-    n, vocab = x.shape
-    groups = vocab // block
-    if groups < 4 * k:  # small vocabularies: the plain top-k is as cheap
-        return x.topk(k, dim=-1)
-    maxima = x[:, : groups * block].view(n, block, groups).amax(1)
-    chosen = maxima.topk(k, dim=-1).indices
-    columns = (chosen[:, :, None] + groups * torch.arange(block, device=x.device)).view(n, k * block)
-    if vocab > groups * block:  # the ragged tail is always a candidate
-        tail = torch.arange(groups * block, vocab, device=x.device).expand(n, -1)
-        columns = torch.cat([columns, tail], dim=1)
-    values, where = x.gather(1, columns).topk(k, dim=-1)
+    """``x.topk(k)`` of a contiguous ``[n, V]`` tensor, via the maxima of groups of ``block`` entries
+    (see :func:`top_candidates`)."""
+    values, columns, _ = top_candidates(x, k, block)
+    if values.shape[1] == k:
+        return values, columns
+    values, where = values.topk(k, dim=-1)
     return values, columns.gather(1, where)
 
 
-def _logprob_and_rank_via_topk(x: torch.Tensor, lse: torch.Tensor, token_ids: torch.Tensor, top_values: torch.Tensor,
-                               top_ids: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`token_logprob_and_rank`, scanning only the rows whose token is not in the top-k.
+def top_candidates(x: torch.Tensor, k: int, block: int, floor: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries of a contiguous ``[n, V]`` tensor that include its top k — or, given ``floor`` ``[n]``,
+    every entry above the floor among its top k — as (values, columns), and each row's maximum.
 
-    Every entry larger than a top-k value is itself in the top-k, so for a token found there the
-    rank counts larger top-k values; usually most next tokens are, which saves a pass over ``V``.
+    The k largest entries lie in the k groups of ``block`` entries with the largest maxima (those k
+    maxima are k entries at least as large as the k-th largest), so a top-k over those groups' entries
+    is exact. An entry above the floor lies in a group whose maximum is, so only as many groups are
+    taken as the row with the most such groups has (a running top-k's k-th value as the floor: few,
+    after the first tile of a vocabulary). Group g holds columns g, g + G, g + 2G, ... (G groups), so
+    the maxima are one vectorized pass over ``block`` rows of G contiguous values.
     """
-    valid = token_ids >= 0
-    safe = token_ids.clamp(min=0)
-    chosen = x.gather(-1, safe[:, None]).squeeze(-1)
-    rank = (top_values > chosen[:, None]).sum(-1) + 1
-    scan = (valid & ~(top_ids == safe[:, None]).any(-1)).nonzero().squeeze(-1)
-    if len(scan):
-        rows = x.index_select(0, scan)
-        larger = torch.gt(rows, chosen[scan, None], out=out[: len(scan)]).sum(-1, dtype=torch.int32)
-        rank[scan] = larger.long() + 1
-    logprob = torch.where(valid, chosen - lse, torch.full_like(chosen, float("nan")))
-    return logprob, torch.where(valid, rank, torch.zeros_like(rank))
+    n, vocab = x.shape
+    groups = vocab // block
+    if groups < (4 if floor is None else 2) * k:  # small vocabularies: the plain top-k is as cheap
+        values, columns = x.topk(min(k, vocab), dim=-1)
+        return values, columns, values[:, 0]
+    maxima = x[:, : groups * block].view(n, block, groups).amax(1)
+    row_max = maxima.amax(-1)
+    picks = k if floor is None else min(k, int((maxima > floor[:, None]).sum(-1).max()))
+    chosen = maxima.topk(picks, dim=-1).indices
+    columns = (chosen[:, :, None] + groups * torch.arange(block, device=x.device)).view(n, picks * block)
+    if vocab > groups * block:  # the ragged tail is always a candidate
+        tail = torch.arange(groups * block, vocab, device=x.device).expand(n, -1)
+        columns = torch.cat([columns, tail], dim=1)
+        row_max = torch.maximum(row_max, x[:, groups * block :].amax(-1))
+    return x.gather(1, columns), columns, row_max
 
 
 def token_logprob_and_rank(

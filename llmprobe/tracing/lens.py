@@ -31,7 +31,7 @@ import torch
 
 from llmprobe.errors import UsageError
 from llmprobe.tracing.hooks import LogitReducer, StepStats
-from llmprobe.model.structure import Unembed, decoder_parts
+from llmprobe.model.structure import OutputHead, Unembed, decoder_parts
 
 
 def parse_layers(spec: str, num_layers: int | None) -> list[int]:
@@ -116,20 +116,11 @@ class Internals:
 
 def lens_stats(unembed: Unembed, reducer: LogitReducer, hidden: torch.Tensor,
                next_ids: torch.Tensor | None) -> StepStats:
-    """The reducer's statistics for ``unembed(hidden)``, unembedded and reduced a block of positions at a
-    time by the same path as the output layer's (:meth:`LogitReducer.reduce_hidden`)."""
-    return reducer.reduce_hidden(_LensHead(unembed), hidden, next_ids, keep_last=True)
-
-
-class _LensHead:
-    """:class:`Unembed` in the shape :meth:`LogitReducer.reduce_hidden` calls: rows -> logits."""
-
-    def __init__(self, unembed: Unembed) -> None:
-        self.unembed = unembed
-        self.vocab_size = int(unembed.head.weight.shape[0])
-
-    def __call__(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unembed(rows)
+    """The reducer's statistics for ``unembed(hidden)``: the final norm, then the output head applied
+    and reduced by the same path as the output layer's (:meth:`LogitReducer.reduce_hidden`), out of
+    sight of the trace's own hooks on the head."""
+    head = OutputHead(unembed.head, call_hooks=False)
+    return reducer.reduce_hidden(head, unembed.normed(hidden).to(head.device), next_ids)
 
 
 @contextmanager

@@ -61,13 +61,14 @@ def test_long_prompt_over_many_head_blocks_equals_the_reference(tiny_loaded):
 
 def test_padded_batch_equals_the_reference_and_padding_skips_the_head(tiny_loaded, monkeypatch):
     through_head: list[int] = []
-    call = OutputHead.__call__
+    logits = OutputHead.logits
 
-    def counting(self, rows, out=None):
-        through_head.append(rows.shape[0])
-        return call(self, rows, out)
+    def counting(self, rows, first, stop, out=None):
+        if first == 0:  # a pass's first vocabulary tile
+            through_head.append(rows.shape[0])
+        return logits(self, rows, first, stop, out)
 
-    monkeypatch.setattr(OutputHead, "__call__", counting)
+    monkeypatch.setattr(OutputHead, "logits", counting)
     tracer = small_blocks(Tracer(tiny_loaded, TraceSettings(top_k=4, batch_size=4)), 16)
     rows = rows_of(tracer, UNEVEN)
     lengths = [len(tracer.encode(r).ids) for r in records(UNEVEN)]
