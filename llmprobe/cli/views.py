@@ -301,7 +301,7 @@ def _comparison_table(results: list[PosteriorResult]) -> Table:
     table = Table(title="side by side", title_justify="left")
     table.add_column("n", justify="right")
     for r in results:
-        table.add_column(f"{r.label}\nKL bits", justify="right")
+        table.add_column(f"{r.label}\n{KL_BAYES_MODEL} bits", justify="right")
         table.add_column("TV", justify="right")
     per_trace = [r.by_n.drop_duplicates(["layout", "n"]).groupby("n")[["kl_bits", "tv"]].mean() for r in results]
     for n in sorted(set().union(*[set(p.index) for p in per_trace])):

@@ -95,9 +95,13 @@ def test_one_kl_direction_in_title_panel_table_and_report(tmp_path, capsysbinary
     assert report_columns and all(KL_BAYES_MODEL in c for c in report_columns)
     # fit-posterior's tables name the same direction for the same column, and every other KL its own
     trace = write_trace(tmp_path / "coin.parquet", records("coin", sequences=3, n_max=5), bayesian([1.0], [[2.0, 3.0]]))
-    code, stdout, err = run_cli(["fit-posterior", str(trace), "--bootstrap", "5"], capsysbinary, monkeypatch)
+    other = write_trace(tmp_path / "forgets.parquet", records("coin", sequences=3, n_max=5),
+                        bayesian([1.0], [[2.0, 3.0]], gamma=0.7), model="forgetting")
+    code, stdout, err = run_cli(["fit-posterior", str(trace), str(other), "--bootstrap", "5"], capsysbinary,
+                                monkeypatch)
     assert code == 0, err
     text = stdout.decode()
+    assert "side by side" in text  # the comparison table of two traces is checked too
     assert KL_BAYES_MODEL in text and not re.findall(r"KL(?!\()", text), re.findall(r".{0,40}KL(?!\().{0,20}", text)
 
 
