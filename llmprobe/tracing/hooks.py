@@ -73,19 +73,19 @@ class LogitReducer:
         self.chunk_positions = chunk_positions
         self._buffers: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def head_plan(self, device: torch.device, vocab: int) -> tuple[int, int]:
-        """(hidden rows per pass over the head's weight, vocabulary entries per tile of a pass's logits).
+    def tile_width(self, device: torch.device, rows: int, vocab: int) -> int:
+        """Vocabulary entries per tile of the logits of a pass of ``rows`` hidden rows.
 
-        On the CPU a pass streams the whole weight from memory (113 MB for the default model), so a
-        pass takes ``chunk_positions`` rows and makes its logits one vocabulary tile at a time, each
-        small enough to be reduced while in cache. Tile widths are multiples of :data:`TILE_ALIGN`:
-        the matrix product is up to 1.5x slower at ragged widths. On a GPU a tile is the whole vocabulary.
+        On the CPU the head's weight (113 MB for the default model) is streamed from memory once per
+        matrix product, so a pass takes up to ``chunk_positions`` rows at once and makes their logits one
+        vocabulary tile at a time, each small enough (``CPU_TILE_BYTES``) to be reduced while in cache.
+        Widths are multiples of ``TILE_ALIGN``: the product is up to 1.5x slower at ragged widths. On
+        a GPU a tile is the whole vocabulary.
         """
-        rows = self.chunk_positions
         if device.type != "cpu":
-            return rows, vocab
-        width = self.CPU_TILE_BYTES // (4 * rows) // self.TILE_ALIGN * self.TILE_ALIGN
-        return rows, min(vocab, max(width, self._narrowest_tile()))
+            return vocab
+        width = self.CPU_TILE_BYTES // (4 * max(1, rows)) // self.TILE_ALIGN * self.TILE_ALIGN
+        return min(vocab, max(width, self._narrowest_tile()))
 
     def _narrowest_tile(self) -> int:
         """The narrowest tile: wide enough for the group-maximum top-k (see :func:`top_candidates`)."""
@@ -116,7 +116,7 @@ class LogitReducer:
         flat = logits.reshape(batch * length, vocab)
         sink = _Reduction(self, batch, length, next_ids)
         for first, stop in sink.runs:
-            sink.add_rows(first, flat[first:stop])
+            sink.add_rows(slice(first, stop), flat[first:stop])
         return sink.stats(last_logits=logits[:, -1, :])
 
     @torch.inference_mode()
@@ -131,14 +131,15 @@ class LogitReducer:
         batch, length, width = hidden.shape
         flat = hidden.reshape(batch * length, width)
         sink = _Reduction(self, batch, length, next_ids)
-        rows, width = self.head_plan(flat.device, head.vocab_size)
-        for first, stop in sink.runs:
-            for s in range(first, stop, rows):
-                e = min(s + rows, stop)
-                if head.tileable:
-                    sink.add_tiles(s, flat[s:e], head, width)
-                else:
-                    sink.add_rows(s, head(flat[s:e]))
+        # the live rows side by side, so that a pass (one read of the head's weight) spans prompts
+        rows = flat if sink.live is None else flat.index_select(0, sink.live.to(flat.device))
+        for s in range(0, rows.shape[0], self.chunk_positions):
+            e = min(s + self.chunk_positions, rows.shape[0])
+            where = sink.positions(s, e)
+            if head.tileable:
+                sink.add_tiles(where, rows[s:e], head, self.tile_width(head.device, e - s, head.vocab_size))
+            else:
+                sink.add_rows(where, head(rows[s:e]))
         return sink.stats(last_logits=head(hidden[:, -1, :].contiguous()) if keep_last else None)
 
 
@@ -235,14 +236,24 @@ class _Running:
 
 
 class _Reduction:
-    """The output tensors of one reduction, filled a block of rows at a time at flat position offsets."""
+    """The output tensors of one reduction, filled a block of rows at a time.
+
+    Rows are addressed by ``where``: a slice of flat positions (the hook path reduces runs of live
+    positions in place) or a tensor of them (the head path packs the live rows together first)."""
 
     def __init__(self, reducer: LogitReducer, batch: int, length: int, next_ids: torch.Tensor | None) -> None:
         self.reducer, self.shape = reducer, (batch, length)
         self.total = batch * length
         self.next_ids = None if next_ids is None else next_ids.reshape(-1)
         self.runs = _live_runs(self.next_ids, self.total)
+        self.live = (None if self.runs == [(0, self.total)]
+                     else torch.cat([torch.arange(a, b) for a, b in self.runs]) if self.runs
+                     else torch.zeros(0, dtype=torch.long))  # flat positions of the live rows, or None: all
         self.out: tuple[torch.Tensor, ...] | None = None
+
+    def positions(self, first: int, stop: int) -> slice | torch.Tensor:
+        """The flat positions of live rows ``first .. stop``."""
+        return slice(first, stop) if self.live is None else self.live[first:stop]
 
     def _prepare(self, device: torch.device, rows: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Allocate the output tensors (once) and return work buffers of at least ``rows x width``."""
@@ -259,28 +270,32 @@ class _Reduction:
                 self.next_ids = self.next_ids.to(device)
         return self.reducer.work_buffers(device, rows * width, dtype)
 
-    def _next(self, offset: int, n: int) -> torch.Tensor | None:
-        return None if self.next_ids is None else self.next_ids[offset : offset + n]
+    def _next(self, where: slice | torch.Tensor) -> torch.Tensor | None:
+        if self.next_ids is None:
+            return None
+        return self.next_ids[where] if isinstance(where, slice) else self.next_ids[where.to(self.next_ids.device)]
 
-    def _store(self, offset: int, values: tuple[torch.Tensor, ...]) -> None:
+    def _store(self, where: slice | torch.Tensor, values: tuple[torch.Tensor, ...]) -> None:
+        if not isinstance(where, slice):
+            where = where.to(self.out[0].device)
         for target, value in zip(self.out, values):
-            target[offset : offset + len(value)] = value
+            target[where] = value
 
-    def add_rows(self, offset: int, logits: torch.Tensor) -> None:
-        """Reduce ``[n, V]`` logits of flat positions ``offset .. offset + n``, a cache-sized block at a time."""
+    def add_rows(self, where: slice | torch.Tensor, logits: torch.Tensor) -> None:
+        """Reduce ``[n, V]`` logits of the rows at ``where``, a cache-sized block at a time."""
         n, vocab = logits.shape
         step = min(self.reducer._row_step(logits.device, vocab), n)
         work = self._prepare(logits.device, step, vocab, logits.dtype)
         for s in range(0, n, step):
             e = min(s + step, n)
-            nxt = None if self.next_ids is None else self._next(offset + s, e - s).to(logits.device)
-            running = _Running(self.reducer, nxt, e - s, logits.device)
+            part = slice(where.start + s, where.start + e) if isinstance(where, slice) else where[s:e]
+            running = _Running(self.reducer, self._next(part), e - s, logits.device)
             running.add(logits[s:e], 0, vocab, work)
-            self._store(offset + s, running.result())
+            self._store(part, running.result())
 
-    def add_tiles(self, offset: int, hidden: torch.Tensor, head, width: int) -> None:
-        """Reduce the head's logits for ``[n, H]`` hidden rows, made ``width`` vocabulary entries at a time
-        (a remainder narrower than the narrowest tile joins the last tile)."""
+    def add_tiles(self, where: slice | torch.Tensor, hidden: torch.Tensor, head, width: int) -> None:
+        """Reduce the head's logits for the ``[n, H]`` hidden rows at ``where``, made ``width`` vocabulary
+        entries at a time (a remainder narrower than the narrowest tile joins the last tile)."""
         n, vocab = hidden.shape[0], head.vocab_size
         edges = list(range(0, vocab, width))
         if len(edges) > 1 and vocab - edges[-1] < self.reducer._narrowest_tile():
@@ -289,13 +304,13 @@ class _Reduction:
         widest = max(b - a for a, b in zip(edges, edges[1:]))
         device = head.device
         work = self._prepare(device, n, widest, head.dtype)
-        nxt = None if self.next_ids is None else self._next(offset, n).to(device)
+        nxt = self._next(where)
         threshold = None if nxt is None or len(edges) == 2 else head.token_logits(hidden, nxt.clamp(min=0))
         running = _Running(self.reducer, nxt, n, device, threshold)
         rows = hidden.to(device)
         for first, stop in zip(edges, edges[1:]):
             running.add(head.logits(rows, first, stop, out=_view(work[4], n, stop - first)), first, vocab, work)
-        self._store(offset, running.result())
+        self._store(where, running.result())
 
     def stats(self, last_logits: torch.Tensor | None) -> StepStats:
         lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp = self.out

@@ -74,8 +74,10 @@ def test_padded_batch_equals_the_reference_and_padding_skips_the_head(tiny_loade
     lengths = [len(tracer.encode(r).ids) for r in records(UNEVEN)]
     assert max(lengths) > 5 * min(lengths)  # most of the short prompts' rows are padding
     assert check_rows_against_reference(tiny_loaded, rows, 4, []) == len(rows) == sum(lengths)
-    # every real position goes through the head exactly once, in blocks of at most 16; padding never
+    # every real position goes through the head exactly once, padding never, in passes of 16 rows that
+    # span prompts (one read of the head's weight per 16 live rows, not one per prompt)
     assert max(through_head) <= 16 and sum(through_head) == sum(lengths)
+    assert len(through_head) == -(-sum(lengths) // 16)
 
 
 def test_the_model_head_module_only_ever_projects_the_last_position(tiny_loaded):

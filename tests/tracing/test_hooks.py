@@ -118,7 +118,7 @@ def test_vocabulary_tiles_equal_the_float64_reference(tile_bytes, width, on_cpu_
     targets = [0, 999, vocab - 1]
     reducer = LogitReducer(5, targets, chunk_positions=16)
     # 41 tiles of 48 (the narrowest for k = 5; the last 83 wide), 7 tiles (6 of 288, one of 275), or one
-    assert reducer.head_plan(torch.device("cpu"), vocab) == (16, width)
+    assert reducer.tile_width(torch.device("cpu"), 16, vocab) == width
     stats = reducer.reduce_hidden(head, hidden32, next_ids, keep_last=True)
     ref = torch.log_softmax(logits64, -1)
     live = next_ids != PADDING
