@@ -1,27 +1,30 @@
-"""Forward hooks that reduce logits to per-position statistics on the model's device.
+"""Reductions of logits to per-position statistics on the model's device, and the hook that takes them.
 
 Design
 ------
-* A hook is attached to the module that produces the logits (``model.get_output_embeddings()``,
-  the ``lm_head`` of a Llama) inside :func:`capture_logits`, a context manager that removes it on
-  every exit path, errors included. Plain ``register_forward_hook`` is used, so accelerate's own
-  hooks (device maps, offload) stay untouched and the reduction runs wherever the logits live.
-* The hook never changes the module's output. It reduces the ``[B, T, V]`` logits to ``[B, T, k]``
-  and a few ``[B, T]`` scalars in float32 — log-normalizer, top-k, entropy, the log-probability
-  and rank of the actual next token, the first-token log-probabilities of fixed targets — and
-  stores them in the :class:`Capture`, one result per forward call (the caller pops it).
-  Only these reductions ever leave the device; a full vocabulary row is never copied to the host.
-* Reductions are done in chunks of positions, so the float32 working copy of bfloat16 logits is
-  bounded by ``chunk * V`` rather than ``B * T * V``. On the CPU a chunk is further cut into blocks of
-  rows that fit the cache, so the passes after the first read cached data, not main memory.
-* Cost is what benchmark 1 (benchmarks/bench_trace.py) measures against a bare forward pass, so the
-  reduction makes as few passes over the vocabulary as it can: top-k comes from block maxima (one
-  cheap pass, then a top-k over ``k`` blocks instead of ``V`` values), the row maximum is the first
-  top-k value, one ``exp2`` pass into a reused buffer gives both the log-normalizer and the entropy
-  (the entropy's ``e * y`` goes into a reused buffer too), and the rank of a next token
-  found in the top-k is read off the top-k values; only the other rows get a comparison pass.
-  Padding positions (next id :data:`PADDING`) are skipped.
-  docs/performance.md has the measurements.
+* What leaves the device per position: top-k ids and log-probabilities, the log-normalizer, the
+  entropy, the log-probability and rank of the actual next token, and the first-token
+  log-probabilities of fixed targets (:class:`StepStats`, float32). A full vocabulary row is never
+  copied to the host.
+* The engine's path (:meth:`LogitReducer.reduce_hidden`) applies the output head itself to the
+  final-normed hidden states, so ``[B, T, V]`` logits never exist: the live rows (padding dropped)
+  are packed side by side, a pass takes up to ``chunk_positions`` of them — one read of the head's
+  weight — and makes their logits one vocabulary tile at a time, each small enough on the CPU to be
+  reduced while in cache. :class:`_Running` accumulates every statistic across tiles (an online
+  softmax for the log-normalizer and entropy, a top-k merged under a floor, ranks counted per tile).
+  On a GPU a tile is the whole vocabulary.
+* The hook path, for models whose logits the engine cannot make itself: a hook attached to the output
+  head inside :func:`capture_logits` (a context manager that removes it on every exit path) reduces
+  the logits the model produced, a cache-sized block of whole rows at a time, by the same
+  :class:`_Running` with a single tile. Plain ``register_forward_hook`` is used, so accelerate's
+  own hooks (device maps, offload) stay untouched; the hook never changes the module's output.
+* Cost is what benchmark 1 (benchmarks/bench_trace.py) measures against a bare forward pass, so each
+  tile is passed over as few times as possible: group maxima (one vectorized pass) give the tile's
+  maximum and its top-k candidates (only groups above the running k-th value: few after the first
+  tile), one pass makes the exponent's argument and one ``exp2`` pass gives both sums; the rank of a
+  next token found in the top-k is read off the top-k values, and other rows get a comparison pass
+  only in tiles whose maximum exceeds the token's logit. Work buffers are kept between calls (no page
+  faults from fresh multi-megabyte temporaries). docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
