@@ -3,7 +3,7 @@
 :func:`split_causal_lm` returns the final norm and an :class:`OutputHead` for the models whose logits
 are exactly ``lm_head(norm(last decoder layer))`` — no soft-capping, scaling or other step between
 them. The tracer then runs the model's own forward with ``logits_to_keep`` set so that the model projects
-no position (or only the last, to choose a generated token), captures the final norm's output with a
+no position, captures the final norm's output with a
 forward hook, and applies the head itself, a vocabulary tile of a pass of positions at a time, so
 ``[B, T, V]`` logits never exist. The model's forward and the head
 module keep accelerate's hooks (device maps, disk offload) in force: the head runs wherever accelerate
@@ -130,7 +130,7 @@ class OutputHead:
 
 class CausalLMParts:
     """What the tracer needs to apply the head itself: the final norm, whose output it captures while
-    the model's own forward runs with ``logits_to_keep`` (so the model projects at most the last position),
+    the model's own forward runs with ``logits_to_keep`` empty (so the model projects no position),
     and the output head it then applies to the captured final-normed hidden states."""
 
     def __init__(self, norm: torch.nn.Module, head: torch.nn.Linear) -> None:

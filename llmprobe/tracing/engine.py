@@ -6,8 +6,8 @@ of one prompt at a time), optionally continues with KV-cached generation, scores
 at marks, and emits one :class:`pyarrow.RecordBatch` per batch of prompts.
 
 The full ``[batch, length, vocabulary]`` logits never exist. The engine runs the model's forward with
-``logits_to_keep`` set so that it projects no position (the last one only where a generated token is
-chosen from it), captures the final norm's output (:func:`llmprobe.model.structure.split_causal_lm`)
+``logits_to_keep`` set so that it projects no position (the reduction keeps each prompt's last logits
+when a generated token is to be chosen from them), captures the final norm's output (:func:`llmprobe.model.structure.split_causal_lm`)
 and sends those hidden states through the output head itself, a pass of positions at a time, each
 pass's logits made and reduced one cache-sized vocabulary tile at a time
 (:meth:`llmprobe.tracing.hooks.LogitReducer.reduce_hidden`; padding positions skip the head). The same path serves the output layer, the logit lens, generation steps and multi-token
@@ -431,13 +431,11 @@ class Tracer:
             capture.next_ids = next_ids
             out = self.model(**kwargs)
             return capture.pop(), _cache_of(out), None
-        # the model projects the last position only when a token is to be chosen from it, else none
-        keep = 1 if keep_last else torch.empty(0, dtype=torch.long, device=input_ids.device)
+        # the model projects no position: the reduction applies the head, once, and keeps the last logits
         with self.parts.final_hidden() as found:
-            out = self.model(**kwargs, logits_to_keep=keep)
+            out = self.model(**kwargs, logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
         (hidden,) = found
-        stats = self.reducer.reduce_hidden(self.parts.head, hidden, next_ids)
-        stats.last_logits = out.logits[:, -1, :] if keep_last else None
+        stats = self.reducer.reduce_hidden(self.parts.head, hidden, next_ids, keep_last=keep_last)
         return stats, _cache_of(out), hidden
 
     def _rows_from_stats(self, stats, b: int, cols: slice, first_position: int, phase: str,

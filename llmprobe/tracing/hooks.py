@@ -130,10 +130,11 @@ class LogitReducer:
         it is ``tileable`` it makes a pass's logits a vocabulary slice at a time
         (``head.logits(rows, first, stop, out)``), otherwise a block of rows at a time (``head(rows)``).
         Padding positions are not sent through the head at all. ``keep_last``: also return the logits
-        of each row's last position (for choosing a generated token)."""
+        of each row's last position (for choosing a generated token), copied out of the tiles as they
+        pass, so the head is applied once."""
         batch, length, width = hidden.shape
         flat = hidden.reshape(batch * length, width)
-        sink = _Reduction(self, batch, length, next_ids)
+        sink = _Reduction(self, batch, length, next_ids, keep_last)
         # the live rows side by side, so that a pass (one read of the head's weight) spans prompts
         rows = flat if sink.live is None else flat.index_select(0, sink.live.to(flat.device))
         for s in range(0, rows.shape[0], self.chunk_positions):
@@ -143,7 +144,7 @@ class LogitReducer:
                 sink.add_tiles(where, rows[s:e], head, self.tile_width(head.device, e - s, head.vocab_size))
             else:
                 sink.add_rows(where, head(rows[s:e]))
-        return sink.stats(last_logits=head(hidden[:, -1, :].contiguous()) if keep_last else None)
+        return sink.stats(last_logits=sink.last_logits)
 
 
 class _Running:
@@ -244,8 +245,11 @@ class _Reduction:
     Rows are addressed by ``where``: a slice of flat positions (the hook path reduces runs of live
     positions in place) or a tensor of them (the head path packs the live rows together first)."""
 
-    def __init__(self, reducer: LogitReducer, batch: int, length: int, next_ids: torch.Tensor | None) -> None:
+    def __init__(self, reducer: LogitReducer, batch: int, length: int, next_ids: torch.Tensor | None,
+                 keep_last: bool = False) -> None:
         self.reducer, self.shape = reducer, (batch, length)
+        self.keep_last = keep_last
+        self.last_logits: torch.Tensor | None = None  # [B, V]: each row's last position, when keep_last
         self.total = batch * length
         self.next_ids = None if next_ids is None else next_ids.reshape(-1)
         self.runs = _live_runs(self.next_ids, self.total)
@@ -273,6 +277,24 @@ class _Reduction:
                 self.next_ids = self.next_ids.to(device)
         return self.reducer.work_buffers(device, rows * width, dtype)
 
+    def _last_rows(self, where: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(indices into the rows at ``where``, their batch rows) for the rows that are a last position."""
+        if not self.keep_last:
+            return None
+        flat = torch.arange(where.start, where.stop) if isinstance(where, slice) else where.cpu()
+        length = self.shape[1]
+        found = (flat % length == length - 1).nonzero().squeeze(-1)
+        return (found, flat[found] // length) if len(found) else None
+
+    def _keep(self, last: tuple[torch.Tensor, torch.Tensor] | None, logits: torch.Tensor, first: int, vocab: int) -> None:
+        """Copy the last positions' logits of vocabulary entries ``first ..`` out of a tile."""
+        if last is None:
+            return
+        if self.last_logits is None:
+            self.last_logits = torch.empty(self.shape[0], vocab, dtype=logits.dtype, device=logits.device)
+        rows, batch_rows = (t.to(logits.device) for t in last)
+        self.last_logits[batch_rows, first : first + logits.shape[1]] = logits.index_select(0, rows)
+
     def _next(self, where: slice | torch.Tensor) -> torch.Tensor | None:
         if self.next_ids is None:
             return None
@@ -289,6 +311,7 @@ class _Reduction:
         n, vocab = logits.shape
         step = min(self.reducer._row_step(logits.device, vocab), n)
         work = self._prepare(logits.device, step, vocab, logits.dtype)
+        self._keep(self._last_rows(where), logits, 0, vocab)
         for s in range(0, n, step):
             e = min(s + step, n)
             part = slice(where.start + s, where.start + e) if isinstance(where, slice) else where[s:e]
@@ -311,8 +334,11 @@ class _Reduction:
         threshold = None if nxt is None or len(edges) == 2 else head.token_logits(hidden, nxt.clamp(min=0))
         running = _Running(self.reducer, nxt, n, device, threshold)
         rows = hidden.to(device)
+        last = self._last_rows(where)
         for first, stop in zip(edges, edges[1:]):
-            running.add(head.logits(rows, first, stop, out=_view(work[4], n, stop - first)), first, vocab, work)
+            logits = head.logits(rows, first, stop, out=_view(work[4], n, stop - first))
+            self._keep(last, logits, first, vocab)
+            running.add(logits, first, vocab, work)
         self._store(where, running.result())
 
     def stats(self, last_logits: torch.Tensor | None) -> StepStats:

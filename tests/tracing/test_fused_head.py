@@ -1,9 +1,9 @@
-"""The split path: the engine applies the output head itself, a block of positions at a time.
+"""The split path: the engine applies the output head itself, a pass of live positions at a time.
 
 Checked against the independent reference (tests/tracing/reference.py: a plain unpadded forward,
-float64 log-softmax) on a long prompt spanning many head blocks and on a batch whose prompts differ
-a lot in length (mostly padding); that padding never reaches the head; that the model's head
-module never produces more than the last position's logits; that a model which cannot be split is
+float64 log-softmax) on a long prompt spanning many head passes and on a batch whose prompts differ
+a lot in length (mostly padding); that padding never reaches the head and passes span prompts; that
+the model's head module never projects a position (generation included); that a model which cannot be split is
 traced through the hook with a notice and the same numbers; that ``--batch-size auto`` has no
 vocabulary term on the split path; and that the vocabulary is stored once per Parquet file while
 old-layout files still read.
@@ -80,7 +80,7 @@ def test_padded_batch_equals_the_reference_and_padding_skips_the_head(tiny_loade
     assert len(through_head) == -(-sum(lengths) // 16)
 
 
-def test_the_model_head_module_only_ever_projects_the_last_position(tiny_loaded):
+def test_the_model_head_module_never_projects_a_position(tiny_loaded):
     shapes: list[tuple[int, ...]] = []
     head = tiny_loaded.model.get_output_embeddings()
     forward = type(head).forward
@@ -95,9 +95,9 @@ def test_the_model_head_module_only_ever_projects_the_last_position(tiny_loaded)
         trace_rows(tiny_loaded, TraceSettings(top_k=3, targets=TARGETS, batch_size=3, max_new_tokens=2))
     finally:
         del head.forward
-    longest = max(len(tiny_loaded.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TARGETS)
-    # the model's forward: the last position of each prompt; the engine's calls: a multi-token target's rows
-    assert shapes and all(shape[-2] == 1 or shape[-2] < longest for shape in shapes), shapes
+    # the model's forward projects no position (prompts, generation steps, multi-token targets alike):
+    # the engine applies the head itself, and keeps the logits generation chooses from out of its tiles
+    assert shapes and all(shape[-2] == 0 for shape in shapes), shapes
 
 
 def test_a_model_that_cannot_be_split_is_traced_through_the_hook_with_a_notice(tiny_loaded, monkeypatch):
