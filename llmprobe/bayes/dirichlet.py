@@ -114,8 +114,9 @@ def dirichlet_multinomial_logpmf(counts: ArrayLike, alpha: ArrayLike, *, coeffic
 
 
 def _sherman_morrison_step(g: np.ndarray, q: np.ndarray, z: float) -> np.ndarray:
-    """H^{-1} g for H = diag(q) + z 1 1^T, in O(K)."""
-    b = (g / q).sum() / (1.0 / z + (1.0 / q).sum())
+    """H^{-1} g for H = diag(q) + z 1 1^T, in O(K); z = 0 (a trigamma difference lost to rounding at a
+    huge alpha_0) is the diagonal limit."""
+    b = 0.0 if z == 0 else (g / q).sum() / (1.0 / z + (1.0 / q).sum())
     return (g - b) / q
 
 
@@ -243,6 +244,8 @@ def fit_dm_rows(
     value = objective(alpha)
     for iteration in range(1, max_iter + 1):
         alpha0 = alpha.sum()
+        if alpha0 > ALPHA0_UNBOUNDED:  # underdispersed rows: heading for the multinomial limit, where the
+            return alpha, iteration, False  # digamma and trigamma differences are lost to rounding
         per_category = weights @ (digamma(counts + alpha) - digamma(alpha))
         per_total = float(weights @ (digamma(n + alpha0) - digamma(alpha0)))
         gradient = per_category - per_total

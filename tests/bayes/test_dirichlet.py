@@ -143,3 +143,32 @@ def test_dirichlet_fit_json_round_trip() -> None:
     )
     assert back.concentration == pytest.approx(fit.alpha.sum())
     np.testing.assert_allclose(back.mean, fit.alpha / fit.alpha.sum())
+
+
+def test_underdispersed_counts_head_for_the_multinomial_limit_without_failing():
+    """Counts less spread than any Dirichlet-multinomial allows (multinomial draws, or identical rows):
+    the MLE is alpha_0 -> infinity. The fit stops there, unconverged, with the pooled proportions as its
+    mean — it does not divide by a trigamma difference that rounding made zero (a crash seen in
+    ``fit-prior --components auto`` on a real coin trace) or return NaN."""
+    from llmprobe.bayes.dirichlet import ALPHA0_UNBOUNDED, fit_dm_rows
+
+    cases = [np.full((30, 2), 25.0)] + [np.random.default_rng(seed).multinomial(40, [0.5, 0.5], size=30).astype(float)
+                                         for seed in range(40)]
+    unbounded = 0
+    for counts in cases:
+        alpha, _, converged = fit_dm_rows(counts, np.ones(len(counts)))
+        assert np.all(np.isfinite(alpha)) and np.all(alpha > 0)
+        if alpha.sum() > ALPHA0_UNBOUNDED:
+            unbounded += 1
+            assert not converged
+            np.testing.assert_allclose(alpha / alpha.sum(), counts.sum(0) / counts.sum(), atol=1e-6)
+    assert unbounded >= 2  # the identical rows and at least one draw reach the limit
+
+
+def test_sherman_morrison_step_at_zero_coupling_is_the_diagonal_solve():
+    from llmprobe.bayes.dirichlet import _sherman_morrison_step
+
+    g, q = np.array([1.0, -2.0, 0.5]), np.array([-3.0, -1.0, -2.0])
+    np.testing.assert_allclose(_sherman_morrison_step(g, q, 0.0), g / q)
+    z = 0.7
+    np.testing.assert_allclose(_sherman_morrison_step(g, q, z), np.linalg.solve(np.diag(q) + z, g))
