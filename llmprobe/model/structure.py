@@ -2,12 +2,11 @@
 
 :func:`split_causal_lm` returns the final norm and an :class:`OutputHead` for the models whose logits
 are exactly ``lm_head(norm(last decoder layer))`` — no soft-capping, scaling or other step between
-them. The tracer then runs the model's own forward with ``logits_to_keep`` set so that the model projects
-no position, captures the final norm's output with a
-forward hook, and applies the head itself, a vocabulary tile of a pass of positions at a time, so
-``[B, T, V]`` logits never exist. The model's forward and the head
-module keep accelerate's hooks (device maps, disk offload) in force: the head runs wherever accelerate
-put it.
+them. The tracer then runs the model's own forward with ``logits_to_keep`` set so that the model
+projects no position, captures the final norm's output with a forward hook, and applies the head
+itself, a vocabulary tile of a pass of positions at a time, so ``[B, T, V]`` logits never exist. The
+model's forward and the head module keep accelerate's hooks (device maps, disk offload) in force: the
+head runs wherever accelerate put it.
 
 :class:`Unembed` is the model's final norm and output head as one small frozen module: hidden state -> logits.
 
@@ -161,11 +160,11 @@ def split_causal_lm(model: torch.nn.Module) -> tuple[CausalLMParts | None, str]:
         return None, f"the model post-processes its logits ({', '.join(scaled)})"
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return None, "its forward has no logits_to_keep argument"
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    head = model.get_output_embeddings()
-    if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList) or not isinstance(norm, torch.nn.Module):
+    try:
+        _, norm = decoder_parts(model)
+    except UsageError:
         return None, "no decoder with .layers and a final .norm"
+    head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         return None, f"the output head is a {type(head).__name__}, not a linear layer"
     return CausalLMParts(norm, head), ""

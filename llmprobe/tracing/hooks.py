@@ -120,7 +120,8 @@ class LogitReducer:
         sink = _Reduction(self, batch, length, next_ids)
         for first, stop in sink.runs:
             sink.add_rows(slice(first, stop), flat[first:stop])
-        return sink.stats(last_logits=logits[:, -1, :])
+        sink.last_logits = logits[:, -1, :]
+        return sink.stats()
 
     @torch.inference_mode()
     def reduce_hidden(self, head, hidden: torch.Tensor, next_ids: torch.Tensor | None,
@@ -144,7 +145,7 @@ class LogitReducer:
                 sink.add_tiles(where, rows[s:e], head, self.tile_width(head.device, e - s, head.vocab_size))
             else:
                 sink.add_rows(where, head(rows[s:e]))
-        return sink.stats(last_logits=sink.last_logits)
+        return sink.stats()
 
 
 class _Running:
@@ -249,13 +250,12 @@ class _Reduction:
                  keep_last: bool = False) -> None:
         self.reducer, self.shape = reducer, (batch, length)
         self.keep_last = keep_last
-        self.last_logits: torch.Tensor | None = None  # [B, V]: each row's last position, when keep_last
+        self.last_logits: torch.Tensor | None = None  # [B, V]: each row's last position (keep_last, the hook path)
         self.total = batch * length
         self.next_ids = None if next_ids is None else next_ids.reshape(-1)
         self.runs = _live_runs(self.next_ids, self.total)
-        self.live = (None if self.runs == [(0, self.total)]
-                     else torch.cat([torch.arange(a, b) for a, b in self.runs]) if self.runs
-                     else torch.zeros(0, dtype=torch.long))  # flat positions of the live rows, or None: all
+        # flat positions of the live rows, or None: all of them
+        self.live = None if self.runs == [(0, self.total)] else (self.next_ids.cpu() != PADDING).nonzero().squeeze(1)
         self.out: tuple[torch.Tensor, ...] | None = None
 
     def positions(self, first: int, stop: int) -> slice | torch.Tensor:
@@ -333,7 +333,7 @@ class _Reduction:
         nxt = self._next(where)
         threshold = None if nxt is None or len(edges) == 2 else head.token_logits(hidden, nxt.clamp(min=0))
         running = _Running(self.reducer, nxt, n, device, threshold)
-        rows = hidden.to(device)
+        rows = hidden.to(device, head.dtype)  # once, not per tile
         last = self._last_rows(where)
         for first, stop in zip(edges, edges[1:]):
             logits = head.logits(rows, first, stop, out=_view(work[4], n, stop - first))
@@ -341,7 +341,7 @@ class _Reduction:
             running.add(logits, first, vocab, work)
         self._store(where, running.result())
 
-    def stats(self, last_logits: torch.Tensor | None) -> StepStats:
+    def stats(self) -> StepStats:
         lse, entropy, top_ids, top_lp, next_lp, next_rank, target_lp = self.out
         shape = self.shape
         return StepStats(
@@ -352,7 +352,7 @@ class _Reduction:
             next_logprob=next_lp.view(shape),
             next_rank=next_rank.view(shape),
             target_logprobs=target_lp.view(*shape, -1) if self.reducer.target_first_ids else None,
-            last_logits=last_logits,
+            last_logits=self.last_logits,
         )
 
 

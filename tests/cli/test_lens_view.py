@@ -9,13 +9,19 @@ from llmprobe.tracing.reader import read_trace, visible
 from tests.cli_helpers import run_cli
 
 
-def test_inspect_shows_the_lens_grid(tiny_model_dir, tmp_path, capsysbinary, monkeypatch):
+def lens_trace(tiny_model_dir, tmp_path, capsysbinary, monkeypatch):
+    """A logit-lens trace (every layer, top 3) of one prompt on the tiny model, through the CLI."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("The capital of France is\n")
     lens = tmp_path / "lens.parquet"
     code, _, err = run_cli(["trace", str(prompts), "--model", str(tiny_model_dir), "--layers", "all", "--top-k", "3",
                             "-o", str(lens), "-q"], capsysbinary, monkeypatch)
     assert code == 0, err
+    return lens
+
+
+def test_inspect_shows_the_lens_grid(tiny_model_dir, tmp_path, capsysbinary, monkeypatch):
+    lens = lens_trace(tiny_model_dir, tmp_path, capsysbinary, monkeypatch)
     code, stdout, err = run_cli(["inspect", str(lens)], capsysbinary, monkeypatch)
     assert code == 0, err
     text = stdout.decode()
@@ -34,12 +40,7 @@ def test_inspect_shows_the_lens_grid(tiny_model_dir, tmp_path, capsysbinary, mon
 def test_token_figure_of_a_lens_layer_names_the_layer(tiny_model_dir, tmp_path, capsysbinary, monkeypatch):
     from llmprobe.plots.tokens import figure_title, load_token_grid
 
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("The capital of France is\n")
-    lens = tmp_path / "lens.parquet"
-    code, _, err = run_cli(["trace", str(prompts), "--model", str(tiny_model_dir), "--layers", "all", "--top-k", "3",
-                            "-o", str(lens), "-q"], capsysbinary, monkeypatch)
-    assert code == 0, err
+    lens = lens_trace(tiny_model_dir, tmp_path, capsysbinary, monkeypatch)
     last = read_trace(lens).attrs["llmprobe"]["num_layers"] - 1
     assert figure_title(load_token_grid(str(lens), None, None, 3, 0), 3).endswith(f"logit lens at layer 0 of 0–{last}")
     assert figure_title(load_token_grid(str(lens), None, None, 3, None), 3).endswith(f"output layer {last}")
