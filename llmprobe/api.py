@@ -5,7 +5,7 @@
     prompts = llmprobe.experiment("configs/experiments/coin.toml", n_max=8, sequences=2)
     trace = llmprobe.trace(prompts, model=model, top_k=5)          # a DataFrame, as read_trace gives
     fit = llmprobe.fit_posterior(trace)                            # .summary (dict), .table, .by_n
-    fit.summary["forgetting"]["gamma"]
+    fit.verdict, fit.summary["verdict_sentence"]                   # the conclusion; print(fit) leads with it
 
 Each function runs the same library code as its command (``trace`` the same :class:`Tracer`,
 ``fit_posterior`` the same fit), so the numbers are the CLI's numbers (tests/cli/test_api.py checks
@@ -104,11 +104,9 @@ def fit_posterior(trace: Any, *, prior: str = "fit", bootstrap: int = 200, seed:
     flags (``components``, ``max_components``, ``min_mass``, ``folds``; see
     :func:`llmprobe.analysis.fits.fit_posterior`).
     """
-    from llmprobe.analysis.fits import fit_posterior as fit
-    from llmprobe.analysis.marks import category_marks
+    from llmprobe.analysis.fits import fit_posterior as fit, posterior_marks
 
-    opened = _as_trace(trace)
-    return fit(category_marks(opened, label), prior, bootstrap, seed, **options)
+    return fit(posterior_marks(_as_trace(trace), label), prior, bootstrap, seed, **options)
 
 
 def fit_prior(trace: Any, *, components: str | int = 1, max_components: int = 5, from_counts: bool = False,

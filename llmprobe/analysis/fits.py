@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmprobe.analysis.marks import CategoryMarks
-from llmprobe.analysis.priors import reference_prior
+from llmprobe.analysis.marks import CategoryMarks, category_marks
+from llmprobe.analysis.priors import PRIOR_OVER_ROWS, reference_prior
 from llmprobe.bayes import (
     entropy_bits,
     fit_dirichlet_mixture,
@@ -50,6 +50,8 @@ from llmprobe.bayes.verdict import (
 )
 from llmprobe.errors import UsageError
 from llmprobe.files import atomic_file, check_new_output
+from llmprobe.progress import SILENT, Reporter
+from llmprobe.tracing.reader import Trace
 
 PRIOR_FORMAT = "llmprobe.prior/1"
 FIT_META_KEY = b"llmprobe.fit"
@@ -101,7 +103,7 @@ def fit_prior(cm: CategoryMarks, components: str, max_components: int, from_coun
         raise UsageError(f"cannot fit a prior over rows to these marks: {exc}", where=cm.label) from None
     return {
         "format": PRIOR_FORMAT,
-        "kind": "prior over rows",
+        "kind": PRIOR_OVER_ROWS,
         "trace": cm.label,
         "categories": cm.categories,
         "data": "counts" if from_counts else "probabilities",
@@ -131,11 +133,62 @@ class PosteriorResult:
     by_n: pd.DataFrame  # per (layout, n) means
     summary: dict[str, Any]
 
+    @property
+    def verdict(self) -> str:
+        return self.summary["verdict"]
+
+    def __repr__(self) -> str:
+        """The conclusion first (as every surface shows it), then where the numbers are."""
+        return (f"<fit-posterior of {self.label}: {verdict_line(self.summary)}\n {gamma_test_line(self.summary)}\n"
+                f" .summary (the --json dict), .table ({len(self.table)} rows, one per mark and category),"
+                f" .by_n (per n)>")
+
+
+# ------------------------------------------------------------------------------------------ the conclusion
+def verdict_line(summary: dict[str, Any]) -> str:
+    """What every surface that states a conclusion leads with: the verdict and its one-sentence reason.
+    The γ = 1 test (:func:`gamma_test_line`) is shown only after it, never alone: γ = 1 not being
+    rejected says nothing when no filter explains the predictions (``poor-fit``) or they do not
+    respond to the examples (``no-updating``)."""
+    verdict, sentence = summary.get("verdict"), summary.get("verdict_sentence")
+    if not isinstance(verdict, str):
+        return "no verdict: this fit was written by an llmprobe older than the verdict; rerun fit-posterior"
+    return f"verdict {verdict}: {sentence}" if isinstance(sentence, str) else f"verdict {verdict}"
+
+
+def gamma_test_line(summary: dict[str, Any]) -> str:
+    """The bootstrap test of γ = 1, worded to be read beside the verdict (:func:`verdict_line`)."""
+    rejected = summary.get("exact_bayes_rejected")
+    if rejected not in (True, False):
+        return "γ = 1 test: none in this fit"
+    forgetting = summary.get("forgetting") if isinstance(summary.get("forgetting"), dict) else {}
+    gamma = forgetting.get("gamma")
+    interval = summary.get("gamma_ci") or []
+    level = summary.get("gamma_ci_level")
+    numbers = ""
+    if isinstance(gamma, (int, float)) and len(interval) == 2:
+        numbers = (f" (γ = {gamma:.3f}, {int(round(level * 100)) if isinstance(level, (int, float)) else 95}%"
+                   f" CI [{interval[0]:.3f}, {interval[1]:.3f}])")
+    outcome = "exact Bayesian updating is rejected" if rejected else "exact Bayesian updating is not rejected"
+    note = "" if summary.get("verdict") in ("consistent", "rejected") else "; the verdict above, not this test, is the conclusion"
+    return f"γ = 1 test: {outcome}{numbers}{note}"
+
+
+POSTERIOR_INPUT = ("a trace of experiment prompts (written by `llmprobe experiment`: marks with running counts and"
+                   " outcome sequences) traced with their categories' targets (experiment prompts carry them)")
+"""Everything fit-posterior needs, named whole in the first message about any part of it."""
+
+
+def posterior_marks(trace: Trace, label: str | None = None) -> CategoryMarks:
+    """The category marks of a trace for :func:`fit_posterior`; one error naming every requirement."""
+    return category_marks(trace, label, needs=POSTERIOR_INPUT)
+
 
 def _sequence_inputs(cm: CategoryMarks) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Outcome sequences and, per mark, its sequence number and position, for the filter fit."""
     if not cm.outcomes:
-        raise UsageError("marks carry no outcome sequences (generate prompts with `llmprobe experiment`)")
+        raise UsageError(f"the marks carry no outcome sequences; fit-posterior needs {POSTERIOR_INPUT}",
+                         where=cm.label)
     keys = list(cm.outcomes)
     index = {k: i for i, k in enumerate(keys)}
     try:
@@ -160,10 +213,11 @@ def parse_components(spec: str) -> int | None:
 
 def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: int, *, components: str = "1",
                   max_components: int = DEFAULT_MAX_COMPONENTS, min_mass: float = DEFAULT_MIN_MASS,
-                  folds: int = DEFAULT_FOLDS) -> PosteriorResult:
-    """The updating prior, the exact-Bayes test under it, out-of-sample scores, baselines and the verdict."""
+                  folds: int = DEFAULT_FOLDS, reporter: Reporter = SILENT) -> PosteriorResult:
+    """The updating prior, the exact-Bayes test under it, out-of-sample scores, baselines and the verdict.
+    ``reporter`` shows progress through the slow steps (choosing components, the bootstrap, held-out fits)."""
     if cm.counts is None:
-        raise UsageError("marks carry no running counts (generate prompts with `llmprobe experiment`)")
+        raise UsageError(f"the marks carry no running counts; fit-posterior needs {POSTERIOR_INPUT}", where=cm.label)
     if not 0.0 <= min_mass < 1.0:
         raise UsageError(f"must be in [0, 1), got {min_mass}", where="--min-mass")
     if folds < 2:
@@ -189,13 +243,20 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
     if n_components is None:
         if fold is None:
             raise UsageError("needs 2 or more sequences to choose components out of sample", where="--prior-components")
-        model, selection = select_updating_prior(cm.probs, outcomes, sequence, position, max_components, fold,
-                                                 weights=weights, seed=seed)
+        with reporter.progress(f"{cm.label}: choosing 1-{max_components} components", max_components * n_folds) \
+                as advance:
+            model, selection = select_updating_prior(cm.probs, outcomes, sequence, position, max_components, fold,
+                                                     weights=weights, seed=seed, advance=advance)
     else:
         model = UpdatingFit(cm.probs, outcomes, sequence, position, n_components, weights=weights, seed=seed)
-    test = model.test(n_bootstrap=n_bootstrap, seed=seed, selection=selection)
+    with reporter.progress(f"{cm.label}: bootstrap of γ", n_bootstrap) as advance:
+        test = model.test(n_bootstrap=n_bootstrap, seed=seed, selection=selection, advance=advance)
     exact_in, free_in = model.predict(test.exact), model.predict(test.free)
-    exact_out, free_out = held_out_predictions(model, fold, test.profile) if fold is not None else (exact_in, free_in)
+    if fold is None:
+        exact_out, free_out = exact_in, free_in
+    else:
+        with reporter.progress(f"{cm.label}: out-of-sample fits", n_folds) as advance:
+            exact_out, free_out = held_out_predictions(model, fold, test.profile, advance)
 
     if reference is None:  # --prior fit
         bayes = exact_in

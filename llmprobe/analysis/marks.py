@@ -47,9 +47,15 @@ def trace_label(trace: Trace) -> str:
     return str(trace.meta.get("model") or trace.source)
 
 
-def category_marks(trace: Trace, label: str | None = None) -> CategoryMarks:
-    """Extract the category distributions at every mark of ``trace``."""
-    trace.require_columns("target_seq_logprobs", purpose="a category distribution (trace with --targets)")
+CATEGORY_INPUT = "a trace with target scores (traced with --targets, or from prompts that carry their targets)"
+
+
+def category_marks(trace: Trace, label: str | None = None, *, needs: str = CATEGORY_INPUT) -> CategoryMarks:
+    """Extract the category distributions at every mark of ``trace``. ``needs``: what the caller needs,
+    named whole in the error when the trace has no target scores (so one message lists every requirement)."""
+    if "target_seq_logprobs" not in trace.table.column_names:
+        raise UsageError(f"the trace has no target scores (column target_seq_logprobs); this needs {needs}",
+                         where=trace.source)
     table = trace.table
     if "layer" in table.column_names:  # a logit-lens trace: the output layer's rows are the model's
         layers = table.column("layer").to_numpy()

@@ -27,6 +27,12 @@ from llmprobe.bayes import MixtureFit
 from llmprobe.errors import UsageError
 
 LABEL_KEYS = ("model", "trace", "label", "source")
+UPDATING_PRIOR = "updating prior"
+"""The prior a model's in-context predictions update from: what ``fit-posterior --prior`` compares with
+(``wind-tunnel``'s known training prior, a fit-posterior summary's fitted one)."""
+PRIOR_OVER_ROWS = "prior over rows"
+"""The spread of predictions across prompts (``fit-prior``): not the prior a model updates from."""
+PRIOR_KINDS = (UPDATING_PRIOR, PRIOR_OVER_ROWS)
 # Larger concentrations are a point mass for every purpose here, and their sums and log-gamma terms
 # lose all precision or overflow; no fit-prior output comes near this.
 MAX_ALPHA = 1e12
@@ -42,6 +48,7 @@ class Prior:
     label: str | None
     facts: dict[str, Any]
     has_names: bool = True  # False: the file named no categories, so ``categories`` are placeholders
+    kind: str | None = None  # the file's top-level ``kind`` (one of PRIOR_KINDS); None: it does not say
 
     @property
     def means(self) -> np.ndarray:
@@ -89,8 +96,11 @@ def read_prior(source: str) -> Prior:
     categories = _categories(fit, outer, alphas.shape[1], source)
     label = next((str(outer[k]) for k in LABEL_KEYS if isinstance(outer.get(k), str)), None)
     facts = {k: v for k, v in fit.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    kind = outer.get("kind")
+    if kind is not None and kind not in PRIOR_KINDS:
+        raise UsageError(f"'kind' must be one of {', '.join(map(repr, PRIOR_KINDS))}, got {kind!r}", where=source)
     return Prior(weights, alphas, categories, label, facts,
-                 has_names=fit.get("categories", outer.get("categories")) is not None)
+                 has_names=fit.get("categories", outer.get("categories")) is not None, kind=kind)
 
 
 def _all_numbers(value: Any) -> bool:
@@ -124,18 +134,12 @@ def _categories(fit: dict, outer: dict, k: int, source: str) -> list[str]:
     return names
 
 
-def prior_for(spec: str, categories: list[str]) -> MixtureFit:
-    """``--prior``: ``uniform`` (Dirichlet(1, ..., 1)) or a prior file over the same categories."""
-    if spec == "uniform":
-        return MixtureFit(weights=np.ones(1), alphas=np.ones((1, len(categories))), loglik=float("nan"),
-                          n_obs=0.0, iterations=0, converged=True)
-    if not Path(spec).exists():
-        raise UsageError("no such prior file (expected 'fit', 'uniform' or a prior JSON file)", where=spec)
+def prior_file_for(spec: str, categories: list[str]) -> Prior:
+    """A prior file over the same categories as the trace (``--prior FILE``)."""
     prior = read_prior(spec)
     if prior.alphas.shape[1] != len(categories) or (prior.has_names and prior.categories != categories):
         raise UsageError(f"prior is over {prior.categories}, the trace over {categories}", where=spec)
-    return MixtureFit(weights=prior.weights, alphas=prior.alphas, loglik=float("nan"), n_obs=0.0, iterations=0,
-                      converged=True)
+    return prior
 
 
 @dataclass
@@ -143,9 +147,11 @@ class ReferencePrior:
     """A fixed prior given with ``--prior`` (not fitted to the predictions), and what it is.
 
     ``kind``: ``uniform``, ``dirichlet`` (``dirichlet:2,5,1.5``) or ``file``; ``role`` says what the
-    prior is: ``updating prior`` (uniform, dirichlet:, or a fit-posterior JSON: the gamma = 1
-    updating prior it fitted) or ``prior over rows`` (a fit-prior JSON: the spread of predictions
-    across prompts, which is not the prior a model updates from).
+    prior is: ``updating prior`` (uniform, dirichlet:, a fit-posterior JSON: the gamma = 1 updating
+    prior it fitted, or a file that says so in its ``kind``, as wind-tunnel's known prior does),
+    ``prior over rows`` (a file whose ``kind`` says so, as fit-prior's: the spread of predictions
+    across prompts, which is not the prior a model updates from) or ``unstated`` (a file that does
+    not say).
     """
 
     mixture: MixtureFit
@@ -166,7 +172,7 @@ def reference_prior(spec: str, categories: list[str]) -> ReferencePrior:
     (its updating prior) or a fit-prior JSON (a prior over rows). One-line errors name ``--prior``."""
     k = len(categories)
     if spec == "uniform":
-        return ReferencePrior(prior_for(spec, categories), "uniform", "updating prior", spec)
+        return ReferencePrior(_fixed_mixture(np.ones(1), np.ones((1, k))), "uniform", UPDATING_PRIOR, spec)
     if spec.startswith(DIRICHLET_PREFIX):
         try:
             alpha = np.array([float(x) for x in spec[len(DIRICHLET_PREFIX):].split(",")])
@@ -175,19 +181,20 @@ def reference_prior(spec: str, categories: list[str]) -> ReferencePrior:
         if alpha.shape != (k,) or not np.all(np.isfinite(alpha)) or np.any(alpha <= 0):
             raise UsageError(f"dirichlet: needs {k} finite positive numbers (one per category:"
                              f" {', '.join(categories)}), got {spec!r}", where="--prior")
-        return ReferencePrior(_fixed_mixture(np.ones(1), alpha[None, :]), "dirichlet", "updating prior", spec)
+        return ReferencePrior(_fixed_mixture(np.ones(1), alpha[None, :]), "dirichlet", UPDATING_PRIOR, spec)
     path = Path(spec)
     if not path.exists():
         raise UsageError("no such prior file (expected 'fit', 'uniform', 'dirichlet:a1,...,aK' or a prior JSON"
                          " file)", where=spec)
     updating = _updating_prior_in(path)
     if updating is None:
-        return ReferencePrior(prior_for(spec, categories), "file", "prior over rows", spec)
+        prior = prior_file_for(spec, categories)
+        return ReferencePrior(_fixed_mixture(prior.weights, prior.alphas), "file", prior.kind or "unstated", spec)
     weights, alphas, file_categories = updating
     if alphas.shape[1] != k or (file_categories is not None and file_categories != categories):
         raise UsageError(f"updating prior is over {file_categories or alphas.shape[1]}, the trace over"
                          f" {categories}", where=spec)
-    return ReferencePrior(_fixed_mixture(weights, alphas), "file", "updating prior", spec)
+    return ReferencePrior(_fixed_mixture(weights, alphas), "file", UPDATING_PRIOR, spec)
 
 
 def _fixed_mixture(weights: np.ndarray, alphas: np.ndarray) -> MixtureFit:

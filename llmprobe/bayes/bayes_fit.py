@@ -30,7 +30,7 @@ lower bound rather than an estimate; such a fit is never reported ``converged``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -444,12 +444,14 @@ def fit_bayes(
 
 
 def bootstrap_gamma(
-    objective: FilterObjective, full: Profile, n_bootstrap: int, level: float, seed: int | None
+    objective: FilterObjective, full: Profile, n_bootstrap: int, level: float, seed: int | None,
+    advance: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float], bool]:
     """Percentile bootstrap of the robust free gamma over sequences: (samples, interval, rejected).
 
     Each resample draws the observed sequences with replacement (a sequence drawn r times gets its
     marks' weights multiplied by r) and reruns :func:`robust_fit`, warm-started from ``full``.
+    ``advance(1)`` is called after each resample (progress for long bootstraps).
     """
     if n_bootstrap < 1 or not 0.0 < level < 1.0:
         raise ValueError("n_bootstrap must be >= 1 and level in (0, 1)")
@@ -465,6 +467,8 @@ def bootstrap_gamma(
         draws[eligible] = np.bincount(rng.integers(eligible.size, size=eligible.size), minlength=eligible.size)
         resampled = marks.weights * draws[mark_to_sequence]
         samples[b] = robust_fit(objective, resampled, warm=full).free.gamma
+        if advance is not None:
+            advance(1)
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(samples, [tail, 100.0 - tail])
     return samples, (float(low), float(high)), bool(high < 1.0 - GAMMA_ONE_TOLERANCE)

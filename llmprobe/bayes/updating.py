@@ -23,7 +23,7 @@ The number of components is the smallest whose held-out mean KL is within
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,10 +287,12 @@ class UpdatingFit:
         return mixture_posterior_predictive(prior.weights, prior.alphas, self.marks.positions.counts(prior.gamma))
 
     def test(self, n_bootstrap: int = 200, level: float = 0.95, seed: int | None = 0,
-             selection: list[dict[str, float]] | None = None) -> UpdatingPriorTest:
-        """The full-data fits and the bootstrap interval of gamma, rerunning the robust fit per resample."""
+             selection: list[dict[str, float]] | None = None,
+             advance: Callable[[int], None] | None = None) -> UpdatingPriorTest:
+        """The full-data fits and the bootstrap interval of gamma, rerunning the robust fit per resample
+        (``advance(1)`` after each)."""
         exact, free, profile = self.fit()
-        samples, interval, rejected = bootstrap_gamma(self.objective, profile, n_bootstrap, level, seed)
+        samples, interval, rejected = bootstrap_gamma(self.objective, profile, n_bootstrap, level, seed, advance)
         return UpdatingPriorTest(free, exact, interval, level, rejected, samples, profile, selection or [])
 
 
@@ -306,10 +308,11 @@ def sequence_folds(sequence: ArrayLike, n_folds: int, seed: int | None = 0) -> n
     return fold_of_sequence[inverse.reshape(-1)]
 
 
-def held_out_predictions(model: UpdatingFit, folds: np.ndarray, warm: Profile | None = None
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def held_out_predictions(model: UpdatingFit, folds: np.ndarray, warm: Profile | None = None,
+                         advance: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(exact, free) (M, K) predictions at every mark by robust fits on the other folds' sequences
-    (each profile point warm-started from ``warm``, the full-data profile, when given)."""
+    (each profile point warm-started from ``warm``, the full-data profile, when given; ``advance(1)``
+    after each fold)."""
     exact = np.empty_like(model.marks.probs)
     free = np.empty_like(model.marks.probs)
     for fold in np.unique(folds):
@@ -317,15 +320,19 @@ def held_out_predictions(model: UpdatingFit, folds: np.ndarray, warm: Profile | 
         fitted_exact, fitted_free, _ = model.fit(np.where(held, 0.0, model.marks.weights), warm)
         exact[held] = model.predict(fitted_exact)[held]
         free[held] = model.predict(fitted_free)[held]
+        if advance is not None:
+            advance(1)
     return exact, free
 
 
 def select_updating_prior(
     probs: ArrayLike, outcomes: ArrayLike | Sequence[ArrayLike], sequence: ArrayLike, position: ArrayLike,
     max_components: int, folds: np.ndarray, *, weights: ArrayLike | None = None, seed: int | None = 0,
+    advance: Callable[[int], None] | None = None,
 ) -> tuple[UpdatingFit, list[dict[str, float]]]:
     """1..``max_components`` components scored by held-out mean KL of the gamma = 1 fit; the smallest
-    within :data:`COMPONENT_TOLERANCE_BITS` of the best wins. Returns it and the table."""
+    within :data:`COMPONENT_TOLERANCE_BITS` of the best wins. Returns it and the table. ``advance(1)``
+    after each (components, fold) fit."""
     if max_components < 1:
         raise ValueError("max_components must be >= 1")
     table, models = [], []
@@ -335,6 +342,8 @@ def select_updating_prior(
         for fold in np.unique(folds):
             held = folds == fold
             exact[held] = model.predict(model.fit_exact(np.where(held, 0.0, model.marks.weights)))[held]
+            if advance is not None:
+                advance(1)
         table.append({"n_components": n_components,
                       "held_out_kl_bits": score(model.marks.probs, exact, model.marks.weights).kl_bits})
         models.append(model)

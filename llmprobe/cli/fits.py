@@ -122,8 +122,7 @@ def fit_posterior(
             raise UsageError("standard input can be read only once; give the prior or the trace as a file",
                              where="--prior")
         opt.input_path(prior, "prior file")
-    from llmprobe.analysis.fits import fit_posterior as fit, parse_components, write_fit_table
-    from llmprobe.analysis.marks import category_marks
+    from llmprobe.analysis.fits import fit_posterior as fit, parse_components, posterior_marks, write_fit_table
     from llmprobe.cli.views import fit_posterior_rows, show_fit_posterior
     from llmprobe.files import check_new_output
     from llmprobe.analysis import protocols
@@ -146,9 +145,9 @@ def fit_posterior(
     for path in traces:
         trace = open_trace(path)
         label = _unique_label(trace.meta.get("model") or path, path, labels)
-        marks = category_marks(trace, label)
+        marks = posterior_marks(trace, label)
         results.append(fit(marks, prior, bootstrap, seed, components=prior_components,
-                           max_components=max_components, min_mass=min_mass, folds=folds))
+                           max_components=max_components, min_mass=min_mass, folds=folds, reporter=out))
         _peer_statistics(results[-1], marks, by, gamma_variant, out)
     show_fit_posterior(results, out)
     if output is not None:

@@ -17,8 +17,9 @@ from rich.table import Table
 from rich.text import Text
 
 from llmprobe.analysis.continuity import ContinuityResult
-from llmprobe.analysis.fits import KL_BAYES_MODEL, PosteriorResult
+from llmprobe.analysis.fits import KL_BAYES_MODEL, PosteriorResult, gamma_test_line
 from llmprobe.analysis.martingale import MartingaleResult
+from llmprobe.analysis.priors import PRIOR_OVER_ROWS
 from llmprobe.cli.output import Output
 from llmprobe.tracing.reader import visible
 
@@ -186,7 +187,7 @@ def _warnings(s: dict) -> list[str]:
     if s["n_marks_low_mass"]:
         lines.append(f"{s['n_marks_low_mass']} of {s['n_marks']} marks left out: less than"
                      f" {s['thresholds']['min_mass']:g} probability on the categories (--min-mass)")
-    if s["prior"].get("role") == "prior over rows":
+    if s["prior"].get("role") == PRIOR_OVER_ROWS:
         lines.append(f"--prior {s['prior']['source']} is a prior over rows (fit-prior: the spread of predictions"
                      " across prompts), not the prior a model updates from; pass a fit-posterior --json file for that")
     if s["n_marks_inexact"]:
@@ -259,8 +260,7 @@ def _fit_table(result: PosteriorResult) -> Table:
     table.caption = (f"KL(model‖filter) in bits, mean over {s['n_marks_used']} used marks; out-of-sample ="
                      f" fitted on the other of {scores['n_folds']} folds of sequences. γ {int(s['gamma_ci_level'] * 100)}%"
                      f" bootstrap CI [{low:.3f}, {high:.3f}] over {s['n_sequences']} sequences"
-                     f" ({s['n_bootstrap']} resamples): exact Bayes "
-                     + ("REJECTED" if s["exact_bayes_rejected"] else "not rejected") + "."
+                     f" ({s['n_bootstrap']} resamples). {gamma_test_line(s)}."
                      + _selection_text(updating["selection"], k))
     return table
 
@@ -303,6 +303,7 @@ def _comparison_table(results: list[PosteriorResult]) -> Table:
     for r in results:
         table.add_column(f"{r.label}\n{KL_BAYES_MODEL} bits", justify="right")
         table.add_column("TV", justify="right")
+    table.add_row("verdict", *[c for r in results for c in (r.summary["verdict"], "")])
     per_trace = [r.by_n.drop_duplicates(["layout", "n"]).groupby("n")[["kl_bits", "tv"]].mean() for r in results]
     for n in sorted(set().union(*[set(p.index) for p in per_trace])):
         cells = []

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from llmprobe.analysis.priors import UPDATING_PRIOR
 from llmprobe.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -88,6 +89,7 @@ class KnownPrior:
         """A prior file (``llmprobe.prior/1``) that ``fit-posterior --prior`` and ``plot-prior`` read."""
         return {
             "format": PRIOR_FORMAT,
+            "kind": UPDATING_PRIOR,  # the prior the training sequences were drawn from: what exact Bayes updates
             "source": "wind-tunnel (the known training prior)",
             "spec": self.canonical,
             "given_as": self.spec,

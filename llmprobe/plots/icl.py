@@ -18,7 +18,8 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 from llmprobe.errors import UsageError
 from llmprobe.plots.common import check_image_output, plain_label, save_figure
 
-from llmprobe.analysis.fits import FIT_META_KEY, KL_BAYES_MODEL
+from llmprobe.analysis.fits import FIT_META_KEY, KL_BAYES_MODEL, gamma_test_line, verdict_line
 
 FIT_COLUMNS = ("trace", "prompt_id", "sequence", "n", "category", "count", "theta", "model_prob", "bayes_prob",
                "mass", "tv", "kl_bits", "entropy_model_bits", "entropy_bayes_bits")
@@ -47,6 +48,7 @@ YSCALES = ("auto", "linear", "log")
 LOG_BELOW = 0.01  # auto y scale: log when a plotted value lies below this
 MAX_PANELS = 12  # probability panels; more θ groups share panels in runs of neighbours
 PANEL_COLUMNS = 4
+TITLE_WRAP = 160  # characters per line of the figure's title (the verdict, the parameters, the γ = 1 test)
 MAX_BANDED_GROUPS = 3  # the overlaid bottom row draws bands only for this many groups or fewer
 HEADLINE_KEYS = {  # the fit-posterior summary's most telling entries, in this order, with display names
     "prior.kind": "prior",
@@ -54,7 +56,6 @@ HEADLINE_KEYS = {  # the fit-posterior summary's most telling entries, in this o
     "exact_bayes.prior_mean": "prior mean",
     "forgetting.gamma": "fitted γ",
     "gamma_ci": "γ interval",
-    "exact_bayes_rejected": "exact Bayes rejected",
     "mean_kl_bits": f"mean {KL_BAYES_MODEL} bits",
 }
 
@@ -130,6 +131,9 @@ class IclSummary:
     members: pd.DataFrame  # trace, layout, prompt_id, sequence, group: which group each prompt belongs to
     traces: list[str]
     prompt_ids: list[str]
+    left_out: int = 0  # marks the fit left out (mass on the categories below --min-mass): in no curve but the mass
+    marks: int = 0
+    left_out_n: list[int] = field(default_factory=list)  # the numbers of examples at which marks were left out
 
 
 def summarize(fit: FitTable) -> IclSummary:
@@ -157,13 +161,20 @@ def summarize(fit: FitTable) -> IclSummary:
         "sequences": [members.loc[members["group"] == i, "sequence"].nunique() for i in range(len(keys))],
     })
     frame = frame.merge(members, on=units)
-    long = frame.melt(id_vars=["group", "category", "n"], value_vars=list(CATEGORY_METRICS), var_name="metric")
+    # marks the fit left out (too little mass on the categories: column ``used``) are left out of every
+    # curve as well, except the mass panel, which shows why
+    used = frame["used"].astype(bool) if "used" in frame.columns else pd.Series(True, index=frame.index)
+    long = frame[used].melt(id_vars=["group", "category", "n"], value_vars=list(CATEGORY_METRICS), var_name="metric")
     per_category = _band(long, ["group", "category", "n", "metric"])
     marks = frame.drop_duplicates(MARK_KEY)
-    long = marks.melt(id_vars=["group", "n"], value_vars=list(MARK_METRICS), var_name="metric")
+    fitted = used.loc[marks.index]
+    long = pd.concat([marks[fitted].melt(id_vars=["group", "n"], value_vars=[m for m in MARK_METRICS if m != "mass"],
+                                         var_name="metric"),
+                      marks.melt(id_vars=["group", "n"], value_vars=["mass"], var_name="metric")])
     per_mark = _band(long, ["group", "n", "metric"])
     return IclSummary(categories, groups, per_category, per_mark, members, list(dict.fromkeys(frame["trace"])),
-                      list(dict.fromkeys(frame["prompt_id"])))
+                      list(dict.fromkeys(frame["prompt_id"])), left_out=int((~fitted).sum()), marks=len(marks),
+                      left_out_n=sorted(int(n) for n in marks.loc[~fitted, "n"].unique()))
 
 
 def _band(long: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -202,7 +213,9 @@ def _number(value: Any) -> str:
 
 
 def fit_params_line(summaries: list[dict[str, Any]]) -> str:
-    """The fitted parameters worth a subtitle, one line per source trace."""
+    """The conclusion and the fitted parameters worth a subtitle, per source trace: the verdict first
+    (:func:`~llmprobe.analysis.fits.verdict_line`, wrapped), then the parameters and, beside them, the
+    γ = 1 test (:func:`~llmprobe.analysis.fits.gamma_test_line`), never the test alone."""
     lines = []
     for summary in summaries[:3]:
         flat = flatten_summary(summary)
@@ -210,9 +223,16 @@ def fit_params_line(summaries: list[dict[str, Any]]) -> str:
         if not chosen:  # a summary of another shape: its first few numbers
             numbers = [(k, v) for k, v in flat.items() if isinstance(v, (int, float, list)) and not isinstance(v, bool)]
             chosen = numbers[:6]
+        prefix = f"{summary['trace']}: " if len(summaries) > 1 and "trace" in summary else ""
+        concluded = "verdict" in summary or "exact_bayes_rejected" in summary
+        if concluded:
+            lines += textwrap.wrap(prefix + verdict_line(summary), TITLE_WRAP)
+            prefix = ""
         text = " · ".join(f"{name} = {_number(value)}" for name, value in chosen)
         if text:
-            lines.append((f"{summary['trace']}: " if len(summaries) > 1 and "trace" in summary else "") + text)
+            lines += textwrap.wrap(prefix + text, TITLE_WRAP)
+        if concluded:
+            lines += textwrap.wrap(gamma_test_line(summary), TITLE_WRAP)
     return "\n".join(lines)
 
 
@@ -331,7 +351,11 @@ def plot_icl(summary: IclSummary, fit_summaries: list[dict[str, Any]] | None = N
         if metric in ("tv", "mass"):
             ax.set_ylim(top=1.02)
         ax.grid(alpha=0.3)
-    _legends(fig.add_subplot(outer[1]), summary, shown, category_colors, group_colors, bands)
+    legend_ax = fig.add_subplot(outer[1])
+    _legends(legend_ax, summary, shown, category_colors, group_colors, bands)
+    if summary.left_out:
+        legend_ax.text(0.0, 0.0, _left_out_note(summary, fit_summaries or []), transform=legend_ax.transAxes,
+                       fontsize=8, va="bottom", ha="left", wrap=True, gid="left-out")
     fig.suptitle(_title(summary, fit_summaries or []), fontsize=11)
     return fig
 
@@ -365,6 +389,17 @@ def _legends(ax, summary: IclSummary, shown: list[str], category_colors: list, g
                                  alignment="left"))
     for legend in legends[:-1]:
         ax.add_artist(legend)
+
+
+def _left_out_note(summary: IclSummary, fit_summaries: list[dict[str, Any]]) -> str:
+    """Which marks the curves leave out, and why (they are left out of the fit for the same reason)."""
+    levels = {s["thresholds"]["min_mass"] for s in fit_summaries
+              if isinstance(s.get("thresholds"), dict) and isinstance(s["thresholds"].get("min_mass"), (int, float))}
+    below = f"less than {levels.pop():g}" if len(levels) == 1 else "too little"
+    at = ", ".join(map(str, summary.left_out_n[:6])) + (" …" if len(summary.left_out_n) > 6 else "")
+    return "\n".join(textwrap.wrap(
+        f"Left out of every curve but the mass, as in the fit: {summary.left_out} of {summary.marks} marks with"
+        f" {below} probability on the categories (--min-mass), at n = {at}.", 34))
 
 
 def _title(summary: IclSummary, fit_summaries: list[dict[str, Any]]) -> str:

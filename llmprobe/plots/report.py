@@ -1,7 +1,7 @@
 """``llmprobe report``: one self-contained HTML file with a run's metadata, figures and summary tables.
 
-The page leads with the answer: with a fit table, a verdict per trace (exact Bayes rejected or not,
-γ and its interval, α0, KL and TV in bits) and the in-context figure; then token figures for a few
+The page leads with the answer: with a fit table, the verdict per trace (and beside it, never
+alone, the γ = 1 test, γ and its interval, α0, KL and TV in bits) and the in-context figure; then token figures for a few
 informative prompts (different true θ where the prompts carry one); then the prior; and last,
 collapsed, the details (run metadata, the per-prompt table, every fitted number, rounded).
 
@@ -27,7 +27,7 @@ from llmprobe.errors import UsageError
 from llmprobe.files import check_new_output, write_atomic
 from llmprobe.plots.common import data_uri
 from llmprobe.plots.icl import MARK_KEY, FitTable, IclSummary, flatten_summary, open_fit, plot_icl, summarize
-from llmprobe.analysis.fits import KL_BAYES_MODEL
+from llmprobe.analysis.fits import KL_BAYES_MODEL, gamma_test_line, verdict_line
 from llmprobe.analysis.priors import Prior, read_prior
 from llmprobe.plots.prior import plot_prior
 from llmprobe.plots.tokens import plot_tokens, select_layer, token_grid
@@ -251,7 +251,8 @@ def _fit_section(fit: FitTable, image_format: str) -> list[str]:
 
 
 def _answer_section(summaries: list[dict[str, Any]]) -> list[str]:
-    """The verdict first: is the model's in-context updating Bayesian, and how far from it?"""
+    """The verdict first (:func:`~llmprobe.analysis.fits.verdict_line`), the γ = 1 test and the key numbers
+    beside it: the test alone would read as a conclusion it is not (a poor fit is "not rejected" too)."""
     def number(summary: dict, *keys: str) -> float:
         value: Any = summary
         for key in keys:
@@ -260,18 +261,15 @@ def _answer_section(summaries: list[dict[str, Any]]) -> list[str]:
 
     parts, rows = ["<h2>Answer</h2>"], []
     for s in summaries:
-        rejected = s.get("exact_bayes_rejected")
-        low, high = (list(s.get("gamma_ci") or []) + [math.nan, math.nan])[:2]
-        verdict = {True: "exact Bayesian updating is rejected", False: "exact Bayesian updating is not rejected",
-                   None: "no test of exact Bayes in this fit"}[rejected if rejected in (True, False) else None]
-        if s.get("gamma_identifiable") is False:
-            verdict += " (the predictions do not respond to the examples, so γ is not identifiable)"
+        verdict = s.get("verdict") if isinstance(s.get("verdict"), str) else "none"
         gamma, alpha0 = number(s, "forgetting", "gamma"), number(s, "exact_bayes", "alpha0")
-        parts.append(f"<p><b>{escape(str(s.get('trace', 'trace')))}</b>: {escape(verdict)}; forgetting factor "
-                     f"γ = {gamma:.3f} ({int(number(s, 'gamma_ci_level') * 100) if s.get('gamma_ci_level') else 95}%"
-                     f" CI {low:.3f}–{high:.3f}), prior strength α0 = {alpha0:.3g}.</p>")
-        rows.append({"trace": str(s.get("trace")), "exact Bayes": verdict.split(" (")[0], "γ": gamma,
-                     "γ CI low": float(low), "γ CI high": float(high), "α0": alpha0,
+        low, high = (list(s.get("gamma_ci") or []) + [math.nan, math.nan])[:2]
+        parts.append(f'<p class="verdict" data-verdict="{escape(verdict)}"><b>{escape(str(s.get("trace", "trace")))}'
+                     f"</b>: {escape(verdict_line(s))}</p>"
+                     f"<p>{escape(gamma_test_line(s))}; prior strength α0 = {alpha0:.3g}.</p>")
+        rows.append({"trace": str(s.get("trace")), "verdict": verdict,
+                     "γ = 1 test": {True: "rejected", False: "not rejected"}.get(s.get("exact_bayes_rejected"), "none"),
+                     "γ": gamma, "γ CI low": float(low), "γ CI high": float(high), "α0": alpha0,
                      f"mean {KL_BAYES_MODEL} bits": number(s, "mean_kl_bits"), "mean TV": number(s, "mean_tv"),
                      "mass on categories": number(s, "mean_mass")})
     parts.append(html_table(pd.DataFrame(rows)))
