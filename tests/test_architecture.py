@@ -3,6 +3,8 @@
 Rules (docs/design.md explains each):
 
 * ``llmprobe.bayes`` imports only the standard library, numpy, scipy and itself;
+* ``llmprobe.experiments`` imports only the standard library (and tomli, tomllib's backport), numpy,
+  ``llmprobe.errors`` and itself;
 * nothing outside ``llmprobe.cli`` imports ``llmprobe.cli`` (``python -m llmprobe`` excepted);
 * torch, transformers, accelerate, safetensors, tokenizers and gguf only in ``llmprobe.model``,
   ``llmprobe.tracing`` and ``llmprobe.control``, plus one import inside a function of
@@ -95,6 +97,9 @@ def violations(root: Path) -> list[str]:
         if inside(imp.module, "llmprobe.bayes") and not (top in STDLIB | {"numpy", "scipy"}
                                                          or inside(imp.target, "llmprobe.bayes")):
             problems.append(f"{imp.module} imports {imp.target}: bayes uses numpy/scipy only")
+        if inside(imp.module, "llmprobe.experiments") and not (top in STDLIB | {"numpy", "tomli"} or inside(
+                imp.target, "llmprobe.experiments", "llmprobe.errors")):
+            problems.append(f"{imp.module} imports {imp.target}: experiments use numpy and llmprobe.errors only")
         if inside(imp.target, "llmprobe.cli") and not inside(imp.module, "llmprobe.cli", "llmprobe.__main__"):
             problems.append(f"{imp.module} imports {imp.target}: nothing outside cli imports cli")
         if top in MODEL_LIBRARIES and not inside(imp.module, *MODEL_ROOMS) \
@@ -149,6 +154,7 @@ PLANTED = {
     "tracing/b.py": "def later():\n    from llmprobe.tracing.a import x\n",
     "tracing/writer.py": "import os\ndef save(t, p):\n    os.replace(t, p)\n",
     "plots/__init__.py": "import rich\n",
+    "experiments/__init__.py": "from llmprobe.errors import UsageError\nfrom llmprobe.bayes import metrics\n",
     "cli/__init__.py": "",
     "cli/output.py": "import rich\nimport typer\n",
 }
@@ -169,6 +175,7 @@ def test_the_checker_fails_on_a_package_that_breaks_each_rule(tmp_path):
         "llmprobe.analysis.stats imports matplotlib: matplotlib only in plots/",
         "llmprobe.analysis.martingale imports torch: model libraries only in",
         "llmprobe.plots imports rich: rich only in cli/",
+        "llmprobe.experiments imports llmprobe.bayes: experiments use numpy and llmprobe.errors only",
         "llmprobe.tracing.writer calls os.replace (line 3)",
         "import circle: llmprobe.tracing.a -> llmprobe.tracing.b -> llmprobe.tracing.a",
     ]
@@ -180,8 +187,8 @@ def test_the_checker_fails_on_a_package_that_breaks_each_rule(tmp_path):
     assert len(found) == len(expected)
 
 
-@pytest.mark.parametrize("module", ["llmprobe.bayes", "llmprobe.analysis.fits", "llmprobe.analysis.continuity",
-                                    "llmprobe.tracing.reader", "llmprobe.files"])
+@pytest.mark.parametrize("module", ["llmprobe.bayes", "llmprobe.experiments", "llmprobe.analysis.fits",
+                                    "llmprobe.analysis.continuity", "llmprobe.tracing.reader", "llmprobe.files"])
 def test_light_modules_load_without_model_libraries(module):
     """Importing the statistics or the reader never drags torch or matplotlib in (a fresh interpreter)."""
     import subprocess

@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmprobe.bayes import discounted_counts
-from llmprobe.analysis.experiments import generate, load_experiment
 from llmprobe.analysis.fits import FIT_META_KEY, fit_posterior, fit_prior
 from llmprobe.analysis.marks import category_marks
+from llmprobe.bayes import discounted_counts
+from llmprobe.experiments import generate, load_experiment
 from llmprobe.tracing.reader import open_trace
 from llmprobe.tracing.schema import encode_metadata, trace_schema
 from tests.cli_helpers import assert_one_line_error, run_cli

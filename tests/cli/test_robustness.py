@@ -383,7 +383,7 @@ def test_no_module_evaluates_or_unpickles():
 
 
 def test_experiment_configs_are_toml_data(tmp_path):
-    from llmprobe.analysis.experiments import load_experiment
+    from llmprobe.experiments import load_experiment
 
     config = tmp_path / "x.toml"
     config.write_text('name = "__import__(\'os\').system(\'touch pwned\')"\n[[[not toml')
