@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from llmprobe.control.data import BOS, EOS, PAD
 from llmprobe.control.train import TrainedControl
 from llmprobe.files import atomic_dir, umask
-from llmprobe.model.loading import quiet_transformers
+from llmprobe.model.gguf import quiet_transformers
 
 CARD_POINTS = 10  # rows of the training curve in the model card
 

@@ -186,7 +186,7 @@ def test_real_model_coin_pipeline(tmp_path, real_loaded):
     """experiment | trace - | fit-posterior -, as pipes between real processes on the default model."""
     import subprocess
 
-    from llmprobe.model.loading import cache_dir
+    from llmprobe.model.sources import cache_dir
 
     env_cache = {"LLMPROBE_CACHE": str(cache_dir())}
     import os

@@ -341,12 +341,12 @@ def test_an_unwritable_directory_is_refused_before_any_work(prompts, trace_args,
 
 
 def test_an_unusable_cache_is_one_line_before_the_conversion(prompts, tmp_path, capsys, monkeypatch):
-    import llmprobe.model.loading
+    import llmprobe.model.gguf
 
     cache = tmp_path / "cache-is-a-file"
     cache.write_text("")
     monkeypatch.setenv("LLMPROBE_CACHE", str(cache))
-    monkeypatch.setattr(llmprobe.model.loading, "_save_conversion", self_interrupt)  # must not be reached
+    monkeypatch.setattr(llmprobe.model.gguf, "_save_conversion", self_interrupt)  # must not be reached
     code, _, err = run_cli(["trace", str(prompts), "-o", str(tmp_path / "out.parquet"), "--device", "cpu"], capsys,
                            monkeypatch)
     assert_one_line_error(code, err, str(cache), "LLMPROBE_CACHE")
