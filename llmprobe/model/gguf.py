@@ -16,8 +16,9 @@ Invariants:
   conversions the first one's copy is kept;
 * the cache is checked usable before the 30 s conversion, not after it (one line naming
   ``LLMPROBE_CACHE`` otherwise);
-* :func:`prune_conversions` (``llmprobe models --prune``) removes duplicates, conversions whose GGUF is
-  gone or changed, and leftovers of interrupted conversions, never the installed default's.
+* :func:`prune_conversions` (``llmprobe models --prune``) removes second conversions of the same content,
+  conversions whose GGUF is gone or changed, and leftovers of interrupted conversions; the installed
+  default model keeps its conversion even when it was made from another environment's copy.
 """
 
 from __future__ import annotations
