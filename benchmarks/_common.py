@@ -39,7 +39,7 @@ def machine() -> str:
 
 def coin_records(layout: str, n_max: int, sequences: int = 1, theta: float | None = None) -> list:
     """Prompt records from configs/experiments/coin.toml, parsed the way ``llmprobe trace`` parses them."""
-    from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
+    from llmprobe.experiments import generate, load_experiment, write_jsonl
     from llmprobe.tracing.prompts import read_prompts
 
     exp = load_experiment(COIN)

@@ -34,7 +34,7 @@ GOAL = 1.2
 
 
 def write_prompts(path: Path, sequences: int, n_max: int) -> None:
-    from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
+    from llmprobe.experiments import generate, load_experiment, write_jsonl
 
     exp = load_experiment(COIN)
     per_theta = -(-sequences // len(exp.thetas))

@@ -44,7 +44,7 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
 def experiment(config: str | Path, *, seed: int | None = None, n_max: int | None = None,
                sequences: int | None = None, layout: str | None = None) -> list[dict[str, Any]]:
     """The prompt records ``llmprobe experiment CONFIG`` writes, as dicts (arguments override the TOML)."""
-    from llmprobe.analysis.experiments import generate, load_experiment
+    from llmprobe.experiments import generate, load_experiment
 
     return list(generate(load_experiment(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout))
 

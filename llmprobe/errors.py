@@ -16,3 +16,9 @@ class UsageError(Exception):
     def __init__(self, message: str, *, where: str | None = None) -> None:
         self.where = where
         super().__init__(f"{where}: {message}" if where else message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message (its name when it has none), for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

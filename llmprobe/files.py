@@ -21,7 +21,12 @@ Invariants, the same for traces, fit tables, priors, figures, reports and Ray pa
 * :func:`atomic_dir` does the same for a directory of files (the Ray engine's part files).
 
 The trace runner's crash-safe work directory (:mod:`llmprobe.tracing.checkpoint`) commits its parts
-with its own renames, documented there, because it must survive SIGKILL between parts.
+with its own renames, documented there, because it must survive SIGKILL between parts. Everywhere else
+a file is written only through this module: a library that writes files itself (``save_pretrained``,
+Ray's ``write_parquet``) writes into a staging directory of :func:`atomic_dir`, a serializer
+(``pq.write_table``, ``json.dump``, ``savefig``) into a stream of :func:`atomic_file` or memory, and
+small files such as the fingerprint memos go through :func:`write_atomic`. ``tests/test_architecture.py``
+checks every spelling of a write (``write_calls`` there) against the source.
 """
 
 from __future__ import annotations

@@ -145,14 +145,14 @@ class CategoryPredictor:
 
 def continuation(exp, record: dict[str, Any], n: int, path: tuple[int, ...]) -> str:
     """The text after mark n when the next examples are the categories in ``path``."""
-    from llmprobe.analysis.experiments import _render
+    from llmprobe.experiments.render import render_pieces
 
     cues = record.get("cues")
     parts = []
     for step, category in enumerate(path):
         j = n + step
-        parts.append(exp.categories[category].text + _render(exp.tail, j, cues[j] if cues else None)
-                     + exp.separator + _render(exp.head, j + 1, cues[j + 1] if cues else None))
+        parts.append(exp.categories[category].text + render_pieces(exp.tail, j, cues[j] if cues else None)
+                     + exp.separator + render_pieces(exp.head, j + 1, cues[j + 1] if cues else None))
     return "".join(parts)
 
 
@@ -163,7 +163,7 @@ def model_martingale(loaded, exp, ns: list[int], *, paths: int, horizon: int, se
     ``exp`` must already have ``n_max >= max(ns) + horizon`` (cues, where the template has them, come
     from the generated records, so paths use the same cue words the experiment would).
     """
-    from llmprobe.analysis.experiments import generate
+    from llmprobe.experiments import generate
 
     if exp.templated:
         raise UsageError("martingale takes the single-[template] form; [[templates]] experiments are not supported",

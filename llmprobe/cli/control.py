@@ -50,7 +50,7 @@ def wind_tunnel(
     quiet: opt.Quiet = False,
 ) -> None:
     """Train a small Llama on data drawn under a known prior, so its exact Bayesian answer is known."""
-    from llmprobe.analysis.experiments import load_experiment
+    from llmprobe.experiments import load_experiment
     from llmprobe.control.prior import resolve_prior
     from llmprobe.files import check_new_output
 

@@ -27,7 +27,7 @@ def experiment(
 ) -> None:
     """Generate in-context-learning prompts (JSONL with marks, counts, targets) from a TOML experiment."""
     opt.input_path(config, "experiment file")
-    from llmprobe.analysis.experiments import generate, write_jsonl
+    from llmprobe.experiments import generate, write_jsonl
     from llmprobe.files import atomic_file, check_new_output
 
     to_file = output is not None and output != "-"

@@ -106,7 +106,7 @@ def input_path(source: str, what: str, *, stdin: bool = True, missing: Optional[
 
 def experiment_config(config: str) -> Any:
     """An experiment TOML from a file or, for ``-``, standard input (checked by :func:`input_path`)."""
-    from llmprobe.analysis.experiments import load_experiment, loads_experiment
+    from llmprobe.experiments import load_experiment, loads_experiment
 
     if config == "-":
         return loads_experiment(sys.stdin.read(), where="<stdin>")

@@ -146,7 +146,7 @@ def models(
     """The default model and the cached GGUF conversions (keyed by the GGUF's sha256)."""
     fmt = opt.table_format(table_format, as_json)
     from llmprobe.cli.views import models_rows, show_models, show_pruned
-    from llmprobe.model.loading import inventory, prune_conversions
+    from llmprobe.model.gguf import inventory, prune_conversions
 
     out = Output(quiet, stdout_is_data=fmt != "table")
     removed = prune_conversions() if prune else None

@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerFast
 
 from llmprobe.control.data import BOS, EOS, PAD
 from llmprobe.control.train import TrainedControl
-from llmprobe.files import atomic_dir, umask
-from llmprobe.model.loading import quiet_transformers
+from llmprobe.files import atomic_dir, umask, write_atomic
+from llmprobe.model.gguf import quiet_transformers
 
 CARD_POINTS = 10  # rows of the training curve in the model card
 
@@ -32,13 +32,12 @@ def save_control(trained: TrainedControl, output: str | Path) -> Path:
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=trained.tokenizer, bos_token=BOS, eos_token=EOS,
                                             pad_token=PAD, model_max_length=trained.context)
         tokenizer.save_pretrained(staging)
-        summary = trained.summary()
-        (staging / "training.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        (staging / "prior.json").write_text(json.dumps(trained.prior.to_dict(), indent=1) + "\n", encoding="utf-8")
+        write_atomic(staging / "training.json", json.dumps(trained.summary(), indent=1) + "\n")
+        write_atomic(staging / "prior.json", json.dumps(trained.prior.to_dict(), indent=1) + "\n")
         source = Path(trained.experiment.where)
         if source.is_file():
-            (staging / "experiment.toml").write_bytes(source.read_bytes())
-        (staging / "README.md").write_text(model_card(trained, target.name), encoding="utf-8")
+            write_atomic(staging / "experiment.toml", source.read_bytes())
+        write_atomic(staging / "README.md", model_card(trained, target.name))
         for path in staging.iterdir():  # safetensors writes its file private; outputs get the umask's permissions
             path.chmod(0o666 & ~umask())
     return target

@@ -1,7 +1,7 @@
 """Training data for a control: exchangeable sequences under a known prior, rendered by the experiment itself.
 
 Each training sequence draws θ from the prior, then n_max + 1 outcomes from θ, and is rendered by
-:func:`llmprobe.analysis.experiments.generate` (so templates, cues, indices and every later
+:func:`llmprobe.experiments.generate` (so templates, cues, indices and every later
 placeholder are exactly what ``llmprobe experiment`` writes): the text is the experiment's prompt
 for that sequence extended by one outcome, and its marks 0..n_max are the positions where the
 model is scored. At each mark the exact posterior predictive under the prior (the Bayes-optimal
@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from llmprobe.analysis.experiments import Experiment, generate
 from llmprobe.bayes import mixture_posterior_predictive
 from llmprobe.control.prior import KnownPrior
 from llmprobe.errors import UsageError
+from llmprobe.experiments import Experiment, generate
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)

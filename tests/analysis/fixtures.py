@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmprobe.analysis.experiments import generate, load_experiment
 from llmprobe.bayes import discounted_counts, mixture_posterior_predictive
+from llmprobe.experiments import generate, load_experiment
 from llmprobe.tracing.schema import encode_metadata, trace_schema
 
 ROOT = Path(__file__).resolve().parents[2]

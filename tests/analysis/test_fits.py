@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmprobe.bayes import discounted_counts
-from llmprobe.analysis.experiments import generate, load_experiment
 from llmprobe.analysis.fits import FIT_META_KEY, fit_posterior, fit_prior
 from llmprobe.analysis.marks import category_marks
+from llmprobe.bayes import discounted_counts
+from llmprobe.experiments import generate, load_experiment
 from llmprobe.tracing.reader import open_trace
 from llmprobe.tracing.schema import encode_metadata, trace_schema
 from tests.cli_helpers import assert_one_line_error, run_cli
@@ -186,7 +186,7 @@ def test_real_model_coin_pipeline(tmp_path, real_loaded):
     """experiment | trace - | fit-posterior -, as pipes between real processes on the default model."""
     import subprocess
 
-    from llmprobe.model.loading import cache_dir
+    from llmprobe.model.sources import cache_dir
 
     env_cache = {"LLMPROBE_CACHE": str(cache_dir())}
     import os

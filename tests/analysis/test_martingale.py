@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
-from llmprobe.tracing.engine import TraceSettings, Tracer
-from llmprobe.analysis.experiments import generate, load_experiment, loads_experiment
 from llmprobe.analysis.martingale import CategoryPredictor, continuation, martingale_test, model_martingale
+from llmprobe.experiments import generate, load_experiment, loads_experiment
+from llmprobe.tracing.engine import TraceSettings, Tracer
 from llmprobe.tracing.prompts import PromptRecord
 from tests.cli_helpers import run_cli
 

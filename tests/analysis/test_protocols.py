@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmprobe.analysis.experiments import generate, load_experiment
 from llmprobe.analysis.marks import CategoryMarks
 from llmprobe.analysis.protocols import per_mark_statistics, template_tables
 from llmprobe.bayes.peers import decayed_pseudocount_predictive
+from llmprobe.experiments import generate, load_experiment
 from llmprobe.tracing.schema import encode_metadata, trace_schema
 from tests.cli_helpers import assert_one_line_error, run_cli
 

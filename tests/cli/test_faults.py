@@ -120,12 +120,12 @@ def test_sigint_during_fit_posterior_exits_130(tiny_loaded, tmp_path, capsys, mo
 
 
 def test_an_unexpected_error_is_one_line_with_the_debug_hint(tmp_path, capsys, monkeypatch):
-    import llmprobe.analysis.experiments
+    import llmprobe.experiments
 
     def broken(*args, **kwargs):
         raise RuntimeError("something\nnobody expected")
 
-    monkeypatch.setattr(llmprobe.analysis.experiments, "generate", broken)
+    monkeypatch.setattr(llmprobe.experiments, "generate", broken)
     code, _, err = run_cli(["experiment", str(COIN), "-o", str(tmp_path / "p.jsonl")], capsys, monkeypatch)
     line = one_line(err)
     assert code == 1 and "RuntimeError: something nobody expected" in line and "LLMPROBE_DEBUG=1" in line
@@ -208,16 +208,16 @@ def test_an_existing_directory_is_refused_even_with_force(tiny_loaded, tmp_path,
 
 def test_a_concurrent_writer_wins_and_the_loser_says_so(tmp_path, capsys, monkeypatch):
     """Both passed the existence check; the other one finished first: its file stays, this run fails."""
-    import llmprobe.analysis.experiments
+    import llmprobe.experiments
 
     output = tmp_path / "p.jsonl"
-    generate = llmprobe.analysis.experiments.generate
+    generate = llmprobe.experiments.generate
 
     def racing(*args, **kwargs):
         output.write_text("the other run's finished output\n")
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(llmprobe.analysis.experiments, "generate", racing)
+    monkeypatch.setattr(llmprobe.experiments, "generate", racing)
     code, _, err = run_cli(["experiment", str(COIN), "-o", str(output)], capsys, monkeypatch)
     assert_one_line_error(code, err, str(output), "another run", "nothing was replaced")
     assert output.read_text() == "the other run's finished output\n"
@@ -341,12 +341,12 @@ def test_an_unwritable_directory_is_refused_before_any_work(prompts, trace_args,
 
 
 def test_an_unusable_cache_is_one_line_before_the_conversion(prompts, tmp_path, capsys, monkeypatch):
-    import llmprobe.model.loading
+    import llmprobe.model.gguf
 
     cache = tmp_path / "cache-is-a-file"
     cache.write_text("")
     monkeypatch.setenv("LLMPROBE_CACHE", str(cache))
-    monkeypatch.setattr(llmprobe.model.loading, "_save_conversion", self_interrupt)  # must not be reached
+    monkeypatch.setattr(llmprobe.model.gguf, "_save_conversion", self_interrupt)  # must not be reached
     code, _, err = run_cli(["trace", str(prompts), "-o", str(tmp_path / "out.parquet"), "--device", "cpu"], capsys,
                            monkeypatch)
     assert_one_line_error(code, err, str(cache), "LLMPROBE_CACHE")

@@ -262,7 +262,7 @@ def test_corrupt_gguf(trace_cli, ok_prompts, tmp_path):
     result, output = trace_cli(ok_prompts, model=bad_magic)
     assert_refused(result, "bad.gguf", "not a GGUF file")
     assert_nothing_written(output)
-    from llmprobe.model.loading import default_gguf
+    from llmprobe.model.sources import default_gguf
 
     truncated = tmp_path / "truncated.gguf"  # a real GGUF header (the default model's), cut short
     with open(default_gguf(), "rb") as f:
@@ -383,7 +383,7 @@ def test_no_module_evaluates_or_unpickles():
 
 
 def test_experiment_configs_are_toml_data(tmp_path):
-    from llmprobe.analysis.experiments import load_experiment
+    from llmprobe.experiments import load_experiment
 
     config = tmp_path / "x.toml"
     config.write_text('name = "__import__(\'os\').system(\'touch pwned\')"\n[[[not toml')

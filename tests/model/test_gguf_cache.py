@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
 
 import pytest
 
-from llmprobe.model.loading import (CONVERSION_MANIFEST, _conversion_dir, cache_dir, convert_gguf, default_gguf,
-                                    gguf_file_type, gguf_sha256)
+from llmprobe.model.gguf import CONVERSION_MANIFEST, _conversion_dir, convert_gguf, gguf_file_type
+from llmprobe.model.sources import cache_dir, default_gguf, gguf_sha256, weights_fingerprint
 from tests.cli_helpers import run_cli
 
 
@@ -81,6 +82,27 @@ def test_models_prune_removes_duplicates_orphans_and_leftovers(tmp_path, capsysb
     inventory = json.loads(stdout)
     assert [entry["path"] for entry in inventory["cached"]] == [str(kept)]
     assert inventory["default"]["quantization"] == "Q4_1" and inventory["default"]["loaded_as"] == "float32"
+
+
+def test_fingerprints_are_memoized_whole_and_only_as_memos(tmp_path, monkeypatch):
+    """The memo holds the whole fingerprint (written through llmprobe.files, no leftovers); a cache that
+    cannot hold it costs the hash again, never the fingerprint."""
+    gguf = fake_gguf(tmp_path / "m.gguf")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"\x00" * 64)
+    content = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert gguf_sha256(gguf) == content
+    weights = weights_fingerprint(checkpoint)
+    assert weights.startswith("sha256:")
+    memos = sorted(p.read_text() for p in (cache_dir() / "fingerprints").iterdir())
+    assert memos == sorted([content, weights])
+    assert gguf_sha256(gguf) == content and weights_fingerprint(checkpoint) == weights  # read back from the memos
+    unusable = tmp_path / "cache-is-a-file"
+    unusable.write_text("")
+    monkeypatch.setenv("LLMPROBE_CACHE", str(unusable))
+    assert gguf_sha256(gguf) == content and weights_fingerprint(checkpoint) == weights
+    assert unusable.read_text() == ""
 
 
 @pytest.mark.real_model

@@ -40,7 +40,7 @@ def text_records(texts=TEXTS) -> list[PromptRecord]:
 
 
 def experiment_records(tmp_path: Path, n_max: int = 4, sequences: int = 1) -> list[PromptRecord]:
-    from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
+    from llmprobe.experiments import generate, load_experiment, write_jsonl
 
     experiment = load_experiment(Path(__file__).resolve().parents[2] / "configs/experiments/coin.toml")
     path = tmp_path / "coin.jsonl"

@@ -1,4 +1,4 @@
-"""Tests for the experiment generator (llmprobe/experiments.py and configs/experiments/*.toml)."""
+"""Tests for the experiment generator (llmprobe/experiments/ and configs/experiments/*.toml)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmprobe.errors import UsageError
-from llmprobe.analysis.experiments import generate, load_experiment, loads_experiment, write_jsonl
+from llmprobe.experiments import generate, load_experiment, loads_experiment, write_jsonl
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "experiments"
 SHIPPED = sorted(CONFIG_DIR.glob("*.toml"))

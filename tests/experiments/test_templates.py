@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmprobe.analysis.experiments import generate, load_experiment, loads_experiment, write_jsonl
 from llmprobe.errors import UsageError
+from llmprobe.experiments import generate, load_experiment, loads_experiment, write_jsonl
 from tests.cli_helpers import assert_one_line_error, run_cli
 
 PEERS = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "peers"
