@@ -118,7 +118,7 @@ def _row_json(row, top: int) -> dict:
 
 
 def show_models(inventory: dict, as_json: bool, out: Output) -> None:
-    """``models``: the default model and the cached conversions (see :func:`llmprobe.model.loading.inventory`)."""
+    """``models``: the default model and the cached conversions (see :func:`llmprobe.model.gguf.inventory`)."""
     if as_json:
         out.data_text(json.dumps(inventory, indent=1) + "\n")
         return
