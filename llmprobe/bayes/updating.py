@@ -80,6 +80,16 @@ class UpdatingPrior:
     def strengths(self) -> np.ndarray:
         return self.alphas.sum(axis=1)
 
+    @property
+    def prior_mean(self) -> np.ndarray:
+        """The prior's mean: the components' means weighted by the component weights."""
+        return self.weights @ (self.alphas / self.strengths[:, None])
+
+    @property
+    def alpha0(self) -> float:
+        """The prior's strength: the components' strengths weighted by the component weights."""
+        return float(self.weights @ self.strengths)
+
     def predictive(
         self, outcomes: ArrayLike | Sequence[ArrayLike], sequence: ArrayLike, position: ArrayLike
     ) -> np.ndarray:
