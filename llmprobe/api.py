@@ -25,7 +25,7 @@ from llmprobe.errors import UsageError
 if TYPE_CHECKING:
     import pandas as pd
 
-    from llmprobe.analysis.fits import PosteriorResult
+    from llmprobe.analysis.results import PosteriorResult
     from llmprobe.model.loading import LoadedModel
     from llmprobe.tracing.reader import Trace
 
@@ -99,10 +99,12 @@ def fit_posterior(trace: Any, *, prior: str = "fit", bootstrap: int = 200, seed:
     """``llmprobe fit-posterior``: model vs Bayesian posterior predictive at every mark.
 
     ``trace``: a DataFrame from :func:`trace` or :func:`llmprobe.read_trace`, a Trace, or a path.
-    The result has ``.summary`` (the ``--json`` dict), ``.table`` (the ``-o`` per-mark table) and
-    ``.by_n`` (the per-n table the CLI shows). ``prior`` as ``--prior``; ``options`` as the other
-    flags (``components``, ``max_components``, ``min_mass``, ``folds``; see
-    :func:`llmprobe.analysis.fits.fit_posterior`).
+    ``options``: the command's other options under their parameter names (``components``,
+    ``max_components``, ``min_mass``, ``folds``, ``by``, ``gamma_variant``; see
+    :class:`llmprobe.analysis.fit_options.PosteriorOptions`), so ``by="template"`` is ``--by template``.
+    The result (:class:`~llmprobe.analysis.results.PosteriorResult`) has the verdict (``.verdict``,
+    ``.conclusion``), the fits (``.test``), the scores (``.scores``), ``.summary`` (the ``--json``
+    dict), ``.table`` (the ``-o`` per-mark table) and ``.by_n`` (the per-n table the CLI shows).
     """
     from llmprobe.analysis.fits import fit_posterior as fit, posterior_marks
 
@@ -115,7 +117,7 @@ def fit_prior(trace: Any, *, components: str | int = 1, max_components: int = 5,
     from llmprobe.analysis.fits import fit_prior as fit
     from llmprobe.analysis.marks import category_marks
 
-    return fit(category_marks(_as_trace(trace)), str(components), max_components, from_counts, n, seed)
+    return fit(category_marks(_as_trace(trace)), components, max_components, from_counts, n, seed)
 
 
 def _as_trace(trace: Any) -> Trace:

@@ -443,3 +443,40 @@ def test_light_modules_load_without_model_libraries(module):
             " if m in sys.modules); print(','.join(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+# ------------------------------------------------------------------------------------------ private names
+def private_imports(root: Path) -> list[str]:
+    """``from llmprobe.x import _name`` in any module other than x: a module's private names are its own."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        name = module_name(path, root)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            target = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(anchor + ([target] if target else []))
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and target != name:
+                    found.append(f"{name} imports {alias.name} from {target} (line {node.lineno})")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert private_imports(PACKAGE_ROOT) == []
+
+
+def test_the_private_name_check_fails_on_a_planted_import(tmp_path):
+    root = tmp_path / "llmprobe"
+    (root / "bayes").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "bayes" / "__init__.py").write_text("")
+    (root / "bayes" / "fit.py").write_text("_Marks = 1\nfrom llmprobe.bayes.fit import _Marks as again\n")
+    (root / "bayes" / "updating.py").write_text("from llmprobe.bayes.fit import _Marks, __all__, public\n"
+                                                "from .fit import _Positions\n")
+    assert private_imports(root) == ["llmprobe.bayes.updating imports _Marks from llmprobe.bayes.fit (line 1)",
+                                     "llmprobe.bayes.updating imports _Positions from llmprobe.bayes.fit (line 2)"]

@@ -115,6 +115,20 @@ def category_marks(trace: Trace, label: str | None = None, *, needs: str = CATEG
     )
 
 
+def sequence_inputs(cm: CategoryMarks, needs: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The marks' outcome sequences and, per mark, its sequence's number and position (examples before
+    it): the filter fits' inputs. ``needs``: what the caller needs, said when the marks carry no outcomes."""
+    if not cm.outcomes:
+        raise UsageError(f"the marks carry no outcome sequences; {needs}", where=cm.label)
+    keys = list(cm.outcomes)
+    index = {k: i for i, k in enumerate(keys)}
+    try:
+        sequence = np.array([index[s] for s in cm.marks["sequence"]])
+    except KeyError as exc:
+        raise UsageError(f"sequence {exc.args[0]!r} has marks but no outcomes") from None
+    return [np.asarray(cm.outcomes[k], dtype=np.int64) for k in keys], sequence, cm.marks["n"].to_numpy(dtype=np.int64)
+
+
 def _category_columns(metas: list[dict], trace_targets: list[str], source: str) -> tuple[list[str], list[int]]:
     """Category names and, for each, its column in the trace's target list."""
     declared = {(tuple(m["categories"]), tuple(m["targets"])) for m in metas

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from llmprobe.bayes import MixtureFit
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError, UsageError
 
 LABEL_KEYS = ("model", "trace", "label", "source")
 UPDATING_PRIOR = "updating prior"
@@ -169,7 +169,8 @@ DIRICHLET_PREFIX = "dirichlet:"
 
 def reference_prior(spec: str, categories: list[str]) -> ReferencePrior:
     """``--prior`` other than ``fit``: ``uniform``, ``dirichlet:a1,...,aK``, a fit-posterior JSON
-    (its updating prior) or a fit-prior JSON (a prior over rows). One-line errors name ``--prior``."""
+    (its updating prior) or a fit-prior JSON (a prior over rows). A bad spec is a ParameterError naming ``prior``;
+    a bad file, one naming the file."""
     k = len(categories)
     if spec == "uniform":
         return ReferencePrior(_fixed_mixture(np.ones(1), np.ones((1, k))), "uniform", UPDATING_PRIOR, spec)
@@ -177,10 +178,10 @@ def reference_prior(spec: str, categories: list[str]) -> ReferencePrior:
         try:
             alpha = np.array([float(x) for x in spec[len(DIRICHLET_PREFIX):].split(",")])
         except ValueError:
-            raise UsageError(f"expected dirichlet:a1,...,a{k} with numbers, got {spec!r}", where="--prior") from None
+            raise ParameterError("prior", f"expected dirichlet:a1,...,a{k} with numbers, got {spec!r}") from None
         if alpha.shape != (k,) or not np.all(np.isfinite(alpha)) or np.any(alpha <= 0):
-            raise UsageError(f"dirichlet: needs {k} finite positive numbers (one per category:"
-                             f" {', '.join(categories)}), got {spec!r}", where="--prior")
+            raise ParameterError("prior", f"dirichlet: needs {k} finite positive numbers (one per category:"
+                                          f" {', '.join(categories)}), got {spec!r}")
         return ReferencePrior(_fixed_mixture(np.ones(1), alpha[None, :]), "dirichlet", UPDATING_PRIOR, spec)
     path = Path(spec)
     if not path.exists():

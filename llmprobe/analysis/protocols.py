@@ -16,39 +16,48 @@ template 0. Numbers only: the CLI renders them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from llmprobe.analysis.marks import CategoryMarks
+from llmprobe.analysis.fit_options import GAMMA_VARIANTS, check_choice
+from llmprobe.analysis.marks import CategoryMarks, sequence_inputs
 from llmprobe.bayes.metrics import kl_bits, total_variation
 from llmprobe.bayes.peers import GuptaFit, fit_gupta_gamma
 from llmprobe.errors import UsageError
 
-BY_CHOICES = ("template",)
-GAMMA_VARIANTS = ("gupta",)
 STATISTICS = ("p_first_model", "p_first_bayes", "tvd_theta", "kl_theta_bits", "tvd_bayes", "kl_bayes_bits")
 
-__all__ = ["BY_CHOICES", "GAMMA_VARIANTS", "STATISTICS", "bayes_from_fit_table", "per_mark_statistics", "peer_gamma",
-           "template_tables"]
+__all__ = ["STATISTICS", "PeerStatistics", "peer_gamma", "peer_statistics", "per_mark_statistics", "template_tables"]
 
 
-def check_choice(value: str | None, choices: tuple[str, ...], option: str) -> str | None:
-    if value is not None and value not in choices:
-        raise UsageError(f"expected {' or '.join(choices)}, got {value!r}", where=option)
-    return value
+@dataclass(frozen=True)
+class PeerStatistics:
+    """What fit-posterior adds for ``by="template"`` (the per-n tables over templates) and for a
+    ``gamma_variant`` (that peer's gamma), each under its own key of the JSON summary."""
+
+    by_template: dict[str, pd.DataFrame] | None
+    gamma_variant: str | None
+    gamma: GuptaFit | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.by_template is not None:
+            out["by_template"] = {name: frame.to_dict(orient="records") for name, frame in self.by_template.items()}
+        if self.gamma is not None:
+            out["gamma_variants"] = {self.gamma_variant: self.gamma.to_dict()}
+        return out
 
 
-def bayes_from_fit_table(table: pd.DataFrame, cm: CategoryMarks) -> np.ndarray:
-    """(M, K) posterior predictive per mark from fit-posterior's long table (one row per mark and category)."""
-    k = len(cm.categories)
-    ids = table["prompt_id"].to_numpy()
-    if (len(table) != len(cm) * k or list(table["category"].iloc[:k]) != cm.categories
-            or not np.array_equal(ids[::k], cm.marks["prompt_id"].to_numpy())
-            or not np.array_equal(table["position"].to_numpy()[::k], cm.marks["position"].to_numpy())):
-        raise ValueError("the fit table's rows are not the marks' (mark-major, categories in order)")
-    return table["bayes_prob"].to_numpy(dtype=np.float64).reshape(len(cm), k)
+def peer_statistics(cm: CategoryMarks, bayes: np.ndarray, by: str | None,
+                    gamma_variant: str | None) -> PeerStatistics | None:
+    """The peers' statistics fit-posterior was asked for (None: neither ``by`` nor ``gamma_variant``)."""
+    if by is None and gamma_variant is None:
+        return None
+    tables = template_tables(per_mark_statistics(cm, bayes)) if by == "template" else None
+    return PeerStatistics(tables, gamma_variant, None if gamma_variant is None else peer_gamma(cm, gamma_variant))
 
 
 def per_mark_statistics(cm: CategoryMarks, bayes: np.ndarray) -> pd.DataFrame:
@@ -96,14 +105,6 @@ def _over_templates(per_mark: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def peer_gamma(cm: CategoryMarks, variant: str) -> GuptaFit:
     """The named peer's γ fitted to a trace's marks (``gupta``: :func:`llmprobe.bayes.peers.fit_gupta_gamma`)."""
-    check_choice(variant, GAMMA_VARIANTS, "--gamma-variant")
-    if not cm.outcomes:
-        raise UsageError("marks carry no outcome sequences (generate prompts with `llmprobe experiment`)")
-    keys = list(cm.outcomes)
-    index = {k: i for i, k in enumerate(keys)}
-    sequence = np.array([index[s] for s in cm.marks["sequence"]])
-    return fit_gupta_gamma(cm.probs, [cm.outcomes[k] for k in keys], sequence, cm.marks["n"].to_numpy(dtype=np.int64))
-
-
-def tables_to_json(tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
-    return {name: frame.to_dict(orient="records") for name, frame in tables.items()}
+    check_choice(variant, GAMMA_VARIANTS, "gamma_variant")
+    outcomes, sequence, position = sequence_inputs(cm, "generate prompts with `llmprobe experiment`")
+    return fit_gupta_gamma(cm.probs, outcomes, sequence, position)

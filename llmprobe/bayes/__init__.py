@@ -5,17 +5,13 @@ finite Dirichlet mixture). After counts n the Bayesian next-outcome prediction i
 (alpha_k + n_k) / (alpha_0 + n); a mixture also reweights its components by B(alpha_j + n) / B(alpha_j).
 A forgetting filter uses discounted counts c_{j+1} = gamma c_j + e_{x_j}; gamma = 1 is exact Bayes.
 Fits: Dirichlet / mixture priors over rows by maximum likelihood; the *updating prior* (a Dirichlet
-mixture filter with gamma, :mod:`.updating`) to a model's predictions, robustly; and the verdict on
-whether the model updates like a Bayesian, with baselines (:mod:`.verdict`).
+mixture filter with gamma, :mod:`.updating`) to a model's predictions, robustly (:mod:`.filter`: the
+marks, the objective, the robust fit and gamma's bootstrap; :mod:`.bayes_fit`: the one-Dirichlet
+case as ``fit_bayes`` / ``bootstrap_exact_bayes``); and the verdict on whether the model updates like
+a Bayesian, with baselines (:mod:`.verdict`).
 """
 
-from llmprobe.bayes.bayes_fit import (
-    BayesFit,
-    ExactBayesTest,
-    bootstrap_exact_bayes,
-    fit_bayes,
-    outcomes_from_running_counts,
-)
+from llmprobe.bayes.bayes_fit import BayesFit, ExactBayesTest, bootstrap_exact_bayes, fit_bayes
 from llmprobe.bayes.dirichlet import (
     DEFAULT_FLOOR,
     DirichletFit,
@@ -24,6 +20,7 @@ from llmprobe.bayes.dirichlet import (
     fit_dirichlet,
     fit_dirichlet_multinomial,
 )
+from llmprobe.bayes.filter import outcomes_from_running_counts
 from llmprobe.bayes.metrics import (
     entropy_bits,
     entropy_gap_bits,

@@ -1,7 +1,7 @@
 """The peers' own statistics, so their numbers can be reproduced next to llmprobe's.
 
 Gupta et al. (2025), "Enough coin flips can make LLMs act Bayesian", fit a forgetting factor γ on
-their posterior-chain runs with a filter that differs from llmprobe's (:mod:`llmprobe.bayes.bayes_fit`):
+their posterior-chain runs with a filter that differs from llmprobe's (:mod:`llmprobe.bayes.filter`):
 
 * **their filter** starts from Beta(1, 1) — Dirichlet(1, ..., 1) for K categories — and decays the
   *pseudo-counts*, prior included: a_0 = 1, a_{j+1} = γ a_j + e_{x_j}, so

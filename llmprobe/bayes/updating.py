@@ -8,7 +8,7 @@ filter whose posterior predictive best explains the predictions at every mark:
 
 with discounted counts c_{j+1} = gamma c_j + e_{x_j} (gamma = 1: exact Bayes; then the mixture
 weights are updated by the Dirichlet-multinomial marginal likelihood, as conjugacy demands). With
-one component this is the filter of :mod:`llmprobe.bayes.bayes_fit`. The objective is the same,
+one component this is the filter of :func:`llmprobe.bayes.fit_bayes`. The objective is the same,
 the weighted mean KL(model || filter) over marks, with an analytic gradient in theta = (log
 alpha_ck, weight logits u_2..u_C, [gamma]) and the same robust fit (gamma profiled on a grid from
 the nested gamma = 1 fit, then refined). Mixture fits are started from the Dirichlet-multinomial
@@ -31,16 +31,17 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import digamma, gammaln
 
-from llmprobe.bayes.bayes_fit import (
-    ALPHA0_UNBOUNDED,
+from llmprobe.bayes.filter import (
     LOG_ALPHA_BOUND,
+    DirichletFilter,
+    FilterObjective,
+    Marks,
+    Positions,
     Profile,
     Solution,
-    _DirichletFilter,
-    _Marks,
-    _minimize,
-    _Positions,
+    at_bound,
     bootstrap_gamma,
+    optimize,
     robust_fit,
 )
 from llmprobe.bayes.mixture import fit_dirichlet_multinomial_mixture
@@ -50,8 +51,6 @@ from llmprobe.bayes.verdict import score
 COMPONENT_TOLERANCE_BITS = 1e-3
 """More components must lower the held-out mean KL by more than this (bits) to be chosen."""
 
-_LN2 = float(np.log(2.0))
-
 
 @dataclass(frozen=True)
 class UpdatingPrior:
@@ -59,7 +58,7 @@ class UpdatingPrior:
 
     ``mean_kl_bits``: the weighted mean KL(model || filter) on the marks it was fitted to
     (in-sample). ``at_bound``: some alpha ran to the optimizer's bound or a component's strength
-    beyond :data:`~llmprobe.bayes.bayes_fit.ALPHA0_UNBOUNDED`; never ``converged`` then.
+    beyond :data:`~llmprobe.bayes.filter.ALPHA0_UNBOUNDED`; never ``converged`` then.
     """
 
     weights: np.ndarray
@@ -81,11 +80,22 @@ class UpdatingPrior:
     def strengths(self) -> np.ndarray:
         return self.alphas.sum(axis=1)
 
+    @property
+    def prior_mean(self) -> np.ndarray:
+        """The prior's mean: the components' means weighted by the component weights."""
+        return self.weights @ (self.alphas / self.strengths[:, None])
+
+    @property
+    def alpha0(self) -> float:
+        """The prior's strength: the components' strengths weighted by the component weights."""
+        return float(self.weights @ self.strengths)
+
     def predictive(
         self, outcomes: ArrayLike | Sequence[ArrayLike], sequence: ArrayLike, position: ArrayLike
     ) -> np.ndarray:
-        """The filter's (M, K) predictions at marks given as for :func:`~llmprobe.bayes.fit_bayes`."""
-        positions = _Positions.build(outcomes, sequence, position, self.alphas.shape[1])
+        """The filter's (M, K) predictions at marks, given as :meth:`~llmprobe.bayes.filter.Positions.build`
+        takes them."""
+        positions = Positions.build(outcomes, sequence, position, self.alphas.shape[1])
         return mixture_posterior_predictive(self.weights, self.alphas, positions.counts(self.gamma))
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +121,7 @@ class UpdatingPrior:
 class _MixtureFilter:
     """The C-component filter; theta = (log alpha (C x K, row-major), weight logits u_2..u_C)."""
 
-    marks: _Marks
+    marks: Marks
     n_components: int
     first: np.ndarray = field(repr=False)  # the start's theta, chosen by the caller
 
@@ -171,12 +181,12 @@ class _MixtureFilter:
         return kl, gradient
 
 
-def _objective(marks: _Marks, n_components: int, seed: int | None, n_init: int):
+def _objective(marks: Marks, n_components: int, seed: int | None, n_init: int) -> FilterObjective:
     """The filter objective for ``n_components``, started from the best of ``n_init`` starts."""
-    single = _DirichletFilter(marks)
+    single = DirichletFilter(marks)
     if n_components == 1:
         return single
-    base = _minimize(single, marks.weights, 1.0, single.start())
+    base = optimize(single, marks.weights, 1.0, single.start())
     strength = float(np.clip(np.exp(base.theta).sum(), 0.5, 1e4))
     n_categories = marks.probs.shape[1]
     rng = np.random.default_rng(seed)
@@ -187,13 +197,13 @@ def _objective(marks: _Marks, n_components: int, seed: int | None, n_init: int):
     best: tuple[float, np.ndarray] | None = None
     for theta in starts:
         candidate = _MixtureFilter(marks, n_components, theta)
-        solution = _minimize(candidate, marks.weights, 1.0, theta)
+        solution = optimize(candidate, marks.weights, 1.0, theta)
         if best is None or solution.value < best[0]:
             best = (solution.value, solution.theta)
     return _MixtureFilter(marks, n_components, best[1])  # type: ignore[index]  # n_init >= 1
 
 
-def _data_prior_start(marks: _Marks, n_components: int, seed: int | None) -> np.ndarray:
+def _data_prior_start(marks: Marks, n_components: int, seed: int | None) -> np.ndarray:
     """A start at the prior the in-context examples were drawn from: the Dirichlet-multinomial mixture
     fitted to each sequence's outcome counts. An exactly Bayesian model updates from that prior, so
     its fit starts at the answer; random starts alone can merge two components into one."""
@@ -204,25 +214,24 @@ def _data_prior_start(marks: _Marks, n_components: int, seed: int | None) -> np.
     return np.concatenate([np.log(alphas).reshape(-1), logits[1:] - logits[0]])
 
 
-def _to_prior(objective, solution: Solution, gamma_fixed: bool, weights: np.ndarray) -> UpdatingPrior:
+def _to_prior(objective: FilterObjective, solution: Solution, gamma_fixed: bool, weights: np.ndarray) -> UpdatingPrior:
     marks = objective.marks
     if isinstance(objective, _MixtureFilter):
         mix, alphas = objective.unpack(solution.theta)
     else:
         mix, alphas = np.ones(1), np.exp(solution.theta)[None, :]
-    at_bound = bool(np.any(np.abs(solution.theta) >= LOG_ALPHA_BOUND - 1e-6)
-                    or np.any(alphas.sum(axis=1) > ALPHA0_UNBOUNDED))
+    bounded = at_bound(solution.theta, alphas.sum(axis=1))
     return UpdatingPrior(
         weights=mix,
         alphas=alphas,
         gamma=solution.gamma,
         gamma_fixed=gamma_fixed,
-        mean_kl_bits=max(solution.value, 0.0) / _LN2,
+        mean_kl_bits=solution.mean_kl_bits,
         n_marks=int(np.count_nonzero(weights)),
         n_sequences=int(np.unique(marks.positions.sequence[weights > 0]).size),
         iterations=solution.iterations,
-        converged=solution.success and not at_bound,
-        at_bound=at_bound,
+        converged=solution.success and not bounded,
+        at_bound=bounded,
     )
 
 
@@ -264,7 +273,7 @@ class UpdatingFit:
                  seed: int | None = 0, n_init: int = 4) -> None:
         if n_components < 1:
             raise ValueError("n_components must be >= 1")
-        self.marks = _Marks.build(probs, outcomes, sequence, position, weights)
+        self.marks = Marks.build(probs, outcomes, sequence, position, weights)
         self.n_components = n_components
         self.seed = seed
         self.n_init = n_init
@@ -280,7 +289,7 @@ class UpdatingFit:
     def fit_exact(self, weights: np.ndarray | None = None) -> UpdatingPrior:
         """The gamma = 1 fit alone (no profile): what component selection scores."""
         w = self.marks.weights if weights is None else weights
-        return _to_prior(self.objective, _minimize(self.objective, w, 1.0, self.objective.start()), True, w)
+        return _to_prior(self.objective, optimize(self.objective, w, 1.0, self.objective.start()), True, w)
 
     def predict(self, prior: UpdatingPrior) -> np.ndarray:
         """(M, K) predictions of ``prior`` at every mark (held out or not)."""

@@ -1,7 +1,5 @@
 """Commands that test the paper's claims inside the model: ``continuity`` and ``martingale``."""
 
-import json
-from dataclasses import asdict
 from typing import Annotated, Literal, Optional
 
 import typer
@@ -9,6 +7,7 @@ import typer
 from llmprobe.cli import options as opt
 from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
+from llmprobe.model.loading import ModelOptions
 
 
 def continuity(
@@ -17,33 +16,24 @@ def continuity(
     over: Annotated[Literal["topk", "targets"], typer.Option(
         help="topk: union of top-k sets + remainder; targets: whole target strings + remainder (exact).")] = "topk",
     output: opt.output("Scatter plot (.png, .svg, .pdf).") = None,
-    as_json: opt.Json = False,
-    table_format: opt.Format = "table",
     max_pairs: Annotated[int, typer.Option(help="Pairs compared (a random subset above this).")] = 50_000,
     quantile: Annotated[float, typer.Option(help="Quantile of the distance ratio reported as the Lipschitz bound.")]
     = 0.95,
     seed: opt.Seed = 0,
     force: opt.Force = False,
-    quiet: opt.Quiet = False,
+    out: Output = opt.RESULT,
 ) -> None:
     """Embedding distance vs next-token distribution distance over pairs of prompts (continuity)."""
-    fmt = opt.table_format(table_format, as_json)
     opt.input_path(trace_path, "trace file or directory")
-    from llmprobe.analysis.continuity import continuity as analyse, finite_or_null
-    from llmprobe.cli.views import continuity_rows, continuity_table
+    from llmprobe.analysis.continuity import continuity as analyse
+    from llmprobe.cli.views.analyses import ContinuityView
 
-    out = Output(quiet, stdout_is_data=fmt != "table")
     if output is not None:
         from llmprobe.plots.common import check_image_output
 
         check_image_output(output, force, inputs=[trace_path])
     result, pairs, meta = analyse(trace_path, over=over, max_pairs=max_pairs, quantile=quantile, seed=seed)
-    if fmt == "json":
-        out.data_text(json.dumps(finite_or_null(asdict(result))) + "\n")
-    elif fmt == "tsv":
-        out.data_tsv(continuity_rows(result))
-    else:
-        out.show(continuity_table(result))
+    out.result(ContinuityView(result))
     if output is not None:
         from llmprobe.plots.common import save_figure
         from llmprobe.plots.continuity import continuity_figure
@@ -64,38 +54,20 @@ def martingale(
     alpha: Annotated[float, typer.Option(help="Significance level for the verdict column.")] = 0.05,
     seed: opt.Seed = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 16,
-    model: opt.Model = None,
-    device: opt.Device = "auto",
-    dtype: opt.Dtype = "auto",
-    device_map: opt.DeviceMap = None,
-    max_memory: opt.MaxMemory = None,
-    offload_folder: opt.OffloadFolder = None,
-    trust_remote_code: opt.TrustRemoteCode = False,
-    allow_pickle: opt.AllowPickle = False,
-    attn_implementation: opt.AttnImplementation = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout instead of a table.")] = False,
-    table_format: opt.Format = "table",
-    quiet: opt.Quiet = False,
+    loading: ModelOptions = opt.MODEL,
+    out: Output = opt.RESULT,
 ) -> None:
     """Martingale test (Falck, Wang & Holmes): does sampling from the model's own predictive keep it unchanged?"""
-    fmt = opt.table_format(table_format, as_json)
     opt.input_path(config, "experiment file")
     ns = opt.parse_counts(n)
     if not 0 < alpha < 1:
         raise UsageError(f"must be between 0 and 1, got {alpha}", where="--alpha")
     from llmprobe.analysis.martingale import model_martingale
-    from llmprobe.cli.views import martingale_rows, martingale_table
+    from llmprobe.cli.views.analyses import MartingaleView
 
     exp = opt.experiment_config(config)
     exp = exp.with_overrides(n_max=ns[-1] + horizon, sequences=sequences)
-    out = Output(quiet, stdout_is_data=fmt != "table")
-    loaded = opt.model_options(model, device, dtype, device_map, max_memory, offload_folder, trust_remote_code,
-                               allow_pickle, attn_implementation).load(log=out.log)
+    loaded = loading.load(log=out.log)
     results = model_martingale(loaded, exp, ns, paths=paths, horizon=horizon, seed=seed, n_bootstrap=bootstrap,
                                batch_size=batch_size, out=out)
-    if fmt == "json":
-        out.data_text("".join(json.dumps({**asdict(r), "rejected": r.rejected(alpha)}) + "\n" for r in results))
-    elif fmt == "tsv":
-        out.data_tsv(martingale_rows(results, alpha))
-    else:
-        out.show(martingale_table(results, alpha, exp.name))
+    out.result(MartingaleView(results, alpha, exp.name))

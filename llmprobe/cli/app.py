@@ -1,10 +1,11 @@
 """The ``llmprobe`` application: one typer app, its commands, and one place that turns errors into lines.
 
 Each command lives in the module of its group (:mod:`.trace`, :mod:`.fits`, :mod:`.figures`,
-:mod:`.analyses`) under the command's own name, parses its options (declared once in
-:mod:`.options`), delegates to the library, and shows the result with :mod:`.views`. Heavy
-libraries (torch, transformers, matplotlib) are imported inside the commands, so ``--help`` and
-option errors are fast.
+:mod:`.analyses`, :mod:`.control`) under the command's own name, parses its options (declared once
+in :mod:`.options`; the option groups are expanded here, when the command is registered), delegates
+to the library, and hands its result to :meth:`.output.Output.result` as a view (:mod:`.views`).
+Heavy libraries (torch, transformers, matplotlib) are imported inside the commands, so ``--help``
+and option errors are fast.
 """
 
 import errno
@@ -17,7 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from llmprobe.cli import analyses, control, figures, fits, trace
-from llmprobe.cli.options import fill_optional_values
+from llmprobe.cli.options import error_message, fill_optional_values, with_groups
 from llmprobe.cli.output import error_line
 from llmprobe.errors import UsageError
 
@@ -46,7 +47,7 @@ COMMANDS = {
 
 
 for name, command in COMMANDS.items():
-    app.command(name)(command)
+    app.command(name)(with_groups(command))
 
 
 def _print_version(value: bool) -> None:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     the interrupt would otherwise pass for success. Here:
 
     * :class:`UsageError` (bad input, an unwritable output, ...) prints its line, exit 2 (130 for an
-      interrupted trace, which says how to resume);
+      interrupted trace, which says how to resume); a library parameter is named by its flag;
     * Ctrl-C / SIGINT anywhere (model loading, streaming to stdout, a fit) prints one line, exit 130;
     * a closed stdout (``llmprobe ... | head``) exits 141 quietly, as a shell pipeline expects;
     * an option parser error prints its message on one line, exit 2;
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         with command.make_context("llmprobe", args) as ctx:
             command.invoke(ctx)
     except UsageError as exc:
-        error_line(one_line(" ".join([str(exc), *getattr(exc, "__notes__", [])])))
+        running = command.commands.get(args[0]) if args else None
+        error_line(one_line(" ".join([error_message(exc, running), *getattr(exc, "__notes__", [])])))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         error_line("interrupted: no output file was written, and anything already written to stdout is incomplete")

@@ -1,7 +1,7 @@
 """Commands for in-context learning: ``experiment`` (prompts), ``fit-prior`` and ``fit-posterior`` (fits)."""
 
-import json
 import sys
+from dataclasses import asdict
 from typing import Annotated, Literal, Optional
 
 import typer
@@ -51,36 +51,28 @@ def fit_prior(
     n: Annotated[Optional[str], typer.Option("--n", metavar="N[,N...]",
                                              help="Only marks after these numbers of examples.")] = None,
     output: opt.output("Prior JSON for fit-posterior.") = None,
-    as_json: Annotated[bool, typer.Option("--json", help="The prior JSON on stdout.")] = False,
-    table_format: opt.Format = "table",
     seed: opt.Seed = 0,
     force: opt.Force = False,
-    quiet: opt.Quiet = False,
+    out: Output = opt.RESULT,
 ) -> None:
     """Fit the prior over rows: a Dirichlet (mixture) over the spread of a trace's category distributions."""
-    fmt = opt.table_format(table_format, as_json)
     opt.input_path(trace_path, "trace file or directory")
-    from llmprobe.analysis.fits import fit_prior as fit
+    from llmprobe.analysis import fits
     from llmprobe.analysis.marks import category_marks
-    from llmprobe.cli.views import fit_prior_rows, show_fit_prior
+    from llmprobe.cli.views.fits import PriorView
     from llmprobe.files import check_new_output, write_atomic
     from llmprobe.tracing.reader import open_trace
 
     counts = opt.parse_counts(n) if n is not None else None
     if output is not None:
         check_new_output(output, force, inputs=[trace_path])
-    prior_on_stdout = fmt == "json" or fmt == "table" and output is None and not sys.stdout.isatty()
-    out = Output(quiet, stdout_is_data=prior_on_stdout or fmt == "tsv")
+    if out.format == "table" and output is None and not sys.stdout.isatty():
+        out = Output(out.quiet, format="json")  # piped on without -o: the prior JSON is the data
     marks = category_marks(open_trace(trace_path))
-    result = fit(marks, components, max_components, from_counts, counts, seed)
-    show_fit_prior(result, marks.label, out)
-    document = json.dumps(result, indent=1) + "\n"
+    view = PriorView(fits.fit_prior(marks, components, max_components, from_counts, counts, seed), marks.label)
     if output is not None:
-        write_atomic(output, document, replace=force)
-    if prior_on_stdout:
-        out.data_text(document)
-    elif fmt == "tsv":
-        out.data_tsv(fit_prior_rows(result))
+        write_atomic(output, view.document(), replace=force)
+    out.result(view)
 
 
 def fit_posterior(
@@ -89,7 +81,7 @@ def fit_posterior(
         help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
              " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON"
              " (a prior over rows).")] = "fit",
-    prior_components: Annotated[str, typer.Option(
+    components: Annotated[str, typer.Option(
         "--prior-components", metavar="K|auto",
         help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto'"
              " chooses by held-out KL.")] = "1",
@@ -98,8 +90,6 @@ def fit_posterior(
         "--min-mass", help="Leave out marks with less probability than this on the categories.")] = 0.05,
     folds: Annotated[int, typer.Option(help="Folds of sequences for the out-of-sample scores (2 or more).")] = 5,
     output: opt.output("Per-mark table, .parquet or .csv.") = None,
-    as_json: opt.Json = False,
-    table_format: opt.Format = "table",
     bootstrap: opt.Bootstrap = 200,
     seed: opt.Seed = 0,
     by: Annotated[Optional[Literal["template"]], typer.Option(
@@ -109,10 +99,12 @@ def fit_posterior(
         "--gamma-variant", help="gupta: also Gupta et al.'s γ (decayed Beta(1,1) pseudo-counts, L1 on template means).")]
     = None,
     force: opt.Force = False,
-    quiet: opt.Quiet = False,
+    out: Output = opt.RESULT,
 ) -> None:
     """Does the model update like a Bayesian? The updating prior, the exact-Bayes test, baselines, a verdict."""
-    fmt = opt.table_format(table_format, as_json)
+    from llmprobe.analysis.fit_options import PosteriorOptions
+
+    options = PosteriorOptions(prior, bootstrap, seed, components, max_components, min_mass, folds, by, gamma_variant)
     if traces.count("-") > 1:
         raise UsageError("standard input can be read only once", where="TRACE")
     for path in traces:
@@ -122,57 +114,25 @@ def fit_posterior(
             raise UsageError("standard input can be read only once; give the prior or the trace as a file",
                              where="--prior")
         opt.input_path(prior, "prior file")
-    from llmprobe.analysis.fits import fit_posterior as fit, parse_components, posterior_marks, write_fit_table
-    from llmprobe.cli.views import fit_posterior_rows, show_fit_posterior
+    from llmprobe.analysis import fits
+    from llmprobe.analysis.fit_tables import write_fit_table
+    from llmprobe.cli.views.fits import PosteriorView
     from llmprobe.files import check_new_output
-    from llmprobe.analysis import protocols
     from llmprobe.tracing.reader import open_trace
 
-    protocols.check_choice(by, protocols.BY_CHOICES, "--by")
-    protocols.check_choice(gamma_variant, protocols.GAMMA_VARIANTS, "--gamma-variant")
-    parse_components(prior_components)
-    if not 0.0 <= min_mass < 1.0:
-        raise UsageError(f"must be in [0, 1), got {min_mass}", where="--min-mass")
-    if folds < 2:
-        raise UsageError(f"must be 2 or more, got {folds}", where="--folds")
-    if max_components < 1:
-        raise UsageError(f"must be 1 or more, got {max_components}", where="--max-components")
     if output is not None:
         check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior])])
-    out = Output(quiet, stdout_is_data=fmt != "table")
     results = []
     labels: set[str] = set()
     for path in traces:
         trace = open_trace(path)
         label = _unique_label(trace.meta.get("model") or path, path, labels)
-        marks = posterior_marks(trace, label)
-        results.append(fit(marks, prior, bootstrap, seed, components=prior_components,
-                           max_components=max_components, min_mass=min_mass, folds=folds, reporter=out))
-        _peer_statistics(results[-1], marks, by, gamma_variant, out)
-    show_fit_posterior(results, out)
+        results.append(fits.fit_posterior(fits.posterior_marks(trace, label), **asdict(options),
+                                            reporter=out))
     if output is not None:
         write_fit_table(results, output, force)
         out.log(f"wrote the per-mark table to {output}")
-    if fmt == "json":
-        out.data_text(json.dumps([r.summary for r in results], indent=1) + "\n")
-    elif fmt == "tsv":
-        out.data_tsv(fit_posterior_rows(results))
-
-
-def _peer_statistics(result, marks, by: Optional[str], gamma_variant: Optional[str], out: Output) -> None:
-    """``--by template`` and ``--gamma-variant``: shown, and added to the JSON summary under their own keys."""
-    from llmprobe.analysis import protocols
-    from llmprobe.cli.views import show_peer_gamma, show_template_tables
-
-    if by == "template":
-        bayes = protocols.bayes_from_fit_table(result.table, marks)
-        tables = protocols.template_tables(protocols.per_mark_statistics(marks, bayes))
-        show_template_tables(result.label, marks.categories, tables, out)
-        result.summary["by_template"] = protocols.tables_to_json(tables)
-    if gamma_variant is not None:
-        peer = protocols.peer_gamma(marks, gamma_variant)
-        show_peer_gamma(result.label, peer, out)
-        result.summary["gamma_variants"] = {gamma_variant: peer.to_dict()}
+    out.result(PosteriorView(results))
 
 
 def _unique_label(label: str, path: str, seen: set[str]) -> str:

@@ -2,23 +2,39 @@
 
 Help looks the same everywhere: values are shown as upper-case metavars (``PATH``, ``K``, ``INT``),
 choices as ``a|b|c`` (``Literal`` annotations, checked by the parser), flags bare, defaults as
-``[default: …]`` (see :func:`llmprobe.cli.app.tidy_help`). One name per idea, everywhere: ``-o/--output`` and ``--force`` on every command that writes a file,
-``-q/--quiet`` on every command that reports progress, ``--json`` where a command has a summary,
-``--format table|tsv|json`` on every command that prints a table (:func:`table_format`),
-``--top-k``, ``--seed``, ``--bootstrap``, ``--n``, and the same model options (:data:`MODEL_OPTIONS`)
-on every command that loads a model. A command module uses these aliases as parameter annotations
-and so never spells an option's flags or help itself. This module is free of
-``from __future__ import annotations`` on purpose: typer reads the aliases at definition time.
+``[default: …]`` (see :func:`llmprobe.cli.app.tidy_help`). One name per idea, everywhere:
+``-o/--output`` and ``--force`` on every command that writes a file, ``-q/--quiet`` on every command
+that reports progress, ``--top-k``, ``--seed``, ``--bootstrap``, ``--n``. A command module uses these
+aliases as parameter annotations and so never spells an option's flags or help itself.
+
+Two groups of options travel together (:class:`Group`): a command asks for one by a parameter whose
+default is the group, and receives what the group builds, once the app has expanded it
+(:func:`with_groups`, applied to every command when it is registered):
+
+* ``out: Output = opt.RESULT``: ``--json``, ``--format table|tsv|json`` and ``-q``, checked once and
+  turned into the :class:`~llmprobe.cli.output.Output` that writes the command's result in that format;
+* ``loading: ModelOptions = opt.MODEL``: the model options (``--model``, ``--device``, ``--dtype``,
+  ``--device-map``, ``--max-memory``, ``--offload-folder``, ``--trust-remote-code``, ``--allow-pickle``,
+  ``--attn-implementation``) of every command that loads a model, as one ``ModelOptions``.
+
+Library errors name a function's parameter (:class:`~llmprobe.errors.ParameterError`); a command's
+parameters carry the library's names, so :func:`error_message` shows the flag that sets it instead.
+This module is free of ``from __future__ import annotations`` on purpose: typer reads the aliases at
+definition time.
 """
 
 import copy
+import functools
+import inspect
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, get_args
+from typing import Annotated, Any, Callable, Literal, Optional, get_args
 
 import typer
 
-from llmprobe.errors import UsageError
+from llmprobe.cli.output import Output
+from llmprobe.errors import ParameterError, UsageError
 from llmprobe.model.loading import ModelOptions, check_attn_implementation, parse_max_memory
 
 MODEL_PANEL = "Model"
@@ -31,8 +47,7 @@ def output(help: str) -> Any:
 
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr.")]
-Json = Annotated[bool, typer.Option("--json", help="The summary as JSON on stdout instead of tables.")]
-TABLE_FORMATS = ("table", "tsv", "json")
+Json = Annotated[bool, typer.Option("--json", help="The result as JSON on stdout.")]
 Format = Annotated[Literal["table", "tsv", "json"], typer.Option(
     "--format", help="table: for people; tsv: a header line and tab-separated rows at full precision (tabs,"
                      " newlines and backslashes in text escaped as \\t \\n \\\\); json: the same as --json.")]
@@ -50,7 +65,7 @@ AttnImplementation = Annotated[Optional[str], typer.Option(
 # values, so the command line is rewritten before parsing (see :func:`fill_optional_values`).
 OPTIONAL_VALUES = {"--chat": ("user", ("user", "prefill"))}
 
-# The model options, the same for every command that loads a model (trace, martingale).
+# The model options, the same for every command that loads a model (trace, martingale): :data:`MODEL`.
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", rich_help_panel=MODEL_PANEL,
     help="Model directory, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct).")]
@@ -79,13 +94,11 @@ def in_panel(alias: Any, panel: str) -> Any:
     return Annotated[(kind, info, *rest)]
 
 
-def table_format(fmt: str, as_json: bool) -> str:
-    """The format a table-printing command writes: ``--json`` is ``--format json``; it conflicts with tsv."""
-    if fmt not in TABLE_FORMATS:
-        raise UsageError(f"expected one of {', '.join(TABLE_FORMATS)}, got {fmt!r}", where="--format")
-    if as_json and fmt == "tsv":
+def result_output(as_json: bool, table_format: str, quiet: bool) -> Output:
+    """The :class:`Output` of a command that prints a result: ``--json`` is ``--format json``; it conflicts with tsv."""
+    if as_json and table_format == "tsv":
         raise UsageError("--json is --format json; give one of them", where="--format")
-    return "json" if as_json else fmt
+    return Output(quiet, format="json" if as_json else table_format)
 
 
 def input_path(source: str, what: str, *, stdin: bool = True, missing: Optional[str] = None) -> str:
@@ -115,11 +128,68 @@ def experiment_config(config: str) -> Any:
 
 def model_options(model: Optional[str], device: str, dtype: str, device_map: Optional[str],
                   max_memory: Optional[str], offload_folder: Optional[str], trust_remote_code: bool,
-                  allow_pickle: bool, attn_implementation: Optional[str] = None) -> ModelOptions:
-    """The parsed model options (in the order a command declares them)."""
+                  allow_pickle: bool, attn_implementation: Optional[str]) -> ModelOptions:
+    """The parsed model options."""
     return ModelOptions(model, device, dtype, device_map, trust_remote_code, allow_pickle,
                         parse_max_memory(max_memory) if max_memory else None, offload_folder,
                         check_attn_implementation(attn_implementation))
+
+
+# ------------------------------------------------------------------------------------------ groups
+@dataclass(frozen=True)
+class Group:
+    """Options that travel together: their declarations, and what ``build`` makes of their values."""
+
+    options: tuple[inspect.Parameter, ...]
+    build: Callable[..., Any]
+
+
+def _option(name: str, alias: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=alias)
+
+
+RESULT: Any = Group((_option("as_json", Json, False), _option("table_format", Format, "table"),
+                     _option("quiet", Quiet, False)), result_output)
+"""``--json``, ``--format``, ``-q`` -> the :class:`Output` that writes the command's result."""
+
+MODEL: Any = Group((
+    _option("model", Model, None), _option("device", Device, "auto"), _option("dtype", Dtype, "auto"),
+    _option("device_map", DeviceMap, None), _option("max_memory", MaxMemory, None),
+    _option("offload_folder", OffloadFolder, None), _option("trust_remote_code", TrustRemoteCode, False),
+    _option("allow_pickle", AllowPickle, False), _option("attn_implementation", AttnImplementation, None),
+), model_options)
+"""The model options -> one :class:`ModelOptions`."""
+
+
+def with_groups(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` as typer should see it: each parameter whose default is a :class:`Group` becomes the
+    group's options, and the command is called with what the group builds of them."""
+    signature = inspect.signature(command)
+    groups = {p.name: p.default for p in signature.parameters.values() if isinstance(p.default, Group)}
+    if not groups:
+        return command
+
+    @functools.wraps(command)
+    def run(**values: Any) -> None:
+        for name, group in groups.items():
+            values[name] = group.build(**{option.name: values.pop(option.name) for option in group.options})
+        command(**values)
+
+    expanded = [option for p in signature.parameters.values()
+                for option in (groups[p.name].options if p.name in groups else [p])]
+    run.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in expanded])
+    return run
+
+
+def error_message(error: UsageError, command: Any) -> str:
+    """The line for a user error; a library parameter's name becomes the flag that sets it in ``command``
+    (the click command that ran; None: none did)."""
+    if isinstance(error, ParameterError) and command is not None:
+        flags = {param.name: max(param.opts, key=len) for param in command.params if param.param_type_name == "option"}
+        if error.parameter in flags:
+            return f"{flags[error.parameter]}: {error.message}"
+    return str(error)
 
 
 def fill_optional_values(argv: list[str]) -> list[str]:

@@ -2,11 +2,15 @@
 
 A command's result (the table of ``inspect``, ``models``, ``fit-prior``, ``fit-posterior``,
 ``continuity``, ``martingale``) goes to stdout, so ``llmprobe inspect t.parquet > t.txt`` keeps it.
-Progress bars, logs, hints and warnings go to stderr (or nowhere with ``--quiet``). When stdout
-already carries data (``-o -``, ``--json``, a prior JSON piped on), the command builds its
-:class:`Output` with ``stdout_is_data=True`` and the human tables move to stderr, so pipelines
-(`llmprobe experiment ... | llmprobe trace - ... | llmprobe fit-posterior -`) still see nothing but
-data. It is the CLI's :class:`llmprobe.progress.Reporter`.
+Progress bars, logs, hints and warnings go to stderr (or nowhere with ``--quiet``). It is the CLI's
+:class:`llmprobe.progress.Reporter`.
+
+One output path: such a command builds a :class:`View` of its result (:mod:`llmprobe.cli.views`) and
+hands it to :meth:`Output.result`, which writes it in the ``format`` the app parsed once from
+``--format table|tsv|json`` / ``--json`` (:data:`llmprobe.cli.options.RESULT`): tables for people,
+TSV rows (:func:`tsv_text`) or the JSON document. When stdout carries data (tsv, json), whatever
+the view still shows people (:meth:`View.beside_data`) moves to stderr, so pipelines
+(`llmprobe experiment ... | llmprobe trace - ... | llmprobe fit-posterior -`) see nothing but data.
 
 Off a terminal (a pipe, a file) tables are laid out at full width: rich would otherwise fit them to
 80 columns and cut numbers to ``0.06…``.
@@ -18,7 +22,7 @@ import json
 import math
 import sys
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
@@ -31,11 +35,42 @@ if TYPE_CHECKING:
 UNLIMITED_WIDTH = 100_000  # columns a table may take off a terminal: never cut
 
 
+class View(Protocol):
+    """A command's result in every format it is written in."""
+
+    def tables(self) -> Iterable[object]:
+        """What people read (``--format table``): rich renderables or lines, in order."""
+
+    def beside_data(self, fmt: str) -> Iterable[object]:
+        """What people still read, on stderr, when stdout carries ``fmt`` (tsv or json) data."""
+
+    def rows(self) -> pd.DataFrame:
+        """``--format tsv``: one table, every number at full precision."""
+
+    def json(self) -> Iterable[str]:
+        """``--format json`` / ``--json``: the JSON document, or JSON lines, in pieces written as they come."""
+
+
 class Output:
-    def __init__(self, quiet: bool = False, *, stdout_is_data: bool = False) -> None:
+    """``format``: how :meth:`result` writes a result, ``table``, ``tsv`` or ``json``; anything but ``table``
+    puts data on stdout and moves what people read to stderr."""
+
+    def __init__(self, quiet: bool = False, *, format: str = "table") -> None:
         self.quiet = quiet
+        self.format = format
         self.err = _console(stderr=True, quiet=quiet)
-        self.results = self.err if stdout_is_data else _console(stderr=False, quiet=False)
+        self.results = self.err if format != "table" else _console(stderr=False, quiet=False)
+
+    def result(self, view: View) -> None:
+        """The one place a command's result is written, in :attr:`format`."""
+        if self.format == "table":
+            for renderable in view.tables():
+                self.show(renderable)
+            return
+        for renderable in view.beside_data(self.format):
+            self.show(renderable)
+        for text in view.json() if self.format == "json" else [tsv_text(view.rows())]:
+            self.data_text(text)
 
     def log(self, message: str) -> None:
         self.err.print(message)
@@ -47,10 +82,6 @@ class Output:
     def data_text(self, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
-
-    def data_tsv(self, frame: pd.DataFrame) -> None:
-        """``--format tsv``: the table's columns as a header line, then one line per row (:func:`tsv_text`)."""
-        self.data_text(tsv_text(frame))
 
     @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:

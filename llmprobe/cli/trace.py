@@ -9,6 +9,7 @@ import typer
 from llmprobe.cli import options as opt
 from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
+from llmprobe.model.loading import ModelOptions
 
 INPUT, CAPTURE, GENERATION, OUTPUT, SCALE = "Input", "Capture", "Generation", "Output", "Scale-out"
 
@@ -34,15 +35,7 @@ def trace(
     truncate: Annotated[Optional[Literal["left", "right"]], typer.Option(
         rich_help_panel=INPUT, help="Cut prompts longer than the model's context from this side instead of failing.")]
     = None,
-    model: opt.Model = None,
-    device: opt.Device = "auto",
-    dtype: opt.Dtype = "auto",
-    device_map: opt.DeviceMap = None,
-    max_memory: opt.MaxMemory = None,
-    offload_folder: opt.OffloadFolder = None,
-    trust_remote_code: opt.TrustRemoteCode = False,
-    allow_pickle: opt.AllowPickle = False,
-    attn_implementation: opt.AttnImplementation = None,
+    loading: ModelOptions = opt.MODEL,
     top_k: opt.in_panel(opt.TopK, CAPTURE) = 20,
     targets: Annotated[Optional[str], typer.Option(
         rich_help_panel=CAPTURE, metavar="TEXT[,TEXT...]",
@@ -102,8 +95,6 @@ def trace(
                              save_embeddings=save_embeddings)
     ray_options = ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor,
                                   ray_prompts_per_task)
-    loading = opt.model_options(model, device, dtype, device_map, max_memory, offload_folder, trust_remote_code,
-                                allow_pickle, attn_implementation)
     run_trace(prompts, output or default_output(prompts), fmt, force, input_format, settings, loading,
               shlex.join(["llmprobe", *sys.argv[1:]]), Output(quiet), resume=resume, ray_options=ray_options)
 
@@ -112,16 +103,13 @@ def inspect(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace file or directory, or - for stdin.")],
     prompt: Annotated[Optional[str], typer.Option(metavar="ID", help="Only this prompt id.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="Candidates shown per position.")] = 5,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines on stdout instead of tables.")] = False,
-    table_format: opt.Format = "table",
-    quiet: opt.Quiet = False,
+    out: Output = opt.RESULT,
 ) -> None:
     """Show a trace position by position: token, top candidates, the actual next token, entropy."""
     if top_k < 1:
         raise UsageError("must be 1 or more", where="--top-k")
-    fmt = opt.table_format(table_format, as_json)
     opt.input_path(trace_path, "trace file or directory")
-    from llmprobe.cli.views import show_trace, trace_rows
+    from llmprobe.cli.views.traces import TraceView
     from llmprobe.tracing.reader import read_trace
 
     frame = read_trace(trace_path)
@@ -129,34 +117,20 @@ def inspect(
         frame = frame[frame["prompt_id"] == prompt]
         if frame.empty:
             raise UsageError(f"no prompt with id {prompt!r} in the trace", where="--prompt")
-    out = Output(quiet, stdout_is_data=fmt != "table")
-    if fmt == "tsv":
-        out.data_tsv(trace_rows(frame, top_k))
-    else:
-        show_trace(frame, top_k, fmt == "json", out)
+    out.result(TraceView(frame, top_k))
 
 
 def models(
     prune: Annotated[bool, typer.Option("--prune", help="Remove duplicate, orphaned and half-made conversions first.")]
     = False,
-    as_json: opt.Json = False,
-    table_format: opt.Format = "table",
-    quiet: opt.Quiet = False,
+    out: Output = opt.RESULT,
 ) -> None:
     """The default model and the cached GGUF conversions (keyed by the GGUF's sha256)."""
-    fmt = opt.table_format(table_format, as_json)
-    from llmprobe.cli.views import models_rows, show_models, show_pruned
+    from llmprobe.cli.views.traces import ModelsView
     from llmprobe.model.gguf import inventory, prune_conversions
 
-    out = Output(quiet, stdout_is_data=fmt != "table")
     removed = prune_conversions() if prune else None
-    if removed is not None and fmt != "json":
-        show_pruned(removed, out)
-    listing = {**inventory(), **({"pruned": removed} if removed is not None else {})}
-    if fmt == "tsv":
-        out.data_tsv(models_rows(listing))
-    else:
-        show_models(listing, fmt == "json", out)
+    out.result(ModelsView(inventory(), removed))
 
 
 def version() -> None:

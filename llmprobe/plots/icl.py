@@ -7,7 +7,7 @@ Small multiples: one probability panel per group (per run of neighbouring groups
 than :data:`MAX_PANELS`), in a grid with shared axes, each drawing the model probability, the Bayes
 prediction and θ for every category (for two categories only the first: the second is 1 − it).
 Then one row over all groups: the per-mark distances (total variation, KL(Bayes‖model) in bits —
-the direction of the ``kl_bits`` column, named by :data:`~llmprobe.analysis.fits.KL_BAYES_MODEL`
+the direction of the ``kl_bits`` column, named by :data:`~llmprobe.analysis.results.KL_BAYES_MODEL`
 everywhere it is shown), the entropy-collapse curve, and the mass the model puts on the categories.
 The y scale is linear, log, or ``auto``: log when a plotted value lies below 1 %.
 """
@@ -36,7 +36,8 @@ from matplotlib.ticker import MaxNLocator
 from llmprobe.errors import UsageError
 from llmprobe.plots.common import check_image_output, plain_label, save_figure
 
-from llmprobe.analysis.fits import FIT_META_KEY, KL_BAYES_MODEL, gamma_test_line, verdict_line
+from llmprobe.analysis.fit_tables import FIT_META_KEY
+from llmprobe.analysis.results import KL_BAYES_MODEL, gamma_test_line, verdict_line
 
 FIT_COLUMNS = ("trace", "prompt_id", "sequence", "n", "category", "count", "theta", "model_prob", "bayes_prob",
                "mass", "tv", "kl_bits", "entropy_model_bits", "entropy_bayes_bits")
@@ -214,8 +215,8 @@ def _number(value: Any) -> str:
 
 def fit_params_line(summaries: list[dict[str, Any]]) -> str:
     """The conclusion and the fitted parameters worth a subtitle, per source trace: the verdict first
-    (:func:`~llmprobe.analysis.fits.verdict_line`, wrapped), then the parameters and, beside them, the
-    γ = 1 test (:func:`~llmprobe.analysis.fits.gamma_test_line`), never the test alone."""
+    (:func:`~llmprobe.analysis.results.verdict_line`, wrapped), then the parameters and, beside them, the
+    γ = 1 test (:func:`~llmprobe.analysis.results.gamma_test_line`), never the test alone."""
     lines = []
     for summary in summaries[:3]:
         flat = flatten_summary(summary)

@@ -27,7 +27,7 @@ from llmprobe.errors import UsageError
 from llmprobe.files import check_new_output, write_atomic
 from llmprobe.plots.common import data_uri
 from llmprobe.plots.icl import MARK_KEY, FitTable, IclSummary, flatten_summary, open_fit, plot_icl, summarize
-from llmprobe.analysis.fits import KL_BAYES_MODEL, gamma_test_line, verdict_line
+from llmprobe.analysis.results import KL_BAYES_MODEL, gamma_test_line, verdict_line
 from llmprobe.analysis.priors import Prior, read_prior
 from llmprobe.plots.prior import plot_prior
 from llmprobe.plots.tokens import plot_tokens, select_layer, token_grid
@@ -251,7 +251,7 @@ def _fit_section(fit: FitTable, image_format: str) -> list[str]:
 
 
 def _answer_section(summaries: list[dict[str, Any]]) -> list[str]:
-    """The verdict first (:func:`~llmprobe.analysis.fits.verdict_line`), the γ = 1 test and the key numbers
+    """The verdict first (:func:`~llmprobe.analysis.results.verdict_line`), the γ = 1 test and the key numbers
     beside it: the test alone would read as a conclusion it is not (a poor fit is "not rejected" too)."""
     def number(summary: dict, *keys: str) -> float:
         value: Any = summary

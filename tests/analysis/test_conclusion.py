@@ -113,7 +113,7 @@ def test_every_surface_leads_with_the_verdict(fits, verdict, tmp_path, capsys, m
 def test_a_poor_fit_that_gamma_does_not_reject_is_never_called_not_rejected_alone(fits):
     """The default model's case: no filter explains it, and γ = 1 is not rejected. The page must not say
     'not rejected' as its answer: the verdict leads, and the test is marked as not the conclusion."""
-    from llmprobe.analysis.fits import gamma_test_line
+    from llmprobe.analysis.results import gamma_test_line
 
     summary = {**fits["poor-fit"][1], "exact_bayes_rejected": False, "forgetting": {"gamma": 1.0},
                "gamma_ci": [1.0, 1.0]}
@@ -124,7 +124,7 @@ def test_a_poor_fit_that_gamma_does_not_reject_is_never_called_not_rejected_alon
 
 
 def test_old_fit_tables_without_a_verdict_say_so():
-    from llmprobe.analysis.fits import verdict_line
+    from llmprobe.analysis.results import verdict_line
 
     assert verdict_line({"exact_bayes_rejected": False}).startswith("no verdict")
 

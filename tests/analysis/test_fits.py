@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmprobe.analysis.fits import FIT_META_KEY, fit_posterior, fit_prior
+from llmprobe.analysis.fit_tables import FIT_META_KEY
+from llmprobe.analysis.fits import fit_posterior, fit_prior
 from llmprobe.analysis.marks import category_marks
 from llmprobe.bayes import discounted_counts
 from llmprobe.experiments import generate, load_experiment
@@ -63,7 +64,7 @@ def test_perfectly_bayesian_trace_is_recognised(tmp_path):
     cm = category_marks(open_trace(path))
     assert cm.categories == ["heads", "tails"]
     np.testing.assert_allclose(cm.mass, 0.8, rtol=1e-6)
-    result = fit_posterior(cm, "fit", n_bootstrap=50, seed=0)
+    result = fit_posterior(cm, "fit", bootstrap=50, seed=0)
     s = result.summary
     assert s["mean_kl_bits"] < 1e-3
     assert s["forgetting"]["gamma"] == pytest.approx(1.0, abs=0.01)
@@ -82,7 +83,7 @@ def test_perfectly_bayesian_trace_is_recognised(tmp_path):
 
 def test_forgetting_model_recovers_gamma_and_rejects_exact_bayes(tmp_path):
     path = synthetic_trace(tmp_path / "forget.parquet", coin_records(sequences=12), np.array([1.5, 1.5]), gamma=0.85)
-    s = fit_posterior(category_marks(open_trace(path)), "uniform", n_bootstrap=50, seed=0).summary
+    s = fit_posterior(category_marks(open_trace(path)), "uniform", bootstrap=50, seed=0).summary
     assert s["forgetting"]["gamma"] == pytest.approx(0.85, abs=0.02)
     assert s["exact_bayes_rejected"]
     assert s["prior"]["kind"] == "uniform"
@@ -92,7 +93,7 @@ def test_unresponsive_model_flags_gamma_as_unidentifiable(tmp_path):
     """A model that ignores the examples fits an infinitely strong prior; its gamma means nothing."""
     records = coin_records(sequences=4, n_max=10)
     path = synthetic_trace(tmp_path / "flat.parquet", records, np.array([3e9, 7e9]), gamma=1.0)
-    s = fit_posterior(category_marks(open_trace(path)), "fit", n_bootstrap=10, seed=0).summary
+    s = fit_posterior(category_marks(open_trace(path)), "fit", bootstrap=10, seed=0).summary
     assert not s["gamma_identifiable"]
     np.testing.assert_allclose(s["exact_bayes"]["prior_mean"], [0.3, 0.7], atol=1e-3)
     bayesian = synthetic_trace(tmp_path / "b.parquet", records, np.array([2.0, 2.0]), gamma=1.0)
@@ -101,7 +102,7 @@ def test_unresponsive_model_flags_gamma_as_unidentifiable(tmp_path):
 
 def test_uniform_prior_predictive_is_laplace_rule(tmp_path):
     path = synthetic_trace(tmp_path / "t.parquet", coin_records(sequences=3, n_max=5), np.array([1.0, 1.0]), 1.0)
-    result = fit_posterior(category_marks(open_trace(path)), "uniform", n_bootstrap=10, seed=0)
+    result = fit_posterior(category_marks(open_trace(path)), "uniform", bootstrap=10, seed=0)
     heads = result.table[result.table["category"] == "heads"]
     np.testing.assert_allclose(heads["bayes_prob"], (1 + heads["count"]) / (2 + heads["n"]))
     assert result.summary["mean_kl_bits"] < 1e-9

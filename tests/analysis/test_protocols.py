@@ -119,3 +119,20 @@ def test_independent_per_n_prompts_each_fit_as_their_own_sequence(tmp_path, caps
     assert all(row["tvd_bayes_mean"] < 1e-6 and row["marks"] == 33 for row in by_n)
     by_theta_n = summary["by_template"]["by_theta_n"]
     assert len(by_theta_n) == 11 * 5 and {row["templates"] for row in by_theta_n} == {3}
+
+
+def test_the_python_api_takes_by_and_gamma_variant_as_the_cli_does(tmp_path, capsysbinary, monkeypatch):
+    """``llmprobe.fit_posterior(trace, by="template", gamma_variant="gupta")`` is ``--by template
+    --gamma-variant gupta``."""
+    import llmprobe
+
+    records = list(generate(load_experiment(PEERS / "coin_chain.toml")))[:6]
+    trace = _filter_trace(tmp_path / "chain.parquet", records, gamma=0.8)
+    code, stdout, err = run_cli(["fit-posterior", str(trace), "--by", "template", "--gamma-variant", "gupta",
+                                 "--prior", "uniform", "--bootstrap", "3", "--json", "-q"], capsysbinary, monkeypatch)
+    assert code == 0, err
+    fit = llmprobe.fit_posterior(trace, by="template", gamma_variant="gupta", prior="uniform", bootstrap=3)
+    assert fit.summary == json.loads(stdout)[0]
+    assert fit.peers.gamma.gamma == pytest.approx(0.8, abs=1e-3)
+    assert fit.peers.by_template["by_n"]["templates"].tolist() == [3] * 61
+    assert "by_template" not in llmprobe.fit_posterior(trace, prior="uniform", bootstrap=3).summary

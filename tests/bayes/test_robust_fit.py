@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llmprobe.bayes import bootstrap_exact_bayes, fit_bayes, fit_dirichlet
-from llmprobe.bayes.bayes_fit import GAMMA_GRID, _DirichletFilter, _Marks, robust_fit
+from llmprobe.bayes.filter import GAMMA_GRID, DirichletFilter, Marks, robust_fit
 from tests.bayes.fixtures import dirichlet_bayesian, plateau
 
 
@@ -15,7 +15,7 @@ def test_plateau_free_fit_is_never_worse_than_gamma_one() -> None:
     free, exact = fit_bayes(*data), fit_bayes(*data, gamma=1.0)
     assert free.mean_kl_bits <= exact.mean_kl_bits + 1e-12
     assert free.prior_strength < 1e5 and not free.at_bound  # not the alpha_0 -> infinity plateau
-    profile = robust_fit(_DirichletFilter(_Marks.build(*data, None)))
+    profile = robust_fit(DirichletFilter(Marks.build(*data, None)))
     assert profile.free.value <= min(s.value for s in profile.grid.values()) + 1e-15
     assert [row["gamma"] for row in profile.profile_table()] == sorted(GAMMA_GRID)
 

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 import llmprobe
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError, UsageError
 from llmprobe.tracing.reader import read_trace
-from tests.cli_helpers import run_cli
+from tests.analysis.fixtures import bayesian, records, write_trace
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 COIN = ROOT / "configs/experiments/coin.toml"
@@ -72,6 +73,22 @@ def test_api_takes_strings_and_reports_errors(tiny_loaded):
         llmprobe.trace("hi", model=tiny_loaded, top_k=0)
     with pytest.raises(UsageError, match="no trace metadata"):
         llmprobe.fit_posterior(pd.DataFrame({"x": [1]}))
+
+
+@pytest.mark.parametrize(("options", "parameter", "flag"), [
+    ({"min_mass": 1.5}, "min_mass", "--min-mass"), ({"components": "two"}, "components", "--prior-components"),
+    ({"folds": 1}, "folds", "--folds"), ({"prior": "dirichlet:1,x"}, "prior", "--prior"),
+    ({"min_mass": 0.9}, "min_mass", "--min-mass"),  # found once the marks are read: none has that much mass
+])
+def test_errors_name_the_parameter_in_python_and_the_flag_on_the_command_line(tmp_path, capsys, monkeypatch, options,
+                                                                             parameter, flag):
+    path = write_trace(tmp_path / "t.parquet", records("coin", 2, 4), bayesian([1.0], [[1.0, 1.0]]), mass=0.8)
+    with pytest.raises(ParameterError) as info:
+        llmprobe.fit_posterior(path, bootstrap=2, **options)
+    assert info.value.parameter == parameter and str(info.value).startswith(f"{parameter}: ")
+    (name, value), = options.items()
+    code, _, err = run_cli(["fit-posterior", str(path), "--bootstrap", "2", flag, str(value)], capsys, monkeypatch)
+    assert_one_line_error(code, err, f"{flag}: {info.value.message}")
 
 
 def test_import_llmprobe_stays_light():

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmprobe.analysis.fits import summarize_by_n
+from llmprobe.analysis.fit_tables import summarize_by_n
 from llmprobe.cli.output import tsv_text
 from tests.analysis.fixtures import bayesian, records, write_trace
 from tests.cli_helpers import assert_one_line_error, run_cli

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmprobe.analysis.fits import KL_BAYES_MODEL
+from llmprobe.analysis.results import KL_BAYES_MODEL
 from llmprobe.plots.icl import FitTable, MAX_PANELS, open_fit, plot_icl, summarize
 from tests.analysis.fixtures import bayesian, records, write_trace
 from tests.cli_helpers import run_cli

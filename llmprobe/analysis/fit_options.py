@@ -1,0 +1,98 @@
+"""The options of the fits, their defaults and their checks, in one place for the library and the CLI.
+
+:class:`PosteriorOptions` is every option ``fit-posterior`` has; building one checks them all and
+raises :class:`~llmprobe.errors.ParameterError` naming the parameter (``min_mass``), which the CLI
+shows as its flag (``--min-mass``). :func:`llmprobe.analysis.fits.fit_posterior` builds one from its
+arguments, so a notebook gets the same checks; the CLI builds one before reading any trace. This
+module imports nothing heavy (no numpy), so a bad option fails in well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmprobe.errors import ParameterError
+
+DEFAULT_BOOTSTRAP = 200
+"""Bootstrap resamples for the interval of gamma."""
+
+DEFAULT_MIN_MASS = 0.05
+"""Marks where the model puts less than this probability on the category set are left out of every
+fit and score (it is not predicting a category there; renormalizing would invent a prediction)."""
+
+DEFAULT_FOLDS = 5
+"""Out-of-sample scores: sequences dealt into this many folds, each scored by fits on the others."""
+
+DEFAULT_MAX_COMPONENTS = 3
+"""The largest updating prior tried with ``components="auto"``."""
+
+BY_CHOICES = ("template",)
+"""``by``: the peers' per-n tables over prompt templates (:mod:`llmprobe.analysis.protocols`)."""
+
+GAMMA_VARIANTS = ("gupta",)
+"""``gamma_variant``: a peer's gamma fitted beside llmprobe's (:func:`llmprobe.analysis.protocols.peer_gamma`)."""
+
+
+def check_choice(value: str | None, choices: tuple[str, ...], parameter: str) -> str | None:
+    """``value`` if it is None or one of ``choices``."""
+    if value is not None and value not in choices:
+        raise ParameterError(parameter, f"expected {' or '.join(choices)}, got {value!r}")
+    return value
+
+
+def parse_components(spec: str | int, parameter: str = "components") -> int | None:
+    """A number of mixture components (1 or more), or ``auto`` (None: the fit chooses)."""
+    if spec == "auto":
+        return None
+    try:
+        k = int(spec)
+    except ValueError:
+        raise ParameterError(parameter, f"expected a number or 'auto', got {spec!r}") from None
+    if k < 1:
+        raise ParameterError(parameter, "must be 1 or more, or 'auto'")
+    return k
+
+
+def check_at_least(value: int, low: int, parameter: str) -> None:
+    if value < low:
+        raise ParameterError(parameter, f"must be {low} or more, got {value}")
+
+
+@dataclass(frozen=True)
+class PosteriorOptions:
+    """Every option of fit-posterior, checked when built.
+
+    ``prior``: the reference prior of the per-mark Bayes column (``fit``, ``uniform``,
+    ``dirichlet:a1,...,aK`` or a prior file; :func:`llmprobe.analysis.priors.reference_prior`);
+    ``bootstrap``: resamples for gamma's interval; ``components``: of the updating prior, or ``auto``
+    (chosen by held-out KL among 1..``max_components``); ``min_mass``: marks with less probability on
+    the categories are left out; ``folds``: of sequences, for the out-of-sample scores; ``by``:
+    ``template`` adds the peers' per-n tables over templates; ``gamma_variant``: ``gupta`` adds Gupta
+    et al.'s gamma.
+    """
+
+    prior: str = "fit"
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    seed: int = 0
+    components: str | int = "1"
+    max_components: int = DEFAULT_MAX_COMPONENTS
+    min_mass: float = DEFAULT_MIN_MASS
+    folds: int = DEFAULT_FOLDS
+    by: str | None = None
+    gamma_variant: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.by, BY_CHOICES, "by")
+        check_choice(self.gamma_variant, GAMMA_VARIANTS, "gamma_variant")
+        parse_components(self.components)
+        if not 0.0 <= self.min_mass < 1.0:
+            raise ParameterError("min_mass", f"must be in [0, 1), got {self.min_mass}")
+        check_at_least(self.folds, 2, "folds")
+        check_at_least(self.max_components, 1, "max_components")
+        check_at_least(self.bootstrap, 1, "bootstrap")
+        check_at_least(self.seed, 0, "seed")
+
+    @property
+    def n_components(self) -> int | None:
+        """The updating prior's components; None: choose them out of sample."""
+        return parse_components(self.components)
