@@ -38,7 +38,7 @@ from llmprobe.bayes.updating import (
 from llmprobe.bayes.verdict import (
     FIT_KL_BITS,
     FORGETTING_BITS,
-    GAMMA_IDENTIFIABLE_LOW,
+    GAMMA_UNIDENTIFIED_WIDTH,
     NO_UPDATE_BITS,
     Evidence,
     decide,
@@ -46,6 +46,7 @@ from llmprobe.bayes.verdict import (
     never_updating,
     recency,
     score,
+    shared_constant,
     true_theta,
 )
 from llmprobe.errors import UsageError
@@ -278,9 +279,13 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
     scores = _scores(cm.probs, weights, exact_in, exact_out, free_in, free_out, bayes, prior_desc["kind"],
                      baselines, fold is not None, n_folds)
     held = "out_of_sample" if fold is not None else "in_sample"
+    # the alpha_0 -> infinity member of the filter family, fitted (on the other folds) like the filters
+    scores["shared_constant"] = {**score(cm.probs, shared_constant(cm.probs, weights, fold), weights).to_dict(),
+                                 "fitted": True, "out_of_sample": fold is not None}
     verdict = decide(Evidence(
         best_kl_bits=scores["forgetting"][f"kl_bits_{held}"], exact_kl_bits=scores["exact_bayes"][f"kl_bits_{held}"],
-        never_kl_bits=scores["never_updating"]["kl_bits"], out_of_sample=fold is not None,
+        never_kl_bits=scores["never_updating"]["kl_bits"], constant_kl_bits=scores["shared_constant"]["kl_bits"],
+        out_of_sample=fold is not None,
         gamma=test.free.gamma, gamma_ci=test.gamma_ci, rejected=test.rejected,
         alpha0_at_bound=test.exact.at_bound or test.free.at_bound,
         converged=all(f.converged or f.at_bound for f in (test.exact, test.free)),
@@ -300,7 +305,7 @@ def fit_posterior(cm: CategoryMarks, prior_spec: str, n_bootstrap: int, seed: in
         "verdict_warnings": verdict.warnings,
         "thresholds": {"fit_kl_bits": FIT_KL_BITS, "no_update_bits": NO_UPDATE_BITS,
                        "forgetting_bits": FORGETTING_BITS,
-                       "gamma_identifiable_low": GAMMA_IDENTIFIABLE_LOW, "min_mass": min_mass},
+                       "gamma_unidentified_width": GAMMA_UNIDENTIFIED_WIDTH, "min_mass": min_mass},
         "n_marks": len(cm),
         "n_marks_used": int(used.sum()),
         "n_marks_low_mass": int((~used).sum()),
