@@ -216,10 +216,10 @@ def decide(e: Evidence) -> Verdict:
     gain = e.forgetting_gain_bits
     if still_kl <= FIT_KL_BITS and still_kl - e.best_kl_bits < NO_UPDATE_BITS:
         pinned = (f"; {interval} spans more than half of (0, 1]: γ is not identifiable" if unidentified else "")
-        return Verdict("no-updating", f"No updating: a predictor that ignores the examples ({still}) explains the"
-                                      f" predictions (KL(model‖·) {still_kl:.4f} bits) and the forgetting filter does"
-                                      f" no better ({e.best_kl_bits:.4f} bits {where}; updating must gain more than"
-                                      f" {NO_UPDATE_BITS:g} bits){pinned}.", warnings)
+        return Verdict("no-updating", f"No updating: a predictor that ignores the examples ({still}) explains"
+                                      f" the predictions (KL(model‖·) {still_kl:.4f} bits) and the forgetting filter"
+                                      f" does no better ({e.best_kl_bits:.4f} bits {where}; updating must gain more"
+                                      f" than {NO_UPDATE_BITS:g} bits){pinned}.", warnings)
     if unidentified:
         warnings.append(f"{interval} spans more than half of (0, 1]: the data do not pin the forgetting factor")
     if e.forgets and e.best_kl_bits <= FIT_KL_BITS:
@@ -229,16 +229,16 @@ def decide(e: Evidence) -> Verdict:
                             " (--prior-components auto) before reading this as forgetting")
         # the last example's weight 1 exceeds all earlier ones' gamma / (1 - gamma) exactly when gamma < 1/2
         recent = "; the last example outweighs all earlier ones together" if e.gamma < 0.5 else ""
+        memory = 1.0 / (1.0 - e.gamma)
         return Verdict("rejected", f"Exact Bayes rejected: the model forgets, {interval} (an effective memory of"
-                                   f" {1.0 / (1.0 - e.gamma):.1f} examples{recent}); forgetting lowers KL(model‖filter) from"
+                                   f" {memory:.1f} examples{recent}); forgetting lowers KL(model‖filter) from"
                                    f" {e.exact_kl_bits:.4f} to {e.best_kl_bits:.4f} bits {where}, and that filter"
                                    " fits.", warnings)
     if e.rejected and not e.forgets:
-        warnings.append(f"γ = 1 lies outside the interval {interval}, but forgetting improves the fit by only"
-                        f" {gain:.1e} bits (≤ {FORGETTING_BITS:g}): a negligible deviation")
+        warnings.append(f"γ = 1 lies outside the interval {interval}, but forgetting gains only {gain:.1e} bits"
+                        f" (≤ {FORGETTING_BITS:g}): a negligible deviation")
     elif gain > FORGETTING_BITS:
-        warnings.append(f"forgetting improves the fit by {gain:.1e} bits, but the interval {interval} reaches 1:"
-                        " not established")
+        warnings.append(f"forgetting gains {gain:.1e} bits, but the interval {interval} reaches 1: not established")
     if not e.forgets and e.exact_kl_bits <= FIT_KL_BITS:
         return Verdict("consistent", f"Consistent with exact Bayesian updating under the fitted updating prior"
                                      f" ({interval}; KL(model‖filter) {e.exact_kl_bits:.4f} bits {where}).", warnings)

@@ -152,7 +152,7 @@ POSITIVE = ""
 OLD_POOR_FIRST = "poor-fit decided before the never-updating baseline is consulted (the old order)"
 PLANTED = (
     # no-updating: a predictor that ignores the examples explains every mark; no filter does better
-    *(Planted(f"per-sequence constants, Dir({c:g}·m), {exp}", "no-updating", exp, seqs, 12,
+    *(Planted(f"per-sequence constants, Dir({c:g}·m)", "no-updating", exp, seqs, 12,
               lambda c=c, m=m: per_sequence_constant(c, m), OLD_POOR_FIRST)
       for c, m, exp, seqs in ((3, COIN, "coin", 2), (20, COIN, "coin", 2), (10, SKEWED, "categorical", 12))),
     Planted("per-sequence constants, Dir(20·m), noise σ = 0.1", "no-updating", "coin", 2, 12,
