@@ -237,7 +237,7 @@ def decide(e: Evidence) -> Verdict:
     if e.rejected and not e.forgets:
         warnings.append(f"γ = 1 lies outside the interval {interval}, but forgetting gains only {gain:.1e} bits"
                         f" (≤ {FORGETTING_BITS:g}): a negligible deviation")
-    elif gain > FORGETTING_BITS:
+    elif not e.rejected and gain > FORGETTING_BITS:
         warnings.append(f"forgetting gains {gain:.1e} bits, but the interval {interval} reaches 1: not established")
     if not e.forgets and e.exact_kl_bits <= FIT_KL_BITS:
         return Verdict("consistent", f"Consistent with exact Bayesian updating under the fitted updating prior"

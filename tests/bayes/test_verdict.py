@@ -92,6 +92,18 @@ def test_recency_is_rejected_with_the_numbers_it_rests_on():
     assert "from 0.2600 to 0.0000 bits out of sample" in v.sentence and "outweighs all earlier ones" in v.sentence
 
 
+def test_each_warning_says_what_its_numbers_show():
+    """The default model's mapping trace: forgetting established, no filter fits. It once drew 'the interval
+    reaches 1: not established' beside an interval [0.530, 0.750]."""
+    v = decide(Evidence(**{**GOOD, "gamma": 0.708, "gamma_ci": (0.53, 0.75), "rejected": True, "exact_kl_bits": 0.31,
+                            "best_kl_bits": 0.236}))
+    assert v.verdict == "poor-fit" and v.sentence.startswith("Poor fit: the model forgets") and not v.warnings
+    v = decide(Evidence(**{**GOOD, "exact_kl_bits": 1e-4 + FORGETTING_BITS * 1.5}))
+    assert v.verdict == "consistent" and any("reaches 1: not established" in w for w in v.warnings)
+    v = decide(Evidence(**{**GOOD, "gamma": 0.999, "gamma_ci": (0.999, 0.9999), "rejected": True}))
+    assert [w for w in v.warnings if "negligible" in w] and not [w for w in v.warnings if "reaches 1" in w]
+
+
 def test_no_updating_names_its_witness_and_poor_fit_the_rivals():
     v = decide(Evidence(**{**GOOD, "never_kl_bits": 0.0, "best_kl_bits": 0.15, "exact_kl_bits": 0.15}))
     assert "each sequence's own first prediction" in v.sentence and "0.1500 bits" in v.sentence
