@@ -42,6 +42,7 @@ from llmprobe.bayes.verdict import (
     never_updating,
     recency,
     score,
+    shared_constant,
     true_theta,
 )
 from llmprobe.errors import ParameterError, UsageError
@@ -174,12 +175,15 @@ def fit_posterior(cm: CategoryMarks, prior: str = "fit", bootstrap: int = DEFAUL
         forgetting=_filter_scores(cm.probs, weights, free_in, None if fold is None else free_out),
         baselines={name: score(cm.probs, predictions, weights) for name, predictions in baselines.items()},
         reference=None if reference is None else score(cm.probs, bayes, weights),
-        reference_kind=None if reference is None else reference.kind)
+        reference_kind=None if reference is None else reference.kind,
+        # the alpha_0 -> infinity member of the filter family, fitted (on the other folds) like the filters
+        shared_constant=score(cm.probs, shared_constant(cm.probs, weights, fold), weights))
     scores = scored.to_dict()  # the verdict's evidence below reads the summary's scores
     held = "out_of_sample" if fold is not None else "in_sample"
     verdict = decide(Evidence(
         best_kl_bits=scores["forgetting"][f"kl_bits_{held}"], exact_kl_bits=scores["exact_bayes"][f"kl_bits_{held}"],
-        never_kl_bits=scores["never_updating"]["kl_bits"], out_of_sample=fold is not None,
+        never_kl_bits=scores["never_updating"]["kl_bits"], constant_kl_bits=scores["shared_constant"]["kl_bits"],
+        out_of_sample=fold is not None,
         gamma=test.free.gamma, gamma_ci=test.gamma_ci, rejected=test.rejected,
         alpha0_at_bound=test.exact.at_bound or test.free.at_bound,
         converged=all(f.converged or f.at_bound for f in (test.exact, test.free)),

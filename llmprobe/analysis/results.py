@@ -27,7 +27,7 @@ from llmprobe.bayes.updating import UpdatingPrior, UpdatingPriorTest
 from llmprobe.bayes.verdict import (
     FIT_KL_BITS,
     FORGETTING_BITS,
-    GAMMA_IDENTIFIABLE_LOW,
+    GAMMA_UNIDENTIFIED_WIDTH,
     NO_UPDATE_BITS,
     Score,
     Verdict,
@@ -73,6 +73,7 @@ class Scores:
     baselines: dict[str, Score]
     reference: Score | None
     reference_kind: str | None
+    shared_constant: Score  # one constant prediction for every mark, fitted (out of sample when folds exist)
 
     def to_dict(self) -> dict[str, Any]:
         scores: dict[str, Any] = {"measure": SCORE_MEASURE, "out_of_sample": self.out_of_sample,
@@ -82,6 +83,8 @@ class Scores:
             scores[name] = {**baseline.to_dict(), "fitted": False}
         if self.reference is not None:
             scores["reference_prior"] = {**self.reference.to_dict(), "fitted": False, "kind": self.reference_kind}
+        scores["shared_constant"] = {**self.shared_constant.to_dict(), "fitted": True,
+                                     "out_of_sample": self.out_of_sample}
         return scores
 
 
@@ -185,7 +188,7 @@ class PosteriorResult:
             "verdict_warnings": self.conclusion.warnings,
             "thresholds": {"fit_kl_bits": FIT_KL_BITS, "no_update_bits": NO_UPDATE_BITS,
                            "forgetting_bits": FORGETTING_BITS,
-                           "gamma_identifiable_low": GAMMA_IDENTIFIABLE_LOW, "min_mass": self.options.min_mass},
+                           "gamma_unidentified_width": GAMMA_UNIDENTIFIED_WIDTH, "min_mass": self.options.min_mass},
             "n_marks": self.counts.marks,
             "n_marks_used": self.counts.used,
             "n_marks_low_mass": self.counts.low_mass,
@@ -246,5 +249,11 @@ def gamma_test_line(summary: dict[str, Any]) -> str:
         numbers = (f" (γ = {gamma:.3f}, {int(round(level * 100)) if isinstance(level, (int, float)) else 95}%"
                    f" CI [{interval[0]:.3f}, {interval[1]:.3f}])")
     outcome = "exact Bayesian updating is rejected" if rejected else "exact Bayesian updating is not rejected"
-    note = "" if summary.get("verdict") in ("consistent", "rejected") else "; the verdict above, not this test, is the conclusion"
+    verdict = summary.get("verdict")
+    if verdict == "consistent" and rejected:  # detectable, but forgetting buys too little to matter
+        note = "; a deviation too small to matter (forgetting barely improves the fit), so the verdict above stands"
+    elif verdict in ("consistent", "rejected"):
+        note = ""
+    else:
+        note = "; the verdict above, not this test, is the conclusion"
     return f"γ = 1 test: {outcome}{numbers}{note}"

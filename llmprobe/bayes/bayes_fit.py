@@ -27,7 +27,6 @@ from llmprobe.bayes.filter import (
     robust_fit,
 )
 
-_Marks = Marks  # the name tests/bayes/test_verdict.py (the verdict work's file) imports; use filter.Marks
 
 
 @dataclass(frozen=True)

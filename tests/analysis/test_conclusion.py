@@ -121,6 +121,9 @@ def test_a_poor_fit_that_gamma_does_not_reject_is_never_called_not_rejected_alon
     assert "not rejected" in line and "the verdict above, not this test, is the conclusion" in line
     consistent = {**summary, "verdict": "consistent"}
     assert "not the conclusion" not in gamma_test_line(consistent)
+    # γ = 1 rejected, but by a negligible deviation: the line says so instead of contradicting 'consistent'
+    negligible = gamma_test_line({**consistent, "exact_bayes_rejected": True, "gamma_ci": [0.998, 0.999]})
+    assert "is rejected" in negligible and "too small to matter" in negligible and "verdict above stands" in negligible
 
 
 def test_old_fit_tables_without_a_verdict_say_so():

@@ -213,6 +213,8 @@ def _scores_table(result: PosteriorResult) -> Table:
         if key in scores.baselines:
             baseline = scores.baselines[key]
             table.add_row(label, f"{baseline.kl_bits:.4f}", f"{baseline.tv:.4f}", "nothing fitted")
+    table.add_row("one shared constant (α0 → ∞)", f"{scores.shared_constant.kl_bits:.4f}",
+                  f"{scores.shared_constant.tv:.4f}", where)
     if scores.reference is not None and result.reference is not None:
         table.add_row(f"--prior ({result.reference.source})", f"{scores.reference.kl_bits:.4f}",
                       f"{scores.reference.tv:.4f}", "nothing fitted")
