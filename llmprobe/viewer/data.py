@@ -49,7 +49,7 @@ from llmprobe.tracing.schema import PHASE_GENERATED
 DATA_FORMAT = 1
 RUN_KEYS = ("model", "model_kind", "architecture", "dtype", "device", "gguf_quantization", "weights_precision",
             "attn_implementation", "llmprobe_version", "created_utc", "command")
-MATCH_TOLERANCE = 1e-6  # a fit's model probabilities against the trace's, recomputed
+MATCH_RTOL, MATCH_ATOL = 1e-6, 1e-12  # a fit's model probabilities against the trace's, recomputed
 FIT_MARK_FLOATS = ("mass", "tv", "kl_bits", "entropy_model_bits", "entropy_bayes_bits")
 FIT_CATEGORY_FLOATS = ("model_prob", "bayes_prob", "theta", "count")
 
@@ -251,7 +251,7 @@ def _matched_marks(trace: Trace, fit: Any, rows: pd.DataFrame, label: str, categ
     column = np.array([cm.categories.index(c) for c in merged["category"]])
     traced_prob = cm.probs[merged["_row"].to_numpy(dtype=np.int64), column]
     fitted = pd.to_numeric(merged["model_prob"], errors="coerce").to_numpy(dtype=np.float64)
-    off = ~(np.abs(traced_prob - fitted) <= MATCH_TOLERANCE)
+    off = ~np.isclose(fitted, traced_prob, rtol=MATCH_RTOL, atol=MATCH_ATOL)
     if off.any():
         i = int(np.argmax(off))
         raise UsageError(f"is not a fit of this trace: at prompt {merged['prompt_id'].iloc[i]!r}, {key[1]}"

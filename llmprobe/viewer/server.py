@@ -57,6 +57,7 @@ from llmprobe.errors import UsageError
 
 KEPT_TRACES = 16  # the last requests whose Parquet can be downloaded
 MAX_BODY_BYTES = 1 << 20
+DRAIN_BYTES = 16 << 20  # an oversized body up to this size is read (and dropped) before the 413
 SOCKET_TIMEOUT_S = 60  # a client that stops sending mid-request is dropped after this long
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 TRACE_PATH = re.compile(r"/api/trace/(\d+)\.parquet")
@@ -220,7 +221,13 @@ class Handler(BaseHTTPRequestHandler):
             self._json(411, {"error": "the request needs a Content-Length"})
             return
         if length < 0 or length > MAX_BODY_BYTES:
-            self.close_connection = True  # the body is not read
+            self.close_connection = True
+            remaining = length if length <= DRAIN_BYTES else 0  # read what was sent: the client sees the answer
+            while remaining > 0:                                # rather than a reset connection
+                chunk = self.rfile.read(min(1 << 16, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
             self._json(413, {"error": f"the request is over {MAX_BODY_BYTES // 1024} KiB"})
             return
         try:

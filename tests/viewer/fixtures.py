@@ -85,17 +85,36 @@ def panel_rows(browser, selector: str, *attributes: str) -> list[tuple]:
         selector, list(attributes))
 
 
+def find(browser, css: str):
+    """The element matching a CSS selector (test modules import nothing from selenium: see conftest.py)."""
+    return browser.find_element("css selector", css)
+
+
+def press(element, key: str) -> None:
+    """Send a named key (``ARROW_RIGHT``, ``HOME``, ...) to ``element``."""
+    from selenium.webdriver.common.keys import Keys
+
+    element.send_keys(getattr(Keys, key))
+
+
+def alert_open(browser) -> bool:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        browser.switch_to.alert.text
+    except NoAlertPresentException:
+        return False
+    return True
+
+
 def choose_prompt(browser, index: int) -> None:
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    Select(browser.find_element(By.ID, "prompt-select")).select_by_value(str(index))
+    Select(find(browser, "#prompt-select")).select_by_value(str(index))
 
 
 def click_position(browser, position: int) -> None:
-    from selenium.webdriver.common.by import By
-
-    browser.find_element(By.CSS_SELECTOR, f"#strip [data-position='{position}']").click()
+    find(browser, f"#strip [data-position='{position}']").click()
 
 
 def selected_position(browser) -> int:
@@ -171,7 +190,9 @@ def llmprobe_env(cache: Path | None) -> dict[str, str]:
 
 
 class Server:
-    """``llmprobe serve`` in a subprocess on a free port (``--port 0``; the URL is its first stdout line)."""
+    """``llmprobe serve`` in a subprocess on a free port (``--port 0``; the URL is its first stdout line).
+
+    The process starts at once; :attr:`url` waits until it serves, so several servers start side by side."""
 
     def __init__(self, args: list[str], folder: Path, cache: Path | None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -179,7 +200,13 @@ class Server:
         self.process = subprocess.Popen([sys.executable, "-m", "llmprobe", "serve", "--port", "0", *args],
                                         stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"),
                                         env=llmprobe_env(cache), cwd=folder)
-        self.url = self._wait_for_url()
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            self._url = self._wait_for_url()
+        return self._url
 
     def _wait_for_url(self) -> str:
         deadline = time.monotonic() + SERVER_START_S

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from selenium.common.exceptions import NoAlertPresentException
-from selenium.webdriver.common.by import By
 
 from llmprobe.tracing.reader import read_trace
 from llmprobe.viewer.page import write_view
-from tests.viewer.fixtures import (HOSTILE_ID, HOSTILE_TEXTS, choose_prompt, hostile_trace, open_page, panel_rows,
-                                   requested_urls)
+from tests.viewer.fixtures import (HOSTILE_ID, HOSTILE_TEXTS, alert_open, choose_prompt, find, hostile_trace, open_page,
+                                   panel_rows, requested_urls)
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +19,7 @@ def hostile(tiny_loaded, tmp_path_factory):
 
 def assert_nothing_ran(browser) -> None:
     assert browser.execute_script("return typeof window.__pwned") == "undefined"
-    with pytest.raises(NoAlertPresentException):
-        browser.switch_to.alert.text
+    assert not alert_open(browser)
     # one script ran: the page's own (the JSON block is data); no element came from the trace's text
     assert browser.execute_script("return document.scripts.length") == 2
     assert browser.execute_script("return document.images.length") == 0
@@ -34,7 +31,7 @@ def test_markup_in_prompts_ids_fields_and_marks_is_text(browser, hostile):
     frame = read_trace(trace)
     open_page(browser, page.as_uri())
     assert_nothing_ran(browser)
-    assert browser.find_element(By.ID, "strip").get_attribute("data-prompt-id") == HOSTILE_ID
+    assert find(browser, "#strip").get_attribute("data-prompt-id") == HOSTILE_ID
     for index, text in enumerate(HOSTILE_TEXTS):
         choose_prompt(browser, index)
         tokens = frame.loc[(frame["prompt_id"] == frame["prompt_id"].unique()[index]) & (frame["phase"] == "prompt"),
@@ -45,8 +42,8 @@ def test_markup_in_prompts_ids_fields_and_marks_is_text(browser, hostile):
         assert "".join(tokens).startswith(text[:20])  # the text went through the model as written
         browser.execute_script(  # every position's panel, with its top-k tokens and targets, drawn once
             "document.querySelectorAll('#strip [data-position]').forEach(n => n.click());")
-        browser.find_element(By.CSS_SELECTOR, "details.meta summary").click()
-        assert "</script><img src=x onerror=alert(7)>" in browser.find_element(By.ID, "prompt-meta").text
+        find(browser, "details.meta summary").click()
+        assert "</script><img src=x onerror=alert(7)>" in find(browser, "#prompt-meta").text
         assert_nothing_ran(browser)
     assert "<b onmouseover=alert(6)>" in browser.execute_script(
         "return document.querySelector('#strip .mark') && (document.querySelector('#strip .mark').click(),"
@@ -61,12 +58,12 @@ def test_lone_surrogates_are_replaced_and_the_page_says_so(browser, hostile):
     html = page.read_bytes().decode("utf-8")  # valid UTF-8: the writer did not crash on them
     assert "\ud800" not in html
     open_page(browser, page.as_uri())
-    note = browser.find_element(By.ID, "notes").text
+    note = find(browser, "#notes").text
     assert "lone surrogate" in note and "U+FFFD" in note
-    browser.find_element(By.CSS_SELECTOR, "details.meta summary").click()
-    assert "x\ufffdy" in browser.find_element(By.ID, "prompt-meta").text
-    browser.find_element(By.CSS_SELECTOR, "#run summary").click()
-    assert "caf\ufffd.jsonl" in browser.find_element(By.ID, "run-meta").text
+    find(browser, "details.meta summary").click()
+    assert "x\ufffdy" in find(browser, "#prompt-meta").text
+    find(browser, "#run summary").click()
+    assert "caf\ufffd.jsonl" in find(browser, "#run-meta").text
     assert int(note.split()[0]) == 1 + 3 * len(HOSTILE_TEXTS)  # the command; "bad" and "s" in each prompt's fields, "s" in its mark
 
 
@@ -75,6 +72,6 @@ def test_no_request_beyond_the_page_and_no_policy_violation(browser, hostile):
     open_page(browser, page.as_uri())
     for index in range(len(HOSTILE_TEXTS)):
         choose_prompt(browser, index)
-        browser.find_element(By.CSS_SELECTOR, "#strip [data-position='1']").click()
+        find(browser, "#strip [data-position='1']").click()
     assert requested_urls(browser) == [page.as_uri()]
     assert [e["message"] for e in browser.get_log("browser")] == []  # a blocked script or image would be logged

@@ -7,16 +7,14 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from selenium.webdriver.common.by import By
-from selenium.webdriver.common.keys import Keys
 
 from llmprobe.analysis.fits import gamma_test_line, verdict_line
 from llmprobe.plots.icl import open_fit
 from llmprobe.tracing.reader import read_trace
 from llmprobe.viewer.page import write_view
 from tests.plots.fixtures import text_records, write_trace
-from tests.viewer.fixtures import (choose_prompt, click_position, coin_trace_and_fit, open_page, panel_rows,
-                                   requested_urls, selected_position)
+from tests.viewer.fixtures import (choose_prompt, click_position, coin_trace_and_fit, find, open_page, panel_rows,
+                                   press, requested_urls, selected_position)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,7 @@ def test_selected_position_shows_the_traces_top_k(browser, coin):
     open_page(browser, page.as_uri())
     for prompt in (0, 3, len(ids) - 1):
         choose_prompt(browser, prompt)
-        strip = browser.find_element(By.ID, "strip")
+        strip = find(browser, "#strip")
         assert strip.get_attribute("data-prompt-id") == ids[prompt]
         positions = frame.loc[frame["prompt_id"] == ids[prompt], "position"].tolist()
         assert [int(p) for p, in panel_rows(browser, "#strip [data-position]", "data-position")] == positions
@@ -74,7 +72,7 @@ def test_selected_position_shows_the_traces_top_k(browser, coin):
             assert selected_position(browser) == position
             assert_same_topk(shown_topk(browser), expected_topk(frame, ids[prompt], position))
             row = frame[(frame["prompt_id"] == ids[prompt]) & (frame["position"] == position)].iloc[0]
-            entropy = float(browser.find_element(By.CSS_SELECTOR, "[data-entropy]").get_attribute("data-entropy"))
+            entropy = float(find(browser, "[data-entropy]").get_attribute("data-entropy"))
             assert entropy == pytest.approx(float(row["entropy"]) / math.log(2), abs=1e-6)
             targets = dict(panel_rows(browser, "#targets tr[data-target]", "data-target", "data-prob"))
             for text in (" heads", " tails"):
@@ -87,20 +85,20 @@ def test_keys_move_the_selection_and_the_panel_follows(browser, coin):
     first = frame["prompt_id"].iloc[0]
     last_position = int(frame.loc[frame["prompt_id"] == first, "position"].max())
     open_page(browser, page.as_uri())
-    body = browser.find_element(By.TAG_NAME, "body")
+    body = find(browser, "body")
     click_position(browser, 2)
-    body.send_keys(Keys.ARROW_RIGHT)
-    body.send_keys(Keys.ARROW_RIGHT)
+    press(body, "ARROW_RIGHT")
+    press(body, "ARROW_RIGHT")
     assert selected_position(browser) == 4
     assert_same_topk(shown_topk(browser), expected_topk(frame, first, 4))
-    body.send_keys(Keys.ARROW_LEFT)
+    press(body, "ARROW_LEFT")
     assert selected_position(browser) == 3
     assert_same_topk(shown_topk(browser), expected_topk(frame, first, 3))
-    body.send_keys(Keys.END)
+    press(body, "END")
     assert selected_position(browser) == last_position
-    body.send_keys(Keys.ARROW_RIGHT)  # the end stays the end
+    press(body, "ARROW_RIGHT")  # the end stays the end
     assert selected_position(browser) == last_position
-    body.send_keys(Keys.HOME)
+    press(body, "HOME")
     assert selected_position(browser) == 0
 
 
@@ -121,33 +119,33 @@ def test_posterior_panel_shows_the_fit_tables_numbers(browser, coin):
             for category, (model, bayes) in shown.items():
                 assert model == pytest.approx(expected.loc[category, "model_prob"], abs=1e-12)
                 assert bayes == pytest.approx(expected.loc[category, "bayes_prob"], abs=1e-12)
-            kl = browser.find_element(By.CSS_SELECTOR, "[data-kl-bits]").get_attribute("data-kl-bits")
+            kl = find(browser, "[data-kl-bits]").get_attribute("data-kl-bits")
             assert float(kl) == pytest.approx(expected["kl_bits"].iloc[0], abs=1e-12)
         # the chart draws one point per mark of this sequence, at the model's P(heads)
         points = panel_rows(browser, "#fit-chart circle.point", "data-n", "cy")
         assert sorted(int(n) for n, _ in points) == sorted(marks["n"].unique())
     click_position(browser, 1)  # not a mark
-    assert browser.find_element(By.ID, "fit-none").is_displayed()
+    assert find(browser, "#fit-none").is_displayed()
 
 
 def test_the_verdict_comes_first_with_the_gamma_test_beside_it(browser, coin):
     _, fit_path, page = coin
     summary = open_fit(str(fit_path)).summaries[0]
     open_page(browser, page.as_uri())
-    main = browser.find_element(By.TAG_NAME, "main")
-    first = main.find_element(By.XPATH, "./*[1]")
-    paragraphs = first.find_elements(By.TAG_NAME, "p")
+    main = find(browser, "main")
+    first = main.find_element("xpath", "./*[1]")
+    paragraphs = first.find_elements("tag name", "p")
     assert first.get_attribute("id") == "conclusion"
     assert paragraphs[0].text == verdict_line(summary) and paragraphs[0].get_attribute("id") == "verdict"
     assert paragraphs[1].text == gamma_test_line(summary)
-    assert browser.find_elements(By.ID, "gamma-test")[0].location["y"] > paragraphs[0].location["y"]
+    assert find(browser, "#gamma-test").location["y"] > paragraphs[0].location["y"]
 
 
 def test_search_colour_switch_and_no_network(browser, coin):
     trace, _, page = coin
     frame = read_trace(trace)
     open_page(browser, page.as_uri())
-    search = browser.find_element(By.ID, "prompt-search")
+    search = find(browser, "#prompt-search")
     wanted = frame["prompt_id"].iloc[-1]
     search.send_keys(wanted)
     options = panel_rows(browser, "#prompt-select option", "value")
@@ -157,7 +155,7 @@ def test_search_colour_switch_and_no_network(browser, coin):
     texts = frame.groupby("prompt_id", sort=False)["token"].apply("".join)
     assert len(panel_rows(browser, "#prompt-select option", "value")) == texts.str.contains("heads, then").sum()
     before = panel_rows(browser, "#strip [data-position]", "style")
-    browser.find_element(By.ID, "color-by").send_keys("entropy")
+    find(browser, "#color-by").send_keys("entropy")
     assert panel_rows(browser, "#strip [data-position]", "style") != before
     urls = requested_urls(browser)
     assert urls and all(url == page.as_uri() for url in urls), urls
@@ -179,13 +177,13 @@ def test_logit_lens_slider_and_grid(browser, lens):
     for row in mine.itertuples():
         assert grid[(row.layer, row.position)] == row.topk_tokens[0].replace(" ", "\u2423").replace("\n", "\u23ce")
     click_position(browser, 2)
-    slider = browser.find_element(By.ID, "layer-slider")
-    slider.send_keys(Keys.HOME)  # the slider's own keys: to the first layer
+    slider = find(browser, "#layer-slider")
+    press(slider, "HOME")  # the slider's own keys: to the first layer
     expected = frame[(frame["prompt_id"] == first) & (frame["layer"] == layers[0])]
     row = expected[expected["position"] == 2].iloc[0]
     assert_same_topk(shown_topk(browser), [(str(t), float(np.exp(np.float64(lp))))
                                            for t, lp in zip(row["topk_tokens"], row["topk_logprobs"])])
     assert selected_position(browser) == 2
-    browser.find_element(By.CSS_SELECTOR, f"#lens-grid td[data-layer='{layers[-1]}'][data-position='1']").click()
+    find(browser, f"#lens-grid td[data-layer='{layers[-1]}'][data-position='1']").click()
     assert selected_position(browser) == 1
     assert_same_topk(shown_topk(browser), expected_topk(frame[frame["layer"] == layers[-1]], first, 1))
