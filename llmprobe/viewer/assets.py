@@ -48,13 +48,29 @@ function setAttrs(node, attrs) {
     else node.setAttribute(key, value === true ? "" : String(value));
   }
 }
-function decode(spec) {
+const KINDS = {f32: Float32Array, f64: Float64Array, u8: Uint8Array, u16: Uint16Array, u32: Uint32Array,
+               i32: Int32Array};
+async function decode(spec) {
+  // base64 -> zlib (the browser's own DecompressionStream) -> bytes regrouped by significance -> typed array
   if (!spec) return null;
   const text = atob(spec.data);
-  const bytes = new Uint8Array(text.length);
-  for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
-  const Kind = {f32: Float32Array, u8: Uint8Array, u16: Uint16Array, u32: Uint32Array, i32: Int32Array}[spec.type];
+  const packed = new Uint8Array(text.length);
+  for (let i = 0; i < text.length; i++) packed[i] = text.charCodeAt(i);
+  const stream = new Blob([packed]).stream().pipeThrough(new DecompressionStream("deflate"));
+  const planes = new Uint8Array(await new Response(stream).arrayBuffer());
+  const Kind = KINDS[spec.type], width = Kind.BYTES_PER_ELEMENT, n = planes.length / width;
+  if (width === 1) return new Kind(planes.buffer);
+  const bytes = new Uint8Array(planes.length);
+  for (let b = 0; b < width; b++) {
+    const offset = b * n;
+    for (let i = 0; i < n; i++) bytes[i * width + b] = planes[offset + i];
+  }
   return new Kind(bytes.buffer);
+}
+async function decodeAll(specs) {
+  const names = Object.keys(specs).filter(name => specs[name] && typeof specs[name] === "object");
+  const arrays = await Promise.all(names.map(name => decode(specs[name])));
+  return Object.fromEntries(names.map((name, i) => [name, arrays[i]]));
 }
 function visible(token) {
   if (token === null || token === undefined) return "\u2205";
@@ -80,24 +96,28 @@ function paint(node, bits) {
 }
 
 class Dataset {
-  constructor(d) {
+  static async create(d) {
+    const rows = await decodeAll(d.rows);
+    const fit = d.fit ? await decodeAll(d.fit.marks) : null;
+    return new Dataset(d, rows, fit);
+  }
+  constructor(d, rows, fitColumns) {
     this.d = d;
-    const r = d.rows;
     this.k = d.top_k;
     this.targets = d.targets || [];
     this.tokens = d.tokens;
     this.none = d.none;
-    this.position = decode(r.position);
-    this.token = decode(r.token);
-    this.next = decode(r.next);
-    this.nextLogprob = decode(r.next_logprob);
-    this.nextRank = decode(r.next_rank);
-    this.entropy = decode(r.entropy);
-    this.generated = decode(r.generated);
-    this.topk = decode(r.topk);
-    this.topkLogprob = decode(r.topk_logprob);
-    this.targetLogprob = decode(r.target_logprob);
-    this.targetSeqLogprob = decode(r.target_seq_logprob);
+    this.position = rows.position;
+    this.token = rows.token;
+    this.next = rows.next;
+    this.nextLogprob = rows.next_logprob;
+    this.nextRank = rows.next_rank;
+    this.entropy = rows.entropy;
+    this.generated = rows.generated;
+    this.topk = rows.topk;
+    this.topkLogprob = rows.topk_logprob;
+    this.targetLogprob = rows.target_logprob || null;
+    this.targetSeqLogprob = rows.target_seq_logprob || null;
     this.layers = d.layers;
     this.outputLayer = d.output_layer;
     this.prompts = d.prompts.map((p, i) => ({
@@ -109,7 +129,13 @@ class Dataset {
     this.fitMarks = new Map();
     this.sequences = new Map();
     if (d.fit) {
-      for (const m of d.fit.marks) {
+      const c = fitColumns, K = d.fit.categories.length;
+      const cut = (array, i) => Array.from(array.subarray(i * K, (i + 1) * K), v => Number.isNaN(v) ? null : v);
+      for (let i = 0; i < d.fit.marks.count; i++) {
+        const m = {prompt: c.prompt[i], position: c.position[i], n: c.n[i], sequence: d.fit.sequences[c.sequence[i]],
+                   used: c.used[i] === 1, mass: c.mass[i], tv: c.tv[i], kl_bits: c.kl_bits[i],
+                   model_prob: cut(c.model_prob, i), bayes_prob: cut(c.bayes_prob, i), theta: cut(c.theta, i),
+                   count: cut(c.counts, i)};
         this.fitMarks.set(m.prompt + ":" + m.position, m);
         if (!this.sequences.has(m.sequence)) this.sequences.set(m.sequence, []);
         this.sequences.get(m.sequence).push(m);
@@ -374,7 +400,7 @@ function drawFit() {
   ui.fit.replaceChildren(...parts);
 }
 function firstSequence(prompt) {
-  for (const m of data.fit.marks) if (m.prompt === prompt) return m.sequence;
+  for (const m of data.fitMarks.values()) if (m.prompt === prompt) return m.sequence;
   return null;
 }
 
@@ -514,8 +540,8 @@ function onKey(event) {
   event.preventDefault();
 }
 
-function load(raw, root) {
-  data = new Dataset(raw);
+async function load(raw, root) {
+  data = await Dataset.create(raw);
   build(root);
   state.prompt = 0;
   state.index = 0;
@@ -572,7 +598,7 @@ function live(config, root) {
     download.href = "api/trace/" + Number(answer.id) + ".parquet";
     download.hidden = false;
     const started = performance.now();
-    load(answer.data, explorer);
+    await load(answer.data, explorer);
     api.timings.render = performance.now() - started;
   });
 }
@@ -580,11 +606,20 @@ function live(config, root) {
 document.addEventListener("keydown", onKey);
 api.selectPrompt = i => selectPrompt(i);
 api.selectPosition = position => jumpTo(state.prompt, position);
-const raw = JSON.parse(document.getElementById("llmprobe-data").textContent);
-const root = document.getElementById("app");
-if (raw.live) live(raw.live, root);
-else load(raw, root);
-api.timings.ready = performance.now();
+async function main() {
+  const raw = JSON.parse(document.getElementById("llmprobe-data").textContent);
+  const root = document.getElementById("app");
+  if (typeof DecompressionStream === "undefined") {
+    root.replaceChildren(h("p", {class: "error"}, "This browser is too old for this page (it has no DecompressionStream)."));
+    return;
+  }
+  if (raw.live) live(raw.live, root);
+  else await load(raw, root);
+  api.timings.ready = performance.now();
+}
+main().catch(exc => {
+  document.getElementById("app").replaceChildren(h("p", {class: "error"}, `The page could not be drawn: ${exc}`));
+});
 })();
 """
 
@@ -605,9 +640,10 @@ code, pre, .strip, .grid { font-family: ui-monospace, "SFMono-Regular", Menlo, C
 .legend { display: inline-flex; align-items: center; font-size: 0.78em; }
 .swatch { display: inline-block; min-width: 2.1em; text-align: center; padding: 0.1em 0.2em; }
 .dark { color: #fff; }
-.strip { line-height: 2.1; padding: 0.5em; border: 1px solid var(--line); border-radius: 4px; max-height: 16em;
-         overflow-y: auto; white-space: pre-wrap; word-break: break-all; font-size: 0.92em; }
-.tok { cursor: pointer; padding: 0.12em 0.05em; border-radius: 2px; position: relative; }
+.strip { line-height: 1.9; padding: 0.5em; border: 1px solid var(--line); border-radius: 4px; max-height: 16em;
+         overflow-y: auto; font-size: 0.92em; }
+.tok { cursor: pointer; padding: 0 0.05em; border-radius: 2px; display: inline-block; line-height: 1.5;
+       white-space: pre; }
 .tok.mark { box-shadow: inset 0 -3px 0 #1f4e9c; } .tok.mark::before { content: "\25c6"; color: #1f4e9c; font-size: 0.7em; }
 .tok.gen { font-style: italic; text-decoration: underline dotted; }
 .tok.selected { outline: 2px solid #111; outline-offset: 1px; }
@@ -618,7 +654,7 @@ code, pre, .strip, .grid { font-family: ui-monospace, "SFMono-Regular", Menlo, C
 table { border-collapse: collapse; font-size: 0.88em; }
 th, td { padding: 0.12em 0.45em; text-align: left; } thead th { color: var(--muted); font-weight: 500; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-table.bars { width: 100%; } td.barcell { width: 45%; } td.tokcell code { white-space: pre; }
+table.bars { width: 100%; max-width: 760px; } td.barcell { width: 45%; } td.tokcell code { white-space: pre; }
 .bar { display: block; height: 0.75em; background: var(--accent); border-radius: 1px; min-width: 1px; }
 .bar.bayes { background: var(--bayes); margin-top: 2px; }
 tr.actual td { background: #fdecea; } tr.actual td.tokcell::after { content: " \2190  actual"; color: #b3261e; font-size: 0.8em; }

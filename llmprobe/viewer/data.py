@@ -6,8 +6,10 @@ Layout (``format`` 1), chosen so that a 20,000-row trace at k = 20 stays a few M
   top-k candidates), each once; rows refer to them by index (``none`` marks a missing next token).
   Strings are kept exactly (the page makes whitespace visible itself), so ``data-token`` is the
   trace's own string.
-* ``rows``: one entry per trace row, columnar, each column a little-endian typed array in base64
-  (``{"type": "f32", "data": ...}``): ``position``, ``token``, ``next``, ``next_logprob`` (NaN: no
+* ``rows``: one entry per trace row, columnar, each column a typed array (:func:`typed`:
+  ``{"type": "f32", "data": ...}``, little-endian bytes regrouped by significance — all first bytes,
+  then all second bytes… — deflated (zlib) and base64-encoded; the page inflates them with the
+  browser's own ``DecompressionStream``): ``position``, ``token``, ``next``, ``next_logprob`` (NaN: no
   next token), ``next_rank`` (0: none), ``entropy`` (nats), ``generated`` (0/1), ``topk`` and
   ``topk_logprob`` (k per row, most probable first), ``target_logprob`` and ``target_seq_logprob``
   (one per target; NaN where the trace has null). Log-probabilities stay float32, exactly as traced,
@@ -21,8 +23,15 @@ Layout (``format`` 1), chosen so that a 20,000-row trace at k = 20 stays a few M
   condition label as a fourth element (absent or null: the unmodified model), so "baseline vs
   ablated, side by side" is the detail panel drawn for two slices of one prompt at one position.
 * ``fit`` (with a fit-posterior table of this trace): the conclusion lines (verdict first, then the
-  γ = 1 test), the categories, and one entry per mark with the model's and the Bayesian predictive
-  distributions, θ, counts, KL(Bayes‖model), TV and mass, as the table holds them (full precision).
+  γ = 1 test), the categories, the sequences' names, and ``marks``: columns over the fit's marks
+  (typed arrays as above) — ``prompt`` (index into ``prompts``), ``position``, ``n``, ``sequence``
+  (index into ``sequences``), ``used``, ``mass``, ``tv``, ``kl_bits`` (KL(Bayes‖model)), and K per
+  mark of ``model_prob``, ``bayes_prob``, ``theta`` (NaN: unknown) and ``counts`` — float64, exactly
+  the table's numbers.
+
+Why deflate: the top-k log-probabilities stay float32, exactly as traced, and the token indices
+repeat; regrouped bytes deflate to about half (bytes per row at k = 20: about 50 instead of 120
+raw, 160 in plain base64), which keeps a 20,000-row page to a few MB (benchmarks/bench_view.py).
 
 A fit table is accepted only if it is this trace's: its ``trace`` label names this trace's model,
 its prompts exist here, and at every mark its model probabilities equal the ones this trace gives
@@ -34,7 +43,7 @@ from __future__ import annotations
 
 import base64
 import json
-import math
+import zlib
 from typing import Any
 
 import numpy as np
@@ -50,14 +59,26 @@ DATA_FORMAT = 1
 RUN_KEYS = ("model", "model_kind", "architecture", "dtype", "device", "gguf_quantization", "weights_precision",
             "attn_implementation", "llmprobe_version", "created_utc", "command")
 MATCH_RTOL, MATCH_ATOL = 1e-6, 1e-12  # a fit's model probabilities against the trace's, recomputed
-FIT_MARK_FLOATS = ("mass", "tv", "kl_bits", "entropy_model_bits", "entropy_bayes_bits")
+FIT_MARK_FLOATS = ("mass", "tv", "kl_bits")
 FIT_CATEGORY_FLOATS = ("model_prob", "bayes_prob", "theta", "count")
+FIT_CATEGORY_KEYS = {"count": "counts"}  # the page's name, where the table's would clash (``count``: marks)
 
 
-def typed(values: np.ndarray, kind: str) -> dict[str, str]:
-    """A numpy array as ``{"type": kind, "data": base64 of its little-endian bytes}``."""
-    dtype = {"f32": "<f4", "u8": "u1", "u16": "<u2", "u32": "<u4", "i32": "<i4"}[kind]
-    return {"type": kind, "data": base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode("ascii")}
+TYPES = {"f32": "<f4", "f64": "<f8", "u8": "u1", "u16": "<u2", "u32": "<u4", "i32": "<i4"}
+
+
+def typed(values: Any, kind: str) -> dict[str, str]:
+    """An array as ``{"type": kind, "data": base64(zlib(its little-endian bytes, regrouped by significance))}``."""
+    array = np.ascontiguousarray(values, dtype=TYPES[kind])
+    planes = array.view(np.uint8).reshape(-1, array.itemsize).T.tobytes()  # byte 0 of every value, then byte 1...
+    return {"type": kind, "data": base64.b64encode(zlib.compress(planes, 6)).decode("ascii")}
+
+
+def untyped(spec: dict[str, str]) -> np.ndarray:
+    """The inverse of :func:`typed` (what the page's script does)."""
+    dtype = np.dtype(TYPES[spec["type"]])
+    planes = np.frombuffer(zlib.decompress(base64.b64decode(spec["data"])), np.uint8)
+    return planes.reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(-1)
 
 
 def index_kind(largest: int) -> str:
@@ -216,6 +237,7 @@ def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str,
                    " with -o FILE.parquet")
     else:
         verdict = verdict_line(summary)
+    sequences = list(dict.fromkeys(marks["sequence"].astype(str)))
     return {
         "source": fit.source,
         "label": fit_label,
@@ -223,12 +245,13 @@ def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str,
         "gamma_test": gamma_test_line(summary or {}),
         "params": params,
         "categories": categories,
-        "marks": [_fit_mark(group, categories, index_of) for _, group in marks],
+        "sequences": sequences,
+        "marks": _fit_columns(marks, categories, index_of, sequences),
     }
 
 
 def _matched_marks(trace: Trace, fit: Any, rows: pd.DataFrame, label: str, categories: list[str]):
-    """The fit's rows grouped by mark, each checked against the trace's own category probabilities."""
+    """The fit's rows, each checked against the trace's own category probability, with the mark's position."""
     from llmprobe.analysis.marks import category_marks
 
     try:
@@ -257,33 +280,46 @@ def _matched_marks(trace: Trace, fit: Any, rows: pd.DataFrame, label: str, categ
         raise UsageError(f"is not a fit of this trace: at prompt {merged['prompt_id'].iloc[i]!r}, {key[1]}"
                          f" {merged[key[1]].iloc[i]}, the fit's model probability of {merged['category'].iloc[i]!r}"
                          f" is {fitted[i]:.6g} but the trace gives {traced_prob[i]:.6g}", where=fit.source)
-    return merged.groupby(["prompt_id", "position"], sort=False)
+    return merged
 
 
-def _number(value: Any) -> float | None:
-    """A float for JSON: NaN and missing as null."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) or math.isinf(number) else number
+def _fit_columns(rows: pd.DataFrame, categories: list[str], index_of: dict[str, int],
+                 sequences: list[str]) -> dict[str, Any]:
+    """The fit's marks as typed columns: one entry per mark (in table order), K per mark for the category
+    columns (in ``categories`` order; NaN where the table has no row for a category)."""
+    mark, first = _codes(rows["prompt_id"].astype(str) + "\0" + rows["position"].astype(str))
+    category = rows["category"].map({c: i for i, c in enumerate(categories)}).to_numpy()
+    heads = rows.iloc[first]
+    sequence = {name: i for i, name in enumerate(sequences)}
 
+    def numbers(frame: pd.DataFrame, name: str) -> np.ndarray:
+        if name not in frame:
+            return np.full(len(frame), np.nan)
+        return pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float64)
 
-def _fit_mark(group: pd.DataFrame, categories: list[str], index_of: dict[str, int]) -> dict[str, Any]:
-    group = group.set_index("category").reindex(categories)
-    first = group.iloc[0]
-    mark: dict[str, Any] = {
-        "prompt": index_of[str(first["prompt_id"])],
-        "position": int(first["position"]),
-        "n": int(first["n"]),
-        "sequence": str(first["sequence"]),
-        "used": bool(first["used"]) if "used" in group.columns and pd.notna(first["used"]) else True,
+    def per_category(name: str) -> np.ndarray:
+        matrix = np.full((len(first), len(categories)), np.nan)
+        matrix[mark, category] = numbers(rows, name)
+        return matrix.reshape(-1)
+
+    used = heads["used"].fillna(True).astype(bool) if "used" in heads else np.ones(len(first), bool)
+    columns: dict[str, Any] = {
+        "count": len(first),
+        "prompt": typed(heads["prompt_id"].astype(str).map(index_of).to_numpy(np.int64), "u32"),
+        "position": typed(heads["position"].to_numpy(np.int64), "u32"),
+        "n": typed(heads["n"].to_numpy(np.int64), "i32"),
+        "sequence": typed(heads["sequence"].astype(str).map(sequence).to_numpy(np.int64), "u32"),
+        "used": typed(np.asarray(used, dtype=np.uint8), "u8"),
     }
-    for name in FIT_MARK_FLOATS:
-        mark[name] = _number(first[name]) if name in group.columns else None
-    for name in FIT_CATEGORY_FLOATS:
-        mark[name] = [_number(v) for v in group[name]] if name in group.columns else None
-    return mark
+    columns.update({name: typed(numbers(heads, name), "f64") for name in FIT_MARK_FLOATS})
+    columns.update({FIT_CATEGORY_KEYS.get(name, name): typed(per_category(name), "f64") for name in FIT_CATEGORY_FLOATS})
+    return columns
+
+
+def _codes(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Each key's number in order of first appearance, and the row where each number first appears."""
+    codes, _ = pd.factorize(keys, sort=False)
+    return codes, np.unique(codes, return_index=True)[1]
 
 
 def page_data(trace: Trace, fit: Any = None) -> dict[str, Any]:

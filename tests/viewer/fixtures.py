@@ -259,9 +259,7 @@ class Server:
 
 
 def decoded_rows(data: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The typed arrays of a page data model, decoded as the page's script decodes them."""
-    import base64
+    """The typed arrays of a page data model's rows, decoded as the page's script decodes them."""
+    from llmprobe.viewer.data import untyped
 
-    kinds = {"f32": "<f4", "u8": "u1", "u16": "<u2", "u32": "<u4", "i32": "<i4"}
-    return {name: np.frombuffer(base64.b64decode(spec["data"]), dtype=kinds[spec["type"]])
-            for name, spec in data["rows"].items() if isinstance(spec, dict)}
+    return {name: untyped(spec) for name, spec in data["rows"].items() if isinstance(spec, dict)}
