@@ -44,6 +44,8 @@ COMMANDS = {
     "continuity": analyses.continuity, "martingale": analyses.martingale,
     "wind-tunnel": control.wind_tunnel,
 }
+from llmprobe.cli import viewer  # noqa: E402  (the explorer's commands)
+COMMANDS.update({"view": viewer.view, "serve": viewer.serve})
 
 
 for name, command in COMMANDS.items():

@@ -1,0 +1,330 @@
+"""The explorer's data model: a trace (and its fit) as one compact JSON document the page's script reads.
+
+Layout (``format`` 1), chosen so that a 20,000-row trace at k = 20 stays a few MB and loads in a blink:
+
+* ``tokens``: every token string the page shows (the prompt's tokens, the actual next tokens, the
+  top-k candidates), each once; rows refer to them by index (``none`` marks a missing next token).
+  Strings are kept exactly (the page makes whitespace visible itself), so ``data-token`` is the
+  trace's own string.
+* ``rows``: one entry per trace row, columnar, each column a typed array (:func:`typed`:
+  ``{"type": "f32", "data": ...}``, little-endian bytes regrouped by significance — all first bytes,
+  then all second bytes… — deflated (zlib) and base64-encoded; the page inflates them with the
+  browser's own ``DecompressionStream``): ``position``, ``token``, ``next``, ``next_logprob`` (NaN: no
+  next token), ``next_rank`` (0: none), ``entropy`` (nats), ``generated`` (0/1), ``topk`` and
+  ``topk_logprob`` (k per row, most probable first), ``target_logprob`` and ``target_seq_logprob``
+  (one per target; NaN where the trace has null). Log-probabilities stay float32, exactly as traced,
+  so the page's probabilities are the trace's to the last bit of float32 (``data-prob`` shows
+  ``exp`` of them in full double precision).
+* ``prompts``: per prompt its ``id``, ``meta`` (the JSONL fields), ``marks`` (``[position, mark]``
+  on the model's output rows) and ``slices``. A *slice* is one pass of one model over the prompt:
+  ``[start, count, layer]`` — a run of rows ``start … start + count − 1`` in position order. A plain
+  trace has one slice per prompt (layer null); a logit-lens trace one per layer. Later kinds of
+  traces add passes as further slices: an interventions trace or an ablation sweep appends a
+  condition label as a fourth element (absent or null: the unmodified model), so "baseline vs
+  ablated, side by side" is the detail panel drawn for two slices of one prompt at one position.
+* ``fit`` (with a fit-posterior table of this trace): the conclusion lines (verdict first, then the
+  γ = 1 test), the categories, the sequences' names, and ``marks``: columns over the fit's marks
+  (typed arrays as above) — ``prompt`` (index into ``prompts``), ``position``, ``n``, ``sequence``
+  (index into ``sequences``), ``used``, ``mass``, ``tv``, ``kl_bits`` (KL(Bayes‖model)), and K per
+  mark of ``model_prob``, ``bayes_prob``, ``theta`` (NaN: unknown) and ``counts`` — float64, exactly
+  the table's numbers.
+
+Why deflate: the top-k log-probabilities stay float32, exactly as traced, and the token indices
+repeat; regrouped bytes deflate to about half (bytes per row at k = 20: about 50 instead of 120
+raw, 160 in plain base64), which keeps a 20,000-row page to a few MB (benchmarks/bench_view.py).
+
+A fit table is accepted only if it is this trace's: its ``trace`` label names this trace's model,
+its prompts exist here, and at every mark its model probabilities equal the ones this trace gives
+(recomputed by :func:`llmprobe.analysis.marks.category_marks`, the fit's own extraction). Anything
+else is one :class:`~llmprobe.errors.UsageError` naming the fit table.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llmprobe.errors import UsageError
+from llmprobe.tracing.reader import Trace
+from llmprobe.tracing.schema import PHASE_GENERATED
+
+DATA_FORMAT = 1
+RUN_KEYS = ("model", "model_kind", "architecture", "dtype", "device", "gguf_quantization", "weights_precision",
+            "attn_implementation", "llmprobe_version", "created_utc", "command")
+MATCH_RTOL, MATCH_ATOL = 1e-6, 1e-12  # a fit's model probabilities against the trace's, recomputed
+FIT_MARK_FLOATS = ("mass", "tv", "kl_bits")
+FIT_CATEGORY_FLOATS = ("model_prob", "bayes_prob", "theta", "count")
+FIT_CATEGORY_KEYS = {"count": "counts"}  # the page's name, where the table's would clash (``count``: marks)
+
+
+TYPES = {"f32": "<f4", "f64": "<f8", "u8": "u1", "u16": "<u2", "u32": "<u4", "i32": "<i4"}
+
+
+def typed(values: Any, kind: str) -> dict[str, str]:
+    """An array as ``{"type": kind, "data": base64(zlib(its little-endian bytes, regrouped by significance))}``."""
+    array = np.ascontiguousarray(values, dtype=TYPES[kind])
+    planes = array.view(np.uint8).reshape(-1, array.itemsize).T.tobytes()  # byte 0 of every value, then byte 1...
+    return {"type": kind, "data": base64.b64encode(zlib.compress(planes, 6)).decode("ascii")}
+
+
+def untyped(spec: dict[str, str]) -> np.ndarray:
+    """The inverse of :func:`typed` (what the page's script does)."""
+    dtype = np.dtype(TYPES[spec["type"]])
+    planes = np.frombuffer(zlib.decompress(base64.b64decode(spec["data"])), np.uint8)
+    return planes.reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(-1)
+
+
+def index_kind(largest: int) -> str:
+    return "u16" if largest < 0xFFFF else "u32"
+
+
+def fixed_list_matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """A fixed-size-list column as an (rows, width) float array, NaN in null rows."""
+    array = column.combine_chunks()
+    values = array.values.slice(array.offset * width, len(array) * width)
+    matrix = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(array), width)
+    if array.null_count:
+        matrix[array.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return matrix
+
+
+def parse_json_text(text: Any) -> Any:
+    """A ``mark``/``meta`` cell: JSON text as the object it holds (damaged text is shown as it is)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def trace_data(trace: Trace) -> dict[str, Any]:
+    """The page's data model of ``trace`` (see the module docstring); no fit yet."""
+    table = trace.table
+    rows = table.num_rows
+    if rows == 0:
+        raise UsageError("the trace has no rows", where=trace.source)
+    names = table.column_names
+    has_layers = "layer" in names
+    layer = table.column("layer").to_numpy().astype(np.int64) if has_layers else np.zeros(rows, np.int64)
+    order = np.lexsort((table.column("position").to_numpy(), layer, table.column("prompt_index").to_numpy()))
+    table, layer = table.take(pa.array(order)), layer[order]
+    prompt_index = table.column("prompt_index").to_numpy()
+    position = table.column("position").to_numpy()
+
+    tokens: dict[str, int] = {}
+    k = table.schema.field("topk_ids").type.list_size
+    topk_ids = table.column("topk_ids").combine_chunks().flatten().to_numpy()
+    unique_ids, inverse = np.unique(topk_ids, return_inverse=True)
+    vocab = trace.vocab
+    if vocab is not None and len(unique_ids) and unique_ids[-1] >= len(vocab):
+        raise UsageError(f"token id {unique_ids[-1]} is outside its vocabulary of {len(vocab)} (the file is damaged)",
+                         where=trace.source)
+    local = np.array([tokens.setdefault(vocab[i] if vocab is not None else f"#{i}", len(tokens)) for i in unique_ids],
+                     dtype=np.int64)
+    topk = local[inverse.reshape(-1)]
+    token = np.array([tokens.setdefault(t, len(tokens)) for t in table.column("token").to_pylist()], dtype=np.int64)
+    next_strings = table.column("next_token").to_pylist()
+    next_local = [None if t is None else tokens.setdefault(t, len(tokens)) for t in next_strings]
+    kind = index_kind(len(tokens))
+    none = 0xFFFF if kind == "u16" else 0xFFFFFFFF
+    next_token = np.array([none if i is None else i for i in next_local], dtype=np.int64)
+    generated = (table.column("phase").cast(pa.string()).to_numpy(zero_copy_only=False) == PHASE_GENERATED)
+
+    encoded: dict[str, Any] = {
+        "count": rows,
+        "position": typed(position, index_kind(int(position.max()))),
+        "token": typed(token, kind),
+        "next": typed(next_token, kind),
+        "next_logprob": typed(table.column("next_logprob").to_numpy(zero_copy_only=False), "f32"),
+        "next_rank": typed(pc.fill_null(table.column("next_rank"), 0).to_numpy(), "i32"),
+        "entropy": typed(table.column("entropy").to_numpy(), "f32"),
+        "generated": typed(generated, "u8"),
+        "topk": typed(topk, kind),
+        "topk_logprob": typed(table.column("topk_logprobs").combine_chunks().flatten().to_numpy(), "f32"),
+    }
+    targets = [str(t.get("text")) for t in trace.meta.get("targets", []) if isinstance(t, dict)]
+    for name, key in (("target_logprobs", "target_logprob"), ("target_seq_logprobs", "target_seq_logprob")):
+        if name in names and targets:
+            width = table.schema.field(name).type.list_size
+            encoded[key] = typed(fixed_list_matrix(table.column(name), width), "f32")
+    layers = sorted({int(v) for v in layer}) if has_layers else None
+    lens = trace.meta.get("lens") if isinstance(trace.meta.get("lens"), dict) else {}
+    output_layer = (int(lens["output_layer"]) if isinstance(lens.get("output_layer"), int) else max(layers)) \
+        if layers else None
+    return {
+        "format": DATA_FORMAT,
+        "source": trace.source,
+        "run": {key: trace.meta[key] for key in RUN_KEYS if trace.meta.get(key) is not None},
+        "top_k": k,
+        "targets": targets,
+        "layers": layers,
+        "output_layer": output_layer,
+        "tokens": list(tokens),
+        "none": none,
+        "rows": encoded,
+        "prompts": _prompts(table, prompt_index, layer if has_layers else None, output_layer),
+        "fit": None,
+    }
+
+
+def _prompts(table: pa.Table, prompt_index: np.ndarray, layer: np.ndarray | None,
+             output_layer: int | None) -> list[dict[str, Any]]:
+    """Per prompt (input order): id, JSONL fields, marks on the output rows, and slices (one per layer)."""
+    rows = len(prompt_index)
+    layer_or_zero = layer if layer is not None else np.zeros(rows, np.int64)
+    starts = np.flatnonzero(np.r_[True, (prompt_index[1:] != prompt_index[:-1])
+                                  | (layer_or_zero[1:] != layer_or_zero[:-1])])
+    ends = np.r_[starts[1:], rows]
+    ids = table.column("prompt_id").to_pylist()
+    metas = table.column("meta").to_pylist() if "meta" in table.column_names else [None] * rows
+    marked = (table.column("mark_index").is_valid().to_numpy(zero_copy_only=False)
+              if "mark_index" in table.column_names else np.zeros(rows, bool))
+    mark_text = table.column("mark").to_pylist() if "mark" in table.column_names else [None] * rows
+    positions = table.column("position").to_numpy()
+    prompts: list[dict[str, Any]] = []
+    for start, end in zip(starts, ends):
+        if not prompts or prompts[-1]["_index"] != prompt_index[start]:
+            prompts.append({"_index": prompt_index[start], "id": str(ids[start]), "meta": parse_json_text(metas[start]),
+                            "marks": [], "slices": []})
+        prompt = prompts[-1]
+        this_layer = None if layer is None else int(layer[start])
+        prompt["slices"].append([int(start), int(end - start), this_layer])
+        if this_layer == output_layer:
+            prompt["marks"] = [[int(positions[r]), parse_json_text(mark_text[r])]
+                               for r in range(start, end) if marked[r]]
+    for prompt in prompts:
+        del prompt["_index"]
+    return prompts
+
+
+# -------------------------------------------------------------------------------------------------- the fit
+def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``fit`` entry of the data model, from a :class:`~llmprobe.plots.icl.FitTable` of this trace."""
+    from llmprobe.analysis.fits import gamma_test_line, verdict_line
+    from llmprobe.analysis.marks import trace_label
+    from llmprobe.plots.icl import HEADLINE_KEYS, flatten_summary
+
+    label = trace_label(trace)
+    frame = fit.frame
+    accepted = {label, f"{label} ({trace.source})"}  # fit-posterior labels a second trace of one model so
+    rows = frame[frame["trace"].isin(accepted)]
+    if rows.empty:
+        found = ", ".join(repr(t) for t in dict.fromkeys(frame["trace"]))
+        raise UsageError(f"is a fit of {found}, not of this trace ({label!r}, {trace.source}); give the"
+                         " fit-posterior table of this trace", where=fit.source)
+    fit_label = str(rows["trace"].iloc[0])
+    rows = rows[rows["trace"] == fit_label]
+    index_of = {p["id"]: i for i, p in enumerate(prompts)}
+    missing = [p for p in dict.fromkeys(rows["prompt_id"]) if p not in index_of]
+    if missing:
+        raise UsageError(f"is not a fit of this trace: prompt {missing[0]!r} of the fit is not in {trace.source}"
+                         f" ({len(missing)} of its prompts are missing)", where=fit.source)
+    categories = list(dict.fromkeys(rows["category"]))
+    marks = _matched_marks(trace, fit, rows, fit_label, categories)
+    summary = next((s for s in fit.summaries if s.get("trace") == fit_label), None)
+    flat = flatten_summary(summary) if summary else {}
+    params = [[name, flat[key]] for key, name in HEADLINE_KEYS.items() if key in flat]
+    if summary is None:
+        verdict = ("no verdict: this fit table carries no fit summary (a CSV table keeps none); write the fit"
+                   " with -o FILE.parquet")
+    else:
+        verdict = verdict_line(summary)
+    sequences = list(dict.fromkeys(marks["sequence"].astype(str)))
+    return {
+        "source": fit.source,
+        "label": fit_label,
+        "verdict": verdict,
+        "gamma_test": gamma_test_line(summary or {}),
+        "params": params,
+        "categories": categories,
+        "sequences": sequences,
+        "marks": _fit_columns(marks, categories, index_of, sequences),
+    }
+
+
+def _matched_marks(trace: Trace, fit: Any, rows: pd.DataFrame, label: str, categories: list[str]):
+    """The fit's rows, each checked against the trace's own category probability, with the mark's position."""
+    from llmprobe.analysis.marks import category_marks
+
+    try:
+        cm = category_marks(trace, label)
+    except UsageError as exc:
+        raise UsageError(f"is not a fit of this trace, which has no category marks ({exc})", where=fit.source) from None
+    unknown = [c for c in categories if c not in cm.categories]
+    if unknown:
+        raise UsageError(f"is not a fit of this trace: category {unknown[0]!r} is not among the trace's"
+                         f" {cm.categories}", where=fit.source)
+    traced = pd.DataFrame({"prompt_id": cm.marks["prompt_id"].astype(str).to_numpy(), "n": cm.marks["n"].to_numpy(),
+                           "position": cm.marks["position"].to_numpy(dtype=np.int64), "_row": np.arange(len(cm))})
+    key = ["prompt_id", "position"] if "position" in rows.columns else ["prompt_id", "n"]  # older tables: by n
+    merged = rows.drop(columns=["_row"], errors="ignore").merge(
+        traced.drop_duplicates(key)[list(dict.fromkeys([*key, "position", "_row"]))], on=key, how="left")
+    if merged["_row"].isna().any():
+        first = merged[merged["_row"].isna()].iloc[0]
+        raise UsageError(f"is not a fit of this trace: prompt {first['prompt_id']!r} has no mark at"
+                         f" {key[1]} {first[key[1]]} in {trace.source}", where=fit.source)
+    column = np.array([cm.categories.index(c) for c in merged["category"]])
+    traced_prob = cm.probs[merged["_row"].to_numpy(dtype=np.int64), column]
+    fitted = pd.to_numeric(merged["model_prob"], errors="coerce").to_numpy(dtype=np.float64)
+    off = ~np.isclose(fitted, traced_prob, rtol=MATCH_RTOL, atol=MATCH_ATOL)
+    if off.any():
+        i = int(np.argmax(off))
+        raise UsageError(f"is not a fit of this trace: at prompt {merged['prompt_id'].iloc[i]!r}, {key[1]}"
+                         f" {merged[key[1]].iloc[i]}, the fit's model probability of {merged['category'].iloc[i]!r}"
+                         f" is {fitted[i]:.6g} but the trace gives {traced_prob[i]:.6g}", where=fit.source)
+    return merged
+
+
+def _fit_columns(rows: pd.DataFrame, categories: list[str], index_of: dict[str, int],
+                 sequences: list[str]) -> dict[str, Any]:
+    """The fit's marks as typed columns: one entry per mark (in table order), K per mark for the category
+    columns (in ``categories`` order; NaN where the table has no row for a category)."""
+    mark, first = _codes(rows["prompt_id"].astype(str) + "\0" + rows["position"].astype(str))
+    category = rows["category"].map({c: i for i, c in enumerate(categories)}).to_numpy()
+    heads = rows.iloc[first]
+    sequence = {name: i for i, name in enumerate(sequences)}
+
+    def numbers(frame: pd.DataFrame, name: str) -> np.ndarray:
+        if name not in frame:
+            return np.full(len(frame), np.nan)
+        return pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float64)
+
+    def per_category(name: str) -> np.ndarray:
+        matrix = np.full((len(first), len(categories)), np.nan)
+        matrix[mark, category] = numbers(rows, name)
+        return matrix.reshape(-1)
+
+    used = heads["used"].fillna(True).astype(bool) if "used" in heads else np.ones(len(first), bool)
+    columns: dict[str, Any] = {
+        "count": len(first),
+        "prompt": typed(heads["prompt_id"].astype(str).map(index_of).to_numpy(np.int64), "u32"),
+        "position": typed(heads["position"].to_numpy(np.int64), "u32"),
+        "n": typed(heads["n"].to_numpy(np.int64), "i32"),
+        "sequence": typed(heads["sequence"].astype(str).map(sequence).to_numpy(np.int64), "u32"),
+        "used": typed(np.asarray(used, dtype=np.uint8), "u8"),
+    }
+    columns.update({name: typed(numbers(heads, name), "f64") for name in FIT_MARK_FLOATS})
+    columns.update({FIT_CATEGORY_KEYS.get(name, name): typed(per_category(name), "f64") for name in FIT_CATEGORY_FLOATS})
+    return columns
+
+
+def _codes(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Each key's number in order of first appearance, and the row where each number first appears."""
+    codes, _ = pd.factorize(keys, sort=False)
+    return codes, np.unique(codes, return_index=True)[1]
+
+
+def page_data(trace: Trace, fit: Any = None) -> dict[str, Any]:
+    """The whole data model: the trace, and the fit (a FitTable of this trace) when given."""
+    data = trace_data(trace)
+    if fit is not None:
+        data["fit"] = fit_data(trace, fit, data["prompts"])
+    return data
