@@ -52,7 +52,7 @@ def build_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
         return trace, fit
     import pyarrow.parquet as pq
 
-    from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
+    from llmprobe.experiments import generate, load_experiment, write_jsonl
 
     experiment = load_experiment(COIN)
     sequences = -(-rows // ROWS_PER_SEQUENCE)

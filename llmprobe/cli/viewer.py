@@ -8,6 +8,7 @@ import typer
 
 from llmprobe.cli import options as opt
 from llmprobe.cli.output import Output
+from llmprobe.model.loading import ModelOptions
 
 
 def view(
@@ -41,15 +42,7 @@ def serve(
     limit_prompt_chars: Annotated[int, typer.Option(min=1, help="Longest prompt a request may send, in characters.")]
     = 20_000,
     limit_new_tokens: Annotated[int, typer.Option(min=0, help="Most tokens a request may ask to generate.")] = 64,
-    model: opt.Model = None,
-    device: opt.Device = "auto",
-    dtype: opt.Dtype = "auto",
-    device_map: opt.DeviceMap = None,
-    max_memory: opt.MaxMemory = None,
-    offload_folder: opt.OffloadFolder = None,
-    trust_remote_code: opt.TrustRemoteCode = False,
-    allow_pickle: opt.AllowPickle = False,
-    attn_implementation: opt.AttnImplementation = None,
+    loading: ModelOptions = opt.MODEL,
     quiet: opt.Quiet = False,
 ) -> None:
     """The live probe: a local page where you type a prompt and see the trace view from the loaded model."""
@@ -57,8 +50,6 @@ def serve(
 
     if top_k < 1:
         raise UsageError(f"must be 1 or more, got {top_k}", where="--top-k")
-    loading = opt.model_options(model, device, dtype, device_map, max_memory, offload_folder, trust_remote_code,
-                                allow_pickle, attn_implementation)
     from llmprobe.viewer.server import Limits, Probe, bind, start, url_of
 
     out = Output(quiet)

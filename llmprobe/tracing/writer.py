@@ -74,6 +74,16 @@ def open_trace_sink(output: str, fmt: str, schema: pa.Schema, metadata: dict[str
         yield sink
 
 
+def parquet_bytes(table: pa.Table, metadata: dict[str, Any], vocab: list[str] | None) -> bytes:
+    """A whole trace as the bytes of the Parquet file :func:`open_trace_sink` would write (a download)."""
+    buffer = io.BytesIO()
+    schema_meta, file_only = file_metadata(metadata, vocab)
+    with _make_sink(buffer, "parquet", table.schema.with_metadata(schema_meta), file_only) as sink:
+        for batch in table.to_batches():
+            sink.write(batch)
+    return buffer.getvalue()
+
+
 @contextmanager
 def _make_sink(stream, fmt: str, schema: pa.Schema, file_only: dict[bytes, bytes]) -> Iterator[Sink]:
     if fmt == "parquet":

@@ -208,7 +208,7 @@ def _prompts(table: pa.Table, prompt_index: np.ndarray, layer: np.ndarray | None
 # -------------------------------------------------------------------------------------------------- the fit
 def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``fit`` entry of the data model, from a :class:`~llmprobe.plots.icl.FitTable` of this trace."""
-    from llmprobe.analysis.fits import gamma_test_line, verdict_line
+    from llmprobe.analysis.results import gamma_test_line, verdict_line
     from llmprobe.analysis.marks import trace_label
     from llmprobe.plots.icl import HEADLINE_KEYS, flatten_summary
 

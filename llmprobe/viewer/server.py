@@ -43,13 +43,11 @@ import ipaddress
 import json
 import re
 import socket
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -143,18 +141,11 @@ class Probe:
 
     def parquet(self, number: int) -> bytes | None:
         """The request's trace as a Parquet file's bytes, written by the trace writer (None: not kept)."""
-        from llmprobe.tracing.writer import open_trace_sink
+        from llmprobe.tracing.writer import parquet_bytes
 
         with self.lock:
             trace = self.traces.get(number)
-        if trace is None:
-            return None
-        with tempfile.TemporaryDirectory(prefix="llmprobe-serve-") as folder:
-            path = Path(folder) / "trace.parquet"
-            with open_trace_sink(str(path), "parquet", trace.table.schema, trace.meta, trace.vocab) as sink:
-                for batch in trace.table.to_batches():
-                    sink.write(batch)
-            return path.read_bytes()
+        return None if trace is None else parquet_bytes(trace.table, trace.meta, trace.vocab)
 
     def page_config(self) -> dict[str, Any]:
         return {"model": self.model_name, "top_k": self.top_k,

@@ -63,7 +63,7 @@ def test_the_data_model_holds_the_trace_exactly(coin):
 
 
 def test_the_fit_entry_is_the_fit_tables_numbers(coin):
-    from llmprobe.analysis.fits import gamma_test_line, verdict_line
+    from llmprobe.analysis.results import gamma_test_line, verdict_line
     from llmprobe.plots.icl import open_fit
 
     trace_path, fit_path = coin

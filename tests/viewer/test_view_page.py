@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmprobe.analysis.fits import gamma_test_line, verdict_line
+from llmprobe.analysis.results import gamma_test_line, verdict_line
 from llmprobe.plots.icl import open_fit
 from llmprobe.tracing.reader import read_trace
 from llmprobe.viewer.page import write_view
