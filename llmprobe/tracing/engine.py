@@ -10,7 +10,7 @@ The full ``[batch, length, vocabulary]`` logits never exist. The engine runs the
 when a generated token is to be chosen from them), captures the final norm's output (:func:`llmprobe.model.structure.split_causal_lm`)
 and sends those hidden states through the output head itself, a pass of positions at a time, each
 pass's logits made and reduced one cache-sized vocabulary tile at a time
-(:meth:`llmprobe.tracing.hooks.LogitReducer.reduce_hidden`; padding positions skip the head). The same path serves the output layer, the logit lens, generation steps and multi-token
+(:meth:`llmprobe.tracing.reduction.LogitReducer.reduce_hidden`; padding positions skip the head). The same path serves the output layer, the logit lens, generation steps and multi-token
 targets; prompt embeddings are read off the captured final-normed states. A model that cannot be
 split that way is traced through a hook on its output head instead (its own forward then holds the
 logits), with a one-line notice.
@@ -43,7 +43,7 @@ import torch
 
 from llmprobe import __version__
 from llmprobe.errors import UsageError
-from llmprobe.tracing.hooks import NO_TOKEN, PADDING, LogitReducer, StepStats, capture_logits, token_logprob_and_rank
+from llmprobe.tracing.reduction import NO_TOKEN, PADDING, LogitReducer, StepStats, capture_logits, token_logprob_and_rank
 from llmprobe.tracing.lens import InternalsPlan, embed_positions, parse_layers, probe_internals
 from llmprobe.model.loading import LoadedModel
 from llmprobe.model.structure import CausalLMParts, split_causal_lm

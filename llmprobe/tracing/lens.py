@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 
 from llmprobe.errors import UsageError
-from llmprobe.tracing.hooks import LogitReducer, StepStats
+from llmprobe.tracing.reduction import LogitReducer, StepStats
 from llmprobe.model.structure import OutputHead, Unembed, decoder_parts
 
 

@@ -16,7 +16,7 @@ import torch
 
 from llmprobe.tracing.engine import TraceSettings, Tracer
 from llmprobe.errors import UsageError
-from llmprobe.tracing.hooks import LogitReducer
+from llmprobe.tracing.reduction import LogitReducer
 from llmprobe.tracing.lens import lens_stats, parse_layers, probe_internals
 from llmprobe.tracing.prompts import PromptRecord
 from llmprobe.model.structure import Unembed

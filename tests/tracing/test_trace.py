@@ -14,7 +14,7 @@ import torch
 
 from llmprobe.tracing.engine import TraceSettings, Tracer, map_marks
 from llmprobe.errors import UsageError
-from llmprobe.tracing.hooks import LogitReducer, capture_logits
+from llmprobe.tracing.reduction import LogitReducer, capture_logits
 from llmprobe.tracing.prompts import PromptRecord
 from tests.tracing.reference import PROMPTS, TARGETS, TOL, check_rows_against_reference, reference, trace_rows
 

@@ -1,11 +1,11 @@
-"""The logit reductions (llmprobe/hooks.py) against plain float64 computations."""
+"""The logit reductions (llmprobe/tracing/reduction.py) against plain float64 computations."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llmprobe.tracing.hooks import NO_TOKEN, PADDING, LogitReducer, block_topk
+from llmprobe.tracing.reduction import NO_TOKEN, PADDING, LogitReducer, block_topk
 
 
 @pytest.mark.parametrize("vocab", [300, 4096, 4099, 49152])
