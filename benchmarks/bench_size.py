@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from _common import COIN, emit, machine
 
 from llmprobe.cli.output import Output
-from llmprobe.tracing.engine import TraceSettings
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.analysis.experiments import generate, load_experiment, write_jsonl
 from llmprobe.tracing.reader import open_trace
 from llmprobe.tracing.runner import ModelOptions, run_trace

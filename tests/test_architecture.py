@@ -10,7 +10,9 @@ Rules (docs/design.md explains each):
 * matplotlib only in ``llmprobe.plots``; rich and typer only in ``llmprobe.cli``;
 * no import circle between llmprobe modules, counting imports inside functions too;
 * files are renamed into place only by ``llmprobe.files`` (and the trace checkpoint directory,
-  which commits parts with its own documented renames).
+  which commits parts with its own documented renames);
+* torch hooks are attached to a model only in ``llmprobe.tracing.hooks``, and the trace engine
+  (``Tracer``) is built only by ``llmprobe.tracing.run`` (``TraceRun``), exactly once.
 
 Every rule is also run against a small planted package that breaks it, so the checker is known to fail.
 """
@@ -30,6 +32,9 @@ MODEL_ROOMS = ("llmprobe.model", "llmprobe.tracing", "llmprobe.control")
 LAZY_MODEL_USERS = {"llmprobe.analysis.martingale"}
 RENAMING_CALLS = {("os", "replace"), ("os", "rename"), ("tempfile", "mkstemp"), ("tempfile", "mkdtemp")}
 RENAMING_MODULES = {"llmprobe.files", "llmprobe.tracing.checkpoint"}
+HOOK_CALLS = {"register_forward_hook", "register_forward_pre_hook"}
+HOOK_MODULE = "llmprobe.tracing.hooks"
+ENGINE_BUILDER = "llmprobe.tracing.run"
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 
@@ -81,6 +86,17 @@ def renaming_calls(path: Path) -> list[str]:
     return calls
 
 
+def calls_named(path: Path, names: set[str]) -> list[str]:
+    """Calls of a function or method with one of ``names`` (``x.register_forward_hook(...)``, ``Tracer(...)``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name in names:
+                found.append(f"{name} (line {node.lineno})")
+    return found
+
+
 def inside(module: str, *rooms: str) -> bool:
     return any(module == room or module.startswith(room + ".") for room in rooms)
 
@@ -108,6 +124,12 @@ def violations(root: Path) -> list[str]:
         name = module_name(path, root)
         if name not in RENAMING_MODULES:
             problems += [f"{name} calls {call}: files are written through llmprobe.files" for call in renaming_calls(path)]
+        if name != HOOK_MODULE:
+            problems += [f"{name} calls {call}: hooks are attached in {HOOK_MODULE}"
+                         for call in calls_named(path, HOOK_CALLS)]
+        if name != ENGINE_BUILDER:
+            problems += [f"{name} builds {call}: the engine is built by {ENGINE_BUILDER} (TraceRun)"
+                         for call in calls_named(path, {"Tracer"})]
     problems += [f"import circle: {' -> '.join(cycle)}" for cycle in import_cycles(edges)]
     return problems
 
@@ -139,6 +161,12 @@ def test_llmprobe_keeps_its_dependency_rules():
     assert violations(PACKAGE_ROOT) == []
 
 
+def test_the_engine_is_built_in_exactly_one_place():
+    builds = {module_name(path, PACKAGE_ROOT): calls_named(path, {"Tracer"}) for path in PACKAGE_ROOT.rglob("*.py")}
+    builds = {name: calls for name, calls in builds.items() if calls}
+    assert list(builds) == [ENGINE_BUILDER] and len(builds[ENGINE_BUILDER]) == 1, builds
+
+
 PLANTED = {
     "bayes/__init__.py": "import torch\n",
     "analysis/__init__.py": "",
@@ -148,6 +176,8 @@ PLANTED = {
     "tracing/a.py": "from llmprobe.tracing import b\n",
     "tracing/b.py": "def later():\n    from llmprobe.tracing.a import x\n",
     "tracing/writer.py": "import os\ndef save(t, p):\n    os.replace(t, p)\n",
+    "tracing/lens.py": "def probe(model):\n    model.register_forward_pre_hook(print)\n",
+    "api.py": "def trace(loaded, settings):\n    return Tracer(loaded, settings)\n",
     "plots/__init__.py": "import rich\n",
     "cli/__init__.py": "",
     "cli/output.py": "import rich\nimport typer\n",
@@ -170,6 +200,8 @@ def test_the_checker_fails_on_a_package_that_breaks_each_rule(tmp_path):
         "llmprobe.analysis.martingale imports torch: model libraries only in",
         "llmprobe.plots imports rich: rich only in cli/",
         "llmprobe.tracing.writer calls os.replace (line 3)",
+        "llmprobe.tracing.lens calls register_forward_pre_hook (line 2): hooks are attached in",
+        "llmprobe.api builds Tracer (line 2): the engine is built by llmprobe.tracing.run",
         "import circle: llmprobe.tracing.a -> llmprobe.tracing.b -> llmprobe.tracing.a",
     ]
     for needle in expected:

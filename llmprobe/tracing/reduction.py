@@ -1,4 +1,4 @@
-"""Reductions of logits to per-position statistics on the model's device, and the hook that takes them.
+"""Reductions of logits to per-position statistics on the model's device.
 
 Design
 ------
@@ -13,11 +13,10 @@ Design
   reduced while in cache. :class:`_Running` accumulates every statistic across tiles (an online
   softmax for the log-normalizer and entropy, a top-k merged under a floor, ranks counted per tile).
   On a GPU a tile is the whole vocabulary.
-* The hook path, for models whose logits the engine cannot make itself: a hook attached to the output
-  head inside :func:`capture_logits` (a context manager that removes it on every exit path) reduces
-  the logits the model produced, a cache-sized block of whole rows at a time, by the same
-  :class:`_Running` with a single tile. Plain ``register_forward_hook`` is used, so accelerate's
-  own hooks (device maps, offload) stay untouched; the hook never changes the module's output.
+* The hook path, for models whose logits the engine cannot make itself: the hook that
+  :func:`llmprobe.tracing.hooks.capture_logits` attaches to the output head hands the logits the
+  model produced to :meth:`LogitReducer.reduce`, which reduces them a cache-sized block of whole rows
+  at a time by the same :class:`_Running` with a single tile. This module attaches no hook itself.
 * Cost is what benchmark 1 (benchmarks/bench_trace.py) measures against a bare forward pass, so each
   tile is passed over as few times as possible: group maxima (one vectorized pass) give the tile's
   maximum and its top-k candidates (only groups above the running k-th value: few after the first
@@ -29,9 +28,7 @@ Design
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -426,32 +423,3 @@ def token_logprob_and_rank(
     rank = torch.gt(logits32, chosen[:, None], out=out).sum(-1, dtype=torch.int32).long() + 1
     logprob = torch.where(valid, chosen - lse, torch.full_like(chosen, float("nan")))
     return logprob, torch.where(valid, rank, torch.zeros_like(rank))
-
-
-class Capture:
-    """Holds what the hook computed; the engine sets ``next_ids`` before each forward call."""
-
-    def __init__(self, reducer: LogitReducer) -> None:
-        self.reducer = reducer
-        self.next_ids: torch.Tensor | None = None
-        self._results: list[StepStats] = []
-
-    def hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        logits = output[0] if isinstance(output, tuple) else output
-        self._results.append(self.reducer.reduce(logits, self.next_ids))
-
-    def pop(self) -> StepStats:
-        if len(self._results) != 1:
-            raise RuntimeError(f"expected one captured forward call, found {len(self._results)}")
-        return self._results.pop()
-
-
-@contextmanager
-def capture_logits(module: torch.nn.Module, reducer: LogitReducer) -> Iterator[Capture]:
-    """Attach a reducing forward hook to ``module`` for the duration of the block."""
-    capture = Capture(reducer)
-    handle = module.register_forward_hook(capture.hook)
-    try:
-        yield capture
-    finally:
-        handle.remove()

@@ -1,0 +1,124 @@
+"""Every hook the tracer attaches to a model is attached here, and nowhere else.
+
+Design (the pattern of nnsight's ``intervention/hooks.py``)
+-----------------------------------------------------------
+* Each function attaches one torch hook to one module and returns the handle that removes it
+  (:class:`torch.utils.hooks.RemovableHandle`). The caller owns the handle and keeps it inside a
+  :class:`Hooks` block, which removes every handle it holds when the block exits, on every path:
+  a normal exit, an exception, Ctrl-C, a trace generator closed early. After a trace the model holds
+  no hook of ours (tests/tracing/test_hooks.py checks it, failures included).
+* Only ``register_forward_hook`` and ``register_forward_pre_hook`` are used, so accelerate's own
+  hooks (device maps, disk offload), which replace ``forward``, stay untouched and in force.
+* The hooks here observe: each returns None, so the module's input and output are what they would
+  be without it. A one-shot hook (``once=True``) removes itself when it first fires: it serves a
+  block that wraps exactly one forward call of its module, and cannot fire again on a later call.
+
+What is attached, and by whom
+-----------------------------
+* the split path (:mod:`llmprobe.tracing.engine`, :mod:`llmprobe.tracing.targets`): a one-shot hook on
+  the final norm (:class:`llmprobe.model.structure.CausalLMParts` names it) takes the final-normed
+  hidden states of one forward call (:func:`outputs_of`), which the engine sends through the head;
+* the hook path, for models that cannot be split: :func:`capture_logits` reduces the output head's
+  logits after every forward call inside its block;
+* the logit lens and the embeddings (:func:`llmprobe.tracing.lens.probe_internals`): output hooks on
+  decoder layers and an input hook on the output head, for one teacher-forced pass.
+
+Where interventions plug in (issue 22): an ablation, a direction projection or a residual patch from
+a donor prompt is a hook whose function returns the replacement tensor; it is attached here, by the
+engine, inside the same :class:`Hooks` block as the captures, and its description joins the run's
+settings (so the metadata and the resume fingerprint record it). A layer sweep that reruns only
+blocks >= L caches the residual stream entering block L with a one-shot input hook on that block.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from llmprobe.tracing.reduction import LogitReducer, StepStats
+
+
+class Hooks:
+    """The handles of hooks attached for one block; all removed when the block exits, on every path."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> RemovableHandle:
+        self._handles.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> "Hooks":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+
+def on_output(module: torch.nn.Module, see: Callable[[Any], None], once: bool = False) -> RemovableHandle:
+    """Call ``see(output)`` after each forward call of ``module`` (``once``: after the first only)."""
+    handle: RemovableHandle
+
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if once:
+            handle.remove()
+        see(output)
+
+    handle = module.register_forward_hook(hook)
+    return handle
+
+
+def on_input(module: torch.nn.Module, see: Callable[[Any], None], once: bool = False) -> RemovableHandle:
+    """Call ``see(first positional input)`` before each forward call of ``module`` (``once``: the first only)."""
+    handle: RemovableHandle
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if once:
+            handle.remove()
+        see(args[0])
+
+    handle = module.register_forward_pre_hook(hook)
+    return handle
+
+
+@contextmanager
+def outputs_of(module: torch.nn.Module, once: bool = False) -> Iterator[list[Any]]:
+    """A list that receives ``module``'s output of each forward call inside the block (``once``: the first)."""
+    found: list[Any] = []
+    with Hooks() as hooks:
+        hooks.add(on_output(module, found.append, once=once))
+        yield found
+
+
+class Capture:
+    """What the output head's hook computed; the engine sets ``next_ids`` before each forward call."""
+
+    def __init__(self, reducer: LogitReducer) -> None:
+        self.reducer = reducer
+        self.next_ids: torch.Tensor | None = None
+        self._results: list[StepStats] = []
+
+    def see(self, output: Any) -> None:
+        logits = output[0] if isinstance(output, tuple) else output
+        self._results.append(self.reducer.reduce(logits, self.next_ids))
+
+    def pop(self) -> StepStats:
+        if len(self._results) != 1:
+            raise RuntimeError(f"expected one captured forward call, found {len(self._results)}")
+        return self._results.pop()
+
+
+@contextmanager
+def capture_logits(module: torch.nn.Module, reducer: LogitReducer) -> Iterator[Capture]:
+    """Reduce ``module``'s logits after each forward call inside the block (the hook path)."""
+    capture = Capture(reducer)
+    with Hooks() as hooks:
+        hooks.add(on_output(module, capture.see))
+        yield capture
