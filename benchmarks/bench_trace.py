@@ -61,9 +61,9 @@ def main() -> None:
         records, targets, goal = fixed_length_records(loaded.tokenizer, args.tokens, 32), [" heads", " tails"], GOAL_FIXED
     else:  # the targets the coin prompts carry
         records, targets, goal = coin_records("per-n", n_max, args.sequences, theta=0.7), [], GOAL
-    run = TraceRun(TraceSettings(top_k=20, targets=targets, batch_size=args.batch_size), records).start(loaded)
-    settings, tracer = run.settings, run.tracer
-    batches = engine_batches(run)
+    trace_run = TraceRun(TraceSettings(top_k=20, targets=targets, batch_size=args.batch_size), records).start(loaded)
+    settings, tracer, encoder = trace_run.settings, trace_run.tracer, trace_run.encoder
+    batches = engine_batches(trace_run)
     inputs = [padded_inputs([e.ids for e in batch], loaded.tokenizer.pad_token_id)[:3] for batch in batches]
     positions = sum(int(attention.sum()) for _, attention, _ in inputs)
     padded = sum(ids.numel() for ids, _, _ in inputs)
@@ -78,7 +78,7 @@ def main() -> None:
         synchronize()
 
     def trace(i: int, writer) -> None:
-        encoded = [run.encoder.encode(e.record) for e in batches[i]]  # tokenizing is part of tracing
+        encoded = [encoder.encode(e.record) for e in batches[i]]  # tokenizing is part of tracing
         writer.write_batch(tracer._trace_batch(encoded))
         synchronize()
 

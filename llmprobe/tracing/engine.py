@@ -21,9 +21,10 @@ embeddings are read off the captured final-normed states. A model that cannot be
 traced through a hook on its output head instead (its own forward then holds the logits), with a
 one-line notice.
 
-Every hook a batch needs is attached for that batch only, inside one ``with`` block of
-:meth:`Tracer._trace_batch`, and removed when it exits on every path; that block is where an
-intervention's hooks (issue 22) would be attached too.
+Every hook is attached (by :mod:`llmprobe.tracing.hooks`) for the forward passes it serves and
+removed when they end, on every path. The captures of a batch's teacher-forced pass and of its
+generation steps live in one ``ExitStack`` of :meth:`Tracer._trace_batch`: that is where an
+intervention's hooks (issue 22) would be attached too, so they act on exactly the traced passes.
 """
 
 from __future__ import annotations

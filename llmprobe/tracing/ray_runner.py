@@ -35,7 +35,7 @@ from llmprobe.progress import Reporter, plural
 from llmprobe.tracing.encoding import EncodedPrompt
 from llmprobe.tracing.run import TraceRun
 from llmprobe.tracing.schema import META_KEY, encode_metadata
-from llmprobe.tracing.settings import SORT_WINDOW_BATCHES, TraceSettings
+from llmprobe.tracing.settings import TraceSettings
 
 INSTALL_HINT = "pip install 'llmprobe[ray]'"
 # Worker processes may start without the driver's environment (always so on other nodes).
@@ -61,12 +61,13 @@ class RayOptions:
         if self.prompts_per_task is not None and self.prompts_per_task < 1:
             raise UsageError(f"must be 1 or more, got {self.prompts_per_task}", where="--ray-prompts-per-task")
 
-    def task_size(self, n_prompts: int, batch_size: int) -> int:
-        """Enough prompts per call to fill length-sorted batches, few enough that every actor gets work."""
+    def task_size(self, n_prompts: int, settings: TraceSettings) -> int:
+        """Enough prompts per call to fill length-sorted batches (at most one sorting window), few enough
+        that every actor gets work."""
         if self.prompts_per_task is not None:
             return self.prompts_per_task
         spread = math.ceil(n_prompts / (self.actors * TASKS_PER_ACTOR))
-        return min(batch_size * SORT_WINDOW_BATCHES, max(batch_size, spread))
+        return min(settings.window_prompts, max(settings.batch_prompts, spread))
 
 
 def ray_options_for(engine: str, address: str | None, actors: int | None, cpus_per_actor: float | None,
@@ -168,7 +169,7 @@ def _run_on_ray(ray, run: TraceRun, target: Path, model_options: ModelOptions, r
             check_local_resources(ray.cluster_resources(), ray_options)
         _tame_ray_data_logs(out.quiet)
         n_prompts = len(run.records)
-        per_task = ray_options.task_size(n_prompts, run.settings.batch_prompts)
+        per_task = ray_options.task_size(n_prompts, run.settings)
         items = [{"prompt_index": e.record.index, "prompt": e.to_json()} for e in run.prompts]
         dataset = ray.data.from_items(items, override_num_blocks=math.ceil(n_prompts / per_task))
         traced = dataset.map_batches(

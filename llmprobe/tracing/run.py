@@ -32,8 +32,9 @@ Where later work plugs in
   once (a one-shot input hook), then blocks >= L rerun per component.
 * Model comparisons (issue 23): one run per model over the same records. An encoding depends only on
   the tokenizer, the context length and the settings (:class:`~llmprobe.tracing.encoding.PromptEncoder`),
-  so runs whose models share a tokenizer can share ``prompts`` and ``plan`` (:meth:`for_prompts`):
-  the prompts are tokenized once per distinct tokenizer.
+  so :meth:`start` is where a comparison hands a run the encoded prompts of an earlier run whose
+  encoder matches, instead of encoding again (as :meth:`for_prompts` already takes prompts encoded
+  elsewhere): the prompts are then tokenized once per distinct tokenizer, and planned once.
 """
 
 from __future__ import annotations
