@@ -19,7 +19,8 @@ from llmprobe.tracing.prompts import PromptRecord
 from llmprobe.tracing.run import TracePlan, TraceRun
 from llmprobe.tracing.settings import TraceSettings
 from tests import cli_helpers
-from tests.tracing.reference import TARGETS, records
+from tests.model.comparison import records as marked_records
+from tests.tracing.reference import TARGETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 WORDS = "the coin came up heads tails then a die showed one two three blick means zorp".split()
@@ -56,9 +57,11 @@ def test_options_are_checked_before_the_prompts_are_read():
 
 
 def test_a_block_encoded_elsewhere_is_traced_without_tokenizing(tiny_loaded, monkeypatch):
-    """What a Ray actor does with the driver's encoded prompts (sent as JSON): the same rows, no tokenizer call."""
+    """What a Ray actor does with the driver's encoded prompts (sent as JSON, marks and extra fields
+    included): the same rows, no tokenizer call."""
     settings = TraceSettings(top_k=3, targets=TARGETS, batch_size=2)
-    whole = TraceRun(settings, records()).start(tiny_loaded)
+    whole = TraceRun(settings, marked_records()).start(tiny_loaded)
+    assert any(e.marks_at for e in whole.prompts) and any(e.record.meta for e in whole.prompts)
     expected = whole.table().to_pylist()
     shipped = [EncodedPrompt.from_json(e.to_json()) for e in whole.prompts]
     assert shipped == whole.prompts
@@ -67,7 +70,7 @@ def test_a_block_encoded_elsewhere_is_traced_without_tokenizing(tiny_loaded, mon
     got = actor.for_prompts(shipped).table().to_pylist()
     assert sum(calls.values()) == 0
     assert got == expected
-    assert actor.metadata()["n_prompts"] == len(records())
+    assert actor.metadata()["n_prompts"] == len(whole.records)
 
 
 def count_tokenizer_calls(monkeypatch) -> collections.Counter:
