@@ -16,10 +16,11 @@ import _common  # noqa: F401  (sets LLMPROBE_CACHE)
 import torch
 from _common import emit, interleaved, machine, median
 
-from llmprobe.tracing.engine import TraceSettings, Tracer
 from llmprobe.model.loading import load_model
 from llmprobe.tracing.prompts import PromptRecord
+from llmprobe.tracing.run import TraceRun
 from llmprobe.tracing.schema import PHASE_GENERATED
+from llmprobe.tracing.settings import TraceSettings
 
 GOAL = 0.9
 PROMPTS = [
@@ -43,7 +44,8 @@ def main() -> None:
     loaded = load_model(None, device=args.device, dtype=args.dtype)
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     records = [PromptRecord(index=i, id=str(i), text=t, line=i + 1) for i, t in enumerate(PROMPTS)]
-    tracer = Tracer(loaded, TraceSettings(top_k=20, max_new_tokens=args.max_new_tokens, batch_size=len(PROMPTS)))
+    run = TraceRun(TraceSettings(top_k=20, max_new_tokens=args.max_new_tokens, batch_size=len(PROMPTS)),
+                   records).start(loaded)
     encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True).to(device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out: dict[str, object] = {}
@@ -55,7 +57,7 @@ def main() -> None:
         synchronize()
 
     def trace() -> None:
-        out["trace"] = list(tracer.trace(records))
+        out["trace"] = list(run.batches())
         synchronize()
 
     times = interleaved({"generate": generate, "trace": trace}, repeats)

@@ -5,9 +5,10 @@ Run: python benchmarks/bench_icl.py [--quick] [--n-max N]
 One coin sequence of N = 64 flips (configs/experiments/coin.toml, theta = 0.7) in both layouts of
 ``llmprobe experiment``: "marks" (one prompt, a mark before every outcome, traced once) and
 "per-n" (the peers' protocol: prompts n = 0..N, each ending where the next outcome would go),
-both traced by the same :class:`~llmprobe.tracing.engine.Tracer` at k=20 with the targets " heads" and
-" tails" and written to Parquet. Checks that the two give the same target log-probabilities at
-every n (goal: within 1e-4) and prints the speed-up (goal: >= N/3).
+both traced by a :class:`~llmprobe.tracing.run.TraceRun` (the engine built and the prompts encoded
+before the timing) at k=20 with the targets " heads" and " tails" and written to Parquet. Checks that
+the two give the same target log-probabilities at every n (goal: within 1e-4) and prints the
+speed-up (goal: >= N/3).
 """
 
 from __future__ import annotations
@@ -21,18 +22,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from _common import coin_records, emit, interleaved, machine, median
 
-from llmprobe.tracing.engine import TraceSettings, Tracer
 from llmprobe.model.loading import load_model
-from llmprobe.tracing.runner import targets_from_records
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 
 TOLERANCE = 1e-4
 
 
-def traced(tracer: Tracer, records) -> pa.Table:
-    """Trace ``records`` and write the Parquet bytes (timed), returning the rows (for the check)."""
+def traced(run: TraceRun) -> pa.Table:
+    """Trace the run's prompts and write the Parquet bytes (timed), returning the rows (for the check)."""
     sink = io.BytesIO()
-    with pq.ParquetWriter(sink, tracer.schema, compression="zstd") as writer:
-        for batch in tracer.trace(records):
+    with pq.ParquetWriter(sink, run.schema, compression="zstd") as writer:
+        for batch in run.batches():
             writer.write_batch(batch)
     return pq.read_table(io.BytesIO(sink.getvalue()))
 
@@ -59,16 +60,17 @@ def main() -> None:
     loaded = load_model(None, device="cpu", dtype="float32")
     marks = coin_records("marks", args.n_max, theta=0.7)
     per_n = coin_records("per-n", args.n_max, theta=0.7)
-    tracer = Tracer(loaded, TraceSettings(top_k=20, targets=targets_from_records(marks), batch_size=args.batch_size))
+    settings = TraceSettings(top_k=20, batch_size=args.batch_size)  # the targets the coin prompts carry
+    layouts = {"marks": TraceRun(settings, marks).start(loaded), "per-n": TraceRun(settings, per_n).start(loaded)}
     tables: dict[str, pa.Table] = {}
 
-    def run(name, records):
-        return lambda: tables.__setitem__(name, traced(tracer, records))
+    def run(name):
+        return lambda: tables.__setitem__(name, traced(layouts[name]))
 
     # The long per-n run needs no warm-up of its own (the marks warm-up loads the same kernels), and
     # averages other jobs' load over a minute; the marks run takes a second or two, so it is timed
     # five times per per-n run and its median taken.
-    runs = {"per-n": run("per-n", per_n), **{f"marks{i}": run("marks", marks) for i in range(5)}}
+    runs = {"per-n": run("per-n"), **{f"marks{i}": run("marks") for i in range(5)}}
     times = interleaved(runs, repeats, warm_up=("marks0",))
     times["marks"] = [t for name, values in times.items() if name.startswith("marks") for t in values]
     once, sweep = target_logprobs_by_n(tables["marks"]), target_logprobs_by_n(tables["per-n"])
@@ -79,7 +81,7 @@ def main() -> None:
     goal = args.n_max / 3
     positions = {name: tables[name].num_rows for name in tables}
     print(f"machine: {machine()}")
-    print(f"N = {args.n_max} flips; targets {tracer.settings.targets}; k=20; batch size {args.batch_size}")
+    print(f"N = {args.n_max} flips; targets {layouts['marks'].settings.targets}; k=20; batch size {args.batch_size}")
     print(f"marks: 1 prompt, {positions['marks']} positions      {median(times['marks']):8.2f} s")
     print(f"per-n: {len(per_n)} prompts, {positions['per-n']} positions  {median(times['per-n']):8.2f} s")
     print(f"speed-up {speedup:.1f}x (goal >= N/3 = {goal:.1f}: {'met' if speedup >= goal else 'NOT met'});"

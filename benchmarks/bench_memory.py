@@ -73,8 +73,10 @@ def child(mode: str, model: str | None, batch: int, tokens: int) -> None:
     import torch
 
     from llmprobe.model.loading import load_model
-    from llmprobe.tracing.engine import EncodedPrompt, TraceSettings, Tracer, padded_inputs
+    from llmprobe.tracing.encoding import EncodedPrompt, padded_inputs
     from llmprobe.tracing.prompts import PromptRecord
+    from llmprobe.tracing.run import TraceRun
+    from llmprobe.tracing.settings import TraceSettings
 
     torch.set_num_threads(2)
     loaded = load_model(model, device="cpu", dtype="float32")
@@ -83,14 +85,14 @@ def child(mode: str, model: str | None, batch: int, tokens: int) -> None:
     ids = (line * (tokens // len(line) + 1))[:tokens]
     prompts = [EncodedPrompt(PromptRecord(index=i, id=str(i), text=text, line=i + 1), ids[i:] + ids[:i], {}, {})
                for i in range(batch)]
-    tracer = Tracer(loaded, TraceSettings(top_k=20, targets=[" heads", " tails"], batch_size=batch))
+    run = TraceRun(TraceSettings(top_k=20, targets=[" heads", " tails"], batch_size=batch), []).start(loaded)
     input_ids, attention, position_ids, _ = padded_inputs([p.ids for p in prompts], loaded.tokenizer.pad_token_id)
     print(f"{rss_mib():.1f}", flush=True)
     with torch.inference_mode():
         if mode == "bare":
             loaded.model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
         else:
-            tracer._trace_batch(prompts)
+            run.tracer._trace_batch(prompts)  # the one batch of prompts, exactly as the engine traces it
 
 
 def child_peak(mode: str, model: str | None, batch: int, tokens: int) -> tuple[float, float]:

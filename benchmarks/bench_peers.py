@@ -9,7 +9,8 @@ simplest correct use), on the default model in float32 on the CPU. The bare forw
 ``model(input_ids)`` with its output head, the reductions left undone. Each tool does the job its
 documented way:
 
-* llmprobe: ``Tracer._trace_batch`` (which also computes next-token log-prob and rank and two targets);
+* llmprobe: the engine's ``_trace_batch`` (a :class:`~llmprobe.tracing.run.TraceRun`'s engine; it also
+  computes next-token log-prob and rank and two targets);
 * nnsight: ``LanguageModel(model).trace(ids)`` saving ``lm_head.output``, reduced with torch;
 * TransformerLens: ``TransformerBridge.boot_transformers`` on the same checkpoint directory (its own
   copy of the weights, eager attention as it forces), ``bridge(ids, return_type="logits")``, reduced
@@ -31,8 +32,10 @@ import torch
 from _common import emit, machine
 
 from llmprobe.model.loading import load_model
-from llmprobe.tracing.engine import EncodedPrompt, TraceSettings, Tracer
+from llmprobe.tracing.encoding import EncodedPrompt
 from llmprobe.tracing.prompts import PromptRecord
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 
 TOP_K = 20
 TEXT = "I just flipped a coin, and it came up heads, then tails, then heads, then tails, then heads, then"
@@ -93,7 +96,8 @@ def main() -> None:
     batches = [[stream[(b * args.batch + i) * 7 % len(line):][: args.tokens] for i in range(args.batch)]
                for b in range(n_batches)]
     tensors = [torch.tensor(batch) for batch in batches]
-    tracer = Tracer(loaded, TraceSettings(top_k=TOP_K, targets=[" heads", " tails"], batch_size=args.batch))
+    settings = TraceSettings(top_k=TOP_K, targets=[" heads", " tails"], batch_size=args.batch)
+    tracer = TraceRun(settings, []).start(loaded).tracer
     encoded = [[EncodedPrompt(PromptRecord(index=i, id=str(i), text=TEXT, line=i + 1), ids, {}, {})
                 for i, ids in enumerate(batch)] for batch in batches]
 

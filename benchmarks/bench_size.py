@@ -25,7 +25,7 @@ from _common import COIN, emit, machine
 
 from llmprobe.cli.output import Output
 from llmprobe.experiments import generate, load_experiment, write_jsonl
-from llmprobe.tracing.engine import TraceSettings
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.reader import open_trace
 from llmprobe.tracing.runner import ModelOptions, run_trace
 from llmprobe.tracing.writer import open_trace_sink

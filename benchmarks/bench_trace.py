@@ -22,19 +22,22 @@ import pyarrow.parquet as pq
 import torch
 from _common import coin_records, emit, fixed_length_records, machine, median
 
-from llmprobe.tracing.engine import TraceSettings, Tracer, padded_inputs
 from llmprobe.model.loading import load_model
-from llmprobe.tracing.runner import targets_from_records
+from llmprobe.tracing.encoding import padded_inputs
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 
 GOAL = 0.95  # the coin prompts, issue 5
 GOAL_FIXED = 1.0  # --tokens 128, issue 15: no [B, T, V] logits, so the trace may beat the bare forward
 
 
-def engine_batches(tracer: Tracer, records) -> list[list]:
-    """The batches of encoded prompts the engine forms from ``records``, in its order."""
+def engine_batches(run: TraceRun) -> list[list]:
+    """The batches of encoded prompts the engine forms from the run's plan, in its order."""
     formed: list[list] = []
+    tracer = run.tracer
     tracer._trace_batch = lambda batch: formed.append(batch) or batch  # records the batch, computes nothing
-    list(tracer.trace(records))
+    for window in run.plan.windows:
+        list(tracer.trace(window))
     del tracer._trace_batch
     return formed
 
@@ -56,12 +59,11 @@ def main() -> None:
     loaded = load_model(None, device=args.device, dtype=args.dtype)
     if args.tokens:
         records, targets, goal = fixed_length_records(loaded.tokenizer, args.tokens, 32), [" heads", " tails"], GOAL_FIXED
-    else:
-        records = coin_records("per-n", n_max, args.sequences, theta=0.7)
-        targets, goal = targets_from_records(records), GOAL
-    settings = TraceSettings(top_k=20, targets=targets, batch_size=args.batch_size)
-    tracer = Tracer(loaded, settings)
-    batches = engine_batches(tracer, records)
+    else:  # the targets the coin prompts carry
+        records, targets, goal = coin_records("per-n", n_max, args.sequences, theta=0.7), [], GOAL
+    trace_run = TraceRun(TraceSettings(top_k=20, targets=targets, batch_size=args.batch_size), records).start(loaded)
+    settings, tracer, encoder = trace_run.settings, trace_run.tracer, trace_run.encoder
+    batches = engine_batches(trace_run)
     inputs = [padded_inputs([e.ids for e in batch], loaded.tokenizer.pad_token_id)[:3] for batch in batches]
     positions = sum(int(attention.sum()) for _, attention, _ in inputs)
     padded = sum(ids.numel() for ids, _, _ in inputs)
@@ -76,7 +78,7 @@ def main() -> None:
         synchronize()
 
     def trace(i: int, writer) -> None:
-        encoded = [tracer.encode(e.record) for e in batches[i]]  # tokenizing is part of tracing
+        encoded = [encoder.encode(e.record) for e in batches[i]]  # tokenizing is part of tracing
         writer.write_batch(tracer._trace_batch(encoded))
         synchronize()
 

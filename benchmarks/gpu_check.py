@@ -54,10 +54,11 @@ def records(texts: list[str]):
 
 
 def trace(loaded, prompts, batch_size: int = 8) -> pa.Table:
-    from llmprobe.tracing.engine import TraceSettings, Tracer
+    from llmprobe.tracing.run import TraceRun
+    from llmprobe.tracing.settings import TraceSettings
 
-    tracer = Tracer(loaded, TraceSettings(top_k=TOP_K, targets=[" heads", " tails"], batch_size=batch_size))
-    table = pa.Table.from_batches(list(tracer.trace(prompts)), schema=tracer.schema)
+    table = TraceRun(TraceSettings(top_k=TOP_K, targets=[" heads", " tails"], batch_size=batch_size), prompts).start(
+        loaded).table()
     return table.sort_by([("prompt_index", "ascending"), ("position", "ascending")])
 
 

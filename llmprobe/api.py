@@ -56,7 +56,7 @@ def trace(prompts: str | Iterable[str | dict[str, Any]], model: str | LoadedMode
     ``prompts``: a prompt string, or a list of strings and/or JSONL-style dicts (``prompt``, ``id``,
     ``marks``, other fields), e.g. :func:`experiment`'s records, whose targets are picked up as in the
     CLI. ``model``: a :func:`load_model` result (load once, trace often) or a ``--model`` value.
-    ``settings``: the other :class:`~llmprobe.tracing.engine.TraceSettings` (``layers``, ``chat``,
+    ``settings``: the other :class:`~llmprobe.tracing.settings.TraceSettings` (``layers``, ``chat``,
     ``batch_size``, ``sample``, ``seed``, ``save_embeddings``, ...). The run metadata is in
     ``frame.attrs["llmprobe"]``.
     """
@@ -69,29 +69,18 @@ def trace(prompts: str | Iterable[str | dict[str, Any]], model: str | LoadedMode
 def trace_table(prompts: str | Iterable[str | dict[str, Any]], model: str | LoadedModel | None = None, *,
                 top_k: int = 20, targets: list[str] | None = None, max_new_tokens: int = 0, **settings: Any) -> Trace:
     """Like :func:`trace`, as the Arrow :class:`~llmprobe.tracing.reader.Trace` every reader works on."""
-    import pyarrow as pa
-
     from llmprobe.model.loading import LoadedModel
-    from llmprobe.tracing.engine import TraceSettings, Tracer
     from llmprobe.tracing.prompts import records_from_objects
     from llmprobe.tracing.reader import Trace
-    from llmprobe.tracing.runner import targets_from_records
-    from llmprobe.tracing.schema import check_finite
+    from llmprobe.tracing.run import TraceRun
+    from llmprobe.tracing.settings import TraceSettings
 
     records = records_from_objects([prompts] if isinstance(prompts, str) else list(prompts))
-    options = TraceSettings(top_k=top_k, targets=list(targets or []), max_new_tokens=max_new_tokens, **settings)
-    options.validate()
-    options.targets = options.targets or targets_from_records(records)
+    run = TraceRun(TraceSettings(top_k=top_k, targets=list(targets or []), max_new_tokens=max_new_tokens, **settings),
+                   records, {"command": "llmprobe.trace (Python)"})
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    tracer = Tracer(loaded, options)
-    for record in records:
-        tracer.encode(record)
-    batches = []
-    for batch in tracer.trace(records):
-        check_finite(batch, records)
-        batches.append(batch)
-    meta = {**tracer.metadata(), "command": "llmprobe.trace (Python)", "n_prompts": len(records)}
-    return Trace(pa.Table.from_batches(batches, schema=tracer.schema), meta, tracer.vocab, "<llmprobe.trace>")
+    run.start(loaded)
+    return Trace(run.table(), run.metadata(), run.vocab, "<llmprobe.trace>")
 
 
 def fit_posterior(trace: Any, *, prior: str = "fit", bootstrap: int = 200, seed: int = 0,

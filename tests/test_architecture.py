@@ -14,6 +14,8 @@ Rules (docs/design.md explains each):
 * files are written, renamed and created only by ``llmprobe.files`` (and the trace checkpoint
   directory, which commits parts with its own documented renames): see :func:`write_calls` for the
   spellings that count.
+* torch hooks are attached to a model only in ``llmprobe.tracing.hooks``, and the trace engine
+  (``Tracer``) is built only by ``llmprobe.tracing.run`` (``TraceRun``), exactly once.
 
 Every rule is also run against a small planted package that breaks it, so the checker is known to fail.
 """
@@ -32,12 +34,6 @@ MODEL_LIBRARIES = {"torch", "transformers", "accelerate", "safetensors", "tokeni
 MODEL_ROOMS = ("llmprobe.model", "llmprobe.tracing", "llmprobe.control")
 LAZY_MODEL_USERS = {"llmprobe.analysis.martingale"}
 WRITING_MODULES = {"llmprobe.files", "llmprobe.tracing.checkpoint"}  # the work directory: documented renames
-# Writes outside files.py known and not yet fixed, as (module, what write_calls names); each entry is a to-do.
-WRITE_TO_DO = {
-    # tracing/ (the tracing helper's room): _make_sink hands ParquetWriter a stream it takes as an unannotated
-    # parameter; annotating it `stream: IO[bytes]` (it is atomic_file's stream or stdout) removes this entry.
-    ("llmprobe.tracing.writer", "pyarrow.parquet.ParquetWriter"),
-}
 # What opens, moves or creates files, by qualified name (after resolving the module's import aliases).
 OPENERS = {"open", "io.open", "os.fdopen", "codecs.open", "gzip.open", "bz2.open", "lzma.open", "tarfile.open"}
 MOVERS = {"os.replace", "os.rename", "os.renames", "os.link", "os.symlink", "shutil.move", "shutil.copy",
@@ -65,6 +61,9 @@ MEMORY_STREAMS = {"io.BytesIO", "io.StringIO"}
 STANDARD_STREAMS = {"sys.stdout", "sys.stdout.buffer", "sys.stderr", "sys.stderr.buffer"}
 STREAM_ANNOTATIONS = {"IO", "BinaryIO", "TextIO", "typing.IO", "typing.BinaryIO", "typing.TextIO"}
 UNCHECKED = " to an unchecked destination"  # a path, or a handle files.py did not hand out
+HOOK_CALLS = {"register_forward_hook", "register_forward_pre_hook"}
+HOOK_MODULE = "llmprobe.tracing.hooks"
+ENGINE_BUILDER = "llmprobe.tracing.run"
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 
@@ -229,6 +228,17 @@ def write_calls(path: Path) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def calls_named(path: Path, names: set[str]) -> list[str]:
+    """Calls of a function or method with one of ``names`` (``x.register_forward_hook(...)``, ``Tracer(...)``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name in names:
+                found.append(f"{name} (line {node.lineno})")
+    return found
+
+
 def inside(module: str, *rooms: str) -> bool:
     return any(module == room or module.startswith(room + ".") for room in rooms)
 
@@ -259,7 +269,13 @@ def violations(root: Path) -> list[str]:
         name = module_name(path, root)
         if name not in WRITING_MODULES:
             problems += [f"{name} calls {what} (line {line}): files are written through llmprobe.files"
-                         for line, what in write_calls(path) if (name, what.removesuffix(UNCHECKED)) not in WRITE_TO_DO]
+                         for line, what in write_calls(path)]
+        if name != HOOK_MODULE:
+            problems += [f"{name} calls {call}: hooks are attached in {HOOK_MODULE}"
+                         for call in calls_named(path, HOOK_CALLS)]
+        if name != ENGINE_BUILDER:
+            problems += [f"{name} builds {call}: the engine is built by {ENGINE_BUILDER} (TraceRun)"
+                         for call in calls_named(path, {"Tracer"})]
     problems += [f"import circle: {' -> '.join(cycle)}" for cycle in import_cycles(edges)]
     return problems
 
@@ -291,6 +307,12 @@ def test_llmprobe_keeps_its_dependency_rules():
     assert violations(PACKAGE_ROOT) == []
 
 
+def test_the_engine_is_built_in_exactly_one_place():
+    builds = {module_name(path, PACKAGE_ROOT): calls_named(path, {"Tracer"}) for path in PACKAGE_ROOT.rglob("*.py")}
+    builds = {name: calls for name, calls in builds.items() if calls}
+    assert list(builds) == [ENGINE_BUILDER] and len(builds[ENGINE_BUILDER]) == 1, builds
+
+
 PLANTED = {
     "bayes/__init__.py": "import torch\n",
     "analysis/__init__.py": "",
@@ -300,6 +322,8 @@ PLANTED = {
     "tracing/a.py": "from llmprobe.tracing import b\n",
     "tracing/b.py": "def later():\n    from llmprobe.tracing.a import x\n",
     "tracing/writer.py": "import os\ndef save(t, p):\n    os.replace(t, p)\n",
+    "tracing/lens.py": "def probe(model):\n    model.register_forward_pre_hook(print)\n",
+    "api.py": "def trace(loaded, settings):\n    return Tracer(loaded, settings)\n",
     "plots/__init__.py": "import rich\n",
     "experiments/__init__.py": "from llmprobe.errors import UsageError\nfrom llmprobe.bayes import metrics\n",
     "cli/__init__.py": "",
@@ -324,6 +348,8 @@ def test_the_checker_fails_on_a_package_that_breaks_each_rule(tmp_path):
         "llmprobe.plots imports rich: rich only in cli/",
         "llmprobe.experiments imports llmprobe.bayes: experiments use numpy and llmprobe.errors only",
         "llmprobe.tracing.writer calls os.replace (line 3)",
+        "llmprobe.tracing.lens calls register_forward_pre_hook (line 2): hooks are attached in",
+        "llmprobe.api builds Tracer (line 2): the engine is built by llmprobe.tracing.run",
         "import circle: llmprobe.tracing.a -> llmprobe.tracing.b -> llmprobe.tracing.a",
     ]
     for needle in expected:
@@ -415,7 +441,7 @@ def test_the_write_rule_names_every_spelling_and_nothing_else(tmp_path):
     assert write_calls(planted) == expected
 
 
-def test_only_files_py_the_work_directory_and_listed_to_dos_may_write(tmp_path):
+def test_only_files_py_and_the_work_directory_may_write(tmp_path):
     root = tmp_path / "llmprobe"
     modules = {
         "files.py": "import os\ndef commit(t, p):\n    os.replace(t, p)\n",
@@ -429,6 +455,8 @@ def test_only_files_py_the_work_directory_and_listed_to_dos_may_write(tmp_path):
         (root / name).write_text(text)
     assert violations(root) == [
         "llmprobe.model.sources calls .write_text (line 2): files are written through llmprobe.files",
+        "llmprobe.tracing.writer calls pyarrow.parquet.ParquetWriter to an unchecked destination (line 3): files are"
+        " written through llmprobe.files",
         "llmprobe.tracing.writer calls .write_text (line 5): files are written through llmprobe.files",
     ]
 

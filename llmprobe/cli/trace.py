@@ -81,7 +81,7 @@ def trace(
         raise UsageError(f"must be 1 or more, got {top_k}", where="--top-k")
     if targets_file is not None:
         opt.input_path(targets_file, "targets file", stdin=False)
-    from llmprobe.tracing.engine import TraceSettings, parse_batch_size
+    from llmprobe.tracing.settings import TraceSettings, parse_batch_size
     from llmprobe.tracing.ray_runner import ray_options_for
     from llmprobe.tracing.runner import default_output, read_targets_file, run_trace
 

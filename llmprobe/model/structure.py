@@ -3,7 +3,8 @@
 :func:`split_causal_lm` returns the final norm and an :class:`OutputHead` for the models whose logits
 are exactly ``lm_head(norm(last decoder layer))`` — no soft-capping, scaling or other step between
 them. The tracer then runs the model's own forward with ``logits_to_keep`` set so that the model
-projects no position, captures the final norm's output with a forward hook, and applies the head
+projects no position, captures the final norm's output with a forward hook (attached by
+:mod:`llmprobe.tracing.hooks`, which owns every hook the tracer uses), and applies the head
 itself, a vocabulary tile of a pass of positions at a time, so ``[B, T, V]`` logits never exist. The
 model's forward and the head module keep accelerate's hooks (device maps, disk offload) in force: the
 head runs wherever accelerate put it.
@@ -21,9 +22,6 @@ output to it — while keeping accelerate's device-placement wrappers, which rep
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -130,21 +128,12 @@ class OutputHead:
 class CausalLMParts:
     """What the tracer needs to apply the head itself: the final norm, whose output it captures while
     the model's own forward runs with ``logits_to_keep`` empty (so the model projects no position),
-    and the output head it then applies to the captured final-normed hidden states."""
+    and the output head it then applies to the captured final-normed hidden states. The capture's
+    hook is attached by :mod:`llmprobe.tracing.hooks`; this module names the parts, it hooks nothing."""
 
     def __init__(self, norm: torch.nn.Module, head: torch.nn.Linear) -> None:
         self.norm = norm
         self.head = OutputHead(head)
-
-    @contextmanager
-    def final_hidden(self) -> Iterator[list[torch.Tensor]]:
-        """A list that receives the final norm's output of each forward call inside the block."""
-        found: list[torch.Tensor] = []
-        handle = self.norm.register_forward_hook(lambda module, args, output: found.append(output))
-        try:
-            yield found
-        finally:
-            handle.remove()
 
 
 def split_causal_lm(model: torch.nn.Module) -> tuple[CausalLMParts | None, str]:

@@ -5,7 +5,8 @@ Layer numbering (docs/analyses.md): layer ``i`` is the residual-stream output of
 final norm and output head to give the model's logits, so the rows of a plain trace *are* layer L-1:
 a plain trace joins a lens trace on (prompt_id, position) with layer = L-1.
 
-:func:`probe_internals` attaches, for the duration of one teacher-forced forward pass,
+:func:`probe_internals` attaches (through :mod:`llmprobe.tracing.hooks`), for the duration of one
+teacher-forced forward pass,
 
 * a forward hook on each chosen decoder layer that sends the layer's output through :class:`Unembed`
   and reduces the logits on the device with the trace's own :class:`LogitReducer` — the same
@@ -21,7 +22,7 @@ All hooks are removed when the block exits, on every path.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -30,7 +31,8 @@ import pyarrow as pa
 import torch
 
 from llmprobe.errors import UsageError
-from llmprobe.tracing.hooks import LogitReducer, StepStats
+from llmprobe.tracing.hooks import Hooks, on_input, on_output
+from llmprobe.tracing.reduction import LogitReducer, StepStats
 from llmprobe.model.structure import OutputHead, Unembed, decoder_parts
 
 
@@ -138,25 +140,24 @@ def probe_internals(model: torch.nn.Module, reducer: LogitReducer, layers: list[
     decoder_layers, _ = decoder_parts(model)
     unembed = Unembed(model)
 
-    def layer_hook(layer: int):
-        def hook(module, args, output) -> None:
+    def layer_output(layer: int):
+        def see(output) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
             if layer in found.layer_stats:
                 raise RuntimeError("probe_internals saw a second forward pass")
             found.layer_stats[layer] = lens_stats(unembed, reducer, hidden, next_ids)
-        return hook
+        return see
 
-    def head_input_hook(module, args) -> None:
+    def head_input(normed: torch.Tensor) -> None:
         if found.embeddings is not None:
             raise RuntimeError("probe_internals saw a second forward pass")
         rows, cols = embed_at
-        normed = args[0]
         index = (torch.tensor(rows, device=normed.device), torch.tensor(cols, device=normed.device))
         found.embeddings = normed[index].to(torch.float16).cpu()
 
-    with ExitStack() as stack:
+    with Hooks() as hooks:
         for layer in layers:
-            stack.callback(decoder_layers[layer].register_forward_hook(layer_hook(layer)).remove)
+            hooks.add(on_output(decoder_layers[layer], layer_output(layer)))
         if embed_at is not None:
-            stack.callback(unembed.head.register_forward_pre_hook(head_input_hook).remove)
+            hooks.add(on_input(unembed.head, head_input))
         yield found

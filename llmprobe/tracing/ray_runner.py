@@ -1,13 +1,13 @@
 """``llmprobe trace --engine ray``: the same trace, computed by a pool of Ray actors.
 
-Ray Data does the scheduling: the validated prompts become a dataset, ``map_batches`` sends blocks
-of prompts to an actor pool whose members each load the model once (with the CPUs/GPUs asked for)
-and run the ordinary :class:`~llmprobe.tracing.engine.Tracer`, and ``write_parquet`` writes the Arrow
-tables they return as part files. Each table carries the local engine's schema and key-value
-metadata, so a trace directory reads exactly like a local trace file (``open_trace`` accepts both).
-
-Before any cluster work the driver checks everything it can without weights: options, the model
-source, settings and every prompt, against a weightless skeleton of the model. The directory is
+Ray Data does the scheduling: the driver's :class:`~llmprobe.tracing.run.TraceRun`, started on a
+weightless skeleton of the model, checks everything it can without weights (options, the model
+source, settings, every prompt) and encodes every prompt, once; the encoded prompts become a dataset,
+``map_batches`` sends blocks of them to an actor pool whose members each load the model once (with
+the CPUs/GPUs asked for) and trace each block with the same run (:meth:`TraceRun.for_prompts`: the
+block is planned, never tokenized again), and ``write_parquet`` writes the Arrow tables they return
+as part files. Each table carries the local engine's schema and key-value metadata, so a trace
+directory reads exactly like a local trace file (``open_trace`` accepts both). The directory is
 written beside the target under a hidden name and renamed into place only when complete.
 
 Ray is an optional dependency, imported only here and only when this engine is chosen.
@@ -16,26 +16,26 @@ Ray is an optional dependency, imported only here and only when this engine is c
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmprobe.tracing.engine import SORT_WINDOW_BATCHES, TraceSettings, Tracer
 from llmprobe.errors import UsageError
 from llmprobe.files import atomic_dir, check_new_output
 from llmprobe.model.loading import ModelOptions
 from llmprobe.progress import Reporter, plural
-from llmprobe.tracing.prompts import PromptRecord
-from llmprobe.tracing.schema import META_KEY, check_finite, encode_metadata
+from llmprobe.tracing.encoding import EncodedPrompt
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.schema import META_KEY, encode_metadata
+from llmprobe.tracing.settings import TraceSettings
 
 INSTALL_HINT = "pip install 'llmprobe[ray]'"
 # Worker processes may start without the driver's environment (always so on other nodes).
@@ -61,12 +61,13 @@ class RayOptions:
         if self.prompts_per_task is not None and self.prompts_per_task < 1:
             raise UsageError(f"must be 1 or more, got {self.prompts_per_task}", where="--ray-prompts-per-task")
 
-    def task_size(self, n_prompts: int, batch_size: int) -> int:
-        """Enough prompts per call to fill length-sorted batches, few enough that every actor gets work."""
+    def task_size(self, n_prompts: int, settings: TraceSettings) -> int:
+        """Enough prompts per call to fill length-sorted batches (at most one sorting window), few enough
+        that every actor gets work."""
         if self.prompts_per_task is not None:
             return self.prompts_per_task
         spread = math.ceil(n_prompts / (self.actors * TASKS_PER_ACTOR))
-        return min(batch_size * SORT_WINDOW_BATCHES, max(batch_size, spread))
+        return min(settings.window_prompts, max(settings.batch_prompts, spread))
 
 
 def ray_options_for(engine: str, address: str | None, actors: int | None, cpus_per_actor: float | None,
@@ -99,35 +100,31 @@ def import_ray():
 
 
 class TraceActor:
-    """One per Ray actor: loads the model once, then traces each block of prompts it is handed."""
+    """One per Ray actor: loads the model once, then traces each block of encoded prompts it is handed."""
 
-    def __init__(self, model_options: ModelOptions, settings: TraceSettings, run_meta: dict[str, Any]) -> None:
-        self.tracer = Tracer(model_options.load(), settings)
-        meta = {**self.tracer.metadata(), **run_meta}
-        self.schema = self.tracer.schema.with_metadata(encode_metadata(meta, self.tracer.vocab))
+    def __init__(self, model_options: ModelOptions, settings: TraceSettings, context: dict[str, Any]) -> None:
+        self.run = TraceRun(settings, [], context).start(model_options.load())
+        self.schema = self.run.schema.with_metadata(encode_metadata(self.run.metadata(), self.run.vocab))
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        records = [PromptRecord(**json.loads(text)) for text in block.column("record").to_pylist()]
-        by_index = {r.index: r for r in records}
-        batches = list(self.tracer.trace(records))
-        for batch in batches:
-            check_finite(batch, by_index)
-        return pa.Table.from_batches(batches, schema=self.schema)
+        prompts = [EncodedPrompt.from_json(text) for text in block.column("prompt").to_pylist()]
+        return pa.Table.from_batches(list(self.run.for_prompts(prompts).batches()), schema=self.schema)
 
 
-def run_trace_ray(records: list[PromptRecord], output: str, fmt: str, force: bool, settings: TraceSettings,
-                  model_options: ModelOptions, ray_options: RayOptions, run_meta: dict[str, Any], out: Reporter) -> None:
+def run_trace_ray(run: TraceRun, output: str, fmt: str, force: bool, model_options: ModelOptions,
+                  ray_options: RayOptions, out: Reporter) -> None:
     from llmprobe.model.loading import check_placement
 
     ray_options.validate()
     check_placement(model_options.device_map, model_options.max_memory, model_options.offload_folder)
-    target = check_output_dir(output, fmt, force, inputs=[run_meta["prompts"]] if run_meta.get("prompts") else [])
+    prompts_file = run.context.get("prompts")
+    target = check_output_dir(output, fmt, force, inputs=[prompts_file] if prompts_file else [])
     ray = import_ray()
-    check_with_skeleton(records, settings, model_options, out)
+    run.start(model_options.skeleton(log=out.log))  # on the driver, in seconds, what would fail in every actor
     local = ray_options.address is None and not os.environ.get("RAY_ADDRESS")
     with _ray_prints_off_stdout(out.quiet):
         try:
-            _run_on_ray(ray, records, target, settings, model_options, ray_options, run_meta, local, out, force)
+            _run_on_ray(ray, run, target, model_options, ray_options, local, out, force)
         except FileExistsError:
             raise UsageError("was created by another run while this one worked; it was kept, nothing was replaced;"
                              " pass --force to replace it", where=output) from None
@@ -161,8 +158,8 @@ def _fd2_to(sink):
         os.close(saved)
 
 
-def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceSettings, model_options: ModelOptions,
-                ray_options: RayOptions, run_meta: dict[str, Any], local: bool, out: Reporter, replace: bool) -> None:
+def _run_on_ray(ray, run: TraceRun, target: Path, model_options: ModelOptions, ray_options: RayOptions,
+                local: bool, out: Reporter, replace: bool) -> None:
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not out.quiet,
@@ -171,13 +168,15 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
         if local:
             check_local_resources(ray.cluster_resources(), ray_options)
         _tame_ray_data_logs(out.quiet)
-        per_task = ray_options.task_size(len(records), settings.batch_prompts)
-        items = [{"prompt_index": r.index, "record": json.dumps(asdict(r), ensure_ascii=False)} for r in records]
-        dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(records) / per_task))
+        n_prompts = len(run.records)
+        per_task = ray_options.task_size(n_prompts, run.settings)
+        items = [{"prompt_index": e.record.index, "prompt": e.to_json()} for e in run.prompts]
+        dataset = ray.data.from_items(items, override_num_blocks=math.ceil(n_prompts / per_task))
         traced = dataset.map_batches(
             TraceActor,
-            fn_constructor_args=(model_options, settings, {**run_meta, "engine": "ray", "ray_version": ray.__version__,
-                                                           "ray_actors": ray_options.actors}),
+            fn_constructor_args=(model_options, run.settings, {**run.context, "engine": "ray",
+                                                               "ray_version": ray.__version__,
+                                                               "ray_actors": ray_options.actors}),
             batch_size=per_task,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
@@ -185,7 +184,7 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
             num_gpus=ray_options.gpus_per_actor,
             runtime_env={"env_vars": worker_env()},
         )
-        out.log(f"tracing {plural(len(records), 'prompt')} on Ray ({plural(ray_options.actors, 'actor')},"
+        out.log(f"tracing {plural(n_prompts, 'prompt')} on Ray ({plural(ray_options.actors, 'actor')},"
                 f" {plural(per_task, 'prompt')} per task)")
         with atomic_dir(target, replace=replace) as staging:
             try:
@@ -196,7 +195,7 @@ def _run_on_ray(ray, records: list[PromptRecord], target: Path, settings: TraceS
                     raise
                 raise cause from None
             rows, parts = check_parts(staging)
-        out.log(f"wrote {plural(rows, 'row')} for {plural(len(records), 'prompt')} to {target}/"
+        out.log(f"wrote {plural(rows, 'row')} for {plural(n_prompts, 'prompt')} to {target}/"
                 f" ({plural(parts, 'part file')})")
     finally:
         if started_here:
@@ -210,14 +209,6 @@ def check_output_dir(output: str, fmt: str, force: bool, inputs: list[str] = ())
         raise UsageError("the ray engine writes a directory of Parquet part files, not a stream; pass -o DIR",
                          where="-o")
     return check_new_output(output, force, directory=True, inputs=inputs)
-
-
-def check_with_skeleton(records: list[PromptRecord], settings: TraceSettings, model_options: ModelOptions,
-                        out: Reporter) -> None:
-    """Fail on the driver, in seconds, for anything that would otherwise fail inside every actor."""
-    tracer = Tracer(model_options.skeleton(log=out.log), settings)
-    for record in records:
-        tracer.encode(record)
 
 
 def check_local_resources(resources: dict[str, float], options: RayOptions) -> None:

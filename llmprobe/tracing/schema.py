@@ -163,8 +163,12 @@ def decode_vocab(kv: dict[bytes, bytes] | None) -> list[str] | None:
     return None
 
 
+class NonFiniteError(UsageError):
+    """A batch holds NaN or Inf: the run would fail the same way on every try."""
+
+
 def check_finite(batch: pa.RecordBatch, records: Sequence[Any] | Mapping[int, Any]) -> None:
-    """Refuse a batch holding NaN or Inf, naming the first prompt and position where it appears.
+    """Refuse a batch holding NaN or Inf (:class:`NonFiniteError`), naming the first prompt and position.
 
     ``records`` maps a row's ``prompt_index`` to its prompt record (for the id and line in the message)."""
     for name in FINITE_COLUMNS:
@@ -175,7 +179,7 @@ def check_finite(batch: pa.RecordBatch, records: Sequence[Any] | Mapping[int, An
             row = int(np.argmax(bad))
             record = records[batch.column("prompt_index")[row].as_py()]
             layer = f" layer {batch.column('layer')[row].as_py()}," if "layer" in batch.schema.names else ""
-            raise UsageError(
+            raise NonFiniteError(
                 f"{name} is NaN or infinite at{layer} position {batch.column('position')[row].as_py()}: the"
                 f" model's logits overflowed or its weights are corrupt (try --dtype float32); not written",
                 where=f"prompt {record.id!r} (line {record.line})")

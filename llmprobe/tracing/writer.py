@@ -14,7 +14,7 @@ import json
 import math
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from typing import IO, Any, Iterator, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -85,7 +85,7 @@ def parquet_bytes(table: pa.Table, metadata: dict[str, Any], vocab: list[str] | 
 
 
 @contextmanager
-def _make_sink(stream, fmt: str, schema: pa.Schema, file_only: dict[bytes, bytes]) -> Iterator[Sink]:
+def _make_sink(stream: IO[bytes], fmt: str, schema: pa.Schema, file_only: dict[bytes, bytes]) -> Iterator[Sink]:
     if fmt == "parquet":
         writer = pq.ParquetWriter(stream, schema, **parquet_options(schema))
         try:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from llmprobe.analysis.continuity import Points, analyse, load_points, target_distances, topk_distances
-from llmprobe.tracing.engine import TraceSettings, Tracer
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.prompts import read_prompts
 from llmprobe.tracing.writer import open_trace_sink
 from tests.cli_helpers import assert_one_line_error, run_cli
@@ -115,9 +116,10 @@ def test_softmax_of_a_linear_map_respects_the_analytic_tv_bound():
 def tiny_embedding_trace(tiny_loaded, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("continuity") / "emb.parquet"
     records = read_prompts(str(ROOT / "configs" / "prompts" / "continuity.jsonl"))[:12]
-    tracer = Tracer(tiny_loaded, TraceSettings(top_k=8, targets=[" Paris", " Paris is"], save_embeddings=True))
-    with open_trace_sink(str(path), "parquet", tracer.schema, tracer.metadata(), tracer.vocab) as sink:
-        for batch in tracer.trace(records):
+    run = TraceRun(TraceSettings(top_k=8, targets=[" Paris", " Paris is"], save_embeddings=True), records)
+    run.start(tiny_loaded)
+    with open_trace_sink(str(path), "parquet", run.schema, run.metadata(), run.vocab) as sink:
+        for batch in run.batches():
             sink.write(batch)
     return path
 
@@ -156,9 +158,9 @@ def test_real_model_continuity(real_loaded, tmp_path):
                if r.meta["group"] in ("capital-france", "unrelated-0", "unrelated-1")]
     path = tmp_path / "emb.parquet"
     targets = [" Paris", " Tokyo", " Rome"]
-    tracer = Tracer(real_loaded, TraceSettings(top_k=20, targets=targets, save_embeddings=True))
-    with open_trace_sink(str(path), "parquet", tracer.schema, tracer.metadata(), tracer.vocab) as sink:
-        for batch in tracer.trace(records):
+    run = TraceRun(TraceSettings(top_k=20, targets=targets, save_embeddings=True), records).start(real_loaded)
+    with open_trace_sink(str(path), "parquet", run.schema, run.metadata(), run.vocab) as sink:
+        for batch in run.batches():
             sink.write(batch)
     summary = {}
     for over in ("topk", "targets"):

@@ -12,9 +12,10 @@ import json
 import numpy as np
 import pytest
 
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.analysis.martingale import CategoryPredictor, continuation, martingale_test, model_martingale
 from llmprobe.experiments import generate, load_experiment, loads_experiment
-from llmprobe.tracing.engine import TraceSettings, Tracer
 from llmprobe.tracing.prompts import PromptRecord
 from tests.cli_helpers import run_cli
 
@@ -115,8 +116,9 @@ def test_continuations_render_exactly_as_the_experiment_does(config):
 def test_category_predictor_equals_the_traced_whole_target_scores(tiny_loaded):
     targets = [" heads", " tails", " Paris is"]  # the last spans several tokens
     prompts = ["I just flipped a coin, and it came up", "The capital of France", "Once upon a time"]
-    tracer = Tracer(tiny_loaded, TraceSettings(top_k=2, targets=targets, batch_size=2))
-    rows = [r for batch in tracer.trace([PromptRecord(i, str(i), t, i + 1) for i, t in enumerate(prompts)])
+    run = TraceRun(TraceSettings(top_k=2, targets=targets, batch_size=2),
+                   [PromptRecord(i, str(i), t, i + 1) for i, t in enumerate(prompts)]).start(tiny_loaded)
+    rows = [r for batch in run.batches()
             for r in batch.to_pylist() if r["target_seq_logprobs"] is not None]
     traced = {r["prompt_index"]: r["target_seq_logprobs"] for r in rows}
     mine = CategoryPredictor(tiny_loaded, targets, batch_size=2).logprobs(prompts)

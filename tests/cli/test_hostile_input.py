@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmprobe.analysis.priors import read_prior
-from llmprobe.tracing.engine import Tracer
+from llmprobe.tracing.encoding import PromptEncoder
 from llmprobe.tracing.reader import read_trace
 from llmprobe.tracing.schema import META_KEY, VOCAB_KEY
 from tests.cli.fault_fixtures import COIN, coin_trace, fit_table
@@ -263,13 +263,13 @@ def test_an_enormous_n_max_is_refused_before_allocating(tmp_path, capsys, monkey
 def test_a_huge_one_line_prompt_is_refused_before_tokenizing(trace_cli, tmp_path, monkeypatch):
     prompts = tmp_path / "huge.txt"
     prompts.write_text("short prompt\n" + "heads tails " * 400_000 + "\n")  # 4.8 MB on line 2
-    encode = Tracer.encode
+    encode = PromptEncoder.encode
 
     def guarded(self, record):
         assert len(record.text) < 100_000, "the huge prompt was tokenized"
         return encode(self, record)
 
-    monkeypatch.setattr(Tracer, "encode", guarded)
+    monkeypatch.setattr(PromptEncoder, "encode", guarded)
     code, _, err = trace_cli(prompts, tmp_path / "out.parquet")
     assert_one_line_error(code, err, "prompt '2' (line 2)", "characters", "context is 512 tokens")
 

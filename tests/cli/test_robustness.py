@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from llmprobe.tracing.checkpoint import work_dir_for
-from llmprobe.tracing.engine import TraceSettings, Tracer
+from llmprobe.tracing.encoding import PromptEncoder
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.errors import UsageError
 from llmprobe.tracing.prompts import PromptRecord
 from llmprobe.tracing.schema import META_KEY, encode_metadata, trace_schema
@@ -159,12 +161,11 @@ def test_left_truncation_keeps_a_leading_bos(tiny_loaded):
     tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tokenizer.padding_side = "left"
     loaded = dataclasses.replace(tiny_loaded, tokenizer=tokenizer)
-    tracer = Tracer(loaded, TraceSettings(top_k=2, truncate="left"))
-    tracer.max_context = 10
+    encoder = PromptEncoder(loaded.tokenizer, TraceSettings(top_k=2, truncate="left"), max_context=10)
     text = long_prompt(20)
     full = tokenizer(text)["input_ids"]
     assert full[0] == 0 and len(full) > 10
-    encoded = tracer.encode(PromptRecord(index=0, id="x", text=text, line=1, marks=[{"offset": len(text)}]))
+    encoded = encoder.encode(PromptRecord(index=0, id="x", text=text, line=1, marks=[{"offset": len(text)}]))
     assert encoded.ids == [0, *full[-9:]]
     assert encoded.marks_at == {9: 0}
 
@@ -418,7 +419,7 @@ def test_float16_overflow_is_caught_and_float32_is_fine(trace_cli, ok_prompts, t
 
 def test_nan_inside_list_and_nullable_columns_is_found():
     """Every float column is checked; nulls (no next token, unscored positions) are not NaN."""
-    from llmprobe.tracing.runner import check_finite
+    from llmprobe.tracing.schema import check_finite
 
     schema = trace_schema(top_k=2, n_targets=2)
     records = [PromptRecord(index=0, id="a", text="x", line=4), PromptRecord(index=1, id="b", text="y", line=5)]
@@ -514,17 +515,18 @@ def test_traces_from_two_models_do_not_mix(tmp_path, capsys, monkeypatch):
 def test_real_model_truncation_equals_a_plain_forward_pass_over_the_kept_tokens(real_loaded):
     """The context is shrunk to 24 tokens so a short prompt overflows it; the kept window is then traced
     exactly as if it had been the whole prompt."""
-    tracer = Tracer(real_loaded, TraceSettings(top_k=3))
-    tracer.max_context = 24
+    settings = TraceSettings(top_k=3)
+    run = TraceRun(settings, []).start(real_loaded)
     text = "I just flipped a coin, and it came up heads, then tails, then heads, then heads, then tails, then"
     record = PromptRecord(index=0, id="c", text=text, line=1)
     full = real_loaded.tokenizer(text)["input_ids"]
     assert len(full) > 24
     with pytest.raises(UsageError, match="context is 24 tokens; shorten it or pass --truncate"):
-        tracer.encode(record)
+        PromptEncoder(real_loaded.tokenizer, settings, max_context=24).encode(record)
     for side, kept in (("left", full[-24:]), ("right", full[:24])):
-        tracer.settings.truncate = side
-        rows = pa.Table.from_batches(list(tracer.trace([record]))).to_pylist()
+        truncating = PromptEncoder(real_loaded.tokenizer, TraceSettings(top_k=3, truncate=side), max_context=24)
+        encoded = truncating.encode(record)
+        rows = run.for_prompts([encoded]).table().to_pylist()
         assert [r["token_id"] for r in rows] == kept
         with torch.no_grad():
             logits = real_loaded.model(input_ids=torch.tensor([kept])).logits[0].double()
@@ -537,11 +539,11 @@ def test_real_model_truncation_equals_a_plain_forward_pass_over_the_kept_tokens(
 def test_real_model_non_finite_logits_are_caught_at_their_position(real_loaded):
     """Logits made infinite at one position (as a float16 overflow would) are reported at exactly that
     position of the right prompt; the positions before it are fine."""
-    from llmprobe.tracing.runner import check_finite
+    from llmprobe.tracing.schema import check_finite
 
     records = [PromptRecord(index=0, id="paris", text="The capital of France is", line=1),
                PromptRecord(index=1, id="coin", text="I just flipped a coin, and it came up heads", line=2)]
-    tracer = Tracer(real_loaded, TraceSettings(top_k=5, batch_size=1))
+    run = TraceRun(TraceSettings(top_k=5, batch_size=1), records).start(real_loaded)
     coin_length = len(real_loaded.tokenizer(records[1].text)["input_ids"])
     bad_position = 4
 
@@ -553,15 +555,13 @@ def test_real_model_non_finite_logits_are_caught_at_their_position(real_loaded):
         hidden[0, bad_position] = float("inf")
         return (hidden,)
 
-    for batch in tracer.trace(records):
+    for batch in run.batches():
         check_finite(batch, records)  # the untouched model is finite everywhere
     handle = real_loaded.model.get_output_embeddings().register_forward_pre_hook(overflow)
     try:
-        batches = list(tracer.trace(records))
+        with pytest.raises(UsageError) as caught:
+            list(run.batches())  # each batch is checked before it is handed out
     finally:
         handle.remove()
-    with pytest.raises(UsageError) as caught:
-        for batch in batches:
-            check_finite(batch, records)
     assert str(caught.value).startswith(
         f"prompt 'coin' (line 2): entropy is NaN or infinite at position {bad_position}")

@@ -120,15 +120,16 @@ def test_models_tsv_lists_the_cached_conversions(capsysbinary, monkeypatch):
 
 
 def test_continuity_tsv_holds_the_json_numbers(tiny_loaded, tmp_path, capsysbinary, monkeypatch):
-    from llmprobe.tracing.engine import Tracer, TraceSettings
     from llmprobe.tracing.prompts import read_prompts
+    from llmprobe.tracing.run import TraceRun
+    from llmprobe.tracing.settings import TraceSettings
     from llmprobe.tracing.writer import open_trace_sink
 
     path = tmp_path / "emb.parquet"
-    tracer = Tracer(tiny_loaded, TraceSettings(top_k=8, save_embeddings=True))
     prompts = read_prompts(str(ROOT / "configs" / "prompts" / "continuity.jsonl"))[:8]
-    with open_trace_sink(str(path), "parquet", tracer.schema, tracer.metadata(), tracer.vocab) as sink:
-        for batch in tracer.trace(prompts):
+    run = TraceRun(TraceSettings(top_k=8, save_embeddings=True), prompts).start(tiny_loaded)
+    with open_trace_sink(str(path), "parquet", run.schema, run.metadata(), run.vocab) as sink:
+        for batch in run.batches():
             sink.write(batch)
     code, stdout, err = run_cli(["continuity", str(path), "--format", "tsv"], capsysbinary, monkeypatch)
     assert code == 0, err

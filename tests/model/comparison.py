@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from llmprobe.tracing.engine import TraceSettings, Tracer
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.prompts import PromptRecord
 
 
@@ -23,8 +24,7 @@ def records(items=PROMPTS) -> list[PromptRecord]:
 
 
 def trace_table(loaded, settings: TraceSettings, prompts: list[PromptRecord]) -> pa.Table:
-    tracer = Tracer(loaded, settings)
-    return pa.Table.from_batches(list(tracer.trace(prompts)), schema=tracer.schema)
+    return TraceRun(settings, prompts).start(loaded).table()
 
 
 def assert_same_rows(got: pa.Table, want: pa.Table, atol: float) -> None:

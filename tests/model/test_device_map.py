@@ -13,7 +13,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from llmprobe.tracing.engine import TraceSettings
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.errors import UsageError
 from llmprobe.model.loading import load_model, parse_max_memory
 from tests.cli_helpers import assert_one_line_error, run_cli

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmprobe.plots.icl import FIT_COLUMNS
-from llmprobe.tracing.engine import Tracer, TraceSettings
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.prompts import PromptRecord, read_prompts
 from llmprobe.tracing.writer import open_trace_sink
 
@@ -24,13 +25,11 @@ TEXTS = ["The capital of France is", "I just flipped a coin, and it came up head
 
 def write_trace(loaded, path: Path, records: list[PromptRecord], top_k: int = 8, targets=(),
                 max_new_tokens: int = 0) -> Path:
-    """A trace file exactly as ``llmprobe trace`` writes it (Tracer -> atomic Parquet sink)."""
-    tracer = Tracer(loaded, TraceSettings(top_k=top_k, targets=list(targets), max_new_tokens=max_new_tokens))
-    for record in records:
-        tracer.encode(record)
-    with open_trace_sink(str(path), "parquet", tracer.schema, {**tracer.metadata(), "command": "test"},
-                         tracer.vocab) as sink:
-        for batch in tracer.trace(records):
+    """A trace file exactly as ``llmprobe trace`` writes it (TraceRun -> atomic Parquet sink)."""
+    run = TraceRun(TraceSettings(top_k=top_k, targets=list(targets), max_new_tokens=max_new_tokens), records,
+                   {"command": "test"}).start(loaded)
+    with open_trace_sink(str(path), "parquet", run.schema, run.metadata(), run.vocab) as sink:
+        for batch in run.batches():
             sink.write(batch)
     return path
 

@@ -79,15 +79,16 @@ def test_plot_layers_labels_the_answer(tiny_model_dir, tmp_path, capsysbinary, m
 @pytest.mark.real_model
 def test_real_model_answer_column_is_paris(real_loaded, tmp_path):
     """SmolLM2: after "The capital of France is" the answer " Paris" forms only in the last layers."""
-    from llmprobe.tracing.engine import Tracer, TraceSettings
+    from llmprobe.tracing.run import TraceRun
+    from llmprobe.tracing.settings import TraceSettings
     from llmprobe.tracing.writer import open_trace_sink
     from tests.plots.fixtures import text_records
 
     path = tmp_path / "lens.parquet"
-    tracer = Tracer(real_loaded, TraceSettings(top_k=5, targets=[" Paris"], layers="20,26,28"))
     records = text_records(["The capital of France is"])
-    with open_trace_sink(str(path), "parquet", tracer.schema, tracer.metadata(), tracer.vocab) as sink:
-        for batch in tracer.trace(records):
+    run = TraceRun(TraceSettings(top_k=5, targets=[" Paris"], layers="20,26,28"), records).start(real_loaded)
+    with open_trace_sink(str(path), "parquet", run.schema, run.metadata(), run.vocab) as sink:
+        for batch in run.batches():
             sink.write(batch)
     target_ids = [t["token_ids"][0] for t in open_trace(path).meta["targets"]]
     frame, (layers, positions, probs, answers) = grid_of(path, target_ids)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
-from llmprobe.tracing.engine import TraceSettings, Tracer
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.prompts import PromptRecord
 
 
@@ -40,8 +40,7 @@ def reference(model, ids: list[int]) -> np.ndarray:
 
 
 def trace_rows(loaded, settings: TraceSettings, recs=None) -> list[dict]:
-    tracer = Tracer(loaded, settings)
-    table = pa.Table.from_batches(list(tracer.trace(recs or records())), schema=tracer.schema)
+    table = TraceRun(settings, recs or records()).start(loaded).table()
     return sorted(table.to_pylist(), key=lambda r: (r["prompt_index"], r["position"]))
 
 

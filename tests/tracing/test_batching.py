@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
-from llmprobe.tracing.engine import AUTO, TraceSettings, Tracer, parse_batch_size
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import AUTO, TraceSettings, parse_batch_size
 from llmprobe.errors import UsageError
 from llmprobe.tracing.prompts import PromptRecord
 
@@ -26,14 +26,18 @@ def records() -> list[PromptRecord]:
     return [PromptRecord(index=i, id=f"p{i}", text=t, line=i + 1) for i, t in enumerate(PROMPTS)]
 
 
-def rows(tracer: Tracer) -> list[dict]:
-    table = pa.Table.from_batches(list(tracer.trace(records())), schema=tracer.schema)
+def started(loaded, settings: TraceSettings) -> TraceRun:
+    return TraceRun(settings, records()).start(loaded)
+
+
+def rows(run: TraceRun) -> list[dict]:
+    table = run.table()
     return sorted(table.to_pylist(), key=lambda r: (r["prompt_index"], r["position"]))
 
 
 def test_batches_are_length_sorted(tiny_loaded):
-    tracer = Tracer(tiny_loaded, TraceSettings(top_k=3, batch_size=3))
-    longest = [max(b.column("position").to_pylist()) for b in tracer.trace(records())]
+    run = started(tiny_loaded, TraceSettings(top_k=3, batch_size=3))
+    longest = [max(b.column("position").to_pylist()) for b in run.batches()]
     assert len(longest) == 3 and longest == sorted(longest, reverse=True)
 
 
@@ -50,10 +54,10 @@ def test_auto_halves_on_out_of_memory_and_remembers(tiny_loaded, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
         return forward(self, input_ids=input_ids, **kwargs)
 
-    expected = rows(Tracer(tiny_loaded, TraceSettings(top_k=4, batch_size=3, max_new_tokens=2)))
-    tracer = Tracer(tiny_loaded, TraceSettings(top_k=4, batch_size=AUTO, max_new_tokens=2))
+    expected = rows(started(tiny_loaded, TraceSettings(top_k=4, batch_size=3, max_new_tokens=2)))
+    run = started(tiny_loaded, TraceSettings(top_k=4, batch_size=AUTO, max_new_tokens=2))
     monkeypatch.setattr(type(model), "forward", limited)
-    got = rows(tracer)
+    got = rows(run)
     assert sizes[:2] == [7, 3]  # all 7 prompts fail, half of them fit
     assert max(sizes[2:]) == 3  # and the limit is remembered
     assert [(r["prompt_index"], r["position"], r["token_id"], r["topk_ids"]) for r in got] == \
@@ -69,9 +73,9 @@ def test_auto_gives_up_at_one_prompt_and_fixed_sizes_do_not_retry(tiny_loaded, m
 
     monkeypatch.setattr(type(model), "forward", always)
     with pytest.raises(torch.OutOfMemoryError):
-        rows(Tracer(tiny_loaded, TraceSettings(top_k=2, batch_size=AUTO)))
+        rows(started(tiny_loaded, TraceSettings(top_k=2, batch_size=AUTO)))
     with pytest.raises(torch.OutOfMemoryError):
-        rows(Tracer(tiny_loaded, TraceSettings(top_k=2, batch_size=4)))
+        rows(started(tiny_loaded, TraceSettings(top_k=2, batch_size=4)))
 
 
 @pytest.mark.parametrize("text,expected", [("auto", AUTO), ("AUTO", AUTO), ("3", 3)])

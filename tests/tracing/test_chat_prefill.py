@@ -10,7 +10,9 @@ import pytest
 
 from llmprobe.cli.options import fill_optional_values
 from llmprobe.errors import UsageError
-from llmprobe.tracing.engine import TraceSettings, Tracer
+from llmprobe.tracing.encoding import PromptEncoder
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.prompts import PromptRecord
 from llmprobe.tracing.schema import JSONL_HEADER_KEY
 from tests.cli_helpers import assert_one_line_error, run_cli
@@ -33,7 +35,7 @@ def _prefill_record() -> PromptRecord:
 def test_prefill_user_turn_then_open_assistant_turn(tiny_loaded):
     tok = tiny_loaded.tokenizer
     record = _prefill_record()
-    encoded = Tracer(tiny_loaded, TraceSettings(chat="prefill")).encode(record)
+    encoded = PromptEncoder.for_model(tiny_loaded, TraceSettings(chat="prefill")).encode(record)
     # the tiny template: "<s>{role}: {content}\n" per message; the assistant turn is left open
     expected = "<s>user: " + INSTRUCTION.rstrip() + "\n<s>assistant: " + FLIPS
     assert encoded.ids == tok(expected, add_special_tokens=False)["input_ids"]
@@ -47,8 +49,8 @@ def test_prefill_user_turn_then_open_assistant_turn(tiny_loaded):
 
 def test_prefill_differs_from_user_mode(tiny_loaded):
     record = _prefill_record()
-    user = Tracer(tiny_loaded, TraceSettings(chat=True)).encode(record)
-    prefill = Tracer(tiny_loaded, TraceSettings(chat="prefill")).encode(record)
+    user = PromptEncoder.for_model(tiny_loaded, TraceSettings(chat=True)).encode(record)
+    prefill = PromptEncoder.for_model(tiny_loaded, TraceSettings(chat="prefill")).encode(record)
     text = tiny_loaded.tokenizer.decode(user.ids)
     assert text.endswith("assistant:") and FLIPS in text.split("assistant")[0]
     assert user.ids != prefill.ids and len(user.marks_at) == len(prefill.marks_at) == 3
@@ -62,7 +64,8 @@ def test_user_mode_ignores_the_prompt_text_inside_a_system_prompt(tiny_loaded):
                                "{% if add_generation_prompt %}assistant:{% endif %}")
     loaded = dataclasses.replace(tiny_loaded, tokenizer=tokenizer)
     text = "I just flipped a coin, and it came up heads"
-    encoded = Tracer(loaded, TraceSettings(chat=True)).encode(_record(text, [len("I just"), len(text)]))
+    encoder = PromptEncoder.for_model(loaded, TraceSettings(chat=True))
+    encoded = encoder.encode(_record(text, [len("I just"), len(text)]))
     rendered = tokenizer.decode(encoded.ids)
     user_start = rendered.index("<s>user: ")
     for position in encoded.marks_at:
@@ -82,7 +85,7 @@ def test_user_mode_ignores_the_prompt_text_inside_a_system_prompt(tiny_loaded):
 def test_prefill_bad_records(tiny_loaded, meta, offsets, match):
     record = _record(INSTRUCTION + FLIPS, offsets, **meta)
     with pytest.raises(UsageError, match=match) as info:
-        Tracer(tiny_loaded, TraceSettings(chat="prefill")).encode(record)
+        PromptEncoder.for_model(tiny_loaded, TraceSettings(chat="prefill")).encode(record)
     assert "prompt 'p0' (line 3)" in str(info.value)
 
 
@@ -121,7 +124,7 @@ def test_cli_prefill_trace_and_missing_split(tiny_model_dir, tmp_path, capsys, m
 @pytest.mark.real_model
 def test_real_prefill_places_flips_in_the_open_assistant_turn(real_loaded):
     record = _prefill_record()
-    encoded = Tracer(real_loaded, TraceSettings(chat="prefill")).encode(record)
+    encoded = PromptEncoder.for_model(real_loaded, TraceSettings(chat="prefill")).encode(record)
     text = real_loaded.tokenizer.decode(encoded.ids)
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n" + FLIPS)
     assert text.count("<|im_end|>") == 2  # system and user turns closed, the assistant's open
@@ -136,4 +139,4 @@ def test_attention_kernel_is_loaded_and_recorded(tiny_model_dir, kernel):
 
     loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32", attn_implementation=kernel)
     assert loaded.model.config._attn_implementation == kernel
-    assert Tracer(loaded, TraceSettings()).metadata()["attn_implementation"] == kernel
+    assert TraceRun(TraceSettings(), []).start(loaded).metadata()["attn_implementation"] == kernel

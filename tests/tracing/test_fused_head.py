@@ -20,7 +20,8 @@ import torch
 
 from llmprobe.model.structure import OutputHead
 from llmprobe.tracing import engine
-from llmprobe.tracing.engine import TraceSettings, Tracer
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.reader import open_trace
 from llmprobe.tracing.schema import META_KEY, VOCAB_KEY, VOCAB_ZSTD_KEY, encode_metadata, trace_schema
 from llmprobe.tracing.writer import open_trace_sink
@@ -40,21 +41,21 @@ class Log:
         self.lines.append(message)
 
 
-def small_blocks(tracer: Tracer, rows_per_block: int) -> Tracer:
-    tracer.reducer.chunk_positions = rows_per_block  # head blocks (and reduction passes) of this many rows
-    return tracer
+def small_blocks(run: TraceRun, rows_per_block: int) -> TraceRun:
+    run.tracer.reducer.chunk_positions = rows_per_block  # head blocks (and reduction passes) of this many rows
+    return run
 
 
-def rows_of(tracer: Tracer, texts: list[str]) -> list[dict]:
-    table = pa.Table.from_batches(list(tracer.trace(records(texts))), schema=tracer.schema)
+def rows_of(run: TraceRun) -> list[dict]:
+    table = run.table()
     return sorted(table.to_pylist(), key=lambda r: (r["prompt_index"], r["position"]))
 
 
 def test_long_prompt_over_many_head_blocks_equals_the_reference(tiny_loaded):
     settings = TraceSettings(top_k=5, targets=TARGETS, truncate="right")
-    tracer = small_blocks(Tracer(tiny_loaded, settings), 37)
-    assert tracer.parts is not None
-    rows = rows_of(tracer, [LONG])
+    run = small_blocks(TraceRun(settings, records([LONG])).start(tiny_loaded), 37)
+    assert run.tracer.parts is not None
+    rows = rows_of(run)
     assert len(rows) > 300  # ten head blocks and more
     assert check_rows_against_reference(tiny_loaded, rows, 5, TARGETS) == len(rows)
 
@@ -69,9 +70,9 @@ def test_padded_batch_equals_the_reference_and_padding_skips_the_head(tiny_loade
         return logits(self, rows, first, stop, out)
 
     monkeypatch.setattr(OutputHead, "logits", counting)
-    tracer = small_blocks(Tracer(tiny_loaded, TraceSettings(top_k=4, batch_size=4)), 16)
-    rows = rows_of(tracer, UNEVEN)
-    lengths = [len(tracer.encode(r).ids) for r in records(UNEVEN)]
+    run = small_blocks(TraceRun(TraceSettings(top_k=4, batch_size=4), records(UNEVEN)).start(tiny_loaded), 16)
+    rows = rows_of(run)
+    lengths = [len(e.ids) for e in run.prompts]
     assert max(lengths) > 5 * min(lengths)  # most of the short prompts' rows are padding
     assert check_rows_against_reference(tiny_loaded, rows, 4, []) == len(rows) == sum(lengths)
     # every real position goes through the head exactly once, padding never, in passes of 16 rows that
@@ -105,10 +106,10 @@ def test_a_model_that_cannot_be_split_is_traced_through_the_hook_with_a_notice(t
     split = trace_rows(tiny_loaded, settings)
     monkeypatch.setattr(engine, "split_causal_lm", lambda model: (None, "the model post-processes its logits"))
     log = Log()
-    tracer = Tracer(tiny_loaded, settings, reporter=log)
-    assert tracer.parts is None
+    run = TraceRun(settings, records()).start(tiny_loaded, reporter=log)
+    assert run.tracer.parts is None
     assert len(log.lines) == 1 and "post-processes its logits" in log.lines[0] and "hook" in log.lines[0]
-    hooked = sorted(pa.Table.from_batches(list(tracer.trace(records())), schema=tracer.schema).to_pylist(),
+    hooked = sorted(run.table().to_pylist(),
                     key=lambda r: (r["prompt_index"], r["position"]))
     assert [r["next_token_id"] for r in hooked] == [r["next_token_id"] for r in split]
     for a, b in zip(hooked, split):
@@ -118,9 +119,9 @@ def test_a_model_that_cannot_be_split_is_traced_through_the_hook_with_a_notice(t
 
 
 def test_auto_batch_planning_has_no_vocabulary_term_on_the_split_path(tiny_loaded, monkeypatch):
-    split = Tracer(tiny_loaded, TraceSettings(top_k=2))
+    split = TraceRun(TraceSettings(top_k=2), []).start(tiny_loaded).tracer
     monkeypatch.setattr(engine, "split_causal_lm", lambda model: (None, "no"))
-    hooked = Tracer(tiny_loaded, TraceSettings(top_k=2))
+    hooked = TraceRun(TraceSettings(top_k=2), []).start(tiny_loaded).tracer
     for width in (10, 400):
         assert hooked._bytes_per_prompt(width) - split._bytes_per_prompt(width) == width * tiny_loaded.vocab_size * 4
     assert split._bytes_per_prompt(400) > 0

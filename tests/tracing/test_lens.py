@@ -14,9 +14,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from llmprobe.tracing.engine import TraceSettings, Tracer
 from llmprobe.errors import UsageError
-from llmprobe.tracing.hooks import LogitReducer
+from llmprobe.tracing.reduction import LogitReducer
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.lens import lens_stats, parse_layers, probe_internals
 from llmprobe.tracing.prompts import PromptRecord
 from llmprobe.model.structure import Unembed
@@ -56,8 +57,7 @@ def records(texts=PROMPTS, marks=None) -> list[PromptRecord]:
 
 
 def trace_table(loaded, settings: TraceSettings, recs=None) -> pa.Table:
-    tracer = Tracer(loaded, settings)
-    return pa.Table.from_batches(list(tracer.trace(recs or records())), schema=tracer.schema)
+    return TraceRun(settings, recs or records()).start(loaded).table()
 
 
 def sorted_rows(table: pa.Table) -> list[dict]:
@@ -170,7 +170,7 @@ def test_layer_option_is_checked_before_and_after_the_model_loads(tiny_loaded):
     assert parse_layers(" 2,0,2 ", 3) == [0, 2]
     assert parse_layers("ALL", 3) == [0, 1, 2]
     with pytest.raises(UsageError, match="out of range.*0..2"):
-        Tracer(tiny_loaded, TraceSettings(layers="3"))
+        TraceRun(TraceSettings(layers="3"), []).start(tiny_loaded)
     with pytest.raises(UsageError, match="--layers.*'x'"):
         TraceSettings(layers="0,x").validate()
     with pytest.raises(UsageError, match="--layers.*out of range"):

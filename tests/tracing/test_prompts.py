@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from llmprobe.tracing.engine import map_marks
+from llmprobe.tracing.encoding import map_marks
 from llmprobe.errors import UsageError
 from llmprobe.tracing.prompts import PromptRecord, read_prompts
 from llmprobe.tracing.reader import open_trace

@@ -13,7 +13,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from llmprobe.tracing.engine import TraceSettings
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.reader import open_trace
 from llmprobe.tracing.schema import META_KEY, VOCAB_KEY
 from tests.cli_helpers import assert_one_line_error, run_cli

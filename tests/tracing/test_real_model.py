@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from llmprobe.tracing.engine import TraceSettings
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.model.sources import DEFAULT_MODEL_NAME, cache_dir
 from tests.tracing.reference import check_rows_against_reference, records, trace_rows
 

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import llmprobe.tracing.engine
-import llmprobe.tracing.runner
+import llmprobe.tracing.run
+import llmprobe.tracing.settings
 from llmprobe.tracing.checkpoint import WorkDir, work_dir_for
 from llmprobe.cli import main
 from llmprobe.tracing.engine import Tracer
@@ -169,7 +169,7 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
 
 def interrupt_after(monkeypatch, batches: int) -> None:
     """Ctrl-C arriving while batch number ``batches`` (0-based) is about to be written."""
-    check = llmprobe.tracing.runner.check_finite
+    check = llmprobe.tracing.run.check_finite
     seen = []
 
     def check_then_interrupt(batch, records):
@@ -178,7 +178,7 @@ def interrupt_after(monkeypatch, batches: int) -> None:
         seen.append(1)
         check(batch, records)
 
-    monkeypatch.setattr(llmprobe.tracing.runner, "check_finite", check_then_interrupt)
+    monkeypatch.setattr(llmprobe.tracing.run, "check_finite", check_then_interrupt)
 
 
 def one_line_error(code: int, err: str, *needles: str) -> str:
@@ -193,7 +193,7 @@ def one_line_error(code: int, err: str, *needles: str) -> str:
 @pytest.fixture
 def small(tiny_model_dir, tmp_path, monkeypatch):
     """20 prompts, 3 per batch, length-sorted in windows of 2 batches: 7 batches, 4 windows (6, 6, 6, 2)."""
-    monkeypatch.setattr(llmprobe.tracing.engine, "SORT_WINDOW_BATCHES", 2)
+    monkeypatch.setattr(llmprobe.tracing.settings, "SORT_WINDOW_BATCHES", 2)
     prompts = write_prompts(tmp_path / "p.txt", n=20, seed=5)  # prompt 6 is in the second window's first batch
 
     def args(output, *extra):
@@ -383,7 +383,7 @@ def test_a_bad_batch_discards_the_work(small, tmp_path, capsys, monkeypatch):
     """NaN mid-run fails the same way on every try, so nothing is kept to resume."""
     _, args = small
     output = tmp_path / "out.parquet"
-    check = llmprobe.tracing.runner.check_finite
+    check = llmprobe.tracing.run.check_finite
     calls, poisoned_at = [], {}
 
     def poisoned(batch, records):
@@ -397,7 +397,7 @@ def test_a_bad_batch_discards_the_work(small, tmp_path, capsys, monkeypatch):
             poisoned_at.update(id=record.id, line=record.line, position=batch.column("position")[row].as_py())
         check(batch, records)
 
-    monkeypatch.setattr(llmprobe.tracing.runner, "check_finite", poisoned)
+    monkeypatch.setattr(llmprobe.tracing.run, "check_finite", poisoned)
     code, err = run_cli(args(output), capsys, monkeypatch)
     one_line_error(code, err, "entropy is NaN or infinite", f"position {poisoned_at['position']}",
                    f"prompt {poisoned_at['id']!r} (line {poisoned_at['line']})")
@@ -405,7 +405,16 @@ def test_a_bad_batch_discards_the_work(small, tmp_path, capsys, monkeypatch):
 
 
 def test_resume_start_is_the_first_unfinished_window():
-    from llmprobe.tracing.runner import resume_start
+    from llmprobe.tracing.encoding import EncodedPrompt
+    from llmprobe.tracing.prompts import PromptRecord
+    from llmprobe.tracing.run import TracePlan
+
+    def resume_start(done: set[int], n_prompts: int, window: int) -> int:
+        """The first prompt of the first window the plan gives a resume (n_prompts: none)."""
+        prompts = [EncodedPrompt(PromptRecord(i, str(i), "x", i + 1), [0] * (1 + i * 7 % 5), {}, {})
+                   for i in range(n_prompts)]
+        remaining = TracePlan(prompts, window).remaining(done)
+        return min(e.record.index for e in remaining[0]) if remaining else n_prompts
 
     assert resume_start(set(), 100, 16) == 0
     assert resume_start(set(range(40)), 100, 16) == 32

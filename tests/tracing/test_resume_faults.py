@@ -73,8 +73,8 @@ def test_a_merge_killed_by_sigkill_leaves_a_partial_that_the_resume_removes(smal
     output = tmp_path / "out.parquet"
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import llmprobe.tracing.engine, llmprobe.tracing.checkpoint as checkpoint
-        llmprobe.tracing.engine.SORT_WINDOW_BATCHES = 2
+        import llmprobe.tracing.settings, llmprobe.tracing.checkpoint as checkpoint
+        llmprobe.tracing.settings.SORT_WINDOW_BATCHES = 2
         tables = checkpoint.WorkDir.tables
         def killed_midway(self, *a, **k):
             for i, table in enumerate(tables(self, *a, **k)):
@@ -125,11 +125,11 @@ def test_a_second_run_is_told_another_run_is_writing(small, tmp_path, capsys, mo
 def test_an_unexpected_error_mid_run_is_one_line_that_says_how_to_resume(small, small_reference, tmp_path, capsys,
                                                                          monkeypatch):
     """Say CUDA ran out of memory or a driver failed: one line, the work kept, the resume command given."""
-    import llmprobe.tracing.runner
+    import llmprobe.tracing.run
 
     _, args = small
     output = tmp_path / "out.parquet"
-    check = llmprobe.tracing.runner.check_finite
+    check = llmprobe.tracing.run.check_finite
     calls = []
 
     def failing(batch, records):
@@ -139,7 +139,7 @@ def test_an_unexpected_error_mid_run_is_one_line_that_says_how_to_resume(small, 
         check(batch, records)
 
     with monkeypatch.context() as m:
-        m.setattr(llmprobe.tracing.runner, "check_finite", failing)
+        m.setattr(llmprobe.tracing.run, "check_finite", failing)
         code, err = run_cli(args(output), capsys, monkeypatch)
     assert code == 1
     line = one_line_error(code, err, "unexpected RuntimeError", "LLMPROBE_DEBUG=1", "6 of 20 prompts are saved")

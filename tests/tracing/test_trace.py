@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from llmprobe.tracing.engine import TraceSettings, Tracer, map_marks
 from llmprobe.errors import UsageError
-from llmprobe.tracing.hooks import LogitReducer, capture_logits
+from llmprobe.tracing.encoding import PromptEncoder, map_marks
+from llmprobe.tracing.hooks import capture_logits
+from llmprobe.tracing.reduction import LogitReducer
+from llmprobe.tracing.run import TraceRun
+from llmprobe.tracing.settings import TraceSettings
 from llmprobe.tracing.prompts import PromptRecord
 from tests.tracing.reference import PROMPTS, TARGETS, TOL, check_rows_against_reference, reference, trace_rows
 
@@ -148,16 +151,15 @@ def test_mark_fields_and_meta_are_written(tiny_loaded):
 def test_two_marks_in_one_token_are_refused(tiny_loaded):
     text = "The capital"
     record = PromptRecord(0, "x", text, 7, marks=[{"offset": 5}, {"offset": 6}])
-    tracer = Tracer(tiny_loaded, TraceSettings())
+    encoder = PromptEncoder.for_model(tiny_loaded, TraceSettings())
     with pytest.raises(UsageError, match="same token"):
-        tracer.encode(record)
+        encoder.encode(record)
 
 
 def test_chat_template_marks_shift_with_the_template(tiny_loaded):
     text = "I just flipped a coin, and it came up heads, then"
     record = PromptRecord(0, "x", text, 1, marks=[{"offset": len(text)}])
-    tracer = Tracer(tiny_loaded, TraceSettings(chat=True))
-    encoded = tracer.encode(record)
+    encoded = PromptEncoder.for_model(tiny_loaded, TraceSettings(chat=True)).encode(record)
     rendered = tiny_loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                           add_generation_prompt=True, tokenize=False)
     assert encoded.ids == tiny_loaded.tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -174,7 +176,7 @@ def test_chat_template_marks_shift_with_the_template(tiny_loaded):
 ])
 def test_bad_settings_are_usage_errors(tiny_loaded, settings, match):
     with pytest.raises(UsageError, match=match):
-        Tracer(tiny_loaded, TraceSettings(**settings))
+        TraceRun(TraceSettings(**settings), []).start(tiny_loaded)
 
 
 def test_hook_is_removed_on_every_exit_path(tiny_loaded):

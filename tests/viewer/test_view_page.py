@@ -27,17 +27,15 @@ def coin(tiny_loaded, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lens(tiny_loaded, tmp_path_factory):
-    from llmprobe.tracing.engine import Tracer, TraceSettings
+    from llmprobe.tracing.run import TraceRun
+    from llmprobe.tracing.settings import TraceSettings
     from llmprobe.tracing.writer import open_trace_sink
 
     folder = tmp_path_factory.mktemp("lens")
-    records = text_records()
-    tracer = Tracer(tiny_loaded, TraceSettings(top_k=3, layers="all"))
-    for record in records:
-        tracer.encode(record)
+    run = TraceRun(TraceSettings(top_k=3, layers="all"), text_records(), {"command": "test"}).start(tiny_loaded)
     trace = folder / "lens.parquet"
-    with open_trace_sink(str(trace), "parquet", tracer.schema, tracer.metadata(), tracer.vocab) as sink:
-        for batch in tracer.trace(records):
+    with open_trace_sink(str(trace), "parquet", run.schema, run.metadata(), run.vocab) as sink:
+        for batch in run.batches():
             sink.write(batch)
     return trace, write_view(str(trace), None, str(folder / "lens.html"), force=False)
 
