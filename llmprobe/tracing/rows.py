@@ -12,6 +12,7 @@ then its lens layers in ascending order; prompts in the engine's processing orde
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,12 +59,24 @@ def rows_from_stats(stats: StepStats, b: int, cols: slice, first_position: int, 
     )
 
 
+_DISPLAY_VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def display_vocab(tokenizer, vocab_size: int) -> list[str]:
-    """Readable string of every token id (ids past the tokenizer's vocabulary get a placeholder)."""
+    """Readable string of every token id (ids past the tokenizer's vocabulary get a placeholder).
+
+    Decoding a 49k-token vocabulary takes about half a second, so it is done once per tokenizer (held
+    weakly: a freed model frees its entry) and shared by every run on it (``serve``, notebook calls);
+    the list is never modified."""
+    memo = _DISPLAY_VOCABS.get(tokenizer)
+    if memo is not None and memo[0] == vocab_size:
+        return memo[1]
     known = min(len(tokenizer), vocab_size)
     strings = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
-    return strings + [f"<id {i}>" for i in range(known, vocab_size)]
+    vocab = strings + [f"<id {i}>" for i in range(known, vocab_size)]
+    _DISPLAY_VOCABS[tokenizer] = (vocab_size, vocab)
+    return vocab
 
 
 class RowAssembly:
