@@ -22,6 +22,10 @@ def experiment(
     layout: Annotated[Optional[Literal["marks", "per-n", "both"]], typer.Option(
         help="marks: one prompt, a mark per example; per-n: a prompt per number of examples (default: the config's).")]
     = None,
+    permutations: Annotated[Optional[int], typer.Option(
+        "--permutations", min=0, metavar="K",
+        help="Also render each sequence in K shuffled orders of its examples (fit-posterior's exchangeability test;"
+             " default: the config's, else 0).")] = None,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -33,7 +37,8 @@ def experiment(
     to_file = output is not None and output != "-"
     if to_file:
         check_new_output(output, force, inputs=[config])
-    records = generate(opt.experiment_config(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout)
+    records = generate(opt.experiment_config(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout,
+                       permutations=permutations)
     if to_file:
         with atomic_file(output, "w", replace=force) as stream:
             count = write_jsonl(records, stream)
