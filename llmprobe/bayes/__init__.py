@@ -13,10 +13,8 @@ a Bayesian, with baselines (:mod:`.verdict`). The field's other tests, for the s
 law of in-context learning against its baselines (:mod:`.scaling`).
 """
 
-from llmprobe.bayes.codelength import ExcessCodeLength, excess_code_length
-from llmprobe.bayes.exchangeability import OrderDependence, order_dependence
-from llmprobe.bayes.scaling import ScalingComparison, fit_scaling_laws
 from llmprobe.bayes.bayes_fit import BayesFit, ExactBayesTest, bootstrap_exact_bayes, fit_bayes
+from llmprobe.bayes.codelength import ExcessCodeLength, excess_code_length
 from llmprobe.bayes.dirichlet import (
     DEFAULT_FLOOR,
     DirichletFit,
@@ -25,6 +23,7 @@ from llmprobe.bayes.dirichlet import (
     fit_dirichlet,
     fit_dirichlet_multinomial,
 )
+from llmprobe.bayes.exchangeability import OrderDependence, order_dependence
 from llmprobe.bayes.filter import outcomes_from_running_counts
 from llmprobe.bayes.metrics import (
     entropy_bits,
@@ -46,6 +45,7 @@ from llmprobe.bayes.posterior import (
     mixture_posterior_weights,
     posterior_predictive,
 )
+from llmprobe.bayes.scaling import ScalingComparison, fit_scaling_laws
 from llmprobe.bayes.updating import (
     UpdatingFit,
     UpdatingPrior,
