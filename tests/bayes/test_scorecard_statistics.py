@@ -10,6 +10,7 @@ from llmprobe.bayes.codelength import excess_code_length
 from llmprobe.bayes.exchangeability import order_dependence
 from llmprobe.bayes.scaling import (BAYESIAN, bayesian_law, bounded_power_law, fit_scaling_laws, logistic_law,
                                     power_law)
+from tests.bayes.fixtures import SCALING_PLANTED
 
 
 # ------------------------------------------------------------------------------------------ order dependence
@@ -89,14 +90,7 @@ def test_cumulative_sums_restart_per_sequence_by_hand():
 N = np.arange(0, 41)
 FIRST_HALF = N <= 20
 
-PLANTED_LAWS = [  # (prior, per-example task probabilities, efficiency K)
-    ((0.8, 0.2), (0.5, 0.9), 0.5),
-    ((0.9, 0.1), (0.55, 0.95), 0.3),
-    ((0.95, 0.05), (0.6, 0.8), 2.0),
-]
-
-
-@pytest.mark.parametrize(("prior", "probs", "efficiency"), PLANTED_LAWS)
+@pytest.mark.parametrize(("prior", "probs", "efficiency"), SCALING_PLANTED)
 @pytest.mark.parametrize("noise", [0.0, 0.002])
 def test_curves_made_by_the_law_are_recovered_and_extrapolated(prior, probs, efficiency, noise):
     y = bayesian_law(N, prior, probs, efficiency)
