@@ -14,7 +14,8 @@ number with its direction and the planted-model reference (docs/statistics.md, s
 * **Bayesian scaling law** (Arora et al. 2024; :mod:`llmprobe.analysis.scaling`): the law against the power,
   bounded power and logistic laws on the ICL curve, fitted on its first half and scored on the rest;
 * **martingale** (Falck et al. 2024): the statistic and p-value per n of ``llmprobe martingale --json``,
-  when its output is given (:func:`read_martingale`).
+  when its output is given (:func:`read_martingale`); an n whose states put less than ``min_mass`` on the
+  categories is shown but not counted, as every fit leaves such marks out.
 
 Every entry is computed on the original orders' used marks except exchangeability, which is the one test
 the shuffled orders are for. :class:`Scorecard` is the typed result; ``to_dict`` is the ``scorecard`` key of
@@ -110,6 +111,7 @@ class Scorecard:
     martingale: tuple[MartingaleResult, ...] | None
     reasons: dict[str, str]
     bayes: str
+    min_mass: float  # martingale rows whose states put less on the categories are shown, not counted
 
     def entries(self) -> list[Entry]:
         return [self._exchangeability(), self._code_length(), self._scaling(), self._martingale()]
@@ -155,16 +157,24 @@ class Scorecard:
         results = self.martingale
         if results is None:
             return self._missing("martingale")
-        rejected = sum(r.p_value < MARTINGALE_ALPHA for r in results)
-        largest = max(r.mean_tv_deviation for r in results)
+        counted = [r for r in results if r.mean_category_mass is None or r.mean_category_mass >= self.min_mass]
+        left_out = [r for r in results if r not in counted]
+        details = {"alpha": MARTINGALE_ALPHA, "min_mass": self.min_mass,
+                   "by_n": [{"n": r.n, "horizon": r.horizon, "states": r.states, "paths": r.paths,
+                             "statistic": r.statistic, "p_value": r.p_value, "mean_tv_deviation": r.mean_tv_deviation,
+                             "mean_category_mass": r.mean_category_mass, "counted": r in counted} for r in results]}
+        if not counted:
+            reason = f"at every n the model puts less than {self.min_mass:g} on the categories (--min-mass)"
+            return Entry("martingale", None, f"not computed: {reason}", reason, details)
+        rejected = sum(r.p_value < MARTINGALE_ALPHA for r in counted)
+        largest = max(r.mean_tv_deviation for r in counted)
+        skipped = "" if not left_out else (
+            f"; n = {', '.join(str(r.n) for r in left_out)} left out (mass on the categories below"
+            f" {self.min_mass:g})")
         return Entry("martingale", largest,
                      f"mean TV |E p_n+m − p_n| up to {largest:.3f}; rejected at {MARTINGALE_ALPHA:g} at {rejected} of"
-                     f" {len(results)} n (min p {min(r.p_value for r in results):.3g})", None,
-                     {"alpha": MARTINGALE_ALPHA, "rejected": rejected,
-                      "by_n": [{"n": r.n, "horizon": r.horizon, "states": r.states, "paths": r.paths,
-                                "statistic": r.statistic, "p_value": r.p_value,
-                                "mean_tv_deviation": r.mean_tv_deviation,
-                                "mean_category_mass": r.mean_category_mass} for r in results]})
+                     f" {len(counted)} n (min p {min(r.p_value for r in counted):.3g}){skipped}", None,
+                     {**details, "rejected": rejected})
 
 
 def build_scorecard(everything: CategoryMarks, originals: CategoryMarks, bayes: np.ndarray, used: np.ndarray,
@@ -190,7 +200,7 @@ def build_scorecard(everything: CategoryMarks, originals: CategoryMarks, bayes: 
         reasons["martingale"] = ("no martingale results given: run `llmprobe martingale CONFIG --json > FILE` on the"
                                  " same model and pass --martingale FILE")
     return Scorecard(exchangeability, code_length, scaling, None if martingale is None else tuple(martingale),
-                     reasons, bayes_name)
+                     reasons, bayes_name, min_mass)
 
 
 def _order_dependence(everything: CategoryMarks, originals: CategoryMarks, bayes: np.ndarray, min_mass: float,

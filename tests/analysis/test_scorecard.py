@@ -171,3 +171,24 @@ def test_martingale_results_round_trip(planted):
     written = [json.loads(line) for line in martingale.read_text().splitlines()]
     assert [row["p_value"] for row in by_n] == [row["p_value"] for row in written]
     assert [row["statistic"] for row in by_n] == [row["statistic"] for row in written]
+
+
+def test_martingale_rows_with_too_little_mass_are_shown_not_counted(planted, tmp_path):
+    """As every fit leaves out marks with less than --min-mass on the categories, the headline leaves out the n
+    whose states put too little there (the default model's n = 1 for the coin: 0.005)."""
+    _, trace, martingale = planted["recency 0.8"]
+    rows = [json.loads(line) for line in martingale.read_text().splitlines()]
+    rows[0]["mean_category_mass"] = 0.004
+    rows[0]["mean_tv_deviation"] = 0.9
+    low = tmp_path / "low.jsonl"
+    low.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    entry = fit_posterior(posterior_marks(open_trace(trace)), "fit", 5, 0, martingale=low).summary["scorecard"][
+        "martingale"]
+    assert entry["value"] < 0.9 and "n = 1 left out" in entry["display"] and f"of {len(rows) - 1} n" in entry["display"]
+    assert [row["counted"] for row in entry["details"]["by_n"]] == [False] + [True] * (len(rows) - 1)
+    for row in rows:
+        row["mean_category_mass"] = 0.001
+    low.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    entry = fit_posterior(posterior_marks(open_trace(trace)), "fit", 5, 0, martingale=low).summary["scorecard"][
+        "martingale"]
+    assert not entry["computed"] and "--min-mass" in entry["reason"]
