@@ -159,7 +159,7 @@ def _bayesian(tasks: int, y: np.ndarray) -> _Law:
     low, high = float(np.clip(y.min(), 0.01, 0.98)), float(np.clip(y.max(), 0.02, 0.999))
     probs = np.linspace(low, max(high, low + 1e-3), tasks)
     starts = []
-    for first, efficiency in itertools.product((0.5, 0.9, 0.99), (0.1, 1.0, 10.0)):
+    for first, efficiency in itertools.product((0.5, 0.95), (0.1, 1.0, 10.0)):
         prior = np.r_[first, np.full(tasks - 1, (1 - first) / max(tasks - 1, 1))] if tasks > 1 else np.ones(1)
         starts.append(np.r_[np.log(prior[1:] / prior[0]), np.log(probs / (1 - probs)), np.log(efficiency)])
     size = 2 * tasks
@@ -179,13 +179,13 @@ def _baseline(name: str, y: np.ndarray, n: np.ndarray) -> _Law:
     floor, excess = _nll_start(y)
     middle = float(max(np.median(n), 1.0))
     if name == "power":
-        grid = [(excess, a) for a in (0.1, 0.5, 1.0, 2.0)]
+        grid = [(excess, a) for a in (0.1, 0.5, 1.5)]
         names, curve, defined = ("scale", "exponent", "floor"), power_law, (lambda x: x >= 1)
     elif name == "bounded_power":
-        grid = [(excess, a, c) for a in (0.5, 1.0, 2.0) for c in (1.0, middle / 2, 2 * middle)]
+        grid = [(excess, a, c) for a in (0.5, 1.0, 2.0) for c in (1.0, middle)]
         names, curve, defined = ("scale", "exponent", "knee", "floor"), bounded_power_law, None
     else:
-        grid = [(excess, m, s) for m in (1.0, middle / 2, 2 * middle) for s in (0.5, 1.0, 2.0)]
+        grid = [(excess, m, s) for m in (1.0, middle) for s in (0.5, 1.0, 2.0)]
         names, curve, defined = ("height", "midpoint", "steepness", "floor"), logistic_law, None
     size = len(names)
     return _Law(name, lambda x, t: curve(x, *np.exp(t)),
@@ -204,8 +204,8 @@ def _fit(law: _Law, n: np.ndarray, y: np.ndarray, fitted: np.ndarray) -> LawFit:
         start = np.clip(start, law.bounds[0] + 1e-9, law.bounds[1] - 1e-9)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             result = least_squares(lambda t: np.nan_to_num(law.curve(x, t) - target, nan=1.0), start,
-                                   bounds=law.bounds, x_scale="jac", ftol=1e-12, xtol=1e-12, gtol=1e-12,
-                                   max_nfev=2000)
+                                   bounds=law.bounds, x_scale="jac", ftol=1e-10, xtol=1e-10, gtol=1e-10,
+                                   max_nfev=500)
         if best is None or result.cost < best.cost:
             best = result
     predictions = np.full(n.size, np.nan)
