@@ -43,19 +43,34 @@ def synthetic_mixture(rows: int, categories: int, seed: int) -> tuple[np.ndarray
     return gammas / gammas.sum(axis=1, keepdims=True), alphas
 
 
+FORGETTING_PRIOR, SEQUENCE_LENGTH = np.array([2.0, 5.0, 1.5]), 19
+
+
+def draw_sequences(marks: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(thetas, outcomes) of ``marks // 20`` sequences of 19 outcomes on 3 categories, theta drawn from the prior."""
+    n_sequences = marks // (SEQUENCE_LENGTH + 1)
+    thetas = rng.dirichlet(FORGETTING_PRIOR, size=n_sequences)
+    below = rng.random((n_sequences, SEQUENCE_LENGTH, 1)) > np.cumsum(thetas, axis=1)[:, None, :]
+    return thetas, np.minimum(below.sum(axis=2), 2)
+
+
+def forgetting_predictions(outcomes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A gamma = 0.88 filter's noisy predictions (rows, one per mark) after each prefix of ``outcomes``."""
+    q = posterior_predictive(FORGETTING_PRIOR, discounted_counts(outcomes, 0.88, 3)).reshape(-1, 3)
+    draws = rng.gamma(200.0 * q)
+    return draws / draws.sum(axis=1, keepdims=True)
+
+
 def forgetting_marks(marks: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A gamma = 0.88 filter's noisy predictions on 3 categories at ``marks`` marks (sequences of 20 outcomes)."""
     rng = np.random.default_rng(seed)
-    alpha, length = np.array([2.0, 5.0, 1.5]), 19
-    n_sequences = marks // (length + 1)
-    thetas = rng.dirichlet(alpha, size=n_sequences)
-    below = rng.random((n_sequences, length, 1)) > np.cumsum(thetas, axis=1)[:, None, :]
-    outcomes = np.minimum(below.sum(axis=2), 2)
-    q = posterior_predictive(alpha, discounted_counts(outcomes, 0.88, 3)).reshape(-1, 3)
-    draws = rng.gamma(200.0 * q)
+    length = SEQUENCE_LENGTH
+    _, outcomes = draw_sequences(marks, rng)
+    n_sequences = outcomes.shape[0]
+    probs = forgetting_predictions(outcomes, rng)
     sequence = np.repeat(np.arange(n_sequences), length + 1)
     position = np.tile(np.arange(length + 1), n_sequences)
-    return draws / draws.sum(axis=1, keepdims=True), outcomes, sequence, position
+    return probs, outcomes, sequence, position
 
 
 def shuffled_marks(marks: int, seed: int):
@@ -66,16 +81,13 @@ def shuffled_marks(marks: int, seed: int):
     from llmprobe.analysis.marks import CategoryMarks
 
     rng = np.random.default_rng(seed)
-    alpha, length = np.array([2.0, 5.0, 1.5]), 19
-    n_sequences = marks // (length + 1)
-    thetas = rng.dirichlet(alpha, size=n_sequences)
-    below = rng.random((n_sequences, length, 1)) > np.cumsum(thetas, axis=1)[:, None, :]
-    originals = np.minimum(below.sum(axis=2), 2)
+    length = SEQUENCE_LENGTH
+    thetas, originals = draw_sequences(marks, rng)
+    n_sequences = originals.shape[0]
     reordered = np.take_along_axis(originals, rng.random(originals.shape).argsort(axis=1), axis=1)
     outcomes = np.concatenate([originals, reordered])
     counts = discounted_counts(outcomes, 1.0, 3).reshape(-1, 3)
-    q = posterior_predictive(alpha, discounted_counts(outcomes, 0.88, 3)).reshape(-1, 3)
-    draws = rng.gamma(200.0 * q)
+    probs = forgetting_predictions(outcomes, rng)
     total = 2 * n_sequences
     ids = [f"s{i:06d}" if i < n_sequences else f"s{i - n_sequences:06d}-p1" for i in range(total)]
     keys = list(range(n_sequences)) + [f"{i}/p1" for i in range(n_sequences)]
@@ -86,7 +98,7 @@ def shuffled_marks(marks: int, seed: int):
         "n": np.tile(np.arange(length + 1), total), "layout": "marks", "template": 0, "exact": True,
         "permutation": np.repeat(np.r_[np.zeros(n_sequences, int), np.ones(n_sequences, int)], length + 1),
         "order_of": np.repeat([f"s{i % n_sequences:06d}" for i in range(total)], length + 1)})
-    return CategoryMarks("synthetic", ["a", "b", "c"], frame, draws / draws.sum(axis=1, keepdims=True),
+    return CategoryMarks("synthetic", ["a", "b", "c"], frame, probs,
                          np.full(len(frame), 0.9), counts, np.repeat(np.r_[thetas, thetas], length + 1, axis=0),
                          {key: row.tolist() for key, row in zip(keys, outcomes)}, {})
 
