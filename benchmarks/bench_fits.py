@@ -123,8 +123,8 @@ def time_scorecard(marks: int) -> None:
     seconds = time.perf_counter() - start
     fits.build_scorecard = build
     card = result.scorecard
-    print(f"\nfit_posterior with the scorecard: {result.counts.marks:,} original marks + {len(cm) - result.counts.marks:,}"
-          f" shuffled ({result.counts.sequences:,} sequences), --bootstrap 1")
+    print(f"\nfit_posterior with the scorecard: {result.counts.marks:,} original marks"
+          f" + {len(cm) - result.counts.marks:,} shuffled ({result.counts.sequences:,} sequences), --bootstrap 1")
     print(f"{'step':<32} {'seconds':>8} {'goal s':>7} {'ratio':>6}")
     print(f"{'fit_posterior, whole':<32} {seconds:>8.2f} {60.0:>7.1f} {seconds / 60.0:>6.2f}  verdict {result.verdict}")
     print(f"{'  of which the scorecard':<32} {spent[0]:>8.2f} {'':>7} {spent[0] / seconds:>6.2f}  (share of the fit)")

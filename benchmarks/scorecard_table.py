@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # the planted models live with the tests that che
 
 from llmprobe.analysis.fits import fit_posterior, posterior_marks  # noqa: E402
 from llmprobe.analysis.scorecard import MARTINGALE_ALPHA  # noqa: E402
-from llmprobe.bayes.scaling import LAW_NAMES, bayesian_law, fit_scaling_laws  # noqa: E402
+from llmprobe.bayes.scaling import LAW_NAMES, LAWS, bayesian_law, fit_scaling_laws  # noqa: E402
 from llmprobe.tracing.reader import open_trace  # noqa: E402
 from tests.analysis.fixtures import SCORECARD_PLANTED, planted_martingale, write_martingale, write_trace  # noqa: E402
 from tests.bayes.fixtures import SCALING_PLANTED  # noqa: E402
@@ -42,8 +42,9 @@ def main() -> int:
     parser.add_argument("--bootstrap", type=int, default=200, help="resamples of γ (fit-posterior's default)")
     parser.add_argument("--paths", type=int, default=32, help="martingale paths per state (martingale's default)")
     args = parser.parse_args()
-    print("| planted model | order spread, bits (TV) | KL(Bayes‖model) per order → averaged | excess, bits per example"
-          " (per sequence) | scaling law / best baseline (K) | martingale: rejected (max TV) | verdict |")
+    print("| planted model | order spread, bits (TV) | KL(Bayes‖model) per order → averaged"
+          " | excess, bits per example (per sequence) | scaling law / best baseline (K)"
+          " | martingale: rejected (max TV) | verdict |")
     print("|---|---|---|---|---|---|---|")
     start, rows = time.perf_counter(), {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,15 +71,15 @@ def main() -> int:
                                   "scaling_ratio": scaling.error_ratio, "martingale_rejected": rejected}
     print()
     n = np.arange(41)
-    print("| curve made by the law: prior; P per task; K | K fitted | " + " | ".join(
-        f"{LAW_NAMES[name]} RMSE held out" for name in ("bayesian", "power", "bounded_power", "logistic")) + " |")
+    print("| curve made by the law: prior; P per task; K | K fitted | "
+          + " | ".join(f"{LAW_NAMES[name]} RMSE held out" for name in LAWS) + " |")
     print("|---|---|---|---|---|---|")
     recovered = []
     for prior, probs, efficiency in SCALING_PLANTED:
         fit = fit_scaling_laws(n, bayesian_law(n, prior, probs, efficiency), n <= 20)
         recovered.append(abs(fit.efficiency / efficiency - 1))
-        print(f"| {prior}; {probs}; {efficiency:g} | {fit.efficiency:.4g} | " + " | ".join(
-            f"{fit.fits[name].rmse_held_out:.4f}" for name in ("bayesian", "power", "bounded_power", "logistic")) + " |")
+        print(f"| {prior}; {probs}; {efficiency:g} | {fit.efficiency:.4g} | "
+              + " | ".join(f"{fit.fits[name].rmse_held_out:.4f}" for name in LAWS) + " |")
     emit({"benchmark": "scorecard_table", "planted": rows, "scaling_efficiency_error": max(recovered),
           "bootstrap": args.bootstrap, "seconds": round(time.perf_counter() - start, 1)})
     return 0

@@ -1,10 +1,10 @@
 """The options of the fits, their defaults and their checks, in one place for the library and the CLI.
 
-:class:`PosteriorOptions` is every option ``fit-posterior`` has (:class:`ScalingOptions`, ``fit-scaling``'s); building one checks them all and
-raises :class:`~llmprobe.errors.ParameterError` naming the parameter (``min_mass``), which the CLI
-shows as its flag (``--min-mass``). :func:`llmprobe.analysis.fits.fit_posterior` builds one from its
-arguments, so a notebook gets the same checks; the CLI builds one before reading any trace. This
-module imports nothing heavy (no numpy), so a bad option fails in well under a second.
+:class:`PosteriorOptions` is every option ``fit-posterior`` has (:class:`ScalingOptions`, ``fit-scaling``'s);
+building one checks them all and raises :class:`~llmprobe.errors.ParameterError` naming the parameter
+(``min_mass``), which the CLI shows as its flag (``--min-mass``). :func:`llmprobe.analysis.fits.fit_posterior`
+builds one from its arguments, so a notebook gets the same checks; the CLI builds one before reading any
+trace. This module imports nothing heavy (no numpy), so a bad option fails in well under a second.
 """
 
 from __future__ import annotations

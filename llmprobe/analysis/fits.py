@@ -26,9 +26,9 @@ from llmprobe.analysis.fit_options import (
 )
 from llmprobe.analysis.fit_tables import long_table, summarize_by_n
 from llmprobe.analysis.marks import CategoryMarks, category_marks, sequence_inputs
+from llmprobe.analysis.martingale import MartingaleResult
 from llmprobe.analysis.priors import PRIOR_OVER_ROWS, reference_prior
 from llmprobe.analysis.protocols import peer_statistics
-from llmprobe.analysis.martingale import MartingaleResult
 from llmprobe.analysis.results import Distances, FilterScores, MarkCounts, PosteriorResult, Scores
 from llmprobe.analysis.scorecard import build_scorecard, read_martingale
 from llmprobe.bayes import (

@@ -37,7 +37,8 @@ class CategoryMarks:
 
     label: str  # which trace (model) these come from
     categories: list[str]
-    marks: pd.DataFrame  # prompt_id, prompt_index, position, sequence, n, layout, template, exact, permutation, order_of
+    marks: pd.DataFrame  # prompt_id, prompt_index, position, sequence, n, layout, template, exact, permutation,
+    # order_of
     probs: np.ndarray  # (M, K) model probabilities renormalized over the categories
     mass: np.ndarray  # (M,) total model probability on the category set
     counts: np.ndarray | None  # (M, K) running counts of the in-context examples, if known
@@ -172,7 +173,8 @@ def _orders(metas: list[dict], prompt_ids: list, source: str) -> tuple[list[int]
     for meta, prompt_id in zip(metas, prompt_ids):
         k = meta.get("permutation", 0)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise UsageError(f"prompt {prompt_id!r}: 'permutation' must be a whole number >= 0, got {k!r}", where=source)
+            raise UsageError(f"prompt {prompt_id!r}: 'permutation' must be a whole number >= 0, got {k!r}",
+                             where=source)
         original = meta.get("permutation_of") if k else prompt_id
         if original is None:
             raise UsageError(f"prompt {prompt_id!r} is shuffled order {k} but names no 'permutation_of'", where=source)

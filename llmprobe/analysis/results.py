@@ -1,13 +1,13 @@
 """What ``fit-posterior`` returns: a typed result, its JSON summary, and the conclusion's wording.
 
-:class:`PosteriorResult` holds the verdict (:class:`~llmprobe.bayes.verdict.Verdict`), the updating
-prior's fits and gamma test (:class:`~llmprobe.bayes.updating.UpdatingPriorTest`), every predictor's
-scores (:class:`Scores`), how many marks were used, the descriptive distances to the ``--prior``
-reference (:class:`Distances`), the peers' statistics when asked for, the per-mark and per-n
-tables, and the scorecard of the field's other tests (:class:`~llmprobe.analysis.scorecard.Scorecard`,
-always after the verdict: the summary's last key). ``summary`` is the JSON document the CLI writes with ``--json`` (and into the Parquet
-table's metadata), built from those fields; its keys and values are a file format that other runs,
-plot-icl and report read back, so they change only with care.
+:class:`PosteriorResult` holds the verdict (:class:`~llmprobe.bayes.verdict.Verdict`), the updating prior's
+fits and gamma test (:class:`~llmprobe.bayes.updating.UpdatingPriorTest`), every predictor's scores
+(:class:`Scores`), how many marks were used, the descriptive distances to the ``--prior`` reference
+(:class:`Distances`), the peers' statistics when asked for, the per-mark and per-n tables, and the scorecard
+of the field's other tests (:class:`~llmprobe.analysis.scorecard.Scorecard`, always after the verdict: the
+summary's last key). ``summary`` is the JSON document the CLI writes with ``--json`` (and into the Parquet
+table's metadata), built from those fields; its keys and values are a file format that other runs, plot-icl
+and report read back, so they change only with care.
 
 Every surface that states a conclusion leads with :func:`verdict_line` and shows the gamma = 1 test
 (:func:`gamma_test_line`) only beside it; both read a summary dict, so they work on files too.

@@ -63,7 +63,8 @@ DIRECTIONS = {
                   " drifts along the model's own samples",
 }
 
-REFERENCES = {  # docs/statistics.md section 6g (benchmarks/scorecard_table.py); checked by tests/analysis/test_scorecard.py
+# docs/statistics.md section 6g (benchmarks/scorecard_table.py); checked by tests/analysis/test_scorecard.py
+REFERENCES = {
     "exchangeability": "exact Bayes: 0; recency 0.8: 0.150 bits",
     "excess_code_length": "exact Bayes: 0; forgetting γ = 0.5 (against its own prior): +0.124 bits per example",
     "scaling_law": "curves made by the law: < 0.001 (K within 10 %); exact Bayes, coin sweep: 4.8",

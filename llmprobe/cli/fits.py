@@ -166,7 +166,8 @@ def _unique_label(label: str, path: str, seen: set[str]) -> str:
 
 
 def fit_scaling(
-    trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace of experiment prompts (file, directory or -).")],
+    trace_path: Annotated[str, typer.Argument(metavar="TRACE",
+                                              help="Trace of experiment prompts (file, directory or -).")],
     tasks: Annotated[int, typer.Option(
         "--tasks", metavar="M", help="Latent tasks of the Bayesian law (its prior has M weights).")] = 2,
     fit_fraction: Annotated[float, typer.Option(

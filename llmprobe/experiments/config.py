@@ -7,12 +7,12 @@ every key and value (:mod:`~llmprobe.experiments.schema`), parses the templates
 :meth:`Experiment.with_overrides` applies the command line's ``--seed``, ``--n-max``, ``--sequences``,
 ``--layout`` and ``--permutations`` with the same checks.
 
-Invariants: a definition that loads can be generated (every cross-field rule is checked here: θ
-vectors sum to 1 over as many entries as there are categories, each category's text begins with its
-target, per-n options need a per-n layout, ``phases`` fix ``n_max``, ``ns`` stay within it, enough
-cues for ``n_max``, ``permutations`` only on exchangeable marks records); any problem is one :class:`~llmprobe.errors.UsageError` naming the file and the
-key. The file is read as UTF-8 TOML (a leading BOM ignored); nothing in it is evaluated or treated as
-a path. ``[prior]`` is allowed and ignored here: it belongs to ``wind-tunnel``.
+Invariants: a definition that loads can be generated (every cross-field rule is checked here: θ vectors sum to
+1 over as many entries as there are categories, each category's text begins with its target, per-n options
+need a per-n layout, ``phases`` fix ``n_max``, ``ns`` stay within it, enough cues for ``n_max``,
+``permutations`` only on exchangeable marks records); any problem is one :class:`~llmprobe.errors.UsageError`
+naming the file and the key. The file is read as UTF-8 TOML (a leading BOM ignored); nothing in it is
+evaluated or treated as a path. ``[prior]`` is allowed and ignored here: it belongs to ``wind-tunnel``.
 """
 
 from __future__ import annotations

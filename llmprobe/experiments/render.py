@@ -110,9 +110,9 @@ def generate(
 ) -> Iterator[dict[str, Any]]:
     """Prompt records, lazily (see docs/experiments.md); arguments that are not None override the TOML.
 
-    Order: for each θ (file order), for each template, for each replicate, the "marks" record (followed by
-    its shuffled orders) and/or the "per-n" records n = 0..n_max (or experiment.ns). Deterministic: the same experiment and
-    arguments give the same records.
+    Order: for each θ (file order), for each template, for each replicate, the "marks" record (followed by its
+    shuffled orders) and/or the "per-n" records n = 0..n_max (or experiment.ns). Deterministic: the same
+    experiment and arguments give the same records.
     """
     # Overrides are validated here, eagerly, so a bad flag fails before any record is written.
     exp = experiment.with_overrides(seed=seed, n_max=n_max, sequences=sequences, layout=layout,

@@ -284,7 +284,8 @@ SCORECARD_COLUMNS = {"test": "test", "display": "number", "direction": "directio
 
 def _scorecard_section(summaries: list[dict[str, Any]]) -> list[str]:
     """The field's other tests, one row each (``scorecard`` of every summary that has one), after the Answer."""
-    rows = [{"trace": str(s.get("trace")), **{label: str(entry.get(key, "")) for key, label in SCORECARD_COLUMNS.items()}}
+    rows = [{"trace": str(s.get("trace")),
+             **{label: str(entry.get(key, "")) for key, label in SCORECARD_COLUMNS.items()}}
             for s in summaries if isinstance(s.get("scorecard"), dict)
             for entry in s["scorecard"].values() if isinstance(entry, dict)]
     if not rows:

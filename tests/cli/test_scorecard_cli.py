@@ -30,8 +30,8 @@ def shuffled(tmp_path_factory):
 def test_json_metadata_and_api_carry_the_same_scorecard(shuffled, tmp_path, capsys, monkeypatch):
     trace, martingale = shuffled
     fit = tmp_path / "fit.parquet"
-    code, out, err = run_cli(["fit-posterior", str(trace), "--martingale", str(martingale), "--bootstrap", "5", "--json",
-                              "-o", str(fit), "-q"], capsys, monkeypatch)
+    code, out, err = run_cli(["fit-posterior", str(trace), "--martingale", str(martingale), "--bootstrap", "5",
+                              "--json", "-o", str(fit), "-q"], capsys, monkeypatch)
     assert code == 0, err
     summary = json.loads(out)[0]
     keys = list(summary)
@@ -60,7 +60,8 @@ def test_the_terminal_shows_the_scorecard_after_the_verdict(shuffled, capsys, mo
     assert side.index("verdict") < side.index("order spread, bits") < side.index("martingale max TV")
 
 
-MARTINGALE_LINE = '{"n": 1, "horizon": 1, "states": 3, "paths": 4, "statistic": 0.1, "p_value": 0.5, "mean_tv_deviation": 0.1}'
+MARTINGALE_LINE = ('{"n": 1, "horizon": 1, "states": 3, "paths": 4, "statistic": 0.1, "p_value": 0.5,'
+                   ' "mean_tv_deviation": 0.1}')
 
 
 @pytest.mark.parametrize(("content", "needle"), [
@@ -77,8 +78,8 @@ def test_a_bad_martingale_file_is_one_line_and_writes_nothing(shuffled, tmp_path
     if content is not None:
         bad.write_text(content)
     fit = tmp_path / "fit.parquet"
-    code, out, err = run_cli(["fit-posterior", str(trace), "--martingale", str(bad), "--bootstrap", "2", "-o", str(fit)],
-                             capsys, monkeypatch)
+    code, out, err = run_cli(["fit-posterior", str(trace), "--martingale", str(bad), "--bootstrap", "2", "-o",
+                              str(fit)], capsys, monkeypatch)
     assert_one_line_error(code, err, "--martingale", str(bad), needle)
     assert out == "" and not fit.exists()
 

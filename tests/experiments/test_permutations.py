@@ -133,7 +133,7 @@ def test_the_command_line_option(tmp_path, capsys, monkeypatch):
     output = tmp_path / "p.jsonl"
     code, _, err = run_cli(["experiment", config, "--permutations", "-1", "-o", str(output)], capsys, monkeypatch)
     assert_one_line_error(code, err, "--permutations")
-    code, _, err = run_cli(["experiment", config, "--permutations", "2", "--layout", "per-n", "-o", str(output)], capsys,
-                           monkeypatch)
+    code, _, err = run_cli(["experiment", config, "--permutations", "2", "--layout", "per-n", "-o", str(output)],
+                           capsys, monkeypatch)
     assert_one_line_error(code, err, "permutations (override)", "marks")
     assert not output.exists()

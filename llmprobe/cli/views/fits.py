@@ -299,8 +299,9 @@ class ScalingView:
     def tables(self) -> Iterator[Table]:
         result, comparison = self.result, self.result.comparison
         fitted = comparison.n[comparison.fitted]
-        table = Table(title=f"{result.label}: the ICL curve against the scaling laws, fitted on n ≤ {int(fitted.max())}"
-                            f" ({fitted.size} of {comparison.n.size} n), scored on the rest", title_justify="left",
+        table = Table(title=f"{result.label}: the ICL curve against the scaling laws, fitted on n ≤"
+                            f" {int(fitted.max())} ({fitted.size} of {comparison.n.size} n), scored on the rest",
+                      title_justify="left",
                       caption=f"y(n) = {result.measure}; RMSE of y in probability. Bayesian law: y(n) = Σ ρ_j"
                               " P_j^(Kn+1) / Σ ρ_j P_j^(Kn) (Arora et al.); baselines fit the NLL −log y.")
         for name in ("law", "parameters", "RMSE fitted", "RMSE held out"):
@@ -312,8 +313,9 @@ class ScalingView:
         yield table
         ratio = comparison.error_ratio
         if ratio is not None:
-            yield Text(f"Held-out RMSE of the Bayesian law / the best baseline ({LAW_NAMES[comparison.best_baseline.law]}):"
-                       f" {ratio:.3g}; ICL efficiency K = {comparison.efficiency:.3g}.")
+            best = LAW_NAMES[comparison.best_baseline.law]
+            yield Text(f"Held-out RMSE of the Bayesian law / the best baseline ({best}): {ratio:.3g}; ICL efficiency"
+                       f" K = {comparison.efficiency:.3g}.")
 
     def beside_data(self, fmt: str) -> Iterator[Table]:
         return self.tables()
