@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from llmprobe.analysis.results import PosteriorResult
+    from llmprobe.analysis.scaling import ScalingResult
     from llmprobe.model.loading import LoadedModel
     from llmprobe.tracing.reader import Trace
 
@@ -90,14 +91,27 @@ def fit_posterior(trace: Any, *, prior: str = "fit", bootstrap: int = 200, seed:
     ``trace``: a DataFrame from :func:`trace` or :func:`llmprobe.read_trace`, a Trace, or a path.
     ``options``: the command's other options under their parameter names (``components``,
     ``max_components``, ``min_mass``, ``folds``, ``by``, ``gamma_variant``; see
-    :class:`llmprobe.analysis.fit_options.PosteriorOptions`), so ``by="template"`` is ``--by template``.
-    The result (:class:`~llmprobe.analysis.results.PosteriorResult`) has the verdict (``.verdict``,
-    ``.conclusion``), the fits (``.test``), the scores (``.scores``), ``.summary`` (the ``--json``
-    dict), ``.table`` (the ``-o`` per-mark table) and ``.by_n`` (the per-n table the CLI shows).
+    :class:`llmprobe.analysis.fit_options.PosteriorOptions`), so ``by="template"`` is ``--by template``,
+    and ``martingale`` (``--martingale``: the ``llmprobe martingale --json`` file of the same model, or
+    its results). The result (:class:`~llmprobe.analysis.results.PosteriorResult`) has the verdict
+    (``.verdict``, ``.conclusion``), the fits (``.test``), the scores (``.scores``), ``.summary`` (the
+    ``--json`` dict), ``.table`` (the ``-o`` per-mark table), ``.by_n`` (the per-n table the CLI shows)
+    and ``.scorecard`` (the field's other tests, read after the verdict).
     """
     from llmprobe.analysis.fits import fit_posterior as fit, posterior_marks
 
     return fit(posterior_marks(_as_trace(trace), label), prior, bootstrap, seed, **options)
+
+
+def fit_scaling(trace: Any, *, tasks: int = 2, fit_fraction: float = 0.5, min_mass: float = 0.05,
+                label: str | None = None) -> ScalingResult:
+    """``llmprobe fit-scaling``: the ICL curve against the Bayesian scaling law and its baselines
+    (:class:`~llmprobe.analysis.scaling.ScalingResult`: ``.curve``, ``.comparison``, ``.predictions()``,
+    ``.to_dict()`` the ``--json`` document)."""
+    from llmprobe.analysis.fits import posterior_marks
+    from llmprobe.analysis.scaling import fit_scaling as fit
+
+    return fit(posterior_marks(_as_trace(trace), label), tasks, fit_fraction, min_mass)
 
 
 def fit_prior(trace: Any, *, components: str | int = 1, max_components: int = 5, from_counts: bool = False,

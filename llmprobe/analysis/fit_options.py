@@ -1,10 +1,10 @@
 """The options of the fits, their defaults and their checks, in one place for the library and the CLI.
 
-:class:`PosteriorOptions` is every option ``fit-posterior`` has; building one checks them all and
-raises :class:`~llmprobe.errors.ParameterError` naming the parameter (``min_mass``), which the CLI
-shows as its flag (``--min-mass``). :func:`llmprobe.analysis.fits.fit_posterior` builds one from its
-arguments, so a notebook gets the same checks; the CLI builds one before reading any trace. This
-module imports nothing heavy (no numpy), so a bad option fails in well under a second.
+:class:`PosteriorOptions` is every option ``fit-posterior`` has (:class:`ScalingOptions`, ``fit-scaling``'s);
+building one checks them all and raises :class:`~llmprobe.errors.ParameterError` naming the parameter
+(``min_mass``), which the CLI shows as its flag (``--min-mass``). :func:`llmprobe.analysis.fits.fit_posterior`
+builds one from its arguments, so a notebook gets the same checks; the CLI builds one before reading any
+trace. This module imports nothing heavy (no numpy), so a bad option fails in well under a second.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ DEFAULT_FOLDS = 5
 
 DEFAULT_MAX_COMPONENTS = 3
 """The largest updating prior tried with ``components="auto"``."""
+
+DEFAULT_TASKS = 2
+"""Latent tasks of the Bayesian scaling law: 2 gives it four parameters, as many as the bounded power and
+logistic laws it is compared with."""
+
+DEFAULT_FIT_FRACTION = 0.5
+"""The scaling laws are fitted on this first fraction of the distinct n and scored on the rest."""
 
 BY_CHOICES = ("template",)
 """``by``: the peers' per-n tables over prompt templates (:mod:`llmprobe.analysis.protocols`)."""
@@ -51,6 +58,11 @@ def parse_components(spec: str | int, parameter: str = "components") -> int | No
     if k < 1:
         raise ParameterError(parameter, "must be 1 or more, or 'auto'")
     return k
+
+
+def check_min_mass(min_mass: float) -> None:
+    if not 0.0 <= min_mass < 1.0:
+        raise ParameterError("min_mass", f"must be in [0, 1), got {min_mass}")
 
 
 def check_at_least(value: int, low: int, parameter: str) -> None:
@@ -85,8 +97,7 @@ class PosteriorOptions:
         check_choice(self.by, BY_CHOICES, "by")
         check_choice(self.gamma_variant, GAMMA_VARIANTS, "gamma_variant")
         parse_components(self.components)
-        if not 0.0 <= self.min_mass < 1.0:
-            raise ParameterError("min_mass", f"must be in [0, 1), got {self.min_mass}")
+        check_min_mass(self.min_mass)
         check_at_least(self.folds, 2, "folds")
         check_at_least(self.max_components, 1, "max_components")
         check_at_least(self.bootstrap, 1, "bootstrap")
@@ -96,3 +107,20 @@ class PosteriorOptions:
     def n_components(self) -> int | None:
         """The updating prior's components; None: choose them out of sample."""
         return parse_components(self.components)
+
+
+@dataclass(frozen=True)
+class ScalingOptions:
+    """Every option of fit-scaling, checked when built: ``tasks``: latent tasks of the Bayesian law (>= 1);
+    ``fit_fraction``: the first fraction of the distinct n the laws are fitted on, in (0, 1); ``min_mass``:
+    marks with less probability on the categories are left out."""
+
+    tasks: int = DEFAULT_TASKS
+    fit_fraction: float = DEFAULT_FIT_FRACTION
+    min_mass: float = DEFAULT_MIN_MASS
+
+    def __post_init__(self) -> None:
+        check_at_least(self.tasks, 1, "tasks")
+        if not 0.0 < self.fit_fraction < 1.0:
+            raise ParameterError("fit_fraction", f"must be between 0 and 1 (exclusive), got {self.fit_fraction}")
+        check_min_mass(self.min_mass)

@@ -2,14 +2,15 @@
 
 The per-mark table is long: one row per (mark, category), so it filters and plots without
 reshaping. Written as Parquet (the fits' JSON summaries in its metadata under :data:`FIT_META_KEY`,
-which plot-icl and report read) or as CSV, atomically.
+which plot-icl and report read) or as CSV, atomically (:func:`write_table_file`, which fit-scaling's
+per-n predictions go through too).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,10 +21,16 @@ from llmprobe.analysis.marks import CategoryMarks
 from llmprobe.bayes import entropy_bits, kl_bits, total_variation
 from llmprobe.files import atomic_file, check_new_output
 
-if TYPE_CHECKING:
-    from llmprobe.analysis.results import PosteriorResult
-
 FIT_META_KEY = b"llmprobe.fit"
+
+
+class FittedTrace(Protocol):
+    """What the fit file holds of a fit (a :class:`~llmprobe.analysis.results.PosteriorResult`)."""
+
+    table: pd.DataFrame
+
+    @property
+    def summary(self) -> dict[str, Any]: ...
 
 
 def long_table(cm: CategoryMarks, bayes: np.ndarray, filtered: np.ndarray, held_out: np.ndarray,
@@ -78,14 +85,20 @@ def summarize_by_n(table: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def write_fit_table(results: list[PosteriorResult], output: str, force: bool) -> None:
+def write_fit_table(results: Sequence[FittedTrace], output: str, force: bool) -> None:
     """The long per-mark table as Parquet (with the fits in its metadata) or CSV, written atomically."""
+    write_table_file(pd.concat([r.table for r in results], ignore_index=True), output, force,
+                     {FIT_META_KEY: json.dumps([r.summary for r in results]).encode()})
+
+
+def write_table_file(frame: pd.DataFrame, output: str, force: bool, metadata: dict[bytes, bytes] | None = None) -> None:
+    """A table as CSV (by the ``.csv`` suffix) or Parquet (with ``metadata`` in its schema), written atomically."""
     check_new_output(output, force)
-    frame = pd.concat([r.table for r in results], ignore_index=True)
     with atomic_file(output, "wb", replace=force) as stream:
         if Path(output).suffix.lower() == ".csv":
             stream.write(frame.to_csv(index=False).encode("utf-8"))
         else:
             table = pa.Table.from_pandas(frame, preserve_index=False)
-            table = table.replace_schema_metadata({FIT_META_KEY: json.dumps([r.summary for r in results]).encode()})
+            if metadata:
+                table = table.replace_schema_metadata(metadata)
             pq.write_table(table, stream, compression="zstd")

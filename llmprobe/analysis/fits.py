@@ -10,7 +10,8 @@ parameter (the CLI shows its flag).
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -25,9 +26,11 @@ from llmprobe.analysis.fit_options import (
 )
 from llmprobe.analysis.fit_tables import long_table, summarize_by_n
 from llmprobe.analysis.marks import CategoryMarks, category_marks, sequence_inputs
+from llmprobe.analysis.martingale import MartingaleResult
 from llmprobe.analysis.priors import PRIOR_OVER_ROWS, reference_prior
 from llmprobe.analysis.protocols import peer_statistics
 from llmprobe.analysis.results import Distances, FilterScores, MarkCounts, PosteriorResult, Scores
+from llmprobe.analysis.scorecard import build_scorecard, read_martingale
 from llmprobe.bayes import (
     fit_dirichlet_mixture,
     fit_dirichlet_multinomial_mixture,
@@ -59,8 +62,10 @@ def fit_prior(cm: CategoryMarks, components: str | int, max_components: int, fro
     marks and prompts, or over the examples' counts. Not the *updating prior* (fit-posterior).
 
     ``components``: a number or ``auto`` (chosen by BIC among 1..``max_components``); ``n``: only the
-    marks after these numbers of examples (all marks when None)."""
+    marks after these numbers of examples (all marks when None). Shuffled orders are left out: their rows
+    repeat the originals' evidence."""
     k = parse_components(components)
+    cm = cm.originals()
     check_at_least(max_components, 1, "max_components")
     keep = np.ones(len(cm), dtype=bool) if n is None else np.isin(cm.marks["n"].to_numpy(), n)
     if not keep.any():
@@ -116,11 +121,24 @@ def posterior_marks(trace: Trace, label: str | None = None) -> CategoryMarks:
 def fit_posterior(cm: CategoryMarks, prior: str = "fit", bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, *,
                   components: str | int = "1", max_components: int = DEFAULT_MAX_COMPONENTS,
                   min_mass: float = DEFAULT_MIN_MASS, folds: int = DEFAULT_FOLDS, by: str | None = None,
-                  gamma_variant: str | None = None, reporter: Reporter = SILENT) -> PosteriorResult:
+                  gamma_variant: str | None = None,
+                  martingale: str | Path | Sequence[MartingaleResult] | None = None,
+                  reporter: Reporter = SILENT) -> PosteriorResult:
     """The updating prior, the exact-Bayes test under it, out-of-sample scores, baselines and the verdict
-    (options: :class:`~llmprobe.analysis.fit_options.PosteriorOptions`). ``reporter`` shows progress
-    through the slow steps (choosing components, the bootstrap, held-out fits)."""
+    (options: :class:`~llmprobe.analysis.fit_options.PosteriorOptions`), then the scorecard of the field's
+    other tests (:mod:`llmprobe.analysis.scorecard`; ``martingale``: ``llmprobe martingale --json`` output,
+    as a file or its results). ``reporter`` shows progress through the slow steps (choosing components, the
+    bootstrap, held-out fits).
+
+    Shuffled orders (``experiment --permutations``) feed the scorecard's exchangeability test only: every
+    fit, score and the verdict are on the original orders, so a trace gives the same verdict with or without
+    them. Counting them too would count each sequence's examples once per order: the bootstrap and the folds,
+    which take sequences as independent, would see copies of one sequence as several (narrower intervals, and a
+    held-out sequence's reorderings in the fitting folds)."""
     options = PosteriorOptions(prior, bootstrap, seed, components, max_components, min_mass, folds, by, gamma_variant)
+    if isinstance(martingale, (str, Path)):
+        martingale = read_martingale(martingale)
+    everything, cm = cm, cm.originals()
     n_components = options.n_components
     if cm.counts is None:
         raise UsageError(f"the marks carry no running counts; fit-posterior needs {POSTERIOR_INPUT}", where=cm.label)
@@ -192,11 +210,14 @@ def fit_posterior(cm: CategoryMarks, prior: str = "fit", bootstrap: int = DEFAUL
 
     table = long_table(cm, bayes, free_in, exact_out, used)
     n_inexact = int((~cm.marks["exact"].to_numpy(dtype=bool)).sum()) if "exact" in cm.marks else 0
+    scorecard = build_scorecard(everything, cm, bayes, used, outcomes, sequence, position, min_mass=min_mass,
+                                bayes_name="exact Bayes under the fitted updating prior (γ = 1)" if reference is None
+                                else f"exact Bayes under --prior {reference.source}", martingale=martingale)
     return PosteriorResult(
         label=cm.label, categories=cm.categories, options=options, conclusion=verdict, test=test, scores=scored,
         reference=reference, counts=MarkCounts(len(cm), int(used.sum()), n_inexact, len(outcomes)),
         distances=Distances.of(table, cm.theta is not None), peers=peer_statistics(cm, bayes, by, gamma_variant),
-        table=table, by_n=summarize_by_n(table))
+        table=table, by_n=summarize_by_n(table), scorecard=scorecard)
 
 
 def _filter_scores(probs: np.ndarray, weights: np.ndarray, inside: np.ndarray,

@@ -9,6 +9,12 @@ the set is part of the finding. Experiment prompts carry ``categories``, ``targe
 (and, in a chain of θs, ``theta``) in each mark; the tracer adds ``"exact": false`` to a mark that
 falls inside a token (kept in the ``exact`` column). Targets whose tokens nest (" z" begins " zorp")
 are refused: their probabilities are not disjoint events.
+
+Shuffled orders (``experiment --permutations K``) carry ``permutation`` (1..K) and ``permutation_of`` (the
+original's id): their marks are kept with ``permutation`` > 0 and ``order_of`` naming the original prompt,
+under a sequence key of their own (their outcomes are in another order), and must reorder the original's
+examples exactly. :meth:`CategoryMarks.originals` is the trace without them: every fit reads only the
+original orders, so a trace gives the same fits whether or not its shuffled orders were traced too.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ class CategoryMarks:
 
     label: str  # which trace (model) these come from
     categories: list[str]
-    marks: pd.DataFrame  # prompt_id, prompt_index, position, sequence, n, layout, template, exact
+    marks: pd.DataFrame  # prompt_id, prompt_index, position, sequence, n, layout, template, exact, permutation,
+    # order_of
     probs: np.ndarray  # (M, K) model probabilities renormalized over the categories
     mass: np.ndarray  # (M,) total model probability on the category set
     counts: np.ndarray | None  # (M, K) running counts of the in-context examples, if known
@@ -41,6 +48,23 @@ class CategoryMarks:
 
     def __len__(self) -> int:
         return len(self.marks)
+
+    @property
+    def has_permutations(self) -> bool:
+        return bool((self.marks["permutation"] > 0).any())
+
+    def originals(self) -> CategoryMarks:
+        """The marks of the original orders only (this object itself when the trace has no shuffled orders)."""
+        if not self.has_permutations:
+            return self
+        keep = (self.marks["permutation"] == 0).to_numpy()
+        marks = self.marks[keep].reset_index(drop=True)
+        kept = set(marks["sequence"])
+        return CategoryMarks(
+            label=self.label, categories=self.categories, marks=marks, probs=self.probs[keep], mass=self.mass[keep],
+            counts=None if self.counts is None else self.counts[keep],
+            theta=None if self.theta is None else self.theta[keep],
+            outcomes={key: value for key, value in self.outcomes.items() if key in kept}, meta=self.meta)
 
 
 def trace_label(trace: Trace) -> str:
@@ -78,15 +102,21 @@ def category_marks(trace: Trace, label: str | None = None, *, needs: str = CATEG
     shifted = np.exp(logprobs - logprobs.max(axis=1, keepdims=True))
     probs = shifted / shifted.sum(axis=1, keepdims=True)
     mass = np.exp(logprobs).sum(axis=1)
+    prompt_ids = scored.column("prompt_id").to_pylist()
+    permutation, order_of = _orders(metas, prompt_ids, trace.source)
     frame = pd.DataFrame({
-        "prompt_id": scored.column("prompt_id").to_pylist(),
+        "prompt_id": prompt_ids,
         "prompt_index": scored.column("prompt_index").to_numpy(),
         "position": scored.column("position").to_numpy(),
-        "sequence": [m.get("sequence", pid) for m, pid in zip(metas, scored.column("prompt_id").to_pylist())],
+        # a shuffled order's outcomes differ in order from its original's: a sequence of its own
+        "sequence": [m.get("sequence", pid) if not k else f"{m.get('sequence', pid)}/p{k}"
+                     for m, pid, k in zip(metas, prompt_ids, permutation)],
         "n": [mk.get("n") for mk in marks],
         "layout": [m.get("layout") for m in metas],
         "template": [m.get("template", 0) for m in metas],  # [[templates]] experiments; 0 otherwise
         "exact": [bool(mk.get("exact", True)) for mk in marks],
+        "permutation": permutation,
+        "order_of": order_of,  # the original order's prompt id (its own for an original)
     })
     counts = _optional_matrix([mk.get("counts") for mk in marks], len(categories))
     # a chain of θs (experiment.phases) gives each mark its own θ
@@ -102,6 +132,8 @@ def category_marks(trace: Trace, label: str | None = None, *, needs: str = CATEG
         if isinstance(seq_outcomes, list) and (sequence not in outcomes  # an n = 0 prompt may be its own sequence
                                                or len(seq_outcomes) > len(outcomes[sequence])):
             outcomes[sequence] = seq_outcomes
+    if counts is not None and any(permutation):
+        _check_reorderings(frame, counts, trace.source)
     return CategoryMarks(
         label=label or trace_label(trace),
         categories=categories,
@@ -127,6 +159,42 @@ def sequence_inputs(cm: CategoryMarks, needs: str) -> tuple[list[np.ndarray], np
     except KeyError as exc:
         raise UsageError(f"sequence {exc.args[0]!r} has marks but no outcomes") from None
     return [np.asarray(cm.outcomes[k], dtype=np.int64) for k in keys], sequence, cm.marks["n"].to_numpy(dtype=np.int64)
+
+
+def next_outcomes(outcomes: list[np.ndarray], sequence: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """(M,) per mark (as :func:`sequence_inputs` gives them): the outcome that came next, or -1 after the last."""
+    return np.array([outcomes[s][p] if p < outcomes[s].size else -1 for s, p in zip(sequence, position)],
+                    dtype=np.int64)
+
+
+def _orders(metas: list[dict], prompt_ids: list, source: str) -> tuple[list[int], list]:
+    """Per row: its permutation number (0: an original order) and the prompt id of its original order."""
+    permutation, order_of = [], []
+    for meta, prompt_id in zip(metas, prompt_ids):
+        k = meta.get("permutation", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise UsageError(f"prompt {prompt_id!r}: 'permutation' must be a whole number >= 0, got {k!r}",
+                             where=source)
+        original = meta.get("permutation_of") if k else prompt_id
+        if original is None:
+            raise UsageError(f"prompt {prompt_id!r} is shuffled order {k} but names no 'permutation_of'", where=source)
+        permutation.append(k)
+        order_of.append(str(original))
+    return permutation, order_of
+
+
+def _check_reorderings(frame: pd.DataFrame, counts: np.ndarray, source: str) -> None:
+    """Every shuffled order ends with its original's counts: the same examples, reordered."""
+    last = frame.assign(_row=np.arange(len(frame))).sort_values("n").groupby("prompt_id")["_row"].last()
+    final = {prompt_id: counts[row] for prompt_id, row in last.items()}
+    for prompt_id, original in frame.loc[frame["permutation"] > 0, ["prompt_id", "order_of"]].drop_duplicates(
+            "prompt_id").itertuples(index=False):
+        if original not in final:
+            raise UsageError(f"prompt {prompt_id!r} is a shuffled order of {original!r}, which is not in the trace",
+                             where=source)
+        if not np.array_equal(final[prompt_id], final[original]):
+            raise UsageError(f"prompt {prompt_id!r} is not a reordering of {original!r}: its examples' counts differ",
+                             where=source)
 
 
 def _category_columns(metas: list[dict], trace_targets: list[str], source: str) -> tuple[list[str], list[int]]:

@@ -1,12 +1,13 @@
 """What ``fit-posterior`` returns: a typed result, its JSON summary, and the conclusion's wording.
 
-:class:`PosteriorResult` holds the verdict (:class:`~llmprobe.bayes.verdict.Verdict`), the updating
-prior's fits and gamma test (:class:`~llmprobe.bayes.updating.UpdatingPriorTest`), every predictor's
-scores (:class:`Scores`), how many marks were used, the descriptive distances to the ``--prior``
-reference (:class:`Distances`), the peers' statistics when asked for, and the per-mark and per-n
-tables. ``summary`` is the JSON document the CLI writes with ``--json`` (and into the Parquet
-table's metadata), built from those fields; its keys and values are a file format that other runs,
-plot-icl and report read back, so they change only with care.
+:class:`PosteriorResult` holds the verdict (:class:`~llmprobe.bayes.verdict.Verdict`), the updating prior's
+fits and gamma test (:class:`~llmprobe.bayes.updating.UpdatingPriorTest`), every predictor's scores
+(:class:`Scores`), how many marks were used, the descriptive distances to the ``--prior`` reference
+(:class:`Distances`), the peers' statistics when asked for, the per-mark and per-n tables, and the scorecard
+of the field's other tests (:class:`~llmprobe.analysis.scorecard.Scorecard`, always after the verdict: the
+summary's last key). ``summary`` is the JSON document the CLI writes with ``--json`` (and into the Parquet
+table's metadata), built from those fields; its keys and values are a file format that other runs, plot-icl
+and report read back, so they change only with care.
 
 Every surface that states a conclusion leads with :func:`verdict_line` and shows the gamma = 1 test
 (:func:`gamma_test_line`) only beside it; both read a summary dict, so they work on files too.
@@ -23,6 +24,7 @@ import pandas as pd
 from llmprobe.analysis.fit_options import PosteriorOptions
 from llmprobe.analysis.priors import ReferencePrior
 from llmprobe.analysis.protocols import PeerStatistics
+from llmprobe.analysis.scorecard import Scorecard
 from llmprobe.bayes.updating import UpdatingPrior, UpdatingPriorTest
 from llmprobe.bayes.verdict import (
     FIT_KL_BITS,
@@ -145,7 +147,8 @@ class PosteriorResult:
     ``test``: the updating prior (``test.exact``: gamma = 1, ``test.free``: the forgetting filter) and
     the bootstrap interval of gamma; ``reference``: the ``--prior`` other than ``fit`` (None: the fitted
     updating prior is the per-mark Bayes column); ``table``: one row per mark and category (``-o``);
-    ``by_n``: the per-n table the CLI shows and ``--format tsv`` writes."""
+    ``by_n``: the per-n table the CLI shows and ``--format tsv`` writes; ``scorecard``: the field's other
+    tests, read after the verdict."""
 
     label: str
     categories: list[str]
@@ -159,6 +162,7 @@ class PosteriorResult:
     peers: PeerStatistics | None
     table: pd.DataFrame
     by_n: pd.DataFrame
+    scorecard: Scorecard
 
     @property
     def verdict(self) -> str:
@@ -206,13 +210,14 @@ class PosteriorResult:
             "scores": self.scores.to_dict(),
             **self.distances.to_dict(),
             **(self.peers.to_dict() if self.peers is not None else {}),
+            "scorecard": self.scorecard.to_dict(),  # after the verdict, always: it is not the conclusion
         }
 
     def __repr__(self) -> str:
         """The conclusion first (as every surface shows it), then where the numbers are."""
         return (f"<fit-posterior of {self.label}: {verdict_line(self.summary)}\n {gamma_test_line(self.summary)}\n"
                 f" .summary (the --json dict), .table ({len(self.table)} rows, one per mark and category),"
-                f" .by_n (per n)>")
+                f" .by_n (per n), .scorecard (the field's other tests)>")
 
 
 def fit_summary(fit: UpdatingPrior) -> dict[str, Any]:

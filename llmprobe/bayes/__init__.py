@@ -8,10 +8,13 @@ Fits: Dirichlet / mixture priors over rows by maximum likelihood; the *updating 
 mixture filter with gamma, :mod:`.updating`) to a model's predictions, robustly (:mod:`.filter`: the
 marks, the objective, the robust fit and gamma's bootstrap; :mod:`.bayes_fit`: the one-Dirichlet
 case as ``fit_bayes`` / ``bootstrap_exact_bayes``); and the verdict on whether the model updates like
-a Bayesian, with baselines (:mod:`.verdict`).
+a Bayesian, with baselines (:mod:`.verdict`). The field's other tests, for the scorecard: order dependence
+(:mod:`.exchangeability`), excess code length over exact Bayes (:mod:`.codelength`) and the Bayesian scaling
+law of in-context learning against its baselines (:mod:`.scaling`).
 """
 
 from llmprobe.bayes.bayes_fit import BayesFit, ExactBayesTest, bootstrap_exact_bayes, fit_bayes
+from llmprobe.bayes.codelength import ExcessCodeLength, excess_code_length
 from llmprobe.bayes.dirichlet import (
     DEFAULT_FLOOR,
     DirichletFit,
@@ -20,6 +23,7 @@ from llmprobe.bayes.dirichlet import (
     fit_dirichlet,
     fit_dirichlet_multinomial,
 )
+from llmprobe.bayes.exchangeability import OrderDependence, order_dependence
 from llmprobe.bayes.filter import outcomes_from_running_counts
 from llmprobe.bayes.metrics import (
     entropy_bits,
@@ -41,6 +45,7 @@ from llmprobe.bayes.posterior import (
     mixture_posterior_weights,
     posterior_predictive,
 )
+from llmprobe.bayes.scaling import ScalingComparison, fit_scaling_laws
 from llmprobe.bayes.updating import (
     UpdatingFit,
     UpdatingPrior,
@@ -59,7 +64,10 @@ __all__ = [
     "DirichletFit",
     "Evidence",
     "ExactBayesTest",
+    "ExcessCodeLength",
     "MixtureFit",
+    "OrderDependence",
+    "ScalingComparison",
     "UpdatingFit",
     "UpdatingPrior",
     "UpdatingPriorTest",
@@ -71,16 +79,19 @@ __all__ = [
     "discounted_counts",
     "entropy_bits",
     "entropy_gap_bits",
+    "excess_code_length",
     "fit_bayes",
     "fit_dirichlet",
     "fit_dirichlet_mixture",
     "fit_dirichlet_multinomial",
     "fit_dirichlet_multinomial_mixture",
+    "fit_scaling_laws",
     "held_out_predictions",
     "hellinger",
     "kl_bits",
     "mixture_posterior_predictive",
     "mixture_posterior_weights",
+    "order_dependence",
     "outcomes_from_running_counts",
     "posterior_predictive",
     "select_components",

@@ -39,6 +39,7 @@ app = typer.Typer(
 COMMANDS = {
     "trace": trace.trace, "inspect": trace.inspect, "models": trace.models, "version": trace.version,
     "experiment": fits.experiment, "fit-prior": fits.fit_prior, "fit-posterior": fits.fit_posterior,
+    "fit-scaling": fits.fit_scaling,
     "plot": figures.plot, "plot-icl": figures.plot_icl, "plot-prior": figures.plot_prior,
     "plot-layers": figures.plot_layers, "report": figures.report,
     "continuity": analyses.continuity, "martingale": analyses.martingale,

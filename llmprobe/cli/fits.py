@@ -1,7 +1,9 @@
-"""Commands for in-context learning: ``experiment`` (prompts), ``fit-prior`` and ``fit-posterior`` (fits)."""
+"""Commands for in-context learning: ``experiment`` (prompts), ``fit-prior``, ``fit-posterior`` and
+``fit-scaling`` (fits)."""
 
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
@@ -22,6 +24,10 @@ def experiment(
     layout: Annotated[Optional[Literal["marks", "per-n", "both"]], typer.Option(
         help="marks: one prompt, a mark per example; per-n: a prompt per number of examples (default: the config's).")]
     = None,
+    permutations: Annotated[Optional[int], typer.Option(
+        "--permutations", min=0, metavar="K",
+        help="Also render each sequence in K shuffled orders of its examples (fit-posterior's exchangeability test;"
+             " default: the config's, else 0).")] = None,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -33,7 +39,8 @@ def experiment(
     to_file = output is not None and output != "-"
     if to_file:
         check_new_output(output, force, inputs=[config])
-    records = generate(opt.experiment_config(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout)
+    records = generate(opt.experiment_config(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout,
+                       permutations=permutations)
     if to_file:
         with atomic_file(output, "w", replace=force) as stream:
             count = write_jsonl(records, stream)
@@ -98,10 +105,15 @@ def fit_posterior(
     gamma_variant: Annotated[Optional[Literal["gupta"]], typer.Option(
         "--gamma-variant", help="gupta: also Gupta et al.'s γ (decayed Beta(1,1) pseudo-counts, L1 on template means).")]
     = None,
+    martingale: Annotated[Optional[list[str]], typer.Option(
+        "--martingale", metavar="FILE",
+        help="`llmprobe martingale ... --json` output on the same model: its statistic and p-value per n join the"
+             " scorecard (one file per TRACE, in order).")] = None,
     force: opt.Force = False,
     out: Output = opt.RESULT,
 ) -> None:
-    """Does the model update like a Bayesian? The updating prior, the exact-Bayes test, baselines, a verdict."""
+    """Does the model update like a Bayesian? The updating prior, the exact-Bayes test, baselines, a verdict;
+    then the scorecard of the field's other tests."""
     from llmprobe.analysis.fit_options import PosteriorOptions
 
     options = PosteriorOptions(prior, bootstrap, seed, components, max_components, min_mass, folds, by, gamma_variant)
@@ -109,6 +121,13 @@ def fit_posterior(
         raise UsageError("standard input can be read only once", where="TRACE")
     for path in traces:
         opt.input_path(path, "trace file or directory")
+    if martingale and len(martingale) != len(traces):
+        raise UsageError(f"give one martingale file per trace ({len(traces)} traces, {len(martingale)} files)",
+                         where="--martingale")
+    for path in martingale or []:
+        if path == "-" or not Path(path).is_file():
+            raise UsageError(f"{path}: {'give a file' if path == '-' else 'no such martingale file'}",
+                             where="--martingale")
     if prior not in ("fit", "uniform") and not prior.startswith("dirichlet:"):
         if prior == "-" and "-" in traces:
             raise UsageError("standard input can be read only once; give the prior or the trace as a file",
@@ -120,14 +139,18 @@ def fit_posterior(
     from llmprobe.files import check_new_output
     from llmprobe.tracing.reader import open_trace
 
+    from llmprobe.analysis.scorecard import read_martingale
+
     if output is not None:
-        check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior])])
+        check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior]),
+                                                *(martingale or [])])
+    runs = [read_martingale(path) for path in martingale] if martingale else [None] * len(traces)
     results = []
     labels: set[str] = set()
-    for path in traces:
+    for path, run in zip(traces, runs):
         trace = open_trace(path)
         label = _unique_label(trace.meta.get("model") or path, path, labels)
-        results.append(fits.fit_posterior(fits.posterior_marks(trace, label), **asdict(options),
+        results.append(fits.fit_posterior(fits.posterior_marks(trace, label), **asdict(options), martingale=run,
                                             reporter=out))
     if output is not None:
         write_fit_table(results, output, force)
@@ -140,3 +163,37 @@ def _unique_label(label: str, path: str, seen: set[str]) -> str:
     label = str(label) if label not in seen else f"{label} ({path})"
     seen.add(label)
     return label
+
+
+def fit_scaling(
+    trace_path: Annotated[str, typer.Argument(metavar="TRACE",
+                                              help="Trace of experiment prompts (file, directory or -).")],
+    tasks: Annotated[int, typer.Option(
+        "--tasks", metavar="M", help="Latent tasks of the Bayesian law (its prior has M weights).")] = 2,
+    fit_fraction: Annotated[float, typer.Option(
+        "--fit-fraction", metavar="F", help="Fit every law on this first fraction of the numbers of examples; score"
+                                            " the rest (out of sample).")] = 0.5,
+    min_mass: Annotated[float, typer.Option(
+        "--min-mass", help="Leave out marks with less probability than this on the categories.")] = 0.05,
+    output: opt.output("Per-n curve and every law's prediction, .parquet or .csv.") = None,
+    force: opt.Force = False,
+    out: Output = opt.RESULT,
+) -> None:
+    """The ICL curve against the Bayesian scaling law (Arora et al.) and the power, bounded power and logistic laws."""
+    from llmprobe.analysis.fit_options import ScalingOptions
+
+    ScalingOptions(tasks, fit_fraction, min_mass)
+    opt.input_path(trace_path, "trace file or directory")
+    from llmprobe.analysis import fits
+    from llmprobe.analysis.scaling import fit_scaling as fit, write_predictions
+    from llmprobe.cli.views.fits import ScalingView
+    from llmprobe.files import check_new_output
+    from llmprobe.tracing.reader import open_trace
+
+    if output is not None:
+        check_new_output(output, force, inputs=[trace_path])
+    result = fit(fits.posterior_marks(open_trace(trace_path)), tasks, fit_fraction, min_mass)
+    if output is not None:
+        write_predictions(result, output, force)
+        out.log(f"wrote the per-n predictions to {output}")
+    out.result(ScalingView(result))

@@ -4,15 +4,15 @@
 ``[[categories]]`` and ``[template]`` / ``[[templates]]`` (docs/experiments.md has the schema), checks
 every key and value (:mod:`~llmprobe.experiments.schema`), parses the templates
 (:mod:`~llmprobe.experiments.templates`) and returns an immutable :class:`Experiment`.
-:meth:`Experiment.with_overrides` applies the command line's ``--seed``, ``--n-max``, ``--sequences``
-and ``--layout`` with the same checks.
+:meth:`Experiment.with_overrides` applies the command line's ``--seed``, ``--n-max``, ``--sequences``,
+``--layout`` and ``--permutations`` with the same checks.
 
-Invariants: a definition that loads can be generated (every cross-field rule is checked here: θ
-vectors sum to 1 over as many entries as there are categories, each category's text begins with its
-target, per-n options need a per-n layout, ``phases`` fix ``n_max``, ``ns`` stay within it, enough
-cues for ``n_max``); any problem is one :class:`~llmprobe.errors.UsageError` naming the file and the
-key. The file is read as UTF-8 TOML (a leading BOM ignored); nothing in it is evaluated or treated as
-a path. ``[prior]`` is allowed and ignored here: it belongs to ``wind-tunnel``.
+Invariants: a definition that loads can be generated (every cross-field rule is checked here: θ vectors sum to
+1 over as many entries as there are categories, each category's text begins with its target, per-n options
+need a per-n layout, ``phases`` fix ``n_max``, ``ns`` stay within it, enough cues for ``n_max``,
+``permutations`` only on exchangeable marks records); any problem is one :class:`~llmprobe.errors.UsageError`
+naming the file and the key. The file is read as UTF-8 TOML (a leading BOM ignored); nothing in it is
+evaluated or treated as a path. ``[prior]`` is allowed and ignored here: it belongs to ``wind-tunnel``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ CHAT_MODES = ("prefill",)
 THETA_TOLERANCE = 1e-6
 # Examples per sequence: far beyond any model context, yet small enough to generate without exhausting memory.
 MAX_EXAMPLES = 100_000
+MAX_PERMUTATIONS = 1_000  # shuffled orders per sequence: far more than any order-dependence estimate needs
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
@@ -84,6 +85,7 @@ class Experiment:
     ns: tuple[int, ...] | None = None  # the n of per-n records (None: 0..n_max)
     phases: tuple[Phase, ...] | None = None  # a chain of θs instead of a sweep
     chat: str | None = None  # "prefill": every template has an instruction (the split point)
+    permutations: int = 0  # each marks record also rendered in this many shuffled orders of its examples
 
     @property
     def targets(self) -> list[str]:
@@ -107,6 +109,7 @@ class Experiment:
         n_max: int | None = None,
         sequences: int | None = None,
         layout: str | None = None,
+        permutations: int | None = None,
     ) -> "Experiment":
         """A copy with CLI overrides applied and validated (UsageError on a bad value)."""
         where = self.where
@@ -124,7 +127,13 @@ class Experiment:
         if layout is not None:
             changes["layout"] = check_choice(layout, LAYOUTS, "layout (override)", where)
             _check_per_n_options(changes["layout"], self.ns, self.draws, "layout (override)", where)
+        if permutations is not None:
+            changes["permutations"] = check_int(permutations, "permutations (override)", where, minimum=0,
+                                                maximum=MAX_PERMUTATIONS)
         new = dataclasses.replace(self, **changes)
+        if permutations is not None or layout is not None:
+            _check_permutations(new.permutations, new.layout, new.phases,
+                                "permutations (override)" if permutations is not None else "layout (override)", where)
         for template in new.templates:
             if template.cues is not None:
                 check_cue_count(len(template.cues), new.n_max, where,
@@ -211,6 +220,9 @@ def _parse(data: dict[str, Any], where: str) -> Experiment:
     if "template_draws" in exp and not templated:
         raise UsageError("experiment.template_draws: only with [[templates]]", where=where)
     chat = check_choice(exp["chat"], CHAT_MODES, "experiment.chat", where) if "chat" in exp else None
+    permutations = check_int(exp.get("permutations", 0), "experiment.permutations", where, minimum=0,
+                             maximum=MAX_PERMUTATIONS)
+    _check_permutations(permutations, layout, phases, "experiment.permutations", where)
 
     if templated:
         raw = data["templates"]
@@ -256,6 +268,7 @@ def _parse(data: dict[str, Any], where: str) -> Experiment:
         ns=ns,
         phases=phases,
         chat=chat,
+        permutations=permutations,
     )
 
 
@@ -264,6 +277,18 @@ def _check_per_n_options(layout: str, ns, draws: str, label: str, where: str) ->
         key = "experiment.ns" if ns is not None else "experiment.draws"
         raise UsageError(f"{key}: applies to per-n prompts, but {label} is \"marks\"; use \"per-n\" or \"both\"",
                          where=where)
+
+
+def _check_permutations(permutations: int, layout: str, phases, label: str, where: str) -> None:
+    """Shuffled orders are marks records of exchangeable draws: one θ per sequence, all n in one prompt."""
+    if not permutations:
+        return
+    if layout != "marks":
+        raise UsageError(f"{label}: shuffled orders are rendered as marks records (one prompt per order), but the"
+                         f" layout is {layout!r}; use layout \"marks\"", where=where)
+    if phases is not None:
+        raise UsageError(f"{label}: a chain of θs (experiment.phases) is not exchangeable: shuffling it would move"
+                         " outcomes between phases", where=where)
 
 
 def _parse_categories(data: dict[str, Any], where: str) -> tuple[Category, ...]:

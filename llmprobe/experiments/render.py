@@ -10,6 +10,13 @@ Layouts: ``marks`` is one record per sequence holding every mark; ``per-n`` is o
 (0..n_max, or ``experiment.ns``) whose only mark is at its end, cut from the same sequence
 (``draws = "nested"``) or with outcomes of its own (``draws = "independent"``); ``both`` is both.
 
+Shuffled orders (``experiment.permutations = K``, marks layout only): each marks record is followed by K
+records of the same examples in random orders, ids ``NAME-sSSSS-pKK``, the same ``sequence``, θ and
+replicate, and ``permutation_of`` (the original's id) and ``permutation`` (1..K). An example is an
+(outcome, cue) pair, so cues move with their outcomes; the cue after the last example (the query) stays.
+The orders come from a stream of their own (suffix ``(4,)``), drawn one after another, so raising K keeps
+the earlier orders, and K = 0 writes exactly the records it always did.
+
 Invariants: record ids are ``NAME-sSSSS[-nNN]`` with zero-padded numbers, unique and in file order
 (θ, then template, then replicate, then n); mark offsets are character offsets into ``prompt``
 (Python str indices); the same experiment and arguments give the same records, byte for byte, since
@@ -99,15 +106,17 @@ def generate(
     n_max: int | None = None,
     sequences: int | None = None,
     layout: str | None = None,
+    permutations: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Prompt records, lazily (see docs/experiments.md); arguments that are not None override the TOML.
 
-    Order: for each θ (file order), for each template, for each replicate, the "marks" record and/or
-    the "per-n" records n = 0..n_max (or experiment.ns). Deterministic: the same experiment and
-    arguments give the same records.
+    Order: for each θ (file order), for each template, for each replicate, the "marks" record (followed by its
+    shuffled orders) and/or the "per-n" records n = 0..n_max (or experiment.ns). Deterministic: the same
+    experiment and arguments give the same records.
     """
     # Overrides are validated here, eagerly, so a bad flag fails before any record is written.
-    exp = experiment.with_overrides(seed=seed, n_max=n_max, sequences=sequences, layout=layout)
+    exp = experiment.with_overrides(seed=seed, n_max=n_max, sequences=sequences, layout=layout,
+                                    permutations=permutations)
     return _records(exp)
 
 
@@ -163,12 +172,29 @@ def _records(exp: Experiment) -> Iterator[dict[str, Any]]:
                     rec["cues"] = list(cues)
                 return rec
 
+            def shuffled(sid: str, sequence: int, rep: int, outcomes: list[int],
+                         cues: list[str] | None) -> Iterator[dict[str, Any]]:
+                """The same examples in ``exp.permutations`` random orders (cues move with their outcomes)."""
+                if not exp.permutations:
+                    return
+                rng, _ = streams(exp.seed, key, rep, own + (4,))
+                width_p = max(2, len(str(exp.permutations)))
+                for k in range(1, exp.permutations + 1):
+                    order = [int(i) for i in rng.permutation(len(outcomes))]
+                    moved = [cues[i] for i in order] + cues[len(outcomes):] if cues is not None else None
+                    rec = record(f"{sid}-p{k:0{width_p}d}", sequence, rep, "marks", [outcomes[i] for i in order],
+                                 moved, exp.n_max, slice(None))
+                    rec["permutation_of"] = sid
+                    rec["permutation"] = k
+                    yield rec
+
             for rep in range(exp.sequences):
                 outcomes, cues = draw(rep, exp.n_max, ())
                 sid = f"{exp.name}-s{seq:0{width_s}d}"
                 if with_marks or not independent:
                     if with_marks:
                         yield record(sid, seq, rep, "marks", outcomes, cues, exp.n_max, slice(None))
+                        yield from shuffled(sid, seq, rep, outcomes, cues)
                     if with_per_n and not independent:
                         for n in ns:
                             yield record(f"{sid}-n{n:0{width_n}d}", seq, rep, "per-n", outcomes[:n],

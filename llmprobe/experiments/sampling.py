@@ -47,7 +47,8 @@ def streams(seed: int, key: tuple[int, ...], replicate: int,
     seed, θ and its replicate number, so adding, removing or reordering θs, raising `sequences` or raising
     `n_max` (outcomes are drawn one uniform at a time, so a longer sequence extends a shorter one)
     leaves every existing sequence unchanged. ``extra`` is empty for the original form and nested draws;
-    (2, template) gives a template its own draws, (3, n) a per-n prompt its own (independent draws).
+    (2, template) gives a template its own draws, (3, n) a per-n prompt its own (independent draws), and a
+    trailing (4,) the shuffled orders of a sequence (``experiment.permutations``).
     The θ words have a fixed count, so the suffixes cannot collide with each other.
     """
     outcome_ss = np.random.SeedSequence(seed, spawn_key=(replicate, 0, *key, *extra))

@@ -19,7 +19,7 @@ from llmprobe.errors import UsageError
 
 TOP_KEYS = {"experiment", "template", "templates", "categories", "prior"}  # [prior]: read by `wind-tunnel`
 EXPERIMENT_KEYS = {"name", "description", "layout", "n_max", "sequences", "seed", "theta", "thetas",
-                   "draws", "ns", "phases", "template_draws", "chat"}
+                   "draws", "ns", "phases", "template_draws", "chat", "permutations"}
 TEMPLATE_KEYS = {"prefix", "example", "separator", "cues"}
 TEMPLATES_KEYS = TEMPLATE_KEYS | {"name", "instruction"}
 CATEGORY_KEYS = {"name", "target", "text"}

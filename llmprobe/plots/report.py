@@ -1,7 +1,9 @@
 """``llmprobe report``: one self-contained HTML file with a run's metadata, figures and summary tables.
 
 The page leads with the answer: with a fit table, the verdict per trace (and beside it, never
-alone, the γ = 1 test, γ and its interval, α0, KL and TV in bits) and the in-context figure; then token figures for a few
+alone, the γ = 1 test, γ and its interval, α0, KL and TV in bits), then the scorecard of the field's other
+tests (each with its number, direction and planted-model reference: after the verdict, never instead of
+it) and the in-context figure; then token figures for a few
 informative prompts (different true θ where the prompts carry one); then the prior; and last,
 collapsed, the details (run metadata, the per-prompt table, every fitted number, rounded).
 
@@ -197,6 +199,7 @@ def build_report(trace_source: str, extras: list[str], *, prompts: list[str] | N
     summary = prompt_summary(frame)
     if fit is not None:
         parts += _answer_section(fit.summaries)
+        parts += _scorecard_section(fit.summaries)
         parts += _fit_section(fit, image_format)
     parts += ["<h2>Prompts</h2>"]
     parts += _token_section(frame, trace_source, summary, prompts, max_prompts, max_positions, top, image_format)
@@ -274,6 +277,23 @@ def _answer_section(summaries: list[dict[str, Any]]) -> list[str]:
                      "mass on categories": number(s, "mean_mass")})
     parts.append(html_table(pd.DataFrame(rows)))
     return parts
+
+
+SCORECARD_COLUMNS = {"test": "test", "display": "number", "direction": "direction", "reference": "planted reference"}
+
+
+def _scorecard_section(summaries: list[dict[str, Any]]) -> list[str]:
+    """The field's other tests, one row each (``scorecard`` of every summary that has one), after the Answer."""
+    rows = [{"trace": str(s.get("trace")),
+             **{label: str(entry.get(key, "")) for key, label in SCORECARD_COLUMNS.items()}}
+            for s in summaries if isinstance(s.get("scorecard"), dict)
+            for entry in s["scorecard"].values() if isinstance(entry, dict)]
+    if not rows:
+        return []
+    return ["<h2>Scorecard: the field's other tests</h2>",
+            "<p>The verdict above is the conclusion. These are the tests other papers use, each with its number, its"
+            " direction and what planted models score (docs/statistics.md, section 6g); a test that could not be"
+            " computed says why.</p>", html_table(pd.DataFrame(rows))]
 
 
 def informative_prompts(frame: pd.DataFrame, ids: list[str], count: int) -> list[str]:

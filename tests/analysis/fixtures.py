@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmprobe.analysis.martingale import MartingaleResult, martingale_test
 from llmprobe.bayes import discounted_counts, mixture_posterior_predictive
 from llmprobe.experiments import generate, load_experiment
 from llmprobe.tracing.schema import encode_metadata, trace_schema
@@ -18,10 +19,11 @@ from llmprobe.tracing.schema import encode_metadata, trace_schema
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def records(experiment: str, sequences: int, n_max: int, seed: int = 5) -> list[dict]:
-    """Prompts of ``configs/experiments/<experiment>.toml`` (marks layout)."""
+def records(experiment: str, sequences: int, n_max: int, seed: int = 5, permutations: int = 0) -> list[dict]:
+    """Prompts of ``configs/experiments/<experiment>.toml`` (marks layout; each followed by ``permutations``
+    shuffled orders of its examples)."""
     return list(generate(load_experiment(ROOT / f"configs/experiments/{experiment}.toml"), seed=seed, n_max=n_max,
-                         sequences=sequences))
+                         sequences=sequences, permutations=permutations))
 
 
 def write_trace(path: Path, prompts: list[dict], predict: Callable[[dict, int], np.ndarray], mass: float = 0.8,
@@ -204,3 +206,60 @@ PLANTED = (
             lambda: noisy(constant([0.3, 0.7]), 0.5), "no-updating without asking the ignoring predictor to fit"),
 )
 """The planted models of the verdict's decision table (docs/statistics.md; benchmarks/verdict_table.py)."""
+
+
+def planted_martingale(predict: Callable[[dict, int], np.ndarray], prompts: list[dict], ns: list[int],
+                       paths: int = 32, n_bootstrap: int = 500, seed: int = 0) -> list[MartingaleResult]:
+    """The martingale test (horizon 1) of a planted model, as ``llmprobe martingale`` runs it on a real one:
+    at each prompt's first n outcomes, ``paths`` next outcomes sampled from the model's own prediction, and
+    its prediction after each. Shuffled orders are left out (the test cuts the original sequences)."""
+    rng = np.random.default_rng(seed)
+    originals = [r for r in prompts if "permutation" not in r]
+    results = []
+    for n in ns:
+        now, after = [], []
+        for index, record in enumerate(originals):
+            cut = {**record, "outcomes": record["outcomes"][:n], "marks": [{"n": n}]}
+            p = predict(cut, index)[0]
+            now.append(p)
+            draws = rng.choice(p.size, size=paths, p=p / p.sum())
+            after.append([predict({**record, "outcomes": cut["outcomes"] + [int(x)], "marks": [{"n": n + 1}]},
+                                  index)[0] for x in draws])
+        results.append(martingale_test(np.array(now), np.array(after), n_bootstrap=n_bootstrap, seed=seed, n=n))
+    return results
+
+
+def write_martingale(path: Path, results: list[MartingaleResult]) -> Path:
+    """``results`` as ``llmprobe martingale --json`` writes them (one JSON object per n)."""
+    from llmprobe.cli.views.analyses import MartingaleView
+
+    path.write_text("".join(MartingaleView(results, 0.05, "planted").json()))
+    return path
+
+
+@dataclass(frozen=True)
+class PlantedScorecard:
+    """A planted model of the scorecard table (docs/statistics.md, section 6g): traced with ``shuffled``
+    orders of each coin sequence and fitted with ``--prior prior``; ``make()`` builds a fresh ``predict``."""
+
+    name: str
+    make: Callable[[], Callable[[dict, int], np.ndarray]]
+    n_max: int = 20
+    prior: str = "fit"
+    sequences: int = 2
+    shuffled: int = 3
+
+    def prompts(self) -> list[dict]:
+        return records("coin", self.sequences, self.n_max, permutations=self.shuffled)
+
+
+SCORECARD_PLANTED = (
+    PlantedScorecard("exact Bayes", lambda: bayesian([1.0], [[2.0, 3.0]])),
+    PlantedScorecard("exact Bayes, noise σ = 0.1", lambda: noisy(bayesian([1.0], [[2.0, 3.0]]), 0.1)),
+    PlantedScorecard("recency 0.8", lambda: recency(0.8, COIN)),
+    PlantedScorecard("forgetting γ = 0.5", lambda: bayesian([1.0], [[1.5, 1.5]], gamma=0.5), 30, "dirichlet:1.5,1.5"),
+    PlantedScorecard("forgetting γ = 0.5, fitted prior", lambda: bayesian([1.0], [[1.5, 1.5]], gamma=0.5), 30),
+    PlantedScorecard("knows θ", knows_theta),
+    PlantedScorecard("per-sequence constants, Dir(3·m)", lambda: per_sequence_constant(3, COIN)),
+)
+"""The scorecard's planted models (tests/analysis/test_scorecard.py; benchmarks/scorecard_table.py)."""

@@ -1,5 +1,6 @@
 """One conclusion, the same everywhere (issue 25): every surface that states a conclusion about a fit leads
-with the verdict, and shows the γ = 1 test only beside it — on planted models whose verdict is known.
+with the verdict, and shows the γ = 1 test only beside it, and the scorecard of the field's other tests only
+after it — on planted models whose verdict is known.
 
 A poor fit is "not rejected" by the γ = 1 test too (the default model's case: poor-fit with γ = 1.000
 [1.000, 1.000]); a surface that showed the test alone, or first, would say the opposite of the verdict.
@@ -7,6 +8,7 @@ A poor fit is "not rejected" by the γ = 1 test too (the default model's case: p
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 
@@ -48,6 +50,16 @@ def page_text(html: str) -> str:
     return " ".join(parser.parts)
 
 
+SCORECARD = "the field's other tests"
+
+
+def assert_scorecard_after_verdict(text: str, verdict: str, sentence: str) -> None:
+    """The scorecard is there, after the verdict (its label or its sentence)."""
+    found = [i for i in (text.find(f"verdict {verdict}"), text.find(sentence[:40])) if i >= 0]
+    assert found and SCORECARD in text, text[:400]
+    assert min(found) < text.index(SCORECARD), f"the scorecard comes before the verdict: {text[:600]}"
+
+
 def assert_verdict_first(text: str, verdict: str, sentence: str) -> None:
     """The verdict (its label or its sentence) appears, and before anything the γ = 1 test says."""
     found = [i for i in (text.find(f"verdict {verdict}"), text.find(sentence[:40])) if i >= 0]
@@ -79,6 +91,13 @@ def test_every_surface_leads_with_the_verdict(fits, verdict, tmp_path, capsys, m
     # the terminal: the first line is the verdict; the γ = 1 test only in the updating-prior table's caption
     assert out.splitlines()[0] == f"synthetic: {sentence}"
     assert_verdict_first(out, verdict, sentence)
+    assert_scorecard_after_verdict(out, verdict, sentence)
+    assert out.index("every predictor scored the same way") < out.index(SCORECARD)  # after the verdict's tables
+    # the JSON: the scorecard is the summary's last key, after the verdict
+    code, out, err = run_cli(["fit-posterior", str(trace), "--bootstrap", "5", "--json", "-q"], capsys, monkeypatch)
+    assert code == 0, err
+    keys = list(json.loads(out)[0])
+    assert keys.index("verdict") < keys.index("scorecard") == len(keys) - 1
     # several traces side by side: the comparison table's first row is the verdict
     code, out, err = run_cli(["fit-posterior", str(trace), str(trace), "--bootstrap", "5"], capsys, monkeypatch)
     assert code == 0, err
@@ -97,6 +116,13 @@ def test_every_surface_leads_with_the_verdict(fits, verdict, tmp_path, capsys, m
     assert_verdict_first(page_text(html), verdict, sentence)
     headers = re.findall(r"<th>(.*?)</th>", answer)
     assert headers[:3] == ["trace", "verdict", "γ = 1 test"]
+    # the scorecard: the section right after the Answer, a row per test with its direction and reference
+    after = html[html.index("<h2>", html.index("<h2>Answer</h2>") + 5):]
+    assert after.startswith("<h2>Scorecard: the field's other tests</h2>")
+    assert_scorecard_after_verdict(page_text(html), verdict, sentence)
+    section = after[:after.index("<h2>", 5)]
+    assert re.findall(r"<th>(.*?)</th>", section) == ["trace", "test", "number", "direction", "planted reference"]
+    assert section.count("<tr>") == 1 + 4 and "not computed: " in section  # no shuffled orders, no martingale
 
     # the figure: its title states the verdict before the γ = 1 test
     table = open_fit(str(fit))
@@ -108,6 +134,7 @@ def test_every_surface_leads_with_the_verdict(fits, verdict, tmp_path, capsys, m
     assert result.verdict == verdict
     assert repr(result).startswith(f"<fit-posterior of synthetic: verdict {verdict}: ")
     assert_verdict_first(repr(result), verdict, sentence)
+    assert_scorecard_after_verdict(repr(result), verdict, sentence)
 
 
 def test_a_poor_fit_that_gamma_does_not_reject_is_never_called_not_rejected_alone(fits):

@@ -62,3 +62,11 @@ def plateau(seed: int = 0, templates: int = 50) -> tuple[np.ndarray, np.ndarray,
         probs.append(draws / draws.sum(axis=1, keepdims=True))
     sequence, position = marks_of(np.tile(outcomes, (templates, 1)))
     return np.concatenate(probs), np.tile(outcomes, (templates, 1)), sequence, position
+
+
+SCALING_PLANTED = (  # (prior, per-example task probabilities, ICL efficiency K) of curves made by the law
+    ((0.8, 0.2), (0.5, 0.9), 0.5),
+    ((0.9, 0.1), (0.55, 0.95), 0.3),
+    ((0.95, 0.05), (0.6, 0.8), 2.0),
+)
+"""Curves y(n), n = 0..40, made by the Bayesian scaling law (tests/bayes/test_scorecard_statistics.py)."""

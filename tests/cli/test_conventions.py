@@ -178,6 +178,8 @@ print(",".join(m for m in {heavy!r} if m in sys.modules))
 @pytest.mark.parametrize("args", [
     ["trace", "nope.txt"], ["trace", "configs/prompts/demo.txt", "--format", "xml"], ["inspect", "nope.parquet"],
     ["fit-posterior", "nope.parquet"], ["fit-prior", "nope.parquet"], ["plot", "nope.parquet"],
+    ["fit-scaling", "nope.parquet"], ["fit-scaling", "t.parquet", "--tasks", "0"],
+    ["fit-posterior", "configs/prompts/demo.txt", "--martingale", "nope.jsonl"],
     ["plot-icl", "nope.parquet"], ["plot-prior", "nope.json"], ["plot-layers", "nope.parquet", "-o", "x.png"],
     ["report", "nope.parquet"], ["continuity", "nope.parquet"], ["martingale", "nope.toml"],
     ["experiment", "nope.toml"], ["trace", "configs/prompts/demo.txt", "--top-k", "0"],

@@ -1,9 +1,11 @@
-"""Views of ``fit-prior`` (the prior over rows) and ``fit-posterior`` (the verdict and its evidence).
+"""Views of ``fit-prior`` (the prior over rows), ``fit-posterior`` (the verdict and its evidence) and
+``fit-scaling`` (the ICL curve against the scaling laws).
 
 fit-posterior leads every trace with its verdict sentence, then its warnings, the per-n table, the
-fitted updating prior, every predictor's scores and the peers' statistics if asked for; several
-traces end side by side. These views read the typed result
-(:class:`~llmprobe.analysis.results.PosteriorResult`); its ``summary`` is only the JSON.
+fitted updating prior, every predictor's scores and the peers' statistics if asked for, and last the
+scorecard of the field's other tests (after the verdict, never before it); several traces end side by
+side. These views read the typed result (:class:`~llmprobe.analysis.results.PosteriorResult`); its
+``summary`` is only the JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from rich.text import Text
 from llmprobe.analysis.priors import PRIOR_OVER_ROWS
 from llmprobe.analysis.protocols import PeerStatistics
 from llmprobe.analysis.results import KL_BAYES_MODEL, PosteriorResult, gamma_test_line
+from llmprobe.analysis.scaling import ScalingResult
+from llmprobe.analysis.scorecard import Scorecard
+from llmprobe.bayes.scaling import LAW_NAMES, LAWS
 from llmprobe.bayes.updating import UpdatingPrior
 
 MAX_CATEGORY_COLUMNS = 3  # per-category columns in the per-n table; wider sets show TV/KL only
@@ -93,6 +98,7 @@ class PosteriorView:
             yield _scores_table(result)
             if result.peers is not None:
                 yield from _peer_tables(result, result.peers)
+            yield scorecard_table(result.label, result.scorecard)
         if len(self.results) > 1:
             yield _comparison_table(self.results)
 
@@ -263,4 +269,63 @@ def _comparison_table(results: list[PosteriorResult]) -> Table:
         table.add_row(str(int(n)), *cells)
     table.add_row("α0", *[c for r in results for c in (f"{r.test.exact.alpha0:.3g}", "")])
     table.add_row("γ", *[c for r in results for c in (f"{r.test.free.gamma:.3f}", "")])
+    for i, entry in enumerate(results[0].scorecard.entries()):  # the scorecard's headlines, after the verdict
+        values = [r.scorecard.entries()[i].value for r in results]
+        table.add_row(SCORECARD_SHORT[entry.key], *[c for v in values for c in ("" if v is None else f"{v:.4g}", "")])
     return table
+
+
+SCORECARD_SHORT = {"exchangeability": "order spread, bits", "excess_code_length": "excess bits per example",
+                   "scaling_law": "scaling law / best baseline", "martingale": "martingale max TV"}
+
+
+def scorecard_table(label: str, scorecard: Scorecard) -> Table:
+    """The field's other tests: each one's number, direction and planted-model reference (after the verdict)."""
+    table = Table(title=f"{label}: scorecard — the field's other tests, beside the verdict above (not instead of it)",
+                  title_justify="left", caption="Planted-model references: docs/statistics.md, section 6g.")
+    for name in ("test", "number", "direction", "planted reference"):
+        table.add_column(name, justify="left")
+    for entry in scorecard.entries():
+        table.add_row(entry.test, entry.display, entry.direction, entry.reference)
+    return table
+
+
+@dataclass(frozen=True)
+class ScalingView:
+    """``fit-scaling``: one row per law; TSV: the per-n curve and predictions; JSON: the result."""
+
+    result: ScalingResult
+
+    def tables(self) -> Iterator[Table]:
+        result, comparison = self.result, self.result.comparison
+        fitted = comparison.n[comparison.fitted]
+        table = Table(title=f"{result.label}: the ICL curve against the scaling laws, fitted on n ≤"
+                            f" {int(fitted.max())} ({fitted.size} of {comparison.n.size} n), scored on the rest",
+                      title_justify="left",
+                      caption=f"y(n) = {result.measure}; RMSE of y in probability. Bayesian law: y(n) = Σ ρ_j"
+                              " P_j^(Kn+1) / Σ ρ_j P_j^(Kn) (Arora et al.); baselines fit the NLL −log y.")
+        for name in ("law", "parameters", "RMSE fitted", "RMSE held out"):
+            table.add_column(name, justify="left" if name in ("law", "parameters") else "right")
+        for name in LAWS:
+            fit = comparison.fits[name]
+            table.add_row(LAW_NAMES[name], _parameters(fit.parameters), f"{fit.rmse_fit:.4f}",
+                          "" if fit.rmse_held_out is None else f"{fit.rmse_held_out:.4f}")
+        yield table
+        ratio = comparison.error_ratio
+        if ratio is not None:
+            best = LAW_NAMES[comparison.best_baseline.law]
+            yield Text(f"Held-out RMSE of the Bayesian law / the best baseline ({best}): {ratio:.3g}; ICL efficiency"
+                       f" K = {comparison.efficiency:.3g}.")
+
+    def beside_data(self, fmt: str) -> Iterator[Table]:
+        return self.tables()
+
+    def rows(self) -> pd.DataFrame:
+        return self.result.predictions()
+
+    def json(self) -> Iterator[str]:
+        yield json.dumps(self.result.to_dict(), indent=1) + "\n"
+
+
+def _parameters(parameters: dict) -> str:
+    return ", ".join(f"{k} {_vector(v) if isinstance(v, list) else format(v, '.3g')}" for k, v in parameters.items())
