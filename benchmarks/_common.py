@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("LLMPROBE_CACHE", "/tmp/lpcache")
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,8 +33,8 @@ import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # two processes take turns: neither may spin while idle
-import _common  # noqa: E402,F401  (sets LLMPROBE_CACHE)
-from _common import COIN, ROOT, emit, fixed_length_records, interleaved, machine, median  # noqa: E402
+import _common  # noqa: F401  (sets LLMPROBE_CACHE)
+from _common import COIN, ROOT, emit, fixed_length_records, interleaved, machine, median
 
 GOALS = {"page_mb": 5.0, "first_panel_s": 1.0, "select_ms": 50.0, "serve_ratio": 1.5}
 ROWS_PER_SEQUENCE = 150  # about, for 50 flips with marks

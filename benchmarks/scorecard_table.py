@@ -27,12 +27,12 @@ from _common import ROOT, emit
 
 sys.path.insert(0, str(ROOT))  # the planted models live with the tests that check them
 
-from llmprobe.analysis.fits import fit_posterior, posterior_marks  # noqa: E402
-from llmprobe.analysis.scorecard import MARTINGALE_ALPHA  # noqa: E402
-from llmprobe.bayes.scaling import LAW_NAMES, LAWS, bayesian_law, fit_scaling_laws  # noqa: E402
-from llmprobe.tracing.reader import open_trace  # noqa: E402
-from tests.analysis.fixtures import SCORECARD_PLANTED, planted_martingale, write_martingale, write_trace  # noqa: E402
-from tests.bayes.fixtures import SCALING_PLANTED  # noqa: E402
+from llmprobe.analysis.fits import fit_posterior, posterior_marks
+from llmprobe.analysis.scorecard import MARTINGALE_ALPHA
+from llmprobe.bayes.scaling import LAW_NAMES, LAWS, bayesian_law, fit_scaling_laws
+from llmprobe.tracing.reader import open_trace
+from tests.analysis.fixtures import SCORECARD_PLANTED, planted_martingale, write_martingale, write_trace
+from tests.bayes.fixtures import SCALING_PLANTED
 
 MARTINGALE_NS = [1, 2, 4, 8, 16]
 

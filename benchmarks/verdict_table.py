@@ -23,10 +23,10 @@ from _common import ROOT, emit
 
 sys.path.insert(0, str(ROOT))  # the planted models live with the tests that check them
 
-from llmprobe.analysis.fits import fit_posterior  # noqa: E402
-from llmprobe.analysis.marks import category_marks  # noqa: E402
-from llmprobe.tracing.reader import open_trace  # noqa: E402
-from tests.analysis.fixtures import PLANTED  # noqa: E402
+from llmprobe.analysis.fits import fit_posterior
+from llmprobe.analysis.marks import category_marks
+from llmprobe.tracing.reader import open_trace
+from tests.analysis.fixtures import PLANTED
 
 
 def main() -> int:

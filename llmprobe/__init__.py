@@ -2,15 +2,16 @@
 
 The notebook API (:mod:`llmprobe.api`): ``llmprobe.load_model()``, ``llmprobe.experiment(config)``,
 ``llmprobe.trace(prompts, model=..., top_k=..., targets=...)`` -> DataFrame,
-``llmprobe.fit_posterior(trace)`` -> result with ``.summary`` / ``.table``, ``llmprobe.fit_prior``;
+``llmprobe.fit_posterior(trace)`` -> result with ``.summary`` / ``.table``, ``llmprobe.fit_scaling``,
+``llmprobe.fit_prior``;
 ``llmprobe.read_trace(path)`` loads a trace file as a DataFrame. They load lazily, so ``import
 llmprobe`` is light; ``llmprobe.bayes`` holds the pure numpy/scipy statistics and imports no torch.
 The tracing code lives in ``llmprobe.tracing`` (not ``llmprobe.trace``, which is the function).
 """
 
-__version__ = "0.1.0"
+from llmprobe.version import __version__
 
-_API = ("trace", "load_model", "experiment", "fit_posterior", "fit_prior")
+_API = ("trace", "load_model", "experiment", "fit_posterior", "fit_scaling", "fit_prior")
 _READER = ("read_trace", "open_trace")
 
 
@@ -26,4 +27,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'llmprobe' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_API, *_READER]
+__all__ = ["__version__", "trace", "load_model", "experiment", "fit_posterior", "fit_scaling", "fit_prior", "read_trace",
+           "open_trace"]  # _API and _READER, spelled out for static tools

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
 
 from llmprobe.errors import UsageError
 
@@ -43,11 +44,14 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
 
 
 def experiment(config: str | Path, *, seed: int | None = None, n_max: int | None = None,
-               sequences: int | None = None, layout: str | None = None) -> list[dict[str, Any]]:
-    """The prompt records ``llmprobe experiment CONFIG`` writes, as dicts (arguments override the TOML)."""
+               sequences: int | None = None, layout: str | None = None,
+               permutations: int | None = None) -> list[dict[str, Any]]:
+    """The prompt records ``llmprobe experiment CONFIG`` writes, as dicts (arguments override the TOML;
+    ``permutations``: each sequence also in that many shuffled orders, for the exchangeability test)."""
     from llmprobe.experiments import generate, load_experiment
 
-    return list(generate(load_experiment(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout))
+    return list(generate(load_experiment(config), seed=seed, n_max=n_max, sequences=sequences, layout=layout,
+                         permutations=permutations))
 
 
 def trace(prompts: str | Iterable[str | dict[str, Any]], model: str | LoadedModel | None = None, *, top_k: int = 20,

@@ -39,7 +39,8 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO
+from collections.abc import Callable, Iterable, Iterator
 
 from llmprobe.errors import UsageError
 
@@ -124,7 +125,7 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
-def _renameat2() -> object | None:
+def _renameat2() -> Callable[..., int] | None:
     try:
         return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     except OSError:

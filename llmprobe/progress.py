@@ -8,8 +8,9 @@ decides what goes to stdout.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, ContextManager, Iterator, Protocol
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
+from collections.abc import Callable, Iterator
 
 
 class Reporter(Protocol):
@@ -17,7 +18,7 @@ class Reporter(Protocol):
 
     def log(self, message: str) -> None: ...
 
-    def progress(self, description: str, total: int | None) -> ContextManager[Callable[[int], None]]:
+    def progress(self, description: str, total: int | None) -> AbstractContextManager[Callable[[int], None]]:
         """A context that yields ``advance(n)``."""
         ...
 

@@ -95,10 +95,14 @@ def imports_of(path: Path, root: Path) -> list[Import]:
                 if child.level:
                     anchor = package.split(".")[: len(package.split(".")) - child.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
-                found.append(Import(name, base, lazy))
-                # `from llmprobe.cli import views` imports the submodule llmprobe.cli.views
-                found.extend(Import(name, f"{base}.{alias.name}", lazy) for alias in child.names
-                             if (root.parent / Path(*f"{base}.{alias.name}".split("."))).with_suffix(".py").exists())
+                # `from llmprobe.cli import options` imports the submodule llmprobe.cli.options: an edge to it
+                # (the package's __init__ has run already, as for any submodule); other names are the package's
+                submodules = [f"{base}.{alias.name}" for alias in child.names
+                              if (root.parent / Path(*f"{base}.{alias.name}".split("."))).with_suffix(".py").exists()
+                              or (root.parent / Path(*f"{base}.{alias.name}".split(".")) / "__init__.py").exists()]
+                if len(submodules) < len(child.names):
+                    found.append(Import(name, base, lazy))
+                found.extend(Import(name, target, lazy) for target in submodules)
             visit(child, inner)
 
     visit(tree, False)
@@ -243,6 +247,27 @@ def inside(module: str, *rooms: str) -> bool:
     return any(module == room or module.startswith(room + ".") for room in rooms)
 
 
+LAYERS = (
+    ("errors", "version"),
+    ("progress", "files"),
+    ("bayes", "experiments", "model"),
+    ("tracing",),
+    ("analysis",),
+    ("control", "plots"),
+    ("api",),
+    ("viewer",),
+    ("cli",),
+    ("llmprobe", "__main__"),  # the package itself: the lazy public API
+)
+"""The house, bottom up: a room imports only itself and rooms on lower floors (docs/design.md)."""
+FLOOR = {room: floor for floor, rooms in enumerate(LAYERS) for room in rooms}
+
+
+def room_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
 def violations(root: Path) -> list[str]:
     """Every broken rule in the package at ``root``, one line each."""
     files = sorted(root.rglob("*.py"))
@@ -250,6 +275,13 @@ def violations(root: Path) -> list[str]:
     problems = []
     for imp in edges:
         top = imp.target.split(".")[0]
+        if top == "llmprobe" and room_of(imp.module) != room_of(imp.target):
+            here, there = room_of(imp.module), room_of(imp.target)
+            if there not in FLOOR or here not in FLOOR:
+                problems.append(f"{imp.module} imports {imp.target}: {here if here not in FLOOR else there}"
+                                " is on no floor of LAYERS")
+            elif FLOOR[there] >= FLOOR[here]:
+                problems.append(f"{imp.module} imports {imp.target}: {here} may import only rooms below it")
         if inside(imp.module, "llmprobe.bayes") and not (top in STDLIB | {"numpy", "scipy"}
                                                          or inside(imp.target, "llmprobe.bayes")):
             problems.append(f"{imp.module} imports {imp.target}: bayes uses numpy/scipy only")
@@ -284,7 +316,7 @@ def import_cycles(edges: list[Import]) -> list[list[str]]:
     """One representative path for each circle between llmprobe modules (package __init__ files count)."""
     graph: dict[str, set[str]] = {}
     for imp in edges:
-        if inside(imp.target, "llmprobe") and imp.target != imp.module and not imp.module.startswith(imp.target + "."):
+        if inside(imp.target, "llmprobe") and imp.target != imp.module:
             graph.setdefault(imp.module, set()).add(imp.target)
     cycles, state = [], {}
 
@@ -328,6 +360,9 @@ PLANTED = {
     "experiments/__init__.py": "from llmprobe.errors import UsageError\nfrom llmprobe.bayes import metrics\n",
     "cli/__init__.py": "",
     "cli/output.py": "import rich\nimport typer\n",
+    "tracing/run.py": "from llmprobe import __version__\n",
+    "gadgets/__init__.py": "",
+    "plots/extra.py": "from llmprobe import gadgets\n",
 }
 
 
@@ -341,8 +376,11 @@ def test_the_checker_fails_on_a_package_that_breaks_each_rule(tmp_path):
     expected = [
         "llmprobe.bayes imports torch: bayes uses numpy/scipy only",
         "llmprobe.bayes imports torch: model libraries only in",
-        "llmprobe.analysis.stats imports llmprobe.cli: nothing outside cli imports cli",
         "llmprobe.analysis.stats imports llmprobe.cli.output: nothing outside cli imports cli",
+        "llmprobe.analysis.stats imports llmprobe.cli.output: analysis may import only rooms below it",
+        "llmprobe.experiments imports llmprobe.bayes: experiments may import only rooms below it",
+        "llmprobe.tracing.run imports llmprobe: tracing may import only rooms below it",
+        "llmprobe.plots.extra imports llmprobe.gadgets: gadgets is on no floor of LAYERS",
         "llmprobe.analysis.stats imports matplotlib: matplotlib only in plots/",
         "llmprobe.analysis.martingale imports torch: model libraries only in",
         "llmprobe.plots imports rich: rich only in cli/",
@@ -508,3 +546,29 @@ def test_the_private_name_check_fails_on_a_planted_import(tmp_path):
                                                 "from .fit import _Positions\n")
     assert private_imports(root) == ["llmprobe.bayes.updating imports _Marks from llmprobe.bayes.fit (line 1)",
                                      "llmprobe.bayes.updating imports _Positions from llmprobe.bayes.fit (line 2)"]
+
+
+# ------------------------------------------------------------------------------------------ room sizes
+MAX_MODULE_LINES = 450
+"""A module a newcomer reads in one sitting: past this it holds more than one job (docs/design.md)."""
+
+
+def long_modules(root: Path) -> list[str]:
+    return [f"{module_name(path, root)}: {n} lines" for path in sorted(root.rglob("*.py"))
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+
+
+def test_no_module_is_longer_than_a_sitting(tmp_path):
+    assert long_modules(PACKAGE_ROOT) == []
+    planted = tmp_path / "llmprobe"
+    planted.mkdir()
+    (planted / "short.py").write_text("x = 1\n" * MAX_MODULE_LINES)
+    (planted / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    assert long_modules(planted) == [f"llmprobe.long: {MAX_MODULE_LINES + 1} lines"]
+
+
+def test_the_public_names_are_the_lazy_ones():
+    import llmprobe
+
+    assert llmprobe.__all__ == ["__version__", *llmprobe._API, *llmprobe._READER]
+    assert all(callable(getattr(llmprobe, name)) for name in (*llmprobe._API, *llmprobe._READER))

@@ -42,3 +42,53 @@ def test_every_runnable_block_is_an_llmprobe_command():
     for block in runnable:
         for command in block.commands():
             assert command.split()[0] in ("llmprobe", "printf"), (block.doc, block.line, command)
+
+
+# ------------------------------------------------------------------------------------------ docs/traces.md
+def documented_columns(text: str) -> list[tuple[str, str]]:
+    """(column, type) rows of docs/traces.md's Columns table; a row naming two columns gives two rows."""
+    section = text.split("## Columns", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        names = [n.strip().strip("`") for n in cells[0].split(",")]
+        types = [t.strip() for t in cells[1].split(",")]
+        rows += zip(names, types if len(types) == len(names) else types * len(names))
+    return rows
+
+
+def arrow_type_name(field) -> str:
+    """The schema's type as the docs spell it: int32, string, dictionary string, fixed_size_list<int32>[k]."""
+    import pyarrow as pa
+
+    def plain(t) -> str:
+        return {"halffloat": "float16", "float": "float32", "double": "float64"}.get(str(t), str(t))
+
+    t = field.type
+    if pa.types.is_dictionary(t):
+        return f"dictionary {plain(t.value_type)}"
+    if pa.types.is_fixed_size_list(t):
+        size = {"topk_ids": "k", "topk_logprobs": "k", "embedding": "d"}.get(field.name, "n")
+        return f"fixed_size_list<{plain(t.value_type)}>[{size}]"
+    return plain(t)
+
+
+def test_the_documented_columns_are_the_schema():
+    """Every column of the fullest trace (logit lens, targets, embeddings) is documented, in order, with
+    its type; no documented column is missing from the schema."""
+    from llmprobe.tracing.schema import trace_schema
+
+    schema = trace_schema(top_k=5, n_targets=2, layers=True, embedding_dim=4)
+    documented = documented_columns((ROOT / "docs" / "traces.md").read_text(encoding="utf-8"))
+    assert [name for name, _ in documented] == schema.names
+    for (name, spelled), field in zip(documented, schema):
+        assert spelled.replace("string (JSON)", "string") == arrow_type_name(field), name
+
+
+def test_the_column_check_sees_a_missing_or_mistyped_column():
+    text = ("## Columns\n\n| column | type | meaning |\n|---|---|---|\n| `prompt_index` | int32 | x |\n"
+            "| `token_id`, `token` | int32, string | y |\n| `entropy` | float64 | z |\n\n## Next\n| `no` | int8 | - |\n")
+    assert documented_columns(text) == [("prompt_index", "int32"), ("token_id", "int32"), ("token", "string"),
+                                        ("entropy", "float64")]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -75,7 +75,7 @@ def _as_outcomes(outcomes: ArrayLike | Sequence[ArrayLike]) -> np.ndarray:
             raise ValueError("an outcomes array must be (S, L); pass a single sequence as [sequence]")
         padded = outcomes
     else:
-        rows = [np.asarray(row) for row in outcomes]
+        rows = [np.asarray(row) for row in cast(Sequence[ArrayLike], outcomes)]
         if any(r.ndim != 1 or (r.size > 0 and not np.issubdtype(r.dtype, np.integer)) for r in rows):
             raise ValueError("each outcome sequence must be a 1-D array of integer category indices")
         padded = np.full((len(rows), max((r.size for r in rows), default=0)), -1, dtype=np.int64)
@@ -182,7 +182,8 @@ class FilterObjective(Protocol):
     its gradient; with ``gamma=None`` the last entry of theta is gamma and the gradient includes it.
     """
 
-    marks: Marks
+    @property
+    def marks(self) -> Marks: ...
 
     def start(self) -> np.ndarray: ...
 
@@ -214,7 +215,7 @@ class DirichletFilter:
         n_categories = marks.probs.shape[1]
         alpha = np.exp(theta[:n_categories])
         if gamma is None:
-            counts, d_counts = marks.positions.counts_and_derivative(theta[n_categories])
+            counts, d_counts = marks.positions.counts_and_derivative(float(theta[n_categories]))
         else:
             counts = marks.positions.counts(gamma)
         updated = alpha + counts

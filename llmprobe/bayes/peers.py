@@ -21,7 +21,7 @@ L1 is piecewise smooth in γ, so the grid guards against local minima. numpy/sci
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -63,7 +63,7 @@ class _Chains:
     position: np.ndarray  # (M,)
 
     @classmethod
-    def build(cls, outcomes: Sequence[ArrayLike], sequence: ArrayLike, position: ArrayLike, k: int) -> "_Chains":
+    def build(cls, outcomes: Sequence[ArrayLike], sequence: ArrayLike, position: ArrayLike, k: int) -> _Chains:
         sequence = np.asarray(sequence, dtype=np.int64)
         position = np.asarray(position, dtype=np.int64)
         arrays = [np.asarray(o, dtype=np.int64) for o in outcomes]

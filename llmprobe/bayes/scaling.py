@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -178,6 +179,10 @@ def _nll_start(y: np.ndarray) -> tuple[float, float]:
 def _baseline(name: str, y: np.ndarray, n: np.ndarray) -> _Law:
     floor, excess = _nll_start(y)
     middle = float(max(np.median(n), 1.0))
+    grid: list[tuple[float, ...]]
+    names: tuple[str, ...]
+    curve: Callable[..., np.ndarray]
+    defined: Callable[[np.ndarray], np.ndarray] | None
     if name == "power":
         grid = [(excess, a) for a in (0.1, 0.5, 1.5)]
         names, curve, defined = ("scale", "exponent", "floor"), power_law, (lambda x: x >= 1)
@@ -199,7 +204,7 @@ def _fit(law: _Law, n: np.ndarray, y: np.ndarray, fitted: np.ndarray) -> LawFit:
     defined = law.defined(n)
     use = fitted & defined
     x, target = n[use], y[use]
-    best = None
+    best: Any = None  # scipy's OptimizeResult of the lowest cost
     for start in law.starts:
         start = np.clip(start, law.bounds[0] + 1e-9, law.bounds[1] - 1e-9)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

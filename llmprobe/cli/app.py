@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from llmprobe.cli import analyses, control, figures, fits, trace
+from llmprobe.cli import analyses, control, figures, fits, trace, viewer
 from llmprobe.cli.options import error_message, fill_optional_values, with_groups
 from llmprobe.cli.output import error_line
 from llmprobe.errors import UsageError
@@ -44,9 +44,8 @@ COMMANDS = {
     "plot-layers": figures.plot_layers, "report": figures.report,
     "continuity": analyses.continuity, "martingale": analyses.martingale,
     "wind-tunnel": control.wind_tunnel,
+    "view": viewer.view, "serve": viewer.serve,
 }
-from llmprobe.cli import viewer  # noqa: E402  (the explorer's commands)
-COMMANDS.update({"view": viewer.view, "serve": viewer.serve})
 
 
 for name, command in COMMANDS.items():
@@ -55,7 +54,7 @@ for name, command in COMMANDS.items():
 
 def _print_version(value: bool) -> None:
     if value:
-        from llmprobe import __version__
+        from llmprobe.version import __version__
 
         print(f"llmprobe {__version__}")
         raise typer.Exit()

@@ -29,7 +29,8 @@ import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, get_args
+from collections.abc import Callable
 
 import typer
 

@@ -135,6 +135,6 @@ def models(
 
 def version() -> None:
     """Print the llmprobe version (also: llmprobe --version)."""
-    from llmprobe import __version__
+    from llmprobe.version import __version__
 
     print(f"llmprobe {__version__}")

@@ -110,7 +110,7 @@ class Experiment:
         sequences: int | None = None,
         layout: str | None = None,
         permutations: int | None = None,
-    ) -> "Experiment":
+    ) -> Experiment:
         """A copy with CLI overrides applied and validated (UsageError on a bad value)."""
         where = self.where
         changes: dict[str, Any] = {}

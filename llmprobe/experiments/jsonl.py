@@ -8,7 +8,8 @@ itself.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, TextIO
+from typing import Any, TextIO
+from collections.abc import Iterable
 
 __all__ = ["write_jsonl"]
 

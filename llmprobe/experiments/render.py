@@ -26,7 +26,8 @@ text render with ``%.6g``.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 from llmprobe.experiments.config import Experiment
 from llmprobe.experiments.sampling import Phase, phase_of, sample_outcomes, schedule_key, streams

@@ -28,7 +28,8 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from llmprobe.errors import UsageError
 from llmprobe.experiments.schema import TEMPLATES_KEYS, check_keys, check_str, require_str

@@ -156,13 +156,13 @@ class ModelOptions:
     offload_folder: str | None = None
     attn_implementation: str | None = None  # None: transformers' default (sdpa where available)
 
-    def load(self, log=lambda msg: None) -> "LoadedModel":
+    def load(self, log=lambda msg: None) -> LoadedModel:
         return load_model(self.model, device=self.device, dtype=self.dtype, device_map=self.device_map,
                           max_memory=self.max_memory, offload_folder=self.offload_folder,
                           trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
                           attn_implementation=self.attn_implementation, log=log)
 
-    def skeleton(self, log=lambda msg: None) -> "LoadedModel":
+    def skeleton(self, log=lambda msg: None) -> LoadedModel:
         return load_skeleton(self.model, trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
                              log=log)
 

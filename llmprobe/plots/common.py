@@ -19,11 +19,11 @@ import matplotlib
 if "matplotlib.pyplot" not in sys.modules:  # a notebook that already chose its backend keeps it
     matplotlib.use("Agg")
 
-from matplotlib.figure import Figure  # noqa: E402  (after the backend is chosen)
+from matplotlib.figure import Figure
 
-from llmprobe.errors import UsageError  # noqa: E402
-from llmprobe.files import check_new_output, write_atomic  # noqa: E402
-from llmprobe.tracing.reader import visible  # noqa: E402
+from llmprobe.errors import UsageError
+from llmprobe.files import check_new_output, write_atomic
+from llmprobe.tracing.reader import visible
 
 IMAGE_FORMATS = ("png", "svg", "pdf")
 DPI = 150

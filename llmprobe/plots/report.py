@@ -19,12 +19,13 @@ import math
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
-from llmprobe import __version__
+from llmprobe.version import __version__
 from llmprobe.errors import UsageError
 from llmprobe.files import check_new_output, write_atomic
 from llmprobe.plots.common import data_uri

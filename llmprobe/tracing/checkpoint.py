@@ -36,7 +36,8 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -102,7 +103,7 @@ class WorkDir:
 
     # ------------------------------------------------------------------------------ open / create
     @classmethod
-    def open(cls, output: str, fingerprint: dict[str, Any], metadata: dict[str, Any]) -> "WorkDir":
+    def open(cls, output: str, fingerprint: dict[str, Any], metadata: dict[str, Any]) -> WorkDir:
         """Continue the work directory of ``output``, or create it; refuse one from different settings."""
         path = work_dir_for(output)
         _remove_leftovers(path)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ class EncodedPrompt:
         return json.dumps({"record": asdict(self.record), "ids": self.ids, "marks": marks}, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "EncodedPrompt":
+    def from_json(cls, text: str) -> EncodedPrompt:
         data = json.loads(text)
         return cls(PromptRecord(**data["record"]), data["ids"], {p: m for p, m, _ in data["marks"]},
                    {p: exact for p, _, exact in data["marks"]})
@@ -71,7 +72,7 @@ class PromptEncoder:
         self._chat_frame: tuple[str, ...] | None = None  # the template's text around the turns, found once
 
     @classmethod
-    def for_model(cls, loaded, settings: TraceSettings) -> "PromptEncoder":
+    def for_model(cls, loaded, settings: TraceSettings) -> PromptEncoder:
         return cls(loaded.tokenizer, settings, context_length(loaded.model))
 
     def encode_all(self, records: list[PromptRecord]) -> list[EncodedPrompt]:

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import inspect
 from contextlib import ExitStack
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import torch

@@ -10,7 +10,8 @@ token, which becomes its last row's ``next_token`` and gets no row itself.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch

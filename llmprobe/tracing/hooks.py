@@ -33,7 +33,8 @@ blocks >= L caches the residual stream entering block L with a one-shot input ho
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -55,7 +56,7 @@ class Hooks:
         while self._handles:
             self._handles.pop().remove()
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -72,7 +73,7 @@ class InternalsPlan:
     embedding_dim: int  # 0: embeddings not saved
 
     @classmethod
-    def build(cls, model: torch.nn.Module, layers: str | None, save_embeddings: bool) -> "InternalsPlan":
+    def build(cls, model: torch.nn.Module, layers: str | None, save_embeddings: bool) -> InternalsPlan:
         if not layers and not save_embeddings:
             return cls([], -1, 0)
         decoder_layers, _ = decoder_parts(model)

@@ -92,7 +92,7 @@ def ray_options_for(engine: str, address: str | None, actors: int | None, cpus_p
 def import_ray():
     try:
         import ray
-        import ray.data  # noqa: F401  (the Data library is the part of the extra that is needed)
+        import ray.data
     except ImportError:
         raise UsageError(f"the ray engine needs Ray Data, which is not installed; install it with: {INSTALL_HINT}",
                          where="--engine") from None

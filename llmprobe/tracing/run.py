@@ -43,12 +43,13 @@ import copy
 import platform
 import time
 from dataclasses import asdict, replace
-from typing import Any, Callable, Collection, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmprobe import __version__
+from llmprobe.version import __version__
 from llmprobe.errors import UsageError
 from llmprobe.model.loading import LoadedModel
 from llmprobe.progress import SILENT, Reporter
@@ -107,18 +108,18 @@ class TraceRun:
         self.prompts: list[EncodedPrompt] = []
         self.plan: TracePlan | None = None
 
-    def start(self, loaded: LoadedModel, reporter: Reporter = SILENT) -> "TraceRun":
+    def start(self, loaded: LoadedModel, reporter: Reporter = SILENT) -> TraceRun:
         """Build the engine for ``loaded``, encode every prompt (once) and plan the run; returns the run."""
         self.tracer = Tracer(loaded, self.settings, reporter)
         self.encoder = PromptEncoder.for_model(loaded, self.settings)
         return self._with(self.encoder.encode_all(self.records))
 
-    def for_prompts(self, prompts: list[EncodedPrompt]) -> "TraceRun":
+    def for_prompts(self, prompts: list[EncodedPrompt]) -> TraceRun:
         """This run — settings, engine, metadata — over prompts encoded elsewhere (a Ray actor's block,
         encoded by the driver), planned afresh and never tokenized again."""
         return copy.copy(self)._with(prompts)
 
-    def _with(self, prompts: list[EncodedPrompt]) -> "TraceRun":
+    def _with(self, prompts: list[EncodedPrompt]) -> TraceRun:
         self.prompts = prompts
         self.records = [e.record for e in prompts]
         self.plan = TracePlan(prompts, self.settings.window_prompts)

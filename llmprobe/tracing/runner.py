@@ -21,7 +21,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from llmprobe.errors import UsageError
 from llmprobe.model.loading import ModelOptions

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -81,22 +82,6 @@ def trace_schema(top_k: int, n_targets: int = 0, *, layers: bool = False, embedd
         fields.append(pa.field("embedding", pa.list_(pa.float16(), embedding_dim), nullable=True))
     fields += [pa.field(n, t, nullable=null) for n, t, null, _ in MARK_COLUMNS]
     return pa.schema(fields)
-
-
-def column_docs() -> dict[str, str]:
-    docs = {n: d for n, _, _, d in BASE_COLUMNS + MARK_COLUMNS}
-    docs.update(
-        layer="0-based decoder layer whose residual output was unembedded (logit lens); the last layer's rows"
-        " are the model's output, i.e. the rows of a plain trace",
-        embedding="the final-normed hidden state the output head reads (float16), at marks or else the last"
-        " prompt position, on output-layer rows; null elsewhere",
-        topk_ids="the k most probable next tokens, descending",
-        topk_logprobs="their log-probabilities (nats), descending",
-        target_logprobs="log-probability of each target's first token, at every position",
-        target_seq_logprobs="log-probability of each whole target string (sum over its tokens), at marks"
-        " and at the last prompt position; null elsewhere",
-    )
-    return docs
 
 
 def encode_metadata(meta: dict[str, Any], vocab: list[str] | None) -> dict[bytes, bytes]:

@@ -14,7 +14,8 @@ import json
 import math
 import sys
 from contextlib import contextmanager
-from typing import IO, Any, Iterator, Protocol
+from typing import IO, Any, Protocol
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -115,7 +115,7 @@ def test_fit_prior_recovers_a_dirichlet_from_die_predictions(tmp_path):
     alpha = np.array([2.0, 1.0, 1.5, 3.0, 0.8, 1.2])
     samples = rng.dirichlet(alpha, size=3000)
     rows = []
-    for i, p in enumerate(samples):
+    for i, _p in enumerate(samples):
         record = {**records[0], "id": f"d{i}", "sequence": i}
         rows.append(record)
     path = synthetic_trace(tmp_path / "die.parquet", rows, alpha, 1.0)

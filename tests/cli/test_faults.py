@@ -20,9 +20,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from llmprobe.errors import UsageError
+
 import llmprobe.files
 from llmprobe.tracing.checkpoint import work_dir_for
-from tests.cli.fault_fixtures import COIN, coin_trace, fit_table, llmprobe_process
+from tests.cli.fault_fixtures import COIN, coin_trace, llmprobe_process
 from tests.cli_helpers import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -267,7 +269,7 @@ def test_a_planted_symlink_inside_the_work_directory_is_not_followed(tmp_path):
     lock = work_dir_for(str(output)) / "lock"
     lock.unlink()
     lock.symlink_to(victim)
-    with pytest.raises(Exception):
+    with pytest.raises(UsageError):
         WorkDir.open(str(output), {"f": 1}, {"m": 1})
     assert victim.read_text() == "precious"
 

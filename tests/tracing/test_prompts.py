@@ -131,7 +131,7 @@ def test_a_mark_lands_on_the_last_token_starting_before_it(tiny_loaded, data, te
         return
     at, exact = map_marks(record.marks, spans, 0, record)
     assert at == {p: i for i, p in enumerate(expected)}
-    for i, (o, p) in enumerate(zip(offsets, expected)):
+    for o, p in zip(offsets, expected):
         assert exact[p] == (spans[p][1] == o)
 
 

@@ -123,7 +123,7 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_uninterrupted_trace(t
     env = subprocess_env(tmp_path)
     rng = random.Random(20240611)  # fixed kill points: a few parts further each time, at a random moment
     command = cli(args)
-    for attempt in range(3):
+    for _attempt in range(3):
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         interrupt_when(proc, output, len(committed(output)) + rng.randint(1, 10), rng.uniform(0, 0.05),
                        signal.SIGKILL)

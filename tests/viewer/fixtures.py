@@ -101,7 +101,7 @@ def alert_open(browser) -> bool:
     from selenium.common.exceptions import NoAlertPresentException
 
     try:
-        browser.switch_to.alert.text
+        _ = browser.switch_to.alert.text
     except NoAlertPresentException:
         return False
     return True

@@ -9,7 +9,6 @@ import json
 import re
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -12,7 +12,7 @@ from llmprobe.analysis.results import gamma_test_line, verdict_line
 from llmprobe.plots.icl import open_fit
 from llmprobe.tracing.reader import read_trace
 from llmprobe.viewer.page import write_view
-from tests.plots.fixtures import text_records, write_trace
+from tests.plots.fixtures import text_records
 from tests.viewer.fixtures import (choose_prompt, click_position, coin_trace_and_fit, find, open_page, panel_rows,
                                    press, requested_urls, selected_position)
 
