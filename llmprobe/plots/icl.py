@@ -82,7 +82,7 @@ def open_fit(source: str) -> FitTable:
     summaries: list[dict[str, Any]] = []
     if data[:4] == b"PAR1":
         try:
-            parquet = pq.ParquetFile(pa.BufferReader(data))
+            parquet = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
             frame = parquet.read().to_pandas()
         except (pa.ArrowException, OSError) as exc:
             raise UsageError(f"not a readable Parquet file ({str(exc).splitlines()[0]})", where=name) from None

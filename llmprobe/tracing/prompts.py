@@ -136,7 +136,7 @@ def _read_parquet(data: bytes, name: str) -> list[PromptRecord]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
         raise UsageError(f"not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else exc})",
                          where=name) from None

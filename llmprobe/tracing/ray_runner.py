@@ -188,7 +188,7 @@ def _run_on_ray(ray, run: TraceRun, target: Path, model_options: ModelOptions, r
                 f" {plural(per_task, 'prompt')} per task)")
         with atomic_dir(target, replace=replace) as staging:
             try:
-                traced.write_parquet(str(staging))
+                traced.write_parquet(str(staging), write_page_checksum=True)
             except Exception as exc:  # Ray wraps what the actors raised in its own exception types
                 cause = usage_error_in(exc)
                 if cause is None:

@@ -1,7 +1,7 @@
 """Reading traces back: one Parquet or JSONL file, a directory of part files, or ``-`` (stdin).
 
 Every reader in llmprobe goes through :func:`open_trace`, which checks that the input really is an
-llmprobe trace (Parquet whose data pages decode, llmprobe metadata that is a JSON object, a
+llmprobe trace (Parquet whose data pages decode and match their checksums, llmprobe metadata that is a JSON object, a
 vocabulary that is a JSON list of strings, every base column present) and that all parts of a
 directory agree on what their columns mean (model, targets in the same order, vocabulary), and
 returns the Arrow table with its run metadata and vocabulary. Hidden entries of a directory (a
@@ -140,7 +140,7 @@ def _read_jsonl(data: bytes, name: str, columns: list[str] | None) -> Trace:
 
 def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
     try:
-        parquet = pq.ParquetFile(handle)
+        parquet = pq.ParquetFile(handle, page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as exc:
         raise UsageError(f"not a Parquet file ({str(exc).splitlines()[0]})", where=name) from None
     kv = parquet.schema_arrow.metadata

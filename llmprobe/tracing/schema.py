@@ -164,7 +164,8 @@ def decode_vocab(kv: dict[bytes, bytes] | None) -> list[str] | None:
 
 
 class NonFiniteError(UsageError):
-    """A batch holds NaN or Inf: the run would fail the same way on every try."""
+    """NaN or Inf in a batch or in the sampling probabilities: the run would fail the same way on every try,
+    so no resume can fix it and a checkpointed run leaves nothing behind."""
 
 
 def check_finite(batch: pa.RecordBatch, records: Sequence[Any] | Mapping[int, Any]) -> None:

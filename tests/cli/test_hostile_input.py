@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmprobe.analysis.priors import read_prior
+from llmprobe.tracing.checkpoint import work_dir_for
 from llmprobe.tracing.encoding import PromptEncoder
 from llmprobe.tracing.reader import read_trace
 from llmprobe.tracing.schema import META_KEY, VOCAB_KEY
-from tests.cli.fault_fixtures import COIN, coin_trace, fit_table
+from tests.cli.fault_fixtures import COIN, coin_trace, fit_table, flip_a_byte_in_pages
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.plots.fixtures import mixture_prior_json
 
@@ -198,12 +199,16 @@ def test_top_p_below_float32_resolution_is_refused(trace_cli, tmp_path):
 
 
 def test_a_nan_model_is_one_line_when_sampling(trace_cli, nan_model_dir, tmp_path):
+    """Issue 26 item 4: NaN while sampling fails the same way on every try, so the work directory is deleted
+    (it was kept, with 0 prompts), and the line is not run on into a resume hint ("not written 0 of 2 ...")."""
     prompts = tmp_path / "p.txt"
-    prompts.write_text("Once upon a time\n")
+    prompts.write_text("Once upon a time\nThe capital of France is\n")
     output = tmp_path / "out.parquet"
     code, _, err = trace_cli(prompts, output, "--sample", "--max-new-tokens", "2", model=nan_model_dir)
     assert_one_line_error(code, err, "NaN")
-    assert not output.exists()
+    assert "saved" not in err and "resume" not in err
+    assert not output.exists() and not work_dir_for(str(output)).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
 
 
 def test_a_nan_model_is_one_line_in_martingale(nan_model_dir, capsys, monkeypatch):
@@ -322,6 +327,8 @@ def corrupt_pages(trace: Path, path: Path) -> Path:
 
 DAMAGE = {
     "pages": (lambda t, p: corrupt_pages(t, p), "damaged"),
+    # issue 26: one flipped byte used to read back as a wrong number; the page checksums catch it
+    "one-flipped-byte": (lambda t, p: flip_a_byte_in_pages(t, "topk_logprobs", p), "damaged"),
     "meta-not-json": (lambda t, p: rewrite(t, p, meta=b"{not json"), "not valid JSON"),
     "meta-a-list": (lambda t, p: rewrite(t, p, meta=b"[1, 2]"), "not a JSON object"),
     "vocab-not-json": (lambda t, p: rewrite(t, p, vocab=b"[oops"), "vocabulary"),
