@@ -94,6 +94,30 @@ def is_same_or_inside(output: Path, source: str | Path) -> bool:
     return resolved_output == resolved_source or (source.is_dir() and resolved_source in resolved_output.parents)
 
 
+def open_lock(path: Path) -> int:
+    """A lock file for :func:`flock`, created if need be and never followed through a symbolic link."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
+def flock(fd: int, *, shared: bool = False, wait: bool = True) -> bool:
+    """An advisory lock on ``fd`` (the kernel drops it when the holder exits or crashes, SIGKILL included);
+    without ``wait``, False at once if another process holds a conflicting one."""
+    import fcntl
+
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def unlock(fd: int) -> None:
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def write_error(output: str | Path, exc: OSError) -> UsageError:
     """The one line for an output that the system refused (full disk, read-only, no permission)."""
     reason = exc.strerror or str(exc)
