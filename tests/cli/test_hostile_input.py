@@ -173,6 +173,37 @@ def test_broken_priors_are_one_line(document, needle, tiny_loaded, tmp_path, cap
         assert_one_line_error(code, err, str(prior))
 
 
+def test_prior_files_without_categories_are_refused_where_they_are_applied(tiny_loaded, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Issue 26 item 5: a fit-prior file or a fit-posterior --json summary with its `categories` removed was
+    applied in the trace's category order unchecked; every reader that applies a prior (fit-posterior --prior,
+    wind-tunnel --prior) refuses it, naming the file and the key. plot-prior, which applies it to nothing,
+    still draws it."""
+    trace = coin_trace(tiny_loaded, tmp_path, sequences=2)
+    rows_prior, summary = tmp_path / "rows.json", tmp_path / "summary.json"
+    assert run_cli(["fit-prior", str(trace), "-o", str(rows_prior), "-q"], capsys, monkeypatch)[0] == 0
+    code, out, err = run_cli(["fit-posterior", str(trace), "--bootstrap", "2", "--min-mass", "0", "--json", "-q"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    summary.write_text(out)
+    for path in (rows_prior, summary):
+        document = json.loads(path.read_text())
+        for holder in (document if isinstance(document, list) else [document]):
+            assert holder.pop("categories") == ["heads", "tails"]
+        path.write_text(json.dumps(document))
+    for path in (rows_prior, summary):
+        code, _, err = run_cli(["fit-posterior", str(trace), "--prior", str(path), "--bootstrap", "2", "--min-mass", "0",
+                                "-q"], capsys, monkeypatch)
+        assert_one_line_error(code, err, str(path), "'categories'")
+    control = tmp_path / "control"
+    code, _, err = run_cli(["wind-tunnel", str(COIN.parents[1] / "control" / "coin.toml"), "-o", str(control),
+                            "--prior", str(rows_prior), "-q"], capsys, monkeypatch)
+    assert_one_line_error(code, err, str(rows_prior), "'categories'")
+    assert not control.exists()
+    code, _, err = run_cli(["plot-prior", str(rows_prior), "-o", str(tmp_path / "p.png")], capsys, monkeypatch)
+    assert code == 0, err
+
+
 # --------------------------------------------------------------------------------------- options
 
 
