@@ -390,6 +390,29 @@ def test_a_damaged_trace_is_one_line_in_every_reader(command, damage, tiny_loade
     assert sorted(p.name for p in work.iterdir()) == ["bad.parquet"]
 
 
+@pytest.mark.parametrize("vocab", [7, "abc", [1, 2, 3]])
+def test_a_jsonl_header_whose_vocab_is_not_strings_is_one_line(vocab, tiny_loaded, tmp_path, capsys, monkeypatch):
+    """Issue 26 item 6: a JSONL header written by someone else whose vocab is not a list ended in an unexpected
+    TypeError (exit 1); one holding integers was accepted and every token shown as "∅"."""
+    from llmprobe.tracing.schema import decode_vocab
+    from llmprobe.tracing.writer import open_trace_sink
+
+    trace = coin_trace(tiny_loaded, tmp_path)
+    jsonl = tmp_path / "t.jsonl"
+    table = pq.read_table(trace)
+    with open_trace_sink(str(jsonl), "jsonl", table.schema.remove_metadata(), json.loads(table.schema.metadata[META_KEY]),
+                         decode_vocab(pq.read_metadata(trace).metadata)) as sink:
+        sink.write(table.to_batches()[0])
+    assert run_cli(["inspect", str(jsonl)], capsys, monkeypatch)[0] == 0
+    lines = jsonl.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["vocab"] = vocab
+    jsonl.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    code, out, err = run_cli(["inspect", str(jsonl)], capsys, monkeypatch)
+    assert_one_line_error(code, err, str(jsonl), "vocabulary is not a JSON list of strings")
+    assert not out
+
+
 def test_a_trace_without_vocabulary_still_reads_with_ids(tiny_loaded, tmp_path, capsys, monkeypatch):
     trace = rewrite(coin_trace(tiny_loaded, tmp_path), tmp_path / "novocab.parquet", vocab=None)
     code, _, err = run_cli(["inspect", str(trace), "--prompt", "coin-s0000", "--json"], capsys, monkeypatch)
