@@ -139,8 +139,8 @@ def prior_file_for(spec: str, categories: list[str], over: str = "the trace") ->
     without names would be applied in the trace's category order unchecked."""
     prior = read_prior(spec)
     if not prior.has_names:
-        raise UsageError(f"names no 'categories', so its alphas cannot be matched to {over}'s ({', '.join(categories)});"
-                         " add \"categories\": [...] in the alphas' order", where=spec)
+        raise UsageError(f"names no 'categories', so its alphas cannot be matched to {over}'s"
+                         f" ({', '.join(categories)}); add \"categories\": [...] in the alphas' order", where=spec)
     if prior.alphas.shape[1] != len(categories) or prior.categories != categories:
         raise UsageError(f"prior is over {prior.categories}, {over} over {categories}", where=spec)
     return prior

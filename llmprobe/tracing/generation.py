@@ -86,9 +86,9 @@ class Generation:
             return logits.argmax(-1)
         probs = torch.softmax(logits.float() / self.settings.temperature, dim=-1)
         if not bool(torch.isfinite(probs).all()):
-            raise NonFiniteError("sampling probabilities are NaN or infinite: the model's logits overflowed or its weights"
-                             " are corrupt (try --dtype float32 or a larger --temperature); not written",
-                             where="--sample")
+            raise NonFiniteError("sampling probabilities are NaN or infinite: the model's logits overflowed or its"
+                                 " weights are corrupt (try --dtype float32 or a larger --temperature); not written",
+                                 where="--sample")
         if self.settings.top_p < 1:
             sorted_probs, order = probs.sort(-1, descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs >= self.settings.top_p

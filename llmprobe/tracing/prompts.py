@@ -110,11 +110,16 @@ def _decode(raw: bytes, name: str, number: int) -> str:
 
 
 def records_from_objects(prompts: list[str | dict[str, Any]]) -> list[PromptRecord]:
-    """Prompt records from Python objects (the notebook API): a string is a prompt, a dict a JSONL record."""
+    """Prompt records from Python objects (the notebook API): a string is a prompt, a dict a JSONL record,
+    checked as a prompt file's lines are (text that cannot be UTF-8, a lone surrogate, is refused)."""
     records: list[PromptRecord] = []
     seen: set[str] = set()
     for number, obj in enumerate(prompts, start=1):
         where = f"prompts[{number - 1}]"
+        if not isinstance(obj, (str, dict)):
+            raise UsageError(f"expected a prompt string or a record dict with a \"prompt\", got {type(obj).__name__}",
+                             where=where)
+        _check_unicode(obj, where)
         if isinstance(obj, str):
             if not obj.strip():
                 raise UsageError("the prompt is empty", where=where)

@@ -2,13 +2,15 @@
 
 Every reader in llmprobe goes through :func:`open_trace`, which checks that the input really is an
 llmprobe trace, whoever wrote it — Parquet whose data pages decode and match their checksums, or a JSONL
-trace whose header holds an Arrow schema; llmprobe metadata that is a JSON object, a vocabulary that is
-a JSON list of strings, every base column present with its type, no nulls where the schema has none
-(:func:`check_columns`) — and that all parts of a directory agree on what their columns mean (model,
-targets in the same order, vocabulary), and returns the Arrow table with its run metadata and vocabulary. Hidden entries of a directory (a
-running trace's ``.OUTPUT.parts/`` work directory, temporary ``.partial`` files) are skipped. Any
-problem is one :class:`~llmprobe.errors.UsageError` naming the file. :func:`read_trace` is the pandas view for notebooks, with the top-k
-token strings joined in from the vocabulary that travels with the trace.
+trace whose header holds an Arrow schema; llmprobe metadata that is a JSON object with the shapes the
+readers use, a vocabulary that is a JSON list of strings, every base column present with its type, no
+nulls where a trace has none, list widths that agree with the targets (:func:`check_columns`) — and that
+all parts of a directory agree on what their columns mean (model, targets in the same order,
+vocabulary), and returns the Arrow table with its run metadata and vocabulary. Hidden entries of a
+directory (a running trace's ``.OUTPUT.parts/`` work directory, temporary ``.partial`` files) are
+skipped. Any problem is one :class:`~llmprobe.errors.UsageError` naming the file. :func:`read_trace` is
+the pandas view for notebooks, with the top-k token strings joined in from the vocabulary that travels
+with the trace.
 """
 
 from __future__ import annotations

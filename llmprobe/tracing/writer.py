@@ -38,7 +38,8 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
         return t.value_type if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) else t
 
     floats = [f for f in schema if pa.types.is_floating(value_type(f.type))]
-    return {"compression": PARQUET_COMPRESSION, "write_page_checksum": True, "use_dictionary": [f.name for f in schema if f not in floats],
+    return {"compression": PARQUET_COMPRESSION, "write_page_checksum": True,
+            "use_dictionary": [f.name for f in schema if f not in floats],
             "use_byte_stream_split": [f"{f.name}.list.element" if value_type(f.type) != f.type else f.name
                                       for f in floats]}
 

@@ -192,8 +192,8 @@ def test_prior_files_without_categories_are_refused_where_they_are_applied(tiny_
             assert holder.pop("categories") == ["heads", "tails"]
         path.write_text(json.dumps(document))
     for path in (rows_prior, summary):
-        code, _, err = run_cli(["fit-posterior", str(trace), "--prior", str(path), "--bootstrap", "2", "--min-mass", "0",
-                                "-q"], capsys, monkeypatch)
+        code, _, err = run_cli(["fit-posterior", str(trace), "--prior", str(path), "--bootstrap", "2", "--min-mass",
+                                "0", "-q"], capsys, monkeypatch)
         assert_one_line_error(code, err, str(path), "'categories'")
     control = tmp_path / "control"
     code, _, err = run_cli(["wind-tunnel", str(COIN.parents[1] / "control" / "coin.toml"), "-o", str(control),
@@ -400,7 +400,8 @@ def test_a_jsonl_header_whose_vocab_is_not_strings_is_one_line(vocab, tiny_loade
     trace = coin_trace(tiny_loaded, tmp_path)
     jsonl = tmp_path / "t.jsonl"
     table = pq.read_table(trace)
-    with open_trace_sink(str(jsonl), "jsonl", table.schema.remove_metadata(), json.loads(table.schema.metadata[META_KEY]),
+    meta = json.loads(table.schema.metadata[META_KEY])
+    with open_trace_sink(str(jsonl), "jsonl", table.schema.remove_metadata(), meta,
                          decode_vocab(pq.read_metadata(trace).metadata)) as sink:
         sink.write(table.to_batches()[0])
     assert run_cli(["inspect", str(jsonl)], capsys, monkeypatch)[0] == 0
