@@ -31,7 +31,6 @@ place.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -47,7 +46,7 @@ import pyarrow.parquet as pq
 
 from llmprobe.errors import UsageError, first_line
 from llmprobe.tracing.prompts import PromptRecord
-from llmprobe.files import PARTIAL_SUFFIX, fsync_dir
+from llmprobe.files import fsync_dir, remove_stale_partials
 
 MANIFEST = "manifest.jsonl"
 LOCK = "lock"
@@ -124,7 +123,7 @@ class WorkDir:
             _check_fingerprint(header["fingerprint"], fingerprint, path)
             parts, repaired = _drop_damaged(path, header, parts)
             _discard_uncommitted(path, parts)
-            _remove_stale_merges(output)
+            remove_stale_partials(output, min_age=0)  # a merge killed by SIGKILL left its temporary output
             return cls(path, header, parts, lock_fd, repaired)
         except BaseException:
             os.close(lock_fd)
@@ -329,15 +328,6 @@ def _read_part(part: Path) -> pa.Table:
         return pq.ParquetFile(f, page_checksum_verification=True).read()
 
 
-def _remove_stale_merges(output: str) -> None:
-    """A merge killed by SIGKILL leaves its hidden temporary output; the lock holder may delete it."""
-    target = Path(output)
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*{PARTIAL_SUFFIX}"):
-        try:
-            if stat.S_ISREG(os.lstat(stale).st_mode):
-                stale.unlink()
-        except OSError:
-            pass
 
 
 def _check_fingerprint(then: dict[str, Any], now: dict[str, Any], path: Path) -> None:

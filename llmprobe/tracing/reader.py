@@ -247,7 +247,7 @@ def check_columns(table: pa.Table, meta: dict[str, Any], name: str) -> None:
                              " damaged)", where=name)
     together = [c for c in ("next_token_id", "next_token", "next_logprob", "next_rank") if c in table.column_names]
     for other in together[1:]:  # all null at a prompt's last position, none elsewhere
-        if not pc.all(pc.equal(pc.is_null(table.column(together[0])), pc.is_null(table.column(other)))).as_py():
+        if pc.all(pc.equal(pc.is_null(table.column(together[0])), pc.is_null(table.column(other)))).as_py() is False:
             raise UsageError(f"columns {together[0]} and {other} are empty (null) on different rows, which a trace"
                              " never has (the file is damaged)", where=name)
     n_targets = len(meta.get("targets", []))
