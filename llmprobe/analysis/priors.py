@@ -66,7 +66,7 @@ def read_prior(source: str) -> Prior:
         raw = path.read_bytes()
     try:
         document = json.loads(raw.decode("utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UsageError(f"not JSON ({exc})", where=source) from None
     except OSError as exc:
         raise UsageError(f"cannot read prior file ({exc.strerror})", where=source) from None
@@ -209,7 +209,7 @@ def _updating_prior_in(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]] |
     """The gamma = 1 updating prior of a fit-posterior ``--json`` summary (the first trace's), if it is one."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None  # read_prior reports what is wrong with the file
     summary = document[0] if isinstance(document, list) and document else document
     if not isinstance(summary, dict) or not isinstance(summary.get("updating_prior"), dict):

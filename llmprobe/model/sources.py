@@ -178,7 +178,7 @@ def check_remote_code(directory: Path, trust_remote_code: bool) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         try:
             config = json.loads((directory / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue  # missing or unreadable: the loader reports it
         if isinstance(config, dict) and config.get("auto_map"):
             raise UsageError(f"{name} asks for the checkpoint's own Python code (auto_map); that code runs"

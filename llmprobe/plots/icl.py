@@ -90,7 +90,7 @@ def open_fit(source: str) -> FitTable:
         if FIT_META_KEY in kv:
             try:
                 meta = json.loads(kv[FIT_META_KEY])
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise UsageError("its fit metadata is not valid JSON (the file is damaged)", where=name) from None
             summaries = [m for m in (meta if isinstance(meta, list) else [meta]) if isinstance(m, dict)]
     else:

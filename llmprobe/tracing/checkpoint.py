@@ -283,7 +283,7 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], list[_Part]]:
         parts = [_Part(entry["part"], entry["prompts"], entry["rows"]) for entry in map(json.loads, complete[1:])]
         if not isinstance(header, dict) or not {"fingerprint", "metadata"} <= header.keys():
             raise ValueError("no header")
-    except (IndexError, KeyError, ValueError, TypeError):
+    except (IndexError, KeyError, ValueError, TypeError, RecursionError):
         raise UsageError("the work directory's manifest is damaged; rerun with --force to start over",
                          where=str(path)) from None
     return header, parts

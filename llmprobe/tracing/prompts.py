@@ -27,6 +27,7 @@ UTF8_BOM = b"\xef\xbb\xbf"
 PARQUET_MAGIC = b"PAR1"
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 RESERVED_FIELDS = ("id", "prompt", "marks")
+NESTED = "nested too deeply to read (thousands of levels of [ or {)"  # what the parsers' RecursionError means
 
 
 @dataclass
@@ -178,6 +179,8 @@ def _parse_jsonl(text: str, where: str, index: int, number: int) -> PromptRecord
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"invalid JSON: {exc.msg} (column {exc.colno})", where=where) from None
+    except RecursionError:
+        raise UsageError(f"invalid JSON: {NESTED}", where=where) from None
     _check_unicode(obj, where)
     return _record_from_object(obj, where, index, number)
 

@@ -110,7 +110,7 @@ def _read_jsonl(data: bytes, name: str, columns: list[str] | None) -> Trace:
     lines = [line for line in data.split(b"\n") if line.strip()]
     try:
         header = json.loads(lines[0])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UsageError("neither Parquet nor a JSONL trace (line 1 is not JSON)", where=name) from None
     if not isinstance(header, dict) or JSONL_HEADER_KEY not in header:
         raise UsageError("JSON lines, but not an llmprobe trace (no header record: write it with llmprobe"
@@ -125,7 +125,7 @@ def _read_jsonl(data: bytes, name: str, columns: list[str] | None) -> Trace:
     for number, line in enumerate(lines[1:], start=2):
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise UsageError(f"invalid JSON ({exc})", where=f"{name}:{number}") from None
         if not isinstance(row, dict):
             raise UsageError("a row must be a JSON object", where=f"{name}:{number}")
@@ -274,7 +274,7 @@ def json_objects(values: list[str | None], column: str, source: str, empty: Any 
         if value not in parsed or not shared:
             try:
                 obj = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 obj = None
             if not isinstance(obj, dict):
                 raise UsageError(f"column {column} holds {value[:40]!r}, not a JSON object (the file is damaged)",

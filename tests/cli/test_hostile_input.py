@@ -204,6 +204,30 @@ def test_prior_files_without_categories_are_refused_where_they_are_applied(tiny_
     assert code == 0, err
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any parser recurses
+
+
+@pytest.mark.parametrize("kind", ["prompts", "prior", "martingale", "experiment", "jsonl trace"])
+def test_input_nested_too_deeply_to_parse_is_one_line(kind, tiny_loaded, tiny_model_dir, tmp_path, capsys,
+                                                      monkeypatch):
+    """Issue 26 (readers of others' files): JSON or TOML nested 100,000 deep made the parsers raise
+    RecursionError, an "unexpected" exit 1, in every reader; it is bad input like any other."""
+    trace = coin_trace(tiny_loaded, tmp_path)
+    path = tmp_path / {"prompts": "p.jsonl", "prior": "prior.json", "martingale": "m.jsonl", "experiment": "e.toml",
+                       "jsonl trace": "t.jsonl"}[kind]
+    path.write_text({"prompts": '{"prompt": "hi", "x": ' + DEEP + "}\n", "prior": DEEP, "martingale": DEEP + "\n",
+                     "experiment": "a = " + DEEP + "\n",
+                     "jsonl trace": '{"llmprobe_trace_header": 1, "meta": ' + DEEP + "}\n"}[kind])
+    args = {"prompts": ["trace", str(path), "-m", str(tiny_model_dir), "-o", str(tmp_path / "out.parquet")],
+            "prior": ["fit-posterior", str(trace), "--prior", str(path), "-o", str(tmp_path / "out.parquet")],
+            "martingale": ["fit-posterior", str(trace), "--martingale", str(path), "-o", str(tmp_path / "out.parquet")],
+            "experiment": ["experiment", str(path), "-o", str(tmp_path / "out.parquet")],
+            "jsonl trace": ["inspect", str(path)]}[kind]
+    code, _, err = run_cli([*args, "-q"] if kind != "jsonl trace" else args, capsys, monkeypatch)
+    assert_one_line_error(code, err, str(path))
+    assert not (tmp_path / "out.parquet").exists()
+
+
 # --------------------------------------------------------------------------------------- options
 
 
