@@ -57,12 +57,13 @@ def json_paths(document: Any, prefix: tuple = ()) -> list[tuple]:
 
 
 @st.composite
-def mutations(draw, document: Any) -> Any:
-    """``document`` with one value replaced by another JSON value, or deleted (a key, a list item)."""
-    path = draw(st.sampled_from(json_paths(document)))
+def mutations(draw, document: Any, values: st.SearchStrategy = JSON_VALUES, whole: bool = True) -> Any:
+    """``document`` with one value replaced by one of ``values``, or deleted (a key, a list item); ``whole``:
+    the document itself may be replaced too."""
+    path = draw(st.sampled_from(json_paths(document)[0 if whole else 1:]))
     if not path:
         note("replaced the whole document")
-        return draw(JSON_VALUES)
+        return draw(values)
     mutated = copy.deepcopy(document)
     holder = mutated
     for step in path[:-1]:
@@ -71,7 +72,7 @@ def mutations(draw, document: Any) -> Any:
         del holder[path[-1]]
         note(f"deleted {path}")
     else:
-        holder[path[-1]] = draw(JSON_VALUES)
+        holder[path[-1]] = draw(values)
         note(f"set {path} to {holder[path[-1]]!r}")
     return mutated
 
@@ -237,22 +238,6 @@ TOML_VALUES = st.recursive(st.booleans() | st.integers(-3, 40) | st.floats(allow
                            | st.dictionaries(st.text(max_size=4), inner, max_size=2), max_leaves=4)
 
 
-@st.composite
-def toml_mutations(draw, document: dict[str, Any]) -> dict[str, Any]:
-    path = draw(st.sampled_from(json_paths(document)[1:]))
-    mutated = copy.deepcopy(document)
-    holder = mutated
-    for step in path[:-1]:
-        holder = holder[step]
-    if draw(st.booleans()):
-        del holder[path[-1]]
-        note(f"deleted {path}")
-    else:
-        holder[path[-1]] = draw(TOML_VALUES)
-        note(f"set {path} to {holder[path[-1]]!r}")
-    return mutated
-
-
 def test_the_toml_writer_round_trips_the_configs():
     for config in (COIN, REPO / "configs" / "control" / "coin-mixture.toml"):
         document = tomllib.loads(config.read_text())
@@ -266,7 +251,7 @@ def test_a_mutated_experiment_toml(data, tmp_path_factory, capsys, monkeypatch):
     config = work / "coin.toml"
     document = tomllib.loads(COIN.read_text())
     document["experiment"]["n_max"], document["experiment"]["sequences"] = 4, 1
-    config.write_text(to_toml(data.draw(toml_mutations(document))))
+    config.write_text(to_toml(data.draw(mutations(document, TOML_VALUES, whole=False))))
     result = run_cli(["experiment", str(config), "-o", str(work / "p.jsonl"), "-q"], capsys, monkeypatch)
     assert_accepted_or_one_line(result, str(config), [work / "p.jsonl"])
 
@@ -278,7 +263,7 @@ def test_a_mutated_wind_tunnel_config(data, tmp_path_factory, capsys, monkeypatc
     work = tmp_path_factory.mktemp("mutated")
     config = work / "control.toml"
     document = tomllib.loads((REPO / "configs" / "control" / "coin-mixture.toml").read_text())
-    config.write_text(to_toml(data.draw(toml_mutations(document))))
+    config.write_text(to_toml(data.draw(mutations(document, TOML_VALUES, whole=False))))
     result = run_cli(["wind-tunnel", str(config), "-o", str(work / "control"), "--steps", "0", "-q"], capsys,
                      monkeypatch)
     assert result[0] == 2, result[2]
