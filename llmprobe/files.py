@@ -107,7 +107,8 @@ def open_lock(path: Path) -> int:
 
 def flock(fd: int, *, shared: bool = False, wait: bool = True) -> bool:
     """An advisory lock on ``fd`` (the kernel drops it when the holder exits or crashes, SIGKILL included);
-    without ``wait``, False at once if another process holds a conflicting one."""
+    without ``wait``, False at once if another process holds a conflicting one. On a file system without
+    advisory locks (some network mounts) it holds nothing and says True: the locks are then not enforced."""
     import fcntl
 
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
@@ -115,6 +116,9 @@ def flock(fd: int, *, shared: bool = False, wait: bool = True) -> bool:
         fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
     return True
 
 
@@ -248,10 +252,8 @@ def remove_stale_partials(output: str | Path, min_age: float = STALE_AFTER_SECON
 def _hold(fd: int) -> int:
     """A lock on ``fd``'s file (a duplicate descriptor, kept until :func:`os.close`), so no sweeper of leftovers
     takes it for one while its writer lives."""
-    import fcntl
-
     held = os.dup(fd)
-    fcntl.flock(held, fcntl.LOCK_EX)
+    flock(held)
     return held
 
 
