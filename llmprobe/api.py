@@ -17,11 +17,12 @@ libraries load on first call, so ``import llmprobe`` stays light.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from collections.abc import Iterable
 
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError, UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,12 +59,13 @@ def trace(prompts: str | Iterable[str | dict[str, Any]], model: str | LoadedMode
           targets: list[str] | None = None, max_new_tokens: int = 0, **settings: Any) -> pd.DataFrame:
     """Trace prompts as ``llmprobe trace`` does and return the trace as :func:`llmprobe.read_trace` would.
 
-    ``prompts``: a prompt string, or a list of strings and/or JSONL-style dicts (``prompt``, ``id``,
-    ``marks``, other fields), e.g. :func:`experiment`'s records, whose targets are picked up as in the
-    CLI. ``model``: a :func:`load_model` result (load once, trace often) or a ``--model`` value.
-    ``settings``: the other :class:`~llmprobe.tracing.settings.TraceSettings` (``layers``, ``chat``,
-    ``batch_size``, ``sample``, ``seed``, ``save_embeddings``, ...). The run metadata is in
-    ``frame.attrs["llmprobe"]``.
+    ``prompts``: a prompt string, a JSONL-style dict (``prompt``, ``id``, ``marks``, other fields), or a
+    list of strings and/or such dicts, e.g. :func:`experiment`'s records, whose targets are picked up as
+    in the CLI. ``targets``: a list of strings (a single string is one target). ``model``: a
+    :func:`load_model` result (load once, trace often) or a ``--model`` value. ``settings``: the other
+    :class:`~llmprobe.tracing.settings.TraceSettings` (``layers``, ``chat``, ``batch_size``, ``sample``,
+    ``seed``, ``save_embeddings``, ...). A bad argument is a :class:`~llmprobe.errors.ParameterError`
+    naming it. The run metadata is in ``frame.attrs["llmprobe"]``.
     """
     from llmprobe.tracing.reader import trace_frame
 
@@ -80,12 +82,42 @@ def trace_table(prompts: str | Iterable[str | dict[str, Any]], model: str | Load
     from llmprobe.tracing.run import TraceRun
     from llmprobe.tracing.settings import TraceSettings
 
-    records = records_from_objects([prompts] if isinstance(prompts, str) else list(prompts))
-    run = TraceRun(TraceSettings(top_k=top_k, targets=list(targets or []), max_new_tokens=max_new_tokens, **settings),
-                   records, {"command": "llmprobe.trace (Python)"})
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    names = [f.name for f in fields(TraceSettings) if f.name not in ("top_k", "targets", "max_new_tokens")]
+    for name in settings:
+        if name not in names:
+            raise ParameterError(name, "not a trace setting (they are: top_k, targets, max_new_tokens,"
+                                       f" {', '.join(names)})")
+    if not (model is None or isinstance(model, (str, Path, LoadedModel))):
+        raise ParameterError("model", f"expected a load_model() result, a path or a model name, got"
+                                      f" {type(model).__name__}")
+    targets = [targets] if isinstance(targets, str) else [] if targets is None else targets
+    run = TraceRun(TraceSettings(top_k=top_k, targets=targets, max_new_tokens=max_new_tokens, **settings),
+                   lambda: records_from_objects(_prompt_objects(prompts)), {"command": "llmprobe.trace (Python)"})
+    loaded = model if isinstance(model, LoadedModel) else load_model(None if model is None else str(model))
     run.start(loaded)
     return Trace(run.table(), run.metadata(), run.vocab, "<llmprobe.trace>")
+
+
+def _prompt_objects(prompts: Any) -> list[Any]:
+    """``trace``'s ``prompts`` as a list: one string or one record dict is one prompt."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Iterable):
+        raise ParameterError("prompts", f"expected a prompt string, a record dict or a list of them, got"
+                                        f" {type(prompts).__name__}")
+    return list(prompts)
+
+
+def _check_options(options: dict[str, Any], function: Any, besides: tuple[str, ...]) -> None:
+    """Every keyword in ``options`` is one of ``function``'s keyword-only options (not one of ``besides``):
+    else a ParameterError naming it and the options there are."""
+    import inspect
+
+    known = [name for name, p in inspect.signature(function).parameters.items()
+             if p.kind is p.KEYWORD_ONLY and name not in besides]
+    for name in options:
+        if name not in known:
+            raise ParameterError(name, f"not an option here (they are: {', '.join(known)})")
 
 
 def fit_posterior(trace: Any, *, prior: str = "fit", bootstrap: int = 200, seed: int = 0,
@@ -104,6 +136,7 @@ def fit_posterior(trace: Any, *, prior: str = "fit", bootstrap: int = 200, seed:
     """
     from llmprobe.analysis.fits import fit_posterior as fit, posterior_marks
 
+    _check_options(options, fit, ("reporter",))
     return fit(posterior_marks(_as_trace(trace), label), prior, bootstrap, seed, **options)
 
 

@@ -18,7 +18,13 @@ Invariants, the same for traces, fit tables, priors, figures, reports and Ray pa
   is left exactly as it was: a reader sees the old file or the complete new one, never a part.
 * A full disk, a read-only file system or a permission error while writing becomes one
   :class:`~llmprobe.errors.UsageError` naming the output (see :func:`write_error`).
-* :func:`atomic_dir` does the same for a directory of files (the Ray engine's part files).
+* :func:`atomic_dir` does the same for a directory of files (the Ray engine's part files, a wind-tunnel
+  checkpoint, a conversion-cache entry).
+* Leftovers: the writer holds an advisory lock (``flock``) on its temporary file or staging directory
+  until it has moved it into place, and the kernel drops that lock when the writer dies, SIGKILL and power
+  loss included. So the hidden ``.NAME.*.partial`` a killed writer leaves is recognisable: the next write
+  of the same output deletes every such leftover nobody holds (:func:`remove_stale_partials`), and never
+  one a live writer is still filling.
 
 The trace runner's crash-safe work directory (:mod:`llmprobe.tracing.checkpoint`) commits its parts
 with its own renames, documented there, because it must survive SIGKILL between parts. Everywhere else
@@ -93,6 +99,34 @@ def is_same_or_inside(output: Path, source: str | Path) -> bool:
     except OSError:
         return False
     return resolved_output == resolved_source or (source.is_dir() and resolved_source in resolved_output.parents)
+
+
+def open_lock(path: Path) -> int:
+    """A lock file for :func:`flock`, created if need be and never followed through a symbolic link."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
+def flock(fd: int, *, shared: bool = False, wait: bool = True) -> bool:
+    """An advisory lock on ``fd`` (the kernel drops it when the holder exits or crashes, SIGKILL included);
+    without ``wait``, False at once if another process holds a conflicting one. On a file system without
+    advisory locks (some network mounts) it holds nothing and says True: the locks are then not enforced."""
+    import fcntl
+
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    return True
+
+
+def unlock(fd: int) -> None:
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def write_error(output: str | Path, exc: OSError) -> UsageError:
@@ -179,6 +213,51 @@ def _commit(temp: Path, target: Path, replace: bool, output: str | Path) -> None
         raise write_error(output, exc) from None
 
 
+STALE_AFTER_SECONDS = 10.0
+"""A leftover must be this old too: a writer takes its lock a moment after creating its temporary file."""
+
+
+def remove_stale_partials(output: str | Path, min_age: float = STALE_AFTER_SECONDS) -> list[Path]:
+    """Delete the hidden ``.NAME.*.partial`` files and directories beside ``output`` that writers killed
+    mid-write left: those no live writer holds (its lock) and older than ``min_age`` seconds (0 for a caller
+    that already excludes other writers, as the trace work directory's lock does). Never follows a link;
+    returns what it deleted."""
+    import fcntl
+    import glob
+    import time
+
+    target = Path(output)
+    removed = []
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*{PARTIAL_SUFFIX}"):
+        try:
+            info = os.lstat(stale)
+            if stat.S_ISLNK(info.st_mode) or time.time() - info.st_mtime < min_age:
+                continue
+            fd = os.open(stale, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live writer: not a leftover
+            if stat.S_ISDIR(info.st_mode):
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _hold(fd: int) -> int:
+    """A lock on ``fd``'s file (a duplicate descriptor, kept until :func:`os.close`), so no sweeper of leftovers
+    takes it for one while its writer lives."""
+    held = os.dup(fd)
+    flock(held)
+    return held
+
+
 @contextmanager
 def atomic_file(output: str | Path, mode: str = "wb", *, replace: bool = False) -> Iterator[IO]:
     """A stream whose content appears at ``output`` only when the block completes (``mode`` "wb" or "w").
@@ -187,11 +266,13 @@ def atomic_file(output: str | Path, mode: str = "wb", *, replace: bool = False) 
     ``output`` that appeared meanwhile is kept and the write fails with one line.
     """
     target = Path(output)
+    remove_stale_partials(target)
     try:
         fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent)
     except OSError as exc:
         raise write_error(output, exc) from None
     temp = Path(temp_name)
+    held = _hold(fd)
     try:
         os.chmod(temp, 0o666 & ~umask())  # mkstemp makes the file private; an output gets normal permissions
         encoding = None if "b" in mode else "utf-8"
@@ -211,6 +292,7 @@ def atomic_file(output: str | Path, mode: str = "wb", *, replace: bool = False) 
             temp.unlink(missing_ok=True)
         except OSError:
             pass
+        os.close(held)
 
 
 def write_atomic(output: str | Path, data: bytes | str, *, replace: bool = False) -> None:
@@ -227,10 +309,14 @@ def atomic_dir(output: str | Path, *, replace: bool = True) -> Iterator[Path]:
     copy is dropped and :class:`FileExistsError` raised (a cache entry another process made first).
     """
     target = Path(output)
+    remove_stale_partials(target)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent))
     except OSError as exc:
         raise write_error(output, exc) from None
+    directory_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    held = _hold(directory_fd)
+    os.close(directory_fd)
     try:
         os.chmod(staging, 0o777 & ~umask())
         try:
@@ -249,3 +335,4 @@ def atomic_dir(output: str | Path, *, replace: bool = True) -> Iterator[Path]:
         fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(held)

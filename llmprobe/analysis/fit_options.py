@@ -51,9 +51,11 @@ def parse_components(spec: str | int, parameter: str = "components") -> int | No
     """A number of mixture components (1 or more), or ``auto`` (None: the fit chooses)."""
     if spec == "auto":
         return None
+    if isinstance(spec, (bool, float)):
+        raise ParameterError(parameter, f"expected a whole number or 'auto', got {spec!r}")
     try:
         k = int(spec)
-    except ValueError:
+    except (TypeError, ValueError):
         raise ParameterError(parameter, f"expected a number or 'auto', got {spec!r}") from None
     if k < 1:
         raise ParameterError(parameter, "must be 1 or more, or 'auto'")
@@ -61,11 +63,20 @@ def parse_components(spec: str | int, parameter: str = "components") -> int | No
 
 
 def check_min_mass(min_mass: float) -> None:
+    check_number(min_mass, "min_mass")
     if not 0.0 <= min_mass < 1.0:
         raise ParameterError("min_mass", f"must be in [0, 1), got {min_mass}")
 
 
+def check_number(value: float, parameter: str) -> None:
+    """A real number (a notebook can pass anything; a bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParameterError(parameter, f"expected a number, got {value!r}")
+
+
 def check_at_least(value: int, low: int, parameter: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParameterError(parameter, f"expected a whole number, got {value!r}")
     if value < low:
         raise ParameterError(parameter, f"must be {low} or more, got {value}")
 
@@ -94,6 +105,9 @@ class PosteriorOptions:
     gamma_variant: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prior, str):
+            raise ParameterError("prior", f"expected 'fit', 'uniform', 'dirichlet:a1,...,aK' or a file name, got"
+                                          f" {self.prior!r}")
         check_choice(self.by, BY_CHOICES, "by")
         check_choice(self.gamma_variant, GAMMA_VARIANTS, "gamma_variant")
         parse_components(self.components)
@@ -121,6 +135,7 @@ class ScalingOptions:
 
     def __post_init__(self) -> None:
         check_at_least(self.tasks, 1, "tasks")
+        check_number(self.fit_fraction, "fit_fraction")
         if not 0.0 < self.fit_fraction < 1.0:
             raise ParameterError("fit_fraction", f"must be between 0 and 1 (exclusive), got {self.fit_fraction}")
         check_min_mass(self.min_mass)

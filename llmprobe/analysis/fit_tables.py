@@ -102,4 +102,4 @@ def write_table_file(frame: pd.DataFrame, output: str, force: bool, metadata: di
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if metadata:
                 table = table.replace_schema_metadata(metadata)
-            pq.write_table(table, stream, compression="zstd")
+            pq.write_table(table, stream, compression="zstd", write_page_checksum=True)

@@ -19,7 +19,6 @@ original orders, so a trace gives the same fits whether or not its shuffled orde
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 
 from llmprobe.errors import UsageError
-from llmprobe.tracing.reader import Trace
+from llmprobe.tracing.reader import Trace, json_objects
 
 
 @dataclass
@@ -92,8 +91,9 @@ def category_marks(trace: Trace, label: str | None = None, *, needs: str = CATEG
     if scored.num_rows == 0:
         raise UsageError("trace has no marked rows with target scores", where=trace.source)
     trace_targets = [t["text"] for t in trace.meta.get("targets", [])]
-    metas = [json.loads(m) if m else {} for m in scored.column("meta").to_pylist()]
-    marks = [json.loads(m) if m else {} for m in scored.column("mark").to_pylist()]
+    metas = json_objects(scored.column("meta").to_pylist(), "meta", trace.source, empty={})
+    marks = json_objects(scored.column("mark").to_pylist(), "mark", trace.source, empty={})
+    _check_fields(metas, marks, trace.source)
     categories, columns = _category_columns(metas, trace_targets, trace.source)
     _refuse_overlapping_targets([trace.meta.get("targets", [])[c] for c in columns], trace.source)
     logprobs = np.asarray(scored.column("target_seq_logprobs").to_pylist(), dtype=np.float64)[:, columns]
@@ -229,3 +229,39 @@ def _optional_matrix(values: list[Any], width: int) -> np.ndarray | None:
     if not values or any(not isinstance(v, list) or len(v) != width for v in values):
         return None
     return np.asarray(values, dtype=np.float64)
+
+
+NUMBER_LISTS = ("counts", "theta")
+"""Mark (or prompt) fields that are lists of numbers, one per category."""
+
+
+def _check_fields(metas: list[dict], marks: list[dict], source: str) -> None:
+    """The experiment fields the fits read have their types: ``n`` a whole number >= 0; ``counts``, ``theta``
+    lists of numbers; ``outcomes`` a list of whole numbers >= 0; ``categories``, ``targets`` lists of strings;
+    ``sequence`` a string or a number. A field from another tool that breaks this is one line naming it."""
+    def refuse(name: str, value: Any) -> UsageError:
+        return UsageError(f"a prompt's {name!r} is {value!r}, which an experiment never writes (the trace's prompts"
+                          " were not made by llmprobe experiment, or the file is damaged)", where=source)
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def numbers(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+    for holder in [*{id(m): m for m in metas}.values(), *marks]:
+        if holder.get("n") is not None and not whole(holder["n"]):
+            raise refuse("n", holder["n"])
+        for name in NUMBER_LISTS:
+            if holder.get(name) is not None and not numbers(holder[name]):
+                raise refuse(name, holder[name])
+        if holder.get("outcomes") is not None and not (isinstance(holder["outcomes"], list)
+                                                       and all(whole(o) for o in holder["outcomes"])):
+            raise refuse("outcomes", holder["outcomes"])
+        for name in ("categories", "targets"):
+            if holder.get(name) is not None and not (isinstance(holder[name], list)
+                                                     and all(isinstance(v, str) for v in holder[name])):
+                raise refuse(name, holder[name])
+        sequence = holder.get("sequence")
+        if sequence is not None and (isinstance(sequence, bool) or not isinstance(sequence, (str, int, float))):
+            raise refuse("sequence", sequence)

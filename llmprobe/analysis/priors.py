@@ -66,7 +66,7 @@ def read_prior(source: str) -> Prior:
         raw = path.read_bytes()
     try:
         document = json.loads(raw.decode("utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UsageError(f"not JSON ({exc})", where=source) from None
     except OSError as exc:
         raise UsageError(f"cannot read prior file ({exc.strerror})", where=source) from None
@@ -134,11 +134,15 @@ def _categories(fit: dict, outer: dict, k: int, source: str) -> list[str]:
     return names
 
 
-def prior_file_for(spec: str, categories: list[str]) -> Prior:
-    """A prior file over the same categories as the trace (``--prior FILE``)."""
+def prior_file_for(spec: str, categories: list[str], over: str = "the trace") -> Prior:
+    """A prior file over the same categories as ``over`` (``--prior FILE``). The file must name them: alphas
+    without names would be applied in the trace's category order unchecked."""
     prior = read_prior(spec)
-    if prior.alphas.shape[1] != len(categories) or (prior.has_names and prior.categories != categories):
-        raise UsageError(f"prior is over {prior.categories}, the trace over {categories}", where=spec)
+    if not prior.has_names:
+        raise UsageError(f"names no 'categories', so its alphas cannot be matched to {over}'s"
+                         f" ({', '.join(categories)}); add \"categories\": [...] in the alphas' order", where=spec)
+    if prior.alphas.shape[1] != len(categories) or prior.categories != categories:
+        raise UsageError(f"prior is over {prior.categories}, {over} over {categories}", where=spec)
     return prior
 
 
@@ -192,9 +196,8 @@ def reference_prior(spec: str, categories: list[str]) -> ReferencePrior:
         prior = prior_file_for(spec, categories)
         return ReferencePrior(_fixed_mixture(prior.weights, prior.alphas), "file", prior.kind or "unstated", spec)
     weights, alphas, file_categories = updating
-    if alphas.shape[1] != k or (file_categories is not None and file_categories != categories):
-        raise UsageError(f"updating prior is over {file_categories or alphas.shape[1]}, the trace over"
-                         f" {categories}", where=spec)
+    if alphas.shape[1] != k or file_categories != categories:
+        raise UsageError(f"updating prior is over {file_categories}, the trace over {categories}", where=spec)
     return ReferencePrior(_fixed_mixture(weights, alphas), "file", UPDATING_PRIOR, spec)
 
 
@@ -202,11 +205,11 @@ def _fixed_mixture(weights: np.ndarray, alphas: np.ndarray) -> MixtureFit:
     return MixtureFit(weights=weights, alphas=alphas, loglik=float("nan"), n_obs=0.0, iterations=0, converged=True)
 
 
-def _updating_prior_in(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None] | None:
+def _updating_prior_in(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
     """The gamma = 1 updating prior of a fit-posterior ``--json`` summary (the first trace's), if it is one."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None  # read_prior reports what is wrong with the file
     summary = document[0] if isinstance(document, list) and document else document
     if not isinstance(summary, dict) or not isinstance(summary.get("updating_prior"), dict):
@@ -223,4 +226,7 @@ def _updating_prior_in(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | 
             or not math.isclose(weights.sum(), 1.0, rel_tol=1e-6)):
         raise UsageError("updating_prior.exact needs positive alphas and weights summing to 1", where=str(path))
     names = summary.get("categories")
-    return weights, alphas, names if isinstance(names, list) else None
+    if not (isinstance(names, list) and len(names) == alphas.shape[1] and all(isinstance(n, str) for n in names)):
+        raise UsageError(f"a fit-posterior summary needs 'categories', a list naming the {alphas.shape[1]} categories"
+                         " of its updating prior, to be matched to the trace's", where=str(path))
+    return weights, alphas, names

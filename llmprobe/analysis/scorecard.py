@@ -250,7 +250,7 @@ def read_martingale(path: str | Path) -> tuple[MartingaleResult, ...]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise refuse(f"line {number}: not JSON; expected the output of `llmprobe martingale --json` (one JSON"
                          " object per line)") from None
         if not isinstance(record, dict):

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             command.invoke(ctx)
     except UsageError as exc:
         running = command.commands.get(args[0]) if args else None
-        error_line(one_line(" ".join([error_message(exc, running), *getattr(exc, "__notes__", [])])))
+        error_line(one_line("; ".join([error_message(exc, running), *getattr(exc, "__notes__", [])])))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         error_line("interrupted: no output file was written, and anything already written to stdout is incomplete")

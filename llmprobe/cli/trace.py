@@ -129,7 +129,7 @@ def models(
     from llmprobe.cli.views.traces import ModelsView
     from llmprobe.model.gguf import inventory, prune_conversions
 
-    removed = prune_conversions() if prune else None
+    removed = prune_conversions(out.log) if prune else None
     out.result(ModelsView(inventory(), removed))
 
 

@@ -169,11 +169,9 @@ def _prior_table(experiment_path: str) -> Any:
 
 
 def _from_file(path: str, categories: list[str]) -> KnownPrior:
-    from llmprobe.analysis.priors import read_prior
+    from llmprobe.analysis.priors import prior_file_for
 
-    prior = read_prior(path)
-    if prior.alphas.shape[1] != len(categories) or (prior.has_names and prior.categories != list(categories)):
-        raise UsageError(f"prior is over {prior.categories}, the experiment over {list(categories)}", where=path)
+    prior = prior_file_for(path, list(categories), over="the experiment")
     return KnownPrior(prior.weights / prior.weights.sum(), prior.alphas, tuple(categories), path)
 
 

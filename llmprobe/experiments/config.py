@@ -167,6 +167,9 @@ def loads_experiment(text: str, *, where: str = "<string>") -> Experiment:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"invalid TOML: {e}", where=where) from None
+    except RecursionError:
+        raise UsageError("invalid TOML: nested too deeply to read (thousands of levels of [ or {)",
+                         where=where) from None
     return _parse(data, where)
 
 

@@ -14,7 +14,8 @@ or for a directory a sha256 over its weight files (file names, sizes and safeten
 above :data:`FULL_HASH_LIMIT`). Hashing costs a second per 100 MB, so each fingerprint is memoized
 in ``CACHE/fingerprints`` keyed by resolved path, size and mtime; the memo is written atomically
 through :mod:`llmprobe.files` and is only a memo: a cache it cannot write to costs the hash again,
-never the load.
+never the load, and a memo that does not hold a fingerprint (damaged, or written by something else)
+is hashed again and rewritten, never trusted.
 
 Refusals, before any weights are read: pickle weights (``.bin``/``.pt``/...) unless ``allow_pickle``
 (loading pickle can run arbitrary code); a checkpoint that asks for its own Python code
@@ -27,6 +28,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Above this many bytes of weights, hashing every byte on each new checkpoint costs minutes; the
 # fingerprint then covers file names, sizes and safetensors headers (tensor names, shapes, offsets).
 FULL_HASH_LIMIT = 4 * 1024**3
+MEMO_FORMAT = re.compile(r"((headers-)?sha256:)?[0-9a-f]{64}")  # what gguf_sha256 / weights_fingerprint return
 
 
 @dataclass
@@ -89,7 +92,12 @@ def _memo(name: str) -> Path:
 
 
 def _recall(memo: Path) -> str | None:
-    return memo.read_text().strip() if memo.exists() else None
+    """The memoized fingerprint, or None when there is none or the file holds anything else."""
+    try:
+        value = memo.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return value if MEMO_FORMAT.fullmatch(value) else None
 
 
 def _remember(memo: Path, value: str) -> None:
@@ -170,7 +178,7 @@ def check_remote_code(directory: Path, trust_remote_code: bool) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         try:
             config = json.loads((directory / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue  # missing or unreadable: the loader reports it
         if isinstance(config, dict) and config.get("auto_map"):
             raise UsageError(f"{name} asks for the checkpoint's own Python code (auto_map); that code runs"

@@ -82,7 +82,7 @@ def open_fit(source: str) -> FitTable:
     summaries: list[dict[str, Any]] = []
     if data[:4] == b"PAR1":
         try:
-            parquet = pq.ParquetFile(pa.BufferReader(data))
+            parquet = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
             frame = parquet.read().to_pandas()
         except (pa.ArrowException, OSError) as exc:
             raise UsageError(f"not a readable Parquet file ({str(exc).splitlines()[0]})", where=name) from None
@@ -90,7 +90,7 @@ def open_fit(source: str) -> FitTable:
         if FIT_META_KEY in kv:
             try:
                 meta = json.loads(kv[FIT_META_KEY])
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise UsageError("its fit metadata is not valid JSON (the file is damaged)", where=name) from None
             summaries = [m for m in (meta if isinstance(meta, list) else [meta]) if isinstance(m, dict)]
     else:

@@ -14,9 +14,13 @@ temporary file, a part the manifest does not list, or a torn last manifest line 
 :meth:`WorkDir.open` discards. The manifest is append-only, so a run of any length costs one short
 write per batch.
 
-Before any work a resume checks every committed part's footer against its manifest line: a part that
-is missing, truncated or unreadable is dropped from the manifest (rewritten atomically) and only its
-prompts are traced again; the merge restores the uninterrupted run's row order. A resume also
+Every part is written with Parquet page checksums (CRC32 per data page). Before any work a resume
+reads every committed part whole, verifying those checksums, and compares its row count with its
+manifest line: a part that is missing, truncated, unreadable or rotted (a flipped byte in a data page
+with the footer intact, which without the checksums would mostly read back as wrong numbers) is
+dropped from the manifest (rewritten atomically) and only its prompts are traced again; the merge
+restores the uninterrupted run's row order. A part that rots between that check and the merge fails
+the merge with one line whose resume command retraces it. A resume also
 removes the hidden ``.OUTPUT.*.partial`` file a merge killed by SIGKILL left beside the output.
 
 Nothing here follows a symbolic link: the work directory is checked with ``lstat`` (a planted link
@@ -27,7 +31,6 @@ place.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -42,9 +45,9 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmprobe.errors import UsageError
+from llmprobe.errors import UsageError, first_line
 from llmprobe.tracing.prompts import PromptRecord
-from llmprobe.files import PARTIAL_SUFFIX, fsync_dir
+from llmprobe.files import fsync_dir, remove_stale_partials
 
 MANIFEST = "manifest.jsonl"
 LOCK = "lock"
@@ -53,6 +56,10 @@ PART_COMPRESSION = "zstd"
 # trace records them once, so every row must come from the same model, numerics and settings.
 FINGERPRINT_KEYS = ("model", "weights_sha256", "model_revision", "dtype", "device", "device_map", "settings",
                     "attn_implementation", "llmprobe_version", "torch_version", "transformers_version")
+
+
+class DamagedPart(UsageError):
+    """A committed part that no longer reads back (found by the merge): a resume drops and retraces it."""
 
 
 def work_dir_for(output: str) -> Path:
@@ -117,7 +124,7 @@ class WorkDir:
             _check_fingerprint(header["fingerprint"], fingerprint, path)
             parts, repaired = _drop_damaged(path, header, parts)
             _discard_uncommitted(path, parts)
-            _remove_stale_merges(output)
+            remove_stale_partials(output, min_age=0)  # a merge killed by SIGKILL left its temporary output
             return cls(path, header, parts, lock_fd, repaired)
         except BaseException:
             os.close(lock_fd)
@@ -129,7 +136,7 @@ class WorkDir:
         name = f"part-{self._next:05d}.parquet"
         temp = self.path / f".{name}.tmp"
         with os.fdopen(_open_nofollow(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
-            pq.write_table(pa.Table.from_batches([batch]), f, compression=PART_COMPRESSION)
+            pq.write_table(pa.Table.from_batches([batch]), f, compression=PART_COMPRESSION, write_page_checksum=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, self.path / name)
@@ -149,13 +156,13 @@ class WorkDir:
         parts = self.parts if order is None else sorted(self.parts, key=lambda p: min(order[i] for i in p.prompts))
         for part in parts:
             try:
-                table = pq.read_table(self.path / part.name).cast(schema)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise UsageError(f"committed part {part.name} is unreadable ({str(exc).splitlines()[0]}); rerun"
-                                 " with --force to start over", where=str(self.path)) from None
+                table = _read_part(self.path / part.name).cast(schema)
+            except (pa.ArrowException, OSError) as exc:  # rotted since open() checked it: a resume drops it
+                raise DamagedPart(f"committed part {part.name} became unreadable ({first_line(exc)}), so the"
+                                  " resume traces its prompts again", where=str(self.path)) from None
             if table.num_rows != part.rows:
-                raise UsageError(f"{part.name} holds {table.num_rows} rows, the manifest says {part.rows};"
-                                 " rerun with --force to start over", where=str(self.path))
+                raise DamagedPart(f"{part.name} holds {table.num_rows} rows, the manifest says {part.rows}, so the"
+                                  " resume traces its prompts again", where=str(self.path))
             yield table
 
     def close(self) -> None:
@@ -277,7 +284,7 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], list[_Part]]:
         parts = [_Part(entry["part"], entry["prompts"], entry["rows"]) for entry in map(json.loads, complete[1:])]
         if not isinstance(header, dict) or not {"fingerprint", "metadata"} <= header.keys():
             raise ValueError("no header")
-    except (IndexError, KeyError, ValueError, TypeError):
+    except (IndexError, KeyError, ValueError, TypeError, RecursionError):
         raise UsageError("the work directory's manifest is damaged; rerun with --force to start over",
                          where=str(path)) from None
     return header, parts
@@ -305,24 +312,23 @@ def _drop_damaged(path: Path, header: dict[str, Any], parts: list[_Part]) -> tup
 
 
 def _intact(part: Path, rows: int) -> bool:
-    """The part is a regular file whose Parquet footer is readable and counts ``rows`` rows."""
+    """The part is a regular file that reads whole, every page checksum verified, and holds ``rows`` rows."""
     try:
         if not stat.S_ISREG(os.lstat(part).st_mode):
             return False
-        return pq.ParquetFile(part).metadata.num_rows == rows
+        return _read_part(part).num_rows == rows
     except (OSError, pa.ArrowException):
         return False
 
 
-def _remove_stale_merges(output: str) -> None:
-    """A merge killed by SIGKILL leaves its hidden temporary output; the lock holder may delete it."""
-    target = Path(output)
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*{PARTIAL_SUFFIX}"):
-        try:
-            if stat.S_ISREG(os.lstat(stale).st_mode):
-                stale.unlink()
-        except OSError:
-            pass
+def _read_part(part: Path) -> pa.Table:
+    """A committed part, read whole with its page checksums verified (parts of older runs have none:
+    then only decoding can fail)."""
+    fd = _open_nofollow(part, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        return pq.ParquetFile(f, page_checksum_verification=True).read()
+
+
 
 
 def _check_fingerprint(then: dict[str, Any], now: dict[str, Any], path: Path) -> None:

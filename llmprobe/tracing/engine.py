@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 import torch
 
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError
 from llmprobe.model.loading import LoadedModel
 from llmprobe.model.structure import split_causal_lm
 from llmprobe.progress import SILENT, Reporter
@@ -77,8 +77,8 @@ class Tracer:
         self.settings = settings
         vocab_size = loaded.vocab_size
         if settings.top_k > vocab_size:
-            raise UsageError(f"must be between 1 and the vocabulary size {vocab_size}, got {settings.top_k}",
-                             where="--top-k")
+            raise ParameterError("top_k", f"must be between 1 and the vocabulary size {vocab_size},"
+                                          f" got {settings.top_k}")
         self.target_tokens = tokenize_targets(self.tokenizer, settings.targets)
         self.reducer = LogitReducer(settings.top_k, [t[0] for t in self.target_tokens])
         self.vocab = display_vocab(self.tokenizer, vocab_size)

@@ -16,11 +16,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from llmprobe.errors import UsageError
 from llmprobe.tracing.encoding import EncodedPrompt
 from llmprobe.tracing.reduction import StepStats, token_logprob_and_rank
 from llmprobe.tracing.rows import Rows, rows_from_stats
-from llmprobe.tracing.schema import PHASE_GENERATED
+from llmprobe.tracing.schema import PHASE_GENERATED, NonFiniteError
 from llmprobe.tracing.settings import TraceSettings
 
 # one decoding step: (token ids [B, 1], attention mask, position ids, KV cache) -> (statistics, KV cache)
@@ -88,9 +87,9 @@ class Generation:
             return logits.argmax(-1)
         probs = torch.softmax(logits.float() / self.settings.temperature, dim=-1)
         if not bool(torch.isfinite(probs).all()):
-            raise UsageError("sampling probabilities are NaN or infinite: the model's logits overflowed or its weights"
-                             " are corrupt (try --dtype float32 or a larger --temperature); not written",
-                             where="--sample")
+            raise NonFiniteError("sampling probabilities are NaN or infinite: the model's logits overflowed or its"
+                                 " weights are corrupt (try --dtype float32 or a larger --temperature); not written",
+                                 where="--sample")
         if self.settings.top_p < 1:
             sorted_probs, order = probs.sort(-1, descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs >= self.settings.top_p

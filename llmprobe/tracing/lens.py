@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError
 from llmprobe.tracing.hooks import Hooks, on_input, on_output
 from llmprobe.tracing.reduction import LogitReducer, StepStats
 from llmprobe.model.structure import OutputHead, Unembed, decoder_parts
@@ -50,11 +50,11 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int]:
         try:
             layer = int(item)
         except ValueError:
-            raise UsageError(f"expected 'all' or comma-separated layer numbers, got {item.strip()!r}",
-                             where="--layers") from None
+            raise ParameterError("layers", f"expected 'all' or comma-separated layer numbers,"
+                                           f" got {item.strip()!r}") from None
         if layer < 0 or (num_layers is not None and layer >= num_layers):
             top = "" if num_layers is None else f": the model has decoder layers 0..{num_layers - 1}"
-            raise UsageError(f"layer {layer} is out of range{top}", where="--layers")
+            raise ParameterError("layers", f"layer {layer} is out of range{top}")
         layers.add(layer)
     return sorted(layers)
 

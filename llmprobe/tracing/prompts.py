@@ -27,6 +27,7 @@ UTF8_BOM = b"\xef\xbb\xbf"
 PARQUET_MAGIC = b"PAR1"
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 RESERVED_FIELDS = ("id", "prompt", "marks")
+NESTED = "nested too deeply to read (thousands of levels of [ or {)"  # what the parsers' RecursionError means
 
 
 @dataclass
@@ -110,11 +111,16 @@ def _decode(raw: bytes, name: str, number: int) -> str:
 
 
 def records_from_objects(prompts: list[str | dict[str, Any]]) -> list[PromptRecord]:
-    """Prompt records from Python objects (the notebook API): a string is a prompt, a dict a JSONL record."""
+    """Prompt records from Python objects (the notebook API): a string is a prompt, a dict a JSONL record,
+    checked as a prompt file's lines are (text that cannot be UTF-8, a lone surrogate, is refused)."""
     records: list[PromptRecord] = []
     seen: set[str] = set()
     for number, obj in enumerate(prompts, start=1):
         where = f"prompts[{number - 1}]"
+        if not isinstance(obj, (str, dict)):
+            raise UsageError(f"expected a prompt string or a record dict with a \"prompt\", got {type(obj).__name__}",
+                             where=where)
+        _check_unicode(obj, where)
         if isinstance(obj, str):
             if not obj.strip():
                 raise UsageError("the prompt is empty", where=where)
@@ -136,7 +142,7 @@ def _read_parquet(data: bytes, name: str) -> list[PromptRecord]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
         raise UsageError(f"not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else exc})",
                          where=name) from None
@@ -173,6 +179,8 @@ def _parse_jsonl(text: str, where: str, index: int, number: int) -> PromptRecord
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"invalid JSON: {exc.msg} (column {exc.colno})", where=where) from None
+    except RecursionError:
+        raise UsageError(f"invalid JSON: {NESTED}", where=where) from None
     _check_unicode(obj, where)
     return _record_from_object(obj, where, index, number)
 

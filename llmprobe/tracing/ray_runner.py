@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmprobe.errors import UsageError
+from llmprobe.errors import UsageError, first_line
 from llmprobe.files import atomic_dir, check_new_output
 from llmprobe.model.loading import ModelOptions
 from llmprobe.progress import Reporter, plural
@@ -162,8 +162,14 @@ def _run_on_ray(ray, run: TraceRun, target: Path, model_options: ModelOptions, r
                 local: bool, out: Reporter, replace: bool) -> None:
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not out.quiet,
-                 logging_level="ERROR" if out.quiet else "WARNING")
+        try:
+            ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not out.quiet,
+                     logging_level="ERROR" if out.quiet else "WARNING")
+        except ConnectionError as exc:  # not running, or it refused this process (token authentication)
+            raise UsageError(f"cannot connect to the Ray cluster ({first_line(exc)}): is it running, and if it uses"
+                             " token authentication (`ray start` turns it on by default since Ray 2.59), does this"
+                             " process have its RAY_AUTH_MODE=token and RAY_AUTH_TOKEN? (docs/scale-out.md)",
+                             where="--ray-address") from None
     try:
         if local:
             check_local_resources(ray.cluster_resources(), ray_options)
@@ -188,7 +194,7 @@ def _run_on_ray(ray, run: TraceRun, target: Path, model_options: ModelOptions, r
                 f" {plural(per_task, 'prompt')} per task)")
         with atomic_dir(target, replace=replace) as staging:
             try:
-                traced.write_parquet(str(staging))
+                traced.write_parquet(str(staging), write_page_checksum=True)
             except Exception as exc:  # Ray wraps what the actors raised in its own exception types
                 cause = usage_error_in(exc)
                 if cause is None:

@@ -1,17 +1,21 @@
 """Reading traces back: one Parquet or JSONL file, a directory of part files, or ``-`` (stdin).
 
 Every reader in llmprobe goes through :func:`open_trace`, which checks that the input really is an
-llmprobe trace (Parquet whose data pages decode, llmprobe metadata that is a JSON object, a
-vocabulary that is a JSON list of strings, every base column present) and that all parts of a
-directory agree on what their columns mean (model, targets in the same order, vocabulary), and
-returns the Arrow table with its run metadata and vocabulary. Hidden entries of a directory (a
-running trace's ``.OUTPUT.parts/`` work directory, temporary ``.partial`` files) are skipped. Any
-problem is one :class:`~llmprobe.errors.UsageError` naming the file. :func:`read_trace` is the pandas view for notebooks, with the top-k
-token strings joined in from the vocabulary that travels with the trace.
+llmprobe trace, whoever wrote it — Parquet whose data pages decode and match their checksums, or a JSONL
+trace whose header holds an Arrow schema; llmprobe metadata that is a JSON object with the shapes the
+readers use, a vocabulary that is a JSON list of strings, every base column present with its type, no
+nulls where a trace has none, list widths that agree with the targets (:func:`check_columns`) — and that
+all parts of a directory agree on what their columns mean (model, targets in the same order,
+vocabulary), and returns the Arrow table with its run metadata and vocabulary. Hidden entries of a
+directory (a running trace's ``.OUTPUT.parts/`` work directory, temporary ``.partial`` files) are
+skipped. Any problem is one :class:`~llmprobe.errors.UsageError` naming the file. :func:`read_trace` is
+the pandas view for notebooks, with the top-k token strings joined in from the vocabulary that travels
+with the trace.
 """
 
 from __future__ import annotations
 
+import binascii
 import json
 import sys
 from dataclasses import dataclass
@@ -24,9 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from llmprobe.errors import UsageError
-from llmprobe.tracing.schema import (BASE_COLUMNS, JSONL_HEADER_KEY, PHASE_GENERATED, PHASE_PROMPT, decode_metadata,
-                                     decode_vocab, schema_from_jsonl_header)
+from llmprobe.errors import UsageError, first_line
+from llmprobe.tracing.schema import (BASE_COLUMNS, JSONL_HEADER_KEY, MARK_COLUMNS, PHASE_GENERATED, PHASE_PROMPT,
+                                     decode_metadata, decode_vocab, schema_from_jsonl_header)
 
 IDENTITY_KEYS = ("model", "weights_sha256", "model_revision")  # parts must agree on these
 # ... and on these, which give columns their meaning (target_logprobs[i] is targets[i]).
@@ -106,27 +110,35 @@ def _read_jsonl(data: bytes, name: str, columns: list[str] | None) -> Trace:
     lines = [line for line in data.split(b"\n") if line.strip()]
     try:
         header = json.loads(lines[0])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UsageError("neither Parquet nor a JSONL trace (line 1 is not JSON)", where=name) from None
     if not isinstance(header, dict) or JSONL_HEADER_KEY not in header:
         raise UsageError("JSON lines, but not an llmprobe trace (no header record: write it with llmprobe"
                          " trace --format jsonl)", where=name)
-    schema = schema_from_jsonl_header(header)
+    check_meta_and_vocab(header.get("meta"), header.get("vocab"), name)
+    try:
+        schema = schema_from_jsonl_header(header)
+    except (KeyError, TypeError, ValueError, binascii.Error, pa.ArrowException):
+        raise UsageError("its header's \"schema\" is not an Arrow schema (base64): the file is damaged or was not"
+                         " written by llmprobe trace --format jsonl", where=f"{name}:1") from None
     rows = []
     for number, line in enumerate(lines[1:], start=2):
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise UsageError(f"invalid JSON ({exc})", where=f"{name}:{number}") from None
+        if not isinstance(row, dict):
+            raise UsageError("a row must be a JSON object", where=f"{name}:{number}")
         for key in ("mark", "meta"):  # written as objects, stored as JSON text
             if isinstance(row.get(key), (dict, list)):
                 row[key] = json.dumps(row[key])
         rows.append(row)
     try:
         table = pa.Table.from_pylist(rows, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-        raise UsageError(f"rows do not match the trace schema in the header ({str(exc).splitlines()[0]})",
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        raise UsageError(f"rows do not match the trace schema in the header ({first_line(exc)})",
                          where=name) from None
+    check_columns(table, header["meta"], name)
     if "phase" in table.column_names:  # the dictionary the engine writes, whichever phases occur
         phases = pa.array([PHASE_PROMPT, PHASE_GENERATED])
         codes = pc.index_in(table.column("phase").cast(pa.string()), value_set=phases).cast(pa.int8())
@@ -140,7 +152,7 @@ def _read_jsonl(data: bytes, name: str, columns: list[str] | None) -> Trace:
 
 def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
     try:
-        parquet = pq.ParquetFile(handle)
+        parquet = pq.ParquetFile(handle, page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as exc:
         raise UsageError(f"not a Parquet file ({str(exc).splitlines()[0]})", where=name) from None
     kv = parquet.schema_arrow.metadata
@@ -150,14 +162,11 @@ def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
         raise UsageError("its llmprobe metadata is not valid JSON (the file is damaged)", where=name) from None
     if meta is None:
         raise UsageError("a Parquet file, but not an llmprobe trace (no llmprobe metadata)", where=name)
-    if not isinstance(meta, dict):
-        raise UsageError("its llmprobe metadata is not a JSON object (the file is damaged)", where=name)
     try:
         vocab = decode_vocab(parquet.metadata.metadata)  # the file's key-value metadata: either layout
     except (ValueError, UnicodeDecodeError, pa.ArrowException):
         vocab = False
-    if vocab is not None and not (isinstance(vocab, list) and all(isinstance(t, str) for t in vocab)):
-        raise UsageError("its vocabulary is not a JSON list of strings (the file is damaged)", where=name)
+    check_meta_and_vocab(meta, vocab, name)
     required = columns if columns is not None else [c for c, *_ in BASE_COLUMNS]
     missing = [c for c in required if c not in parquet.schema_arrow.names]
     if missing:
@@ -165,13 +174,114 @@ def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
     try:
         table = parquet.read(columns=columns)
     except (pa.ArrowException, OSError) as exc:
-        raise UsageError(f"its data cannot be read ({_first_line(exc)}): the file is damaged", where=name) from None
+        raise UsageError(f"its data cannot be read ({first_line(exc)}): the file is damaged", where=name) from None
+    check_columns(table, meta, name)
     return Trace(table, meta, vocab, name)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def check_meta_and_vocab(meta: Any, vocab: Any, name: str) -> None:
+    """The run metadata is a JSON object and the vocabulary, if any, a list of strings (``False``: unreadable)."""
+    if not isinstance(meta, dict):
+        raise UsageError("its llmprobe metadata is not a JSON object (the file is damaged)", where=name)
+    if vocab is not None and not (isinstance(vocab, list) and all(isinstance(t, str) for t in vocab)):
+        raise UsageError("its vocabulary is not a JSON list of strings (the file is damaged)", where=name)
+    targets = meta.get("targets", [])
+    if not (isinstance(targets, list) and all(isinstance(t, dict) and isinstance(t.get("text"), str)
+                                              and _token_ids(t.get("token_ids", [0])) for t in targets)):
+        raise UsageError("its metadata's \"targets\" is not a list of {\"text\": ..., \"token_ids\": [...]} objects"
+                         " (the file is damaged)", where=name)
+    for key, kind in META_SHAPES.items():
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise UsageError(f"its metadata's {key!r} is {_brief(value)}, not {META_SHAPE_NAMES[kind]} (the file is"
+                             " damaged)", where=name)
+
+
+# Metadata entries the readers use, and their JSON shapes (None is allowed: absent)
+META_SHAPES = {"model": str, "weights_sha256": str, "model_revision": str, "num_layers": int, "vocab_size": int,
+               "settings": dict, "lens": dict, "embedding": dict}
+META_SHAPE_NAMES = {str: "a string", int: "a whole number", dict: "an object"}
+
+
+def _token_ids(ids: Any) -> bool:
+    return isinstance(ids, list) and bool(ids) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in ids)
+
+
+# The element type of each list column (fixed-size as llmprobe writes them, or variable-size)
+LIST_COLUMNS = {"topk_ids": pa.int32(), "topk_logprobs": pa.float32(), "target_logprobs": pa.float32(),
+                "target_seq_logprobs": pa.float32(), "embedding": pa.float16()}
+NON_NULL = {"topk_ids", "topk_logprobs", "target_logprobs"} | {c for c, _, nullable, _ in BASE_COLUMNS if not nullable}
+
+
+def check_columns(table: pa.Table, meta: dict[str, Any], name: str) -> None:
+    """Every column llmprobe knows has its type (``phase``: strings, dictionary-encoded or not), no nulls where
+    a trace has none (nor inside a list), and list widths that agree (top-k ids with their log-probabilities,
+    target columns with the metadata's targets): a file from another writer is refused here, in one line,
+    rather than failing (or showing nonsense) wherever the column is used."""
+    known = {c: t for c, t, _, _ in BASE_COLUMNS + MARK_COLUMNS} | {"layer": pa.int16()}
+    widths: dict[str, set[int]] = {}
+    for field in table.schema:
+        kind = field.type
+        if field.name == "phase":
+            ok = pa.types.is_string(kind) or (pa.types.is_dictionary(kind) and pa.types.is_string(kind.value_type))
+        elif field.name in LIST_COLUMNS:
+            ok = ((pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind))
+                  and kind.value_type == LIST_COLUMNS[field.name])
+        elif field.name in known:
+            ok = kind == known[field.name]
+        else:
+            continue
+        if not ok:
+            raise UsageError(f"column {field.name} is {kind}, not what a trace holds (the file is damaged or was not"
+                             " written by llmprobe)", where=name)
+        column = table.column(field.name)
+        if field.name in LIST_COLUMNS:
+            if pc.list_flatten(column).null_count:
+                raise UsageError(f"column {field.name} has empty (null) values inside its lists (the file is damaged)",
+                                 where=name)
+            lengths = pc.list_value_length(column).drop_null()
+            widths[field.name] = set(pc.unique(lengths).to_pylist())
+        if field.name in NON_NULL and column.null_count:
+            raise UsageError(f"column {field.name} has empty (null) values, which a trace never has (the file is"
+                             " damaged)", where=name)
+    together = [c for c in ("next_token_id", "next_token", "next_logprob", "next_rank") if c in table.column_names]
+    for other in together[1:]:  # all null at a prompt's last position, none elsewhere
+        if pc.all(pc.equal(pc.is_null(table.column(together[0])), pc.is_null(table.column(other)))).as_py() is False:
+            raise UsageError(f"columns {together[0]} and {other} are empty (null) on different rows, which a trace"
+                             " never has (the file is damaged)", where=name)
+    n_targets = len(meta.get("targets", []))
+    expected = {"topk_logprobs": widths.get("topk_ids"), "target_logprobs": {n_targets},
+                "target_seq_logprobs": {n_targets}}
+    for column, want in expected.items():
+        if column in widths and widths[column] and (len(widths[column]) > 1 or widths[column] != want):
+            raise UsageError(f"column {column} holds lists of {sorted(widths[column])} values, where the trace's"
+                             f" {'top-k ids' if column == 'topk_logprobs' else 'targets'} make {sorted(want or [])}"
+                             " (the file is damaged)", where=name)
+
+
+def json_objects(values: list[str | None], column: str, source: str, empty: Any = None, *,
+                 shared: bool = True) -> list[Any]:
+    """A trace's ``mark`` or ``meta`` column (JSON text per row) as dicts (``empty`` where null); text that is
+    not a JSON object (a trace written by another tool, or damaged) is one line naming the column. ``shared``:
+    rows with the same text get the same dict (a prompt's meta repeats on every row: parsed once)."""
+    parsed: dict[str, dict[str, Any]] = {}
+    out = []
+    for value in values:
+        if not value:
+            out.append(empty)
+            continue
+        if value not in parsed or not shared:
+            try:
+                obj = json.loads(value)
+            except (ValueError, RecursionError):
+                obj = None
+            if not isinstance(obj, dict):
+                raise UsageError(f"column {column} holds {value[:40]!r}, not a JSON object (the file is damaged)",
+                                 where=source)
+            parsed[value] = obj
+        out.append(parsed[value])
+    return out
 
 
 def _brief(value: Any) -> str:
@@ -209,6 +319,9 @@ def trace_frame(trace: Trace, *, token_strings: bool = True):
         # a trace without its vocabulary (written by another tool) shows ids instead of token strings
         vocab = np.array(trace.vocab if trace.vocab is not None else [], dtype=object)
         largest = max((int(ids.max()) for ids in frame["topk_ids"] if len(ids)), default=-1)
+        smallest = min((int(ids.min()) for ids in frame["topk_ids"] if len(ids)), default=0)
+        if smallest < 0:
+            raise UsageError(f"token id {smallest} is negative (the file is damaged)", where=trace.source)
         if trace.vocab is None:
             vocab = np.array([f"#{i}" for i in range(largest + 1)], dtype=object)
         elif largest >= len(vocab):
@@ -217,7 +330,8 @@ def trace_frame(trace: Trace, *, token_strings: bool = True):
         frame["topk_tokens"] = [vocab[ids] for ids in frame["topk_ids"]]
     for name in ("mark", "meta"):
         if name in frame.columns:
-            frame[name] = [json.loads(v) if isinstance(v, str) else None for v in frame[name]]
+            frame[name] = json_objects([v if isinstance(v, str) else None for v in frame[name]], name, trace.source,
+                                       shared=False)
     targets = [t.get("text") for t in trace.meta.get("targets", [])]
     for name in ("target_logprobs", "target_seq_logprobs"):
         if name in frame.columns and targets:

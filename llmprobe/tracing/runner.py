@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from llmprobe.errors import UsageError
 from llmprobe.model.loading import ModelOptions
 from llmprobe.progress import Reporter, plural
-from llmprobe.tracing.checkpoint import WorkDir, check_not_a_link, discard, is_locked, run_fingerprint, work_dir_for
+from llmprobe.tracing.checkpoint import (DamagedPart, WorkDir, check_not_a_link, discard, is_locked, run_fingerprint,
+                                        work_dir_for)
 from llmprobe.tracing.prompts import read_prompts
 from llmprobe.tracing.ray_runner import RayOptions, run_trace_ray
 from llmprobe.tracing.run import TraceRun, prompts_in
@@ -151,7 +152,9 @@ def _checkpointed(run: TraceRun, output: str, fmt: str, resume_with: str, out: R
                           f" resume with: {resume_with}") from None
     except Exception as exc:
         bad_numbers = isinstance(exc, NonFiniteError)  # would fail the same way on every try: nothing worth keeping
-        if not bad_numbers:  # the one line then says how to continue
+        if isinstance(exc, DamagedPart):
+            exc.add_note(f"resume with: {resume_with}")
+        elif not bad_numbers:  # the one line then says how to continue
             exc.add_note(f"{len(done)} of {total} prompts are saved in {work.path}; once the cause is fixed,"
                          f" resume with: {resume_with}")
         raise

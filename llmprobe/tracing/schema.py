@@ -130,10 +130,10 @@ def _vocab_json(vocab: list[str]) -> bytes:
 
 
 def decode_metadata(kv: dict[bytes, bytes] | None) -> dict[str, Any] | None:
-    """The run metadata of a trace, or None when the file is not an llmprobe trace."""
+    """The run metadata of a trace, or None when the file is not an llmprobe trace (ValueError: not JSON)."""
     if not kv or META_KEY not in kv:
         return None
-    return json.loads(kv[META_KEY])
+    return json_value(kv[META_KEY])
 
 
 def decode_vocab(kv: dict[bytes, bytes] | None) -> list[str] | None:
@@ -142,14 +142,24 @@ def decode_vocab(kv: dict[bytes, bytes] | None) -> list[str] | None:
         return None
     if VOCAB_ZSTD_KEY in kv:
         size, _, packed = kv[VOCAB_ZSTD_KEY].partition(b":")
-        return json.loads(pa.Codec("zstd").decompress(packed, decompressed_size=int(size), asbytes=True))
+        return json_value(pa.Codec("zstd").decompress(packed, decompressed_size=int(size), asbytes=True))
     if VOCAB_KEY in kv:
-        return json.loads(kv[VOCAB_KEY])
+        return json_value(kv[VOCAB_KEY])
     return None
 
 
+def json_value(text: str | bytes) -> Any:
+    """``json.loads``, with input nested too deeply for the parser (a RecursionError) a ValueError like any
+    other JSON that cannot be read: metadata written by someone else."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
 class NonFiniteError(UsageError):
-    """A batch holds NaN or Inf: the run would fail the same way on every try."""
+    """NaN or Inf in a batch or in the sampling probabilities: the run would fail the same way on every try,
+    so no resume can fix it and a checkpointed run leaves nothing behind."""
 
 
 def check_finite(batch: pa.RecordBatch, records: Sequence[Any] | Mapping[int, Any]) -> None:

@@ -1,8 +1,10 @@
 """What a trace computes, as options: :class:`TraceSettings`, and the sizes the batch planning uses.
 
-:meth:`TraceSettings.validate` holds every check that needs no model; :class:`llmprobe.tracing.run.TraceRun`
-makes it once per run, before a prompt file (or stdin) is read or a model loaded, so a bad option
-fails in a second. The checks that need the model (top-k within the vocabulary, targets that
+:meth:`TraceSettings.validate` holds every check that needs no model, types included (a notebook passes
+any Python value); :class:`llmprobe.tracing.run.TraceRun` makes it once per run, before a prompt file (or
+stdin) is read or a model loaded, so a bad option fails in a second. A bad value is a
+:class:`~llmprobe.errors.ParameterError` naming the field (``top_k``), which the CLI shows as its flag
+(``--top-k``). The checks that need the model (top-k within the vocabulary, targets that
 tokenize, lens layers in range) are made where the model is, when the engine is built for it.
 
 The settings are recorded whole in every trace's metadata and are part of the resume fingerprint
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError, UsageError
 from llmprobe.tracing.lens import parse_layers
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -43,26 +45,52 @@ class TraceSettings:
 
     def validate(self) -> None:
         """The checks that need no model, so bad options fail before a model load."""
+        self._check_types()
         if self.chat not in (False, True, *CHAT_MODES):
-            raise UsageError(f"expected {' or '.join(CHAT_MODES)}, got {self.chat!r}", where="--chat")
+            raise ParameterError("chat", f"expected {' or '.join(CHAT_MODES)}, got {self.chat!r}")
         if self.truncate not in (None, "left", "right"):
-            raise UsageError(f"expected left or right, got {self.truncate!r}", where="--truncate")
+            raise ParameterError("truncate", f"expected left or right, got {self.truncate!r}")
         if self.top_k < 1:
-            raise UsageError(f"must be 1 or more, got {self.top_k}", where="--top-k")
+            raise ParameterError("top_k", f"must be 1 or more, got {self.top_k}")
         if self.max_new_tokens < 0:
-            raise UsageError(f"must be 0 or more, got {self.max_new_tokens}", where="--max-new-tokens")
-        if self.batch_size != AUTO and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise UsageError(f"must be 1 or more, or auto; got {self.batch_size}", where="--batch-size")
+            raise ParameterError("max_new_tokens", f"must be 0 or more, got {self.max_new_tokens}")
+        if self.seed < 0:
+            raise ParameterError("seed", f"must be 0 or more, got {self.seed}")
+        if self.batch_size != AUTO and self.batch_size < 1:
+            raise ParameterError("batch_size", f"must be 1 or more, or auto; got {self.batch_size!r}")
         if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise UsageError("sampling needs --temperature > 0 and 0 < --top-p <= 1", where="--sample")
+            raise ParameterError("sample", "sampling needs --temperature > 0 and 0 < --top-p <= 1")
         if self.sample and self.top_p < FLOAT32_EPS:  # the float32 nucleus cut would drop every token
-            raise UsageError(f"must be at least {FLOAT32_EPS:.2g} (float32 resolution), got {self.top_p:g}",
-                             where="--top-p")
+            raise ParameterError("top_p", f"must be at least {FLOAT32_EPS:.2g} (float32 resolution),"
+                                          f" got {self.top_p:g}")
         if self.layers is not None:
             parse_layers(self.layers, None)
             if self.max_new_tokens:
-                raise UsageError("the logit lens covers prompt positions only; trace generated text as a prompt"
-                                 " instead of combining it with --max-new-tokens", where="--layers")
+                raise ParameterError("layers", "the logit lens covers prompt positions only; trace generated text as a"
+                                               " prompt instead of combining it with --max-new-tokens")
+
+    def _check_types(self) -> None:
+        """Each field holds what it means (a notebook passes any value): whole numbers, numbers, flags, a list
+        of target strings, an optional layer spec."""
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("top_k", "max_new_tokens", "seed"):
+            if not whole(getattr(self, name)):
+                raise ParameterError(name, f"expected a whole number, got {getattr(self, name)!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ParameterError(name, f"expected a number, got {value!r}")
+        for name in ("sample", "save_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParameterError(name, f"expected True or False, got {getattr(self, name)!r}")
+        if not (isinstance(self.targets, (list, tuple)) and all(isinstance(t, str) for t in self.targets)):
+            raise ParameterError("targets", f"expected a list of strings, got {self.targets!r}")
+        if self.layers is not None and not isinstance(self.layers, str):
+            raise ParameterError("layers", f"expected 'all' or comma-separated layer numbers, got {self.layers!r}")
+        if self.batch_size != AUTO and not whole(self.batch_size):
+            raise ParameterError("batch_size", f"expected a whole number or 'auto', got {self.batch_size!r}")
 
     @property
     def chat_mode(self) -> str | None:

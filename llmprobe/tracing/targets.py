@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError
 from llmprobe.model.structure import CausalLMParts
 from llmprobe.tracing.encoding import EncodedPrompt, padded_inputs
 from llmprobe.tracing.hooks import outputs_of
@@ -27,12 +27,12 @@ def tokenize_targets(tokenizer, targets: list[str]) -> list[list[int]]:
     """Each target's token ids (no special tokens); duplicates and targets that tokenize to nothing are refused."""
     if len(set(targets)) != len(targets):
         dupes = sorted({t for t in targets if targets.count(t) > 1})
-        raise UsageError(f"duplicate target(s): {', '.join(map(repr, dupes))}", where="--targets")
+        raise ParameterError("targets", f"duplicate target(s): {', '.join(map(repr, dupes))}")
     tokens = []
     for target in targets:
         ids = tokenizer(target, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise UsageError(f"target {target!r} tokenizes to nothing", where="--targets")
+            raise ParameterError("targets", f"target {target!r} tokenizes to nothing")
         tokens.append(list(ids))
     return tokens
 

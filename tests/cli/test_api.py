@@ -69,7 +69,7 @@ def test_api_takes_strings_and_reports_errors(tiny_loaded):
                            targets=[" Paris"])
     assert list(frame["prompt_id"].unique()) == ["1", "2"] and frame["topk_ids"].iloc[0].shape == (3,)
     assert frame.attrs["llmprobe"]["targets"][0]["text"] == " Paris"
-    with pytest.raises(UsageError, match="--top-k"):
+    with pytest.raises(ParameterError, match="^top_k: "):  # the parameter's name, as the notebook wrote it
         llmprobe.trace("hi", model=tiny_loaded, top_k=0)
     with pytest.raises(UsageError, match="no trace metadata"):
         llmprobe.fit_posterior(pd.DataFrame({"x": [1]}))
@@ -89,6 +89,57 @@ def test_errors_name_the_parameter_in_python_and_the_flag_on_the_command_line(tm
     (name, value), = options.items()
     code, _, err = run_cli(["fit-posterior", str(path), "--bootstrap", "2", flag, str(value)], capsys, monkeypatch)
     assert_one_line_error(code, err, f"{flag}: {info.value.message}")
+
+
+@pytest.mark.parametrize(("arguments", "parameter", "flag"), [
+    ({"sample": True, "seed": -1}, "seed", "--seed"),  # issue 26 item 7: was a bare ValueError from numpy
+    ({"top_k": "5"}, "top_k", None), ({"top_k": 2.5}, "top_k", None), ({"max_new_tokens": -2}, "max_new_tokens",
+                                                                          "--max-new-tokens"),
+    ({"temperature": "hot", "sample": True}, "temperature", None), ({"sample": "yes"}, "sample", None),
+    ({"batch_size": 0}, "batch_size", "--batch-size"), ({"targets": [" Paris", 3]}, "targets", None),
+    ({"targets": [" Paris", " Paris"]}, "targets", "--targets"), ({"layers": 7}, "layers", None),
+    ({"layers": "0,x"}, "layers", "--layers"), ({"top_k": 10**6}, "top_k", "--top-k"),
+    ({"temprature": 0.5}, "temprature", None), ({"model": 3}, "model", None),
+])
+def test_every_bad_trace_argument_names_its_parameter(arguments, parameter, flag, tiny_loaded, tiny_model_dir,
+                                                     tmp_path, capsys, monkeypatch):
+    """Issue 26 item 7: every bad argument of llmprobe.trace is a UsageError (ParameterError) naming the parameter
+    as the notebook wrote it; the command line names the flag for the same check."""
+    with pytest.raises(ParameterError) as info:
+        llmprobe.trace("Once upon a time", **{"model": tiny_loaded, "max_new_tokens": 1, **arguments})
+    assert info.value.parameter == parameter and str(info.value).startswith(f"{parameter}: "), str(info.value)
+    if flag is not None:
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("Once upon a time\n")
+        args = ["trace", str(prompts), "-o", str(tmp_path / "t.parquet"), "--model", str(tiny_model_dir), "-q"]
+        for name, v in arguments.items():
+            option = "--" + name.replace("_", "-")
+            args += ([option] if v is True else [option, ",".join(v) if isinstance(v, list) else str(v)])
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert_one_line_error(code, err, flag)
+
+
+@pytest.mark.parametrize(("prompts", "needle"), [
+    (5, "prompts: expected a prompt string, a record dict or a list of them"),
+    (b"hi", "prompts: expected"),
+    ([{"prompt": "hi", "x": "\ud800"}], "prompts[0]: contains \\ud800, a lone UTF-16 surrogate"),
+    (["fine", "\udfff"], "prompts[1]: contains \\udfff"),
+    ([3], "prompts[0]: expected a prompt string or a record dict"),
+])
+def test_bad_prompts_are_refused_before_the_model_runs(prompts, needle, tiny_loaded):
+    """Issue 26 item 7: lone surrogates crashed the engine with UnicodeEncodeError (read_prompts refuses them)."""
+    with pytest.raises(UsageError) as info:
+        llmprobe.trace(prompts, model=tiny_loaded)
+    assert str(info.value).startswith(needle), str(info.value)
+
+
+def test_a_single_record_is_one_prompt(tiny_loaded):
+    """Issue 26 item 7: a dict used to be iterated, so its keys ("id", "prompt") were traced as two prompts."""
+    frame = llmprobe.trace({"id": "a", "prompt": "Once upon a time"}, model=tiny_loaded, top_k=2)
+    assert list(frame["prompt_id"].unique()) == ["a"]
+    assert frame["token"].str.cat() == llmprobe.trace("Once upon a time", model=tiny_loaded, top_k=2)["token"].str.cat()
+    single = llmprobe.trace("The capital of France is", model=tiny_loaded, top_k=2, targets=" Paris")
+    assert [t["text"] for t in single.attrs["llmprobe"]["targets"]] == [" Paris"]  # one target, not five letters
 
 
 def test_import_llmprobe_stays_light():

@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmprobe.analysis.priors import read_prior
+from llmprobe.tracing.checkpoint import work_dir_for
 from llmprobe.tracing.encoding import PromptEncoder
 from llmprobe.tracing.reader import read_trace
 from llmprobe.tracing.schema import META_KEY, VOCAB_KEY
-from tests.cli.fault_fixtures import COIN, coin_trace, fit_table
+from tests.cli.fault_fixtures import COIN, coin_trace, fit_table, flip_a_byte_in_pages
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.plots.fixtures import mixture_prior_json
 
@@ -172,6 +173,61 @@ def test_broken_priors_are_one_line(document, needle, tiny_loaded, tmp_path, cap
         assert_one_line_error(code, err, str(prior))
 
 
+def test_prior_files_without_categories_are_refused_where_they_are_applied(tiny_loaded, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Issue 26 item 5: a fit-prior file or a fit-posterior --json summary with its `categories` removed was
+    applied in the trace's category order unchecked; every reader that applies a prior (fit-posterior --prior,
+    wind-tunnel --prior) refuses it, naming the file and the key. plot-prior, which applies it to nothing,
+    still draws it."""
+    trace = coin_trace(tiny_loaded, tmp_path, sequences=2)
+    rows_prior, summary = tmp_path / "rows.json", tmp_path / "summary.json"
+    assert run_cli(["fit-prior", str(trace), "-o", str(rows_prior), "-q"], capsys, monkeypatch)[0] == 0
+    code, out, err = run_cli(["fit-posterior", str(trace), "--bootstrap", "2", "--min-mass", "0", "--json", "-q"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    summary.write_text(out)
+    for path in (rows_prior, summary):
+        document = json.loads(path.read_text())
+        for holder in (document if isinstance(document, list) else [document]):
+            assert holder.pop("categories") == ["heads", "tails"]
+        path.write_text(json.dumps(document))
+    for path in (rows_prior, summary):
+        code, _, err = run_cli(["fit-posterior", str(trace), "--prior", str(path), "--bootstrap", "2", "--min-mass",
+                                "0", "-q"], capsys, monkeypatch)
+        assert_one_line_error(code, err, str(path), "'categories'")
+    control = tmp_path / "control"
+    code, _, err = run_cli(["wind-tunnel", str(COIN.parents[1] / "control" / "coin.toml"), "-o", str(control),
+                            "--prior", str(rows_prior), "-q"], capsys, monkeypatch)
+    assert_one_line_error(code, err, str(rows_prior), "'categories'")
+    assert not control.exists()
+    code, _, err = run_cli(["plot-prior", str(rows_prior), "-o", str(tmp_path / "p.png")], capsys, monkeypatch)
+    assert code == 0, err
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any parser recurses
+
+
+@pytest.mark.parametrize("kind", ["prompts", "prior", "martingale", "experiment", "jsonl trace"])
+def test_input_nested_too_deeply_to_parse_is_one_line(kind, tiny_loaded, tiny_model_dir, tmp_path, capsys,
+                                                      monkeypatch):
+    """Issue 26 (readers of others' files): JSON or TOML nested 100,000 deep made the parsers raise
+    RecursionError, an "unexpected" exit 1, in every reader; it is bad input like any other."""
+    trace = coin_trace(tiny_loaded, tmp_path)
+    path = tmp_path / {"prompts": "p.jsonl", "prior": "prior.json", "martingale": "m.jsonl", "experiment": "e.toml",
+                       "jsonl trace": "t.jsonl"}[kind]
+    path.write_text({"prompts": '{"prompt": "hi", "x": ' + DEEP + "}\n", "prior": DEEP, "martingale": DEEP + "\n",
+                     "experiment": "a = " + DEEP + "\n",
+                     "jsonl trace": '{"llmprobe_trace_header": 1, "meta": ' + DEEP + "}\n"}[kind])
+    args = {"prompts": ["trace", str(path), "-m", str(tiny_model_dir), "-o", str(tmp_path / "out.parquet")],
+            "prior": ["fit-posterior", str(trace), "--prior", str(path), "-o", str(tmp_path / "out.parquet")],
+            "martingale": ["fit-posterior", str(trace), "--martingale", str(path), "-o", str(tmp_path / "out.parquet")],
+            "experiment": ["experiment", str(path), "-o", str(tmp_path / "out.parquet")],
+            "jsonl trace": ["inspect", str(path)]}[kind]
+    code, _, err = run_cli([*args, "-q"] if kind != "jsonl trace" else args, capsys, monkeypatch)
+    assert_one_line_error(code, err, str(path))
+    assert not (tmp_path / "out.parquet").exists()
+
+
 # --------------------------------------------------------------------------------------- options
 
 
@@ -198,12 +254,16 @@ def test_top_p_below_float32_resolution_is_refused(trace_cli, tmp_path):
 
 
 def test_a_nan_model_is_one_line_when_sampling(trace_cli, nan_model_dir, tmp_path):
+    """Issue 26 item 4: NaN while sampling fails the same way on every try, so the work directory is deleted
+    (it was kept, with 0 prompts), and the line is not run on into a resume hint ("not written 0 of 2 ...")."""
     prompts = tmp_path / "p.txt"
-    prompts.write_text("Once upon a time\n")
+    prompts.write_text("Once upon a time\nThe capital of France is\n")
     output = tmp_path / "out.parquet"
     code, _, err = trace_cli(prompts, output, "--sample", "--max-new-tokens", "2", model=nan_model_dir)
     assert_one_line_error(code, err, "NaN")
-    assert not output.exists()
+    assert "saved" not in err and "resume" not in err
+    assert not output.exists() and not work_dir_for(str(output)).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
 
 
 def test_a_nan_model_is_one_line_in_martingale(nan_model_dir, capsys, monkeypatch):
@@ -322,6 +382,8 @@ def corrupt_pages(trace: Path, path: Path) -> Path:
 
 DAMAGE = {
     "pages": (lambda t, p: corrupt_pages(t, p), "damaged"),
+    # issue 26: one flipped byte used to read back as a wrong number; the page checksums catch it
+    "one-flipped-byte": (lambda t, p: flip_a_byte_in_pages(t, "topk_logprobs", p), "damaged"),
     "meta-not-json": (lambda t, p: rewrite(t, p, meta=b"{not json"), "not valid JSON"),
     "meta-a-list": (lambda t, p: rewrite(t, p, meta=b"[1, 2]"), "not a JSON object"),
     "vocab-not-json": (lambda t, p: rewrite(t, p, vocab=b"[oops"), "vocabulary"),
@@ -350,6 +412,30 @@ def test_a_damaged_trace_is_one_line_in_every_reader(command, damage, tiny_loade
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert_one_line_error(code, err, "bad.parquet", needle)
     assert sorted(p.name for p in work.iterdir()) == ["bad.parquet"]
+
+
+@pytest.mark.parametrize("vocab", [7, "abc", [1, 2, 3]])
+def test_a_jsonl_header_whose_vocab_is_not_strings_is_one_line(vocab, tiny_loaded, tmp_path, capsys, monkeypatch):
+    """Issue 26 item 6: a JSONL header written by someone else whose vocab is not a list ended in an unexpected
+    TypeError (exit 1); one holding integers was accepted and every token shown as "∅"."""
+    from llmprobe.tracing.schema import decode_vocab
+    from llmprobe.tracing.writer import open_trace_sink
+
+    trace = coin_trace(tiny_loaded, tmp_path)
+    jsonl = tmp_path / "t.jsonl"
+    table = pq.read_table(trace)
+    meta = json.loads(table.schema.metadata[META_KEY])
+    with open_trace_sink(str(jsonl), "jsonl", table.schema.remove_metadata(), meta,
+                         decode_vocab(pq.read_metadata(trace).metadata)) as sink:
+        sink.write(table.to_batches()[0])
+    assert run_cli(["inspect", str(jsonl)], capsys, monkeypatch)[0] == 0
+    lines = jsonl.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["vocab"] = vocab
+    jsonl.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    code, out, err = run_cli(["inspect", str(jsonl)], capsys, monkeypatch)
+    assert_one_line_error(code, err, str(jsonl), "vocabulary is not a JSON list of strings")
+    assert not out
 
 
 def test_a_trace_without_vocabulary_still_reads_with_ids(tiny_loaded, tmp_path, capsys, monkeypatch):

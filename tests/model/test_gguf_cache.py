@@ -34,10 +34,12 @@ def fake_gguf(path: Path, file_type: int = 3, name: str = "tiny") -> Path:
 
 
 def cached_entry(name: str, source: Path, sha256: str, converted: str = "2026-01-01T00:00:00Z") -> Path:
-    """A conversion as the cache holds it (the manifest is what lookups read)."""
+    """A conversion as the cache holds it: complete (manifest, config, tokenizer, weights), so it is used."""
     entry = cache_dir() / "converted" / name
     entry.mkdir(parents=True)
     (entry / "model.safetensors").write_bytes(b"x" * 1000)
+    (entry / "config.json").write_text("{}")
+    (entry / "tokenizer.json").write_text("{}")
     (entry / CONVERSION_MANIFEST).write_text(json.dumps({"source": str(source), "source_sha256": sha256,
                                                          "converted_utc": converted}))
     return entry
@@ -98,6 +100,10 @@ def test_fingerprints_are_memoized_whole_and_only_as_memos(tmp_path, monkeypatch
     memos = sorted(p.read_text() for p in (cache_dir() / "fingerprints").iterdir())
     assert memos == sorted([content, weights])
     assert gguf_sha256(gguf) == content and weights_fingerprint(checkpoint) == weights  # read back from the memos
+    for memo in (cache_dir() / "fingerprints").iterdir():  # issue 26: a damaged memo is hashed again, never trusted
+        memo.write_bytes(b"\xff" if "gguf" in memo.name else b"sha256:not-a-hash")
+    assert gguf_sha256(gguf) == content and weights_fingerprint(checkpoint) == weights
+    assert sorted(p.read_text() for p in (cache_dir() / "fingerprints").iterdir()) == sorted([content, weights])
     unusable = tmp_path / "cache-is-a-file"
     unusable.write_text("")
     monkeypatch.setenv("LLMPROBE_CACHE", str(unusable))

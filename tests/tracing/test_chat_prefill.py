@@ -9,7 +9,7 @@ import json
 import pytest
 
 from llmprobe.cli.options import fill_optional_values
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError, UsageError
 from llmprobe.tracing.encoding import PromptEncoder
 from llmprobe.tracing.run import TraceRun
 from llmprobe.tracing.settings import TraceSettings
@@ -94,7 +94,7 @@ def test_chat_option_values():
     assert fill_optional_values(["trace", "--chat", "p.jsonl"]) == ["trace", "--chat=user", "p.jsonl"]
     assert fill_optional_values(["trace", "--chat", "prefill", "p.jsonl"]) == ["trace", "--chat", "prefill", "p.jsonl"]
     assert fill_optional_values(["trace", "--", "--chat"]) == ["trace", "--", "--chat"]
-    with pytest.raises(UsageError, match="--chat"):
+    with pytest.raises(ParameterError, match="^chat: "):  # the library names its parameter; the CLI, its flag
         TraceSettings(chat="assistant").validate()
 
 

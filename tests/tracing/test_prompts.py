@@ -157,7 +157,8 @@ def test_an_exact_mark_is_where_the_decoded_prefix_ends(tiny_loaded, data, text)
 
 @st.composite
 def trace_batches(draw):
-    """Random record batches in the trace schema, nulls included, and run metadata with a vocabulary."""
+    """Random record batches in the trace schema, nulls included where a trace has them (the next-token columns
+    null together, at a prompt's end), and run metadata with a vocabulary."""
     top_k, n_targets = draw(st.integers(1, 4)), draw(st.integers(0, 3))
     schema = trace_schema(top_k, n_targets)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -166,6 +167,8 @@ def trace_batches(draw):
     for b in range(draw(st.integers(1, 3))):
         n = draw(st.integers(0, 6))
         maybe = lambda values: [v if rng.random() < 0.7 else None for v in values]  # noqa: E731
+        ends = rng.random(n) < 0.3
+        at_ends = lambda values: [None if end else v for v, end in zip(values, ends)]  # noqa: E731
         columns = {
             "prompt_index": list(range(b * 10, b * 10 + n)),
             "prompt_id": draw(st.lists(line_text, min_size=n, max_size=n)),
@@ -173,9 +176,9 @@ def trace_batches(draw):
             "phase": pa.DictionaryArray.from_arrays(pa.array(rng.integers(0, 2, n), pa.int8()),
                                                     pa.array(["prompt", "generated"])),
             "token_id": rng.integers(0, 50, n).tolist(), "token": draw(st.lists(line_text, min_size=n, max_size=n)),
-            "next_token_id": maybe(rng.integers(0, 50, n).tolist()), "next_token": maybe(["t"] * n),
-            "next_logprob": maybe(draw(st.lists(floats, min_size=n, max_size=n))),
-            "next_rank": maybe(rng.integers(1, 50, n).tolist()),
+            "next_token_id": at_ends(rng.integers(0, 50, n).tolist()), "next_token": at_ends(["t"] * n),
+            "next_logprob": at_ends(draw(st.lists(floats, min_size=n, max_size=n))),
+            "next_rank": at_ends(rng.integers(1, 50, n).tolist()),
             "entropy": draw(st.lists(floats, min_size=n, max_size=n)),
             "topk_ids": rng.integers(0, 50, (n, top_k)).tolist(),
             "topk_logprobs": rng.normal(size=(n, top_k)).astype(np.float32).tolist(),
@@ -186,7 +189,10 @@ def trace_batches(draw):
             "meta": maybe([json.dumps(draw(json_value)) for _ in range(n)]),
         }
         batches.append(pa.RecordBatch.from_arrays([pa.array(columns[f.name], f.type) for f in schema], schema=schema))
-    meta = draw(st.dictionaries(st.sampled_from(["model", "weights_sha256", "command", "x"]), json_value, max_size=4))
+    meta = draw(st.fixed_dictionaries({}, optional={"model": line_text, "weights_sha256": line_text,
+                                                    "command": json_value, "x": json_value}))
+    if n_targets:  # the metadata names what the target columns hold
+        meta["targets"] = [{"text": f" t{i}", "token_ids": [i]} for i in range(n_targets)]
     vocab = draw(st.one_of(st.none(), st.lists(line_text, max_size=8)))
     return schema, batches, meta, vocab
 

@@ -14,8 +14,10 @@ import textwrap
 import pyarrow.parquet as pq
 import pytest
 
+import llmprobe.tracing.run
+
 from llmprobe.tracing.checkpoint import work_dir_for
-from tests.cli.fault_fixtures import REPO
+from tests.cli.fault_fixtures import REPO, flip_a_byte_in_pages
 from tests.tracing.test_resume import (assert_same_trace, committed, interrupt_after, one_line_error,
                                        record_batches, run_cli)
 
@@ -43,7 +45,7 @@ def test_a_deleted_manifest_is_one_line(small, tmp_path, capsys, monkeypatch):
     assert code == 0, err
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing", "bit rot"])
+@pytest.mark.parametrize("damage", ["truncated", "missing", "bit rot", "flipped byte, footer intact"])
 def test_a_damaged_part_is_found_first_and_only_its_window_is_traced_again(damage, small, small_reference, tmp_path,
                                                                            capsys, monkeypatch):
     _, args = small
@@ -55,6 +57,8 @@ def test_a_damaged_part_is_found_first_and_only_its_window_is_traced_again(damag
         part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     elif damage == "missing":
         part.unlink()
+    elif damage.startswith("flipped"):  # issue 26 item 3: the footer check passed it, the merge then refused it
+        flip_a_byte_in_pages(part, "topk_logprobs")
     else:
         part.write_bytes(b"bit rot")
     batches = record_batches(monkeypatch)
@@ -94,6 +98,33 @@ def test_a_merge_killed_by_sigkill_leaves_a_partial_that_the_resume_removes(smal
     code, err = run_cli(args(output, "--resume"), capsys, monkeypatch)
     assert code == 0, err
     assert list(tmp_path.glob(".out.parquet*")) == []
+    assert_same_trace(output, small_reference)
+
+
+def test_a_part_that_rots_after_the_resume_checked_it_fails_the_merge_in_one_line_and_the_next_resume_recovers(
+        small, small_reference, tmp_path, capsys, monkeypatch):
+    """Issue 26 item 3: bit rot found only by the merge is one line that says --resume retraces the part (not a
+    run-on 'rerun with --force ... resume with'), and that resume does: every --resume used to fail the same way."""
+    _, args = small
+    output = tmp_path / "out.parquet"
+    interrupted_run(args, output, capsys, monkeypatch, 3)
+    part = work_dir_for(str(output)) / "part-00000.parquet"
+    check = llmprobe.tracing.run.check_finite
+
+    def rot_then_check(batch, records):  # during the resumed run, after its check of the committed parts
+        if part.exists() and not rotted:
+            flip_a_byte_in_pages(part, "topk_logprobs")
+            rotted.append(part)
+        check(batch, records)
+
+    rotted: list = []
+    with monkeypatch.context() as m:
+        m.setattr(llmprobe.tracing.run, "check_finite", rot_then_check)
+        line = one_line_error(*run_cli(args(output, "--resume"), capsys, monkeypatch), "part-00000.parquet",
+                              "resume with:")
+    assert rotted and "--force" not in line and not output.exists()
+    code, err = run_cli(args(output, "--resume"), capsys, monkeypatch)
+    assert code == 0, err
     assert_same_trace(output, small_reference)
 
 

@@ -12,7 +12,7 @@ import transformers
 
 import llmprobe.tracing.run
 import llmprobe.tracing.settings
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError
 from llmprobe.tracing.checkpoint import work_dir_for
 from llmprobe.tracing.encoding import EncodedPrompt
 from llmprobe.tracing.prompts import PromptRecord
@@ -52,7 +52,7 @@ def test_options_are_checked_before_the_prompts_are_read():
     def never() -> list[PromptRecord]:
         raise AssertionError("the prompts were read before the options were checked")
 
-    with pytest.raises(UsageError, match="--max-new-tokens"):
+    with pytest.raises(ParameterError, match="^max_new_tokens: "):  # the library names its parameter
         TraceRun(TraceSettings(max_new_tokens=-1), never)
 
 

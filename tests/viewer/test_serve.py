@@ -146,6 +146,7 @@ def test_a_second_request_waits_for_the_first_and_both_are_right(server):
     ({"prompt": "a\ud800b"}, None, "application/json", 400, "surrogate"),
     ({"prompt": "hi"}, None, "text/plain", 415, "application/json"),
     (None, b"x" * (2 << 20), "application/json", 413, "KiB"),
+    (None, b"[" * 200_000 + b"]" * 200_000, "application/json", 400, "not valid JSON"),  # the parser's recursion
 ])
 def test_bad_input_is_a_json_error_and_the_server_stays_up(server, body, raw, content_type, status, needle):
     if body is not None and raw is None:
