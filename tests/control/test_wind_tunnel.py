@@ -19,38 +19,12 @@ import pytest
 from llmprobe.control.prior import parse_prior_spec
 from llmprobe.errors import UsageError
 from tests.cli_helpers import assert_one_line_error, run_cli
-
-COIN = """
-[experiment]
-name = "coin"
-n_max = 12
-sequences = 4
-seed = 1
-thetas = [[0.6, 0.4], [0.75, 0.25], [0.9, 0.1]]  # typical under the prior below
-
-[template]
-prefix = "I just flipped a coin, and it came up"
-example = "{outcome}"
-separator = ", then"
-
-[[categories]]
-name = "heads"
-target = " heads"
-
-[[categories]]
-name = "tails"
-target = " tails"
-"""
-PRIOR_TABLE = "\n[prior]\nalpha = [3.0, 1.0]\n"
-TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--intermediate", "64", "--batch-size", "16",
-        "--learning-rate", "1e-2", "--warmup-steps", "5", "--eval-sequences", "32"]
+from tests.control.fixtures import COIN, TINY, write_coin
 
 
 @pytest.fixture(scope="module")
 def coin_toml(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("experiment") / "coin.toml"
-    path.write_text(COIN + PRIOR_TABLE)
-    return path
+    return write_coin(tmp_path_factory.mktemp("experiment"))
 
 
 @pytest.fixture(scope="module")
