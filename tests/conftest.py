@@ -126,6 +126,17 @@ def tiny_series(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def coin_prompts(tiny_series, tmp_path_factory) -> Path:
+    """The experiment prompts of the tiny series' own experiment: 12 sequences of 12 flips, 13 marks each."""
+    from tests.cli_helpers import run_cli_outside_a_test
+
+    path = tmp_path_factory.mktemp("prompts") / "coin.jsonl"
+    code, _, err = run_cli_outside_a_test(["experiment", str(tiny_series / "experiment.toml"), "-o", str(path), "-q"])
+    assert code == 0, err
+    return path
+
+
+@pytest.fixture(scope="session")
 def real_loaded():
     """The embedded default model, converted once into the user's (or CI's) llmprobe cache."""
     from llmprobe.errors import UsageError

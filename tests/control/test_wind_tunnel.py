@@ -18,7 +18,7 @@ import pytest
 
 from llmprobe.control.prior import parse_prior_spec
 from llmprobe.errors import UsageError
-from tests.cli_helpers import assert_one_line_error, run_cli
+from tests.cli_helpers import assert_one_line_error, run_cli, run_cli_outside_a_test
 from tests.control.fixtures import COIN, TINY, write_coin
 
 
@@ -30,33 +30,13 @@ def coin_toml(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def control(coin_toml, tmp_path_factory) -> Path:
     """A control trained once for the module (40 steps, a few seconds), through the CLI."""
-    monkeypatch = pytest.MonkeyPatch()
-    capture = _Capture()
     out = tmp_path_factory.mktemp("control") / "coin-control"
-    code, stdout, err = run_cli(["wind-tunnel", str(coin_toml), "-o", str(out), "--steps", "40", "--json", "-q",
-                                 *TINY], capture, monkeypatch)
-    monkeypatch.undo()
+    code, stdout, err = run_cli_outside_a_test(["wind-tunnel", str(coin_toml), "-o", str(out), "--steps", "40",
+                                                "--json", "-q", *TINY])
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["sequences_seen"] == 40 * 16
     return out
-
-
-class _Capture:
-    """capsys for a module-scoped fixture: stdout/stderr swapped for buffers while the CLI runs."""
-
-    def __init__(self) -> None:
-        import io
-        import sys
-
-        self._sys, self._io = sys, io
-        self._saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
-
-    def readouterr(self) -> tuple[str, str]:
-        out, err = self._sys.stdout.getvalue(), self._sys.stderr.getvalue()
-        self._sys.stdout, self._sys.stderr = self._saved
-        return out, err
 
 
 def test_checkpoint_is_an_ordinary_transformers_llama(control):
