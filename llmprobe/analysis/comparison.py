@@ -59,7 +59,7 @@ from llmprobe.control.series import manifest_path, read_series
 from llmprobe.errors import ParameterError, UsageError
 from llmprobe.files import write_atomic
 from llmprobe.model.loading import ModelOptions
-from llmprobe.model.sources import DEFAULT_MODEL_NAME
+from llmprobe.model.sources import DEFAULT_MODEL_NAME, looks_like_path
 from llmprobe.progress import Reporter, plural
 from llmprobe.tracing.checkpoint import prompts_digest
 from llmprobe.tracing.prompts import PromptRecord
@@ -93,7 +93,8 @@ class ModelEntry:
 
 
 def expand_models(specs: list[str]) -> list[ModelEntry]:
-    """The models ``compare`` was given, series expanded in order; one line naming anything that is not a model."""
+    """The models ``compare`` was given, series expanded in order; one line naming a path that is not a model (a
+    name that is not a path is a hub id, which loading looks up in the local cache)."""
     if not specs:
         raise UsageError("give at least one model (a checkpoint directory, a .gguf file, default, or a series)",
                          where="MODEL")
@@ -118,6 +119,8 @@ def expand_models(specs: list[str]) -> list[ModelEntry]:
         elif path.exists():
             raise UsageError("expected a model directory, a .gguf file, default, or a series directory or"
                              " manifest.json", where=spec)
+        elif not looks_like_path(spec):  # a hub id: loading finds it in the local cache, or says it is not there
+            entries.append(ModelEntry(len(entries), spec, spec, None, None, None))
         else:
             raise UsageError("no such model, series or manifest", where=spec)
     return entries

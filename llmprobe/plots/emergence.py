@@ -36,7 +36,8 @@ LOG_FLOOR = 1e-7  # zeros on a log axis are drawn here
 def plot_emergence(table: ComparisonTable) -> Figure:
     """The figure for a comparison table (see the module docstring)."""
     frame = table.frame.assign(_group=group_of(table.frame))
-    groups = list(dict.fromkeys(frame["_group"]))
+    size = frame.groupby("_group", sort=False)["parameters"].max()
+    groups = sorted(dict.fromkeys(frame["_group"]), key=lambda g: size[g])  # colours run with size
     stepped = [g for g in groups if frame.loc[frame["_group"] == g, "step"].notna().any()]
     colors = {g: colormaps["viridis"](0.85 * i / max(1, len(stepped) - 1)) if g in stepped else "#c0392b"
               for i, g in enumerate(stepped + [g for g in groups if g not in stepped])}
