@@ -106,27 +106,32 @@ def test_kept_traces_are_the_traces_trace_writes(compared, tiny_series, coin_pro
     assert kept.equals(pq.read_table(trace, columns=columns))
 
 
-def test_models_with_different_tokenizers(tiny_series, tiny_model_dir, coin_prompts, tmp_path, capsys, monkeypatch):
+def test_models_with_different_tokenizers(tiny_series, tiny_model_dir, coin_prompts, compared, tmp_path, capsys,
+                                          monkeypatch):
     """A control and the tiny random Llama: each traced with its own tokenizer, marks placed by character offset as
-    `trace` places them, so each row is that model's trace + fit-posterior (--min-mass 0: the random model puts
-    little mass on the targets)."""
+    `trace` places them, so the random model's row is its trace + fit-posterior (--min-mass 0: it puts little mass
+    on the targets) and the control's is the row it gets alone (all its marks carry mass, so --min-mass 0 and the
+    prior spelled dirichlet:3,1 change nothing)."""
     control = tiny_series / "steps" / "step-000200"
     args = ["--min-mass", "0", "--prior", "dirichlet:3,1"]
     code, out, err = run_cli(["compare", str(control), str(tiny_model_dir), "--prompts", str(coin_prompts), *args,
                               *FIT, "--format", "json"], capsys, monkeypatch)
     assert code == 0, err
     assert "tokenized the prompts 2 times for 2 models" in err
-    rows = json.loads(out)
-    for row, model in zip(rows, (control, tiny_model_dir)):
-        trace = tmp_path / f"{row['index']}.parquet"
-        code, _, err = run_cli(["trace", str(coin_prompts), "--model", str(model), "-o", str(trace), "-q"], capsys,
-                               monkeypatch)
-        assert code == 0, err
-        summary = _fit_posterior_json(trace, args, capsys, monkeypatch)
-        assert (row["kl_bits"], row["gamma"], row["mass"]) == (summary["mean_kl_bits"], summary["forgetting"]["gamma"],
-                                                               summary["mean_mass"])
-        assert row["marks"] == summary["n_marks"] == 12 * 13
-    assert rows[0]["mass"] > 0.9 > 0.1 > rows[1]["mass"]
+    mine, random = json.loads(out)
+    alone = read_comparison(str(compared[0])).frame.iloc[-1]
+    assert (mine["verdict"], mine["kl_bits"], mine["gamma"], mine["mass"]) == \
+        (alone["verdict"], alone["kl_bits"], alone["gamma"], alone["mass"])
+    trace = tmp_path / "random.parquet"
+    code, _, err = run_cli(["trace", str(coin_prompts), "--model", str(tiny_model_dir), "-o", str(trace), "-q"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    summary = _fit_posterior_json(trace, args, capsys, monkeypatch)
+    assert (random["kl_bits"], random["gamma"], random["mass"]) == (summary["mean_kl_bits"],
+                                                                     summary["forgetting"]["gamma"],
+                                                                     summary["mean_mass"])
+    assert random["marks"] == summary["n_marks"] == mine["marks"] == 12 * 13
+    assert mine["mass"] > 0.9 > 0.1 > random["mass"]
 
 
 def test_a_corrupt_checkpoint_is_one_line_and_resume_finishes(tiny_series, coin_prompts, compared, tmp_path,
