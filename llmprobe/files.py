@@ -200,6 +200,12 @@ def rename_noreplace(source: Path, target: Path) -> None:
     os.unlink(source)
 
 
+def created_meanwhile(output: str | Path) -> UsageError:
+    """The one line for an output that another run created while this one worked (a no-replace commit lost)."""
+    return UsageError("was created by another run while this one worked (is another llmprobe writing it?);"
+                      " it was kept, nothing was replaced; pass --force to replace it", where=str(output))
+
+
 def _commit(temp: Path, target: Path, replace: bool, output: str | Path) -> None:
     try:
         if replace:
@@ -207,8 +213,7 @@ def _commit(temp: Path, target: Path, replace: bool, output: str | Path) -> None
         else:
             rename_noreplace(temp, target)
     except FileExistsError:
-        raise UsageError("was created by another run while this one worked (is another llmprobe writing it?);"
-                         " it was kept, nothing was replaced; pass --force to replace it", where=str(output)) from None
+        raise created_meanwhile(output) from None
     except OSError as exc:
         raise write_error(output, exc) from None
 

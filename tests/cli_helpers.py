@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
+
 from llmprobe.cli import main
 
 
@@ -32,3 +34,28 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert lines[0].startswith("llmprobe: error:") and "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def run_cli_outside_a_test(args: list[str]) -> tuple[int, str, str]:
+    """``run_cli`` for a module- or session-scoped fixture, which cannot take capsys and monkeypatch."""
+    monkeypatch = pytest.MonkeyPatch()
+    capture = _Capture()
+    try:
+        return run_cli(args, capture, monkeypatch)
+    finally:
+        capture.restore()
+        monkeypatch.undo()
+
+
+class _Capture:
+    """capsys for a fixture: stdout/stderr swapped for buffers while the CLI runs."""
+
+    def __init__(self) -> None:
+        self._saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+
+    def readouterr(self) -> tuple[str, str]:
+        return sys.stdout.getvalue(), sys.stderr.getvalue()
+
+    def restore(self) -> None:
+        sys.stdout, sys.stderr = self._saved

@@ -117,6 +117,26 @@ def tiny_loaded(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_series(tmp_path_factory) -> Path:
+    """A checkpoint series of a tiny coin control, steps 0..200 every 50 (tests/control/fixtures.py)."""
+    from tests.control.fixtures import train_tiny_series, write_coin
+
+    root = tmp_path_factory.mktemp("tiny-series")
+    return train_tiny_series(write_coin(root), root / "series")
+
+
+@pytest.fixture(scope="session")
+def coin_prompts(tiny_series, tmp_path_factory) -> Path:
+    """The experiment prompts of the tiny series' own experiment: 12 sequences of 12 flips, 13 marks each."""
+    from tests.cli_helpers import run_cli_outside_a_test
+
+    path = tmp_path_factory.mktemp("prompts") / "coin.jsonl"
+    code, _, err = run_cli_outside_a_test(["experiment", str(tiny_series / "experiment.toml"), "-o", str(path), "-q"])
+    assert code == 0, err
+    return path
+
+
+@pytest.fixture(scope="session")
 def real_loaded():
     """The embedded default model, converted once into the user's (or CI's) llmprobe cache."""
     from llmprobe.errors import UsageError

@@ -1,7 +1,7 @@
 """The ``llmprobe`` application: one typer app, its commands, and one place that turns errors into lines.
 
 Each command lives in the module of its group (:mod:`.trace`, :mod:`.fits`, :mod:`.figures`,
-:mod:`.analyses`, :mod:`.control`) under the command's own name, parses its options (declared once
+:mod:`.analyses`, :mod:`.control`, :mod:`.comparison`) under the command's own name, parses its options (declared once
 in :mod:`.options`; the option groups are expanded here, when the command is registered), delegates
 to the library, and hands its result to :meth:`.output.Output.result` as a view (:mod:`.views`).
 Heavy libraries (torch, transformers, matplotlib) are imported inside the commands, so ``--help``
@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from llmprobe.cli import analyses, control, figures, fits, trace, viewer
+from llmprobe.cli import analyses, comparison, control, figures, fits, trace, viewer
 from llmprobe.cli.options import error_message, fill_optional_values, with_groups
 from llmprobe.cli.output import error_line
 from llmprobe.errors import UsageError
@@ -43,7 +43,7 @@ COMMANDS = {
     "plot": figures.plot, "plot-icl": figures.plot_icl, "plot-prior": figures.plot_prior,
     "plot-layers": figures.plot_layers, "report": figures.report,
     "continuity": analyses.continuity, "martingale": analyses.martingale,
-    "wind-tunnel": control.wind_tunnel,
+    "wind-tunnel": control.wind_tunnel, "compare": comparison.compare, "plot-compare": comparison.plot_compare,
     "view": viewer.view, "serve": viewer.serve,
 }
 

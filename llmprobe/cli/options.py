@@ -7,7 +7,7 @@ choices as ``a|b|c`` (``Literal`` annotations, checked by the parser), flags bar
 that reports progress, ``--top-k``, ``--seed``, ``--bootstrap``, ``--n``. A command module uses these
 aliases as parameter annotations and so never spells an option's flags or help itself.
 
-Two groups of options travel together (:class:`Group`): a command asks for one by a parameter whose
+Groups of options travel together (:class:`Group`): a command asks for one by a parameter whose
 default is the group, and receives what the group builds, once the app has expanded it
 (:func:`with_groups`, applied to every command when it is registered):
 
@@ -15,7 +15,11 @@ default is the group, and receives what the group builds, once the app has expan
   turned into the :class:`~llmprobe.cli.output.Output` that writes the command's result in that format;
 * ``loading: ModelOptions = opt.MODEL``: the model options (``--model``, ``--device``, ``--dtype``,
   ``--device-map``, ``--max-memory``, ``--offload-folder``, ``--trust-remote-code``, ``--allow-pickle``,
-  ``--attn-implementation``) of every command that loads a model, as one ``ModelOptions``.
+  ``--attn-implementation``) of every command that loads a model, as one ``ModelOptions``;
+  ``opt.PLACEMENT`` is the same without ``--model``, for a command that names its models otherwise (``compare``);
+* ``options: PosteriorOptions = opt.POSTERIOR``: every option of ``fit-posterior`` (``--prior``,
+  ``--prior-components``, ``--max-components``, ``--min-mass``, ``--folds``, ``--bootstrap``, ``--seed``,
+  ``--by``, ``--gamma-variant``), checked when built, for every command that fits the posterior.
 
 Library errors name a function's parameter (:class:`~llmprobe.errors.ParameterError`); a command's
 parameters carry the library's names, so :func:`error_message` shows the flag that sets it instead.
@@ -34,6 +38,13 @@ from collections.abc import Callable
 
 import typer
 
+from llmprobe.analysis.fit_options import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_FOLDS,
+    DEFAULT_MAX_COMPONENTS,
+    DEFAULT_MIN_MASS,
+    PosteriorOptions,
+)
 from llmprobe.cli.output import Output
 from llmprobe.errors import ParameterError, UsageError
 from llmprobe.model.loading import ModelOptions, check_attn_implementation, parse_max_memory
@@ -86,6 +97,32 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", rich_help_
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", rich_help_panel=MODEL_PANEL,
                                            help="Allow pickle weights (.bin/.pt).")]
 
+# Batches and scale-out, for every command that traces (trace, compare).
+BatchSize = Annotated[str, typer.Option(
+    metavar="N|auto", help="Prompts per forward pass; auto: as many as fit, halving on out-of-memory.")]
+RayAddress = Annotated[Optional[str], typer.Option(metavar="ADDRESS", show_default="RAY_ADDRESS, else a local Ray",
+                                                   help="Ray cluster to use.")]
+RayCpusPerActor = Annotated[Optional[float], typer.Option(min=0, show_default="1", help="CPUs each actor reserves.")]
+RayGpusPerActor = Annotated[Optional[float], typer.Option(min=0, show_default="0", help="GPUs each actor reserves.")]
+
+# The fit-posterior options (fit-posterior, compare): :data:`POSTERIOR`.
+Prior = Annotated[str, typer.Option(
+    help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
+         " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON (a prior over"
+         " rows); compare also takes 'true', its default: the prior the compared controls were trained under.")]
+PriorComponents = Annotated[str, typer.Option(
+    "--prior-components", metavar="K|auto",
+    help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto' chooses by"
+         " held-out KL.")]
+MaxComponents = Annotated[int, typer.Option(help="Largest K tried with --prior-components auto.")]
+MinMass = Annotated[float, typer.Option("--min-mass",
+                                        help="Leave out marks with less probability than this on the categories.")]
+Folds = Annotated[int, typer.Option(help="Folds of sequences for the out-of-sample scores (2 or more).")]
+By = Annotated[Optional[Literal["template"]], typer.Option(
+    "--by", help="template: also the per-n tables of mean ± std over prompt templates (docs/experiments.md).")]
+GammaVariant = Annotated[Optional[Literal["gupta"]], typer.Option(
+    "--gamma-variant", help="gupta: also Gupta et al.'s γ (decayed Beta(1,1) pseudo-counts, L1 on template means).")]
+
 
 def in_panel(alias: Any, panel: str) -> Any:
     """A shared option alias shown under a help panel of one command (``trace`` groups its options)."""
@@ -118,6 +155,16 @@ def input_path(source: str, what: str, *, stdin: bool = True, missing: Optional[
     return source
 
 
+def prior_file(prior: str, *, stdin_taken: bool = False) -> Optional[str]:
+    """The file ``--prior`` names, checked like any input; None for 'fit', 'uniform' and 'dirichlet:...'."""
+    if prior in ("fit", "uniform") or prior.startswith("dirichlet:"):
+        return None
+    if prior == "-" and stdin_taken:
+        raise UsageError("standard input can be read only once; give the prior or the trace as a file",
+                         where="--prior")
+    return input_path(prior, "prior file")
+
+
 def experiment_config(config: str) -> Any:
     """An experiment TOML from a file or, for ``-``, standard input (checked by :func:`input_path`)."""
     from llmprobe.experiments import load_experiment, loads_experiment
@@ -144,6 +191,11 @@ class Group:
     options: tuple[inspect.Parameter, ...]
     build: Callable[..., Any]
 
+    def with_defaults(self, **defaults: Any) -> "Group":
+        """The same options, some with another default (one command's own default for a shared option)."""
+        return Group(tuple(o.replace(default=defaults[o.name]) if o.name in defaults else o for o in self.options),
+                     self.build)
+
 
 def _option(name: str, alias: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=alias)
@@ -153,13 +205,33 @@ RESULT: Any = Group((_option("as_json", Json, False), _option("table_format", Fo
                      _option("quiet", Quiet, False)), result_output)
 """``--json``, ``--format``, ``-q`` -> the :class:`Output` that writes the command's result."""
 
-MODEL: Any = Group((
-    _option("model", Model, None), _option("device", Device, "auto"), _option("dtype", Dtype, "auto"),
+_PLACEMENT_OPTIONS = (
+    _option("device", Device, "auto"), _option("dtype", Dtype, "auto"),
     _option("device_map", DeviceMap, None), _option("max_memory", MaxMemory, None),
     _option("offload_folder", OffloadFolder, None), _option("trust_remote_code", TrustRemoteCode, False),
     _option("allow_pickle", AllowPickle, False), _option("attn_implementation", AttnImplementation, None),
-), model_options)
+)
+MODEL: Any = Group((_option("model", Model, None), *_PLACEMENT_OPTIONS), model_options)
 """The model options -> one :class:`ModelOptions`."""
+
+PLACEMENT: Any = Group(_PLACEMENT_OPTIONS, functools.partial(model_options, None))
+"""The model options but ``--model`` -> a :class:`ModelOptions` without a model, for a command that names its
+models as arguments."""
+
+
+def posterior_options(prior: str, components: str, max_components: int, min_mass: float, folds: int, bootstrap: int,
+                      seed: int, by: Optional[str], gamma_variant: Optional[str]) -> PosteriorOptions:
+    """The fit-posterior options, checked (a bad one names its flag)."""
+    return PosteriorOptions(prior, bootstrap, seed, components, max_components, min_mass, folds, by, gamma_variant)
+
+
+POSTERIOR: Any = Group((
+    _option("prior", Prior, "fit"), _option("components", PriorComponents, "1"),
+    _option("max_components", MaxComponents, DEFAULT_MAX_COMPONENTS), _option("min_mass", MinMass, DEFAULT_MIN_MASS),
+    _option("folds", Folds, DEFAULT_FOLDS), _option("bootstrap", Bootstrap, DEFAULT_BOOTSTRAP),
+    _option("seed", Seed, 0), _option("by", By, None), _option("gamma_variant", GammaVariant, None),
+), posterior_options)
+"""Every fit-posterior option -> one checked :class:`PosteriorOptions`."""
 
 
 def with_groups(command: Callable[..., None]) -> Callable[..., None]:

@@ -56,21 +56,15 @@ def trace(
     temperature: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Nucleus sampling mass.")] = 1.0,
     seed: opt.in_panel(opt.Seed, GENERATION) = 0,
-    batch_size: Annotated[str, typer.Option(
-        rich_help_panel=SCALE, metavar="N|auto",
-        help="Prompts per forward pass; auto: as many as fit, halving on out-of-memory.")] = "8",
+    batch_size: opt.in_panel(opt.BatchSize, SCALE) = "8",
     engine: Annotated[Literal["local", "ray"], typer.Option(
         rich_help_panel=SCALE, help="ray: a Ray Data actor pool writes OUTPUT as a directory of part files.")]
     = "local",
-    ray_address: Annotated[Optional[str], typer.Option(
-        rich_help_panel=SCALE, metavar="ADDRESS", show_default="RAY_ADDRESS, else a local Ray",
-        help="Ray cluster to use.")] = None,
+    ray_address: opt.in_panel(opt.RayAddress, SCALE) = None,
     ray_actors: Annotated[Optional[int], typer.Option(rich_help_panel=SCALE, min=1, show_default="1",
                                                       help="Model replicas (Ray actors).")] = None,
-    ray_cpus_per_actor: Annotated[Optional[float], typer.Option(rich_help_panel=SCALE, min=0, show_default="1",
-                                                                help="CPUs each actor reserves.")] = None,
-    ray_gpus_per_actor: Annotated[Optional[float], typer.Option(rich_help_panel=SCALE, min=0, show_default="0",
-                                                                help="GPUs each actor reserves.")] = None,
+    ray_cpus_per_actor: opt.in_panel(opt.RayCpusPerActor, SCALE) = None,
+    ray_gpus_per_actor: opt.in_panel(opt.RayGpusPerActor, SCALE) = None,
     ray_prompts_per_task: Annotated[Optional[int], typer.Option(
         rich_help_panel=SCALE, min=1, show_default="sized from the prompt count",
         help="Prompts per actor call (about one part file each).")] = None,

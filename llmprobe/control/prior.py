@@ -102,7 +102,7 @@ def resolve_prior(option: str | None, experiment_path: str, categories: list[str
     """The prior from ``--prior`` when given, else from the experiment file's ``[prior]`` table."""
     if option is not None:
         return parse_prior_spec(option, categories)
-    table = _prior_table(experiment_path)
+    table = experiment_table(experiment_path, "prior")
     if table is None:
         raise UsageError("no prior: give --prior (e.g. dirichlet:2,2) or a [prior] table in the experiment",
                          where=experiment_path)
@@ -162,10 +162,11 @@ def prior_from_table(table: Any, categories: list[str], *, where: str) -> KnownP
     return _checked(np.array(weights), np.array(alphas), categories, "[prior] components", where)
 
 
-def _prior_table(experiment_path: str) -> Any:
-    """The raw ``[prior]`` table of an experiment file that :func:`load_experiment` already accepted."""
+def experiment_table(experiment_path: str, name: str) -> Any:
+    """A raw table the experiment loader leaves to ``wind-tunnel`` (``[prior]``, ``[sweep]``) of an experiment
+    file that :func:`load_experiment` already accepted; None when it has none."""
     data = tomllib.loads(Path(experiment_path).read_text(encoding="utf-8"))
-    return data.get("prior")
+    return data.get(name)
 
 
 def _from_file(path: str, categories: list[str]) -> KnownPrior:

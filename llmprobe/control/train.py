@@ -16,13 +16,19 @@ Design:
 * Deterministic on one machine: the data come from numpy generators derived from ``seed`` and
   the weights from ``torch.manual_seed(seed)``; the same seed, settings and thread count give the
   same checkpoint on the CPU. Nothing here prints: progress goes to ``on_step`` and the reporter.
+* A series (``save_every``): at step 0 (untrained), every ``save_every`` steps and at the last,
+  ``on_checkpoint`` gets a :class:`TrainedControl` of the model as it is then (its curve so far and
+  its held-out KL at that step) and must save it before returning; training then continues. The
+  held-out evaluation draws no random numbers and the model has no dropout, so a series trains
+  exactly the weights of a run without one; the step timer stops while a checkpoint is handled.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,6 +70,7 @@ class TrainedControl:
     sequences_seen: int = 0
     parameters: int = 0
     context: int = 0
+    step: int = 0  # optimizer steps done (the series' checkpoints are taken before the last)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -79,6 +86,7 @@ class TrainedControl:
             "parameters": self.parameters,
             "context_tokens": self.context,
             "vocab_size": self.tokenizer.get_vocab_size(),
+            "step": self.step,
             "sequences_seen": self.sequences_seen,
             "train_seconds": round(self.seconds, 1),
             "train_cpu_seconds": round(self.cpu_seconds, 1),
@@ -157,19 +165,23 @@ def _slice(batch: Sequences, start: int, stop: int) -> Sequences:
 
 
 def train_control(experiment: Experiment, prior: KnownPrior, settings: ControlSettings,
-                  reporter: Reporter = SILENT, on_step: Callable[[StepStats], None] | None = None) -> TrainedControl:
-    """Build the tokenizer and model, train them, and measure the held-out KL before and after."""
+                  reporter: Reporter = SILENT, on_step: Callable[[StepStats], None] | None = None,
+                  on_checkpoint: Callable[[TrainedControl], None] | None = None) -> TrainedControl:
+    """Build the tokenizer and model, train them, and measure the held-out KL before and after;
+    ``on_checkpoint`` receives the series of ``settings.save_every`` (see the module docstring)."""
+    settings = settings.resolved()
     settings.validate()
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        return _train(experiment, prior, settings, reporter, on_step)
+        return _train(experiment, prior, settings, reporter, on_step, on_checkpoint or (lambda trained: None))
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(experiment: Experiment, prior: KnownPrior, settings: ControlSettings, reporter: Reporter,
-           on_step: Callable[[StepStats], None] | None) -> TrainedControl:
+           on_step: Callable[[StepStats], None] | None,
+           on_checkpoint: Callable[[TrainedControl], None]) -> TrainedControl:
     from llmprobe.model.loading import resolve_device
 
     device = resolve_device(settings.device)
@@ -192,7 +204,20 @@ def _train(experiment: Experiment, prior: KnownPrior, settings: ControlSettings,
                                   weight_decay=0.01)
     curve: list[dict[str, float]] = []
     window_loss, window_kl, window_steps = 0.0, 0.0, 0
-    started, cpu_started = time.perf_counter(), time.process_time()
+    saved = set(settings.checkpoint_steps())
+    clock = _TrainingClock()
+
+    def snapshot(steps_done: int, kl_now: float) -> TrainedControl:
+        return TrainedControl(
+            model=model, tokenizer=tokenizer, experiment=experiment, prior=prior, settings=settings, curve=list(curve),
+            held_out={"sequences": settings.eval_sequences, "marks": int(held_out.bayes.shape[0]),
+                      "kl_bits_untrained": untrained, "kl_bits_trained": kl_now},
+            seconds=clock.wall, cpu_seconds=clock.cpu, sequences_seen=steps_done * settings.batch_size,
+            parameters=parameters, context=context, step=steps_done)
+
+    if 0 in saved:
+        with clock.paused():
+            on_checkpoint(snapshot(0, untrained))
     for step in range(settings.steps):
         model.train()
         batch = encode(render(experiment, prior, data_rng, settings.batch_size), tokenizer, prior, targets_list)
@@ -207,17 +232,44 @@ def _train(experiment: Experiment, prior: KnownPrior, settings: ControlSettings,
         window_loss, window_kl, window_steps = window_loss + stats.loss, window_kl + stats.kl_bits, window_steps + 1
         if (step + 1) % settings.every == 0 or step + 1 == settings.steps:
             curve.append({"step": step + 1, "loss": window_loss / window_steps, "kl_bits": window_kl / window_steps,
-                          "seconds": round(time.perf_counter() - started, 2)})
+                          "seconds": round(clock.wall, 2)})
             window_loss, window_kl, window_steps = 0.0, 0.0, 0
         if on_step is not None:
             on_step(stats)
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        if step + 1 in saved and step + 1 < settings.steps:
+            with clock.paused():
+                on_checkpoint(snapshot(step + 1, held_out_kl(model, held_out, targets, pad_id, device)))
+    clock.stop()
     model.eval()
-    trained = held_out_kl(model, held_out, targets, pad_id, device)
-    return TrainedControl(
-        model=model, tokenizer=tokenizer, experiment=experiment, prior=prior, settings=settings, curve=curve,
-        held_out={"sequences": settings.eval_sequences, "marks": int(held_out.bayes.shape[0]),
-                  "kl_bits_untrained": untrained, "kl_bits_trained": trained},
-        seconds=seconds, cpu_seconds=cpu_seconds, sequences_seen=settings.steps * settings.batch_size,
-        parameters=parameters, context=context,
-    )
+    trained = snapshot(settings.steps, held_out_kl(model, held_out, targets, pad_id, device))
+    if settings.steps in saved:
+        on_checkpoint(trained)
+    return trained
+
+
+class _TrainingClock:
+    """Wall and CPU seconds of training: started when built, paused while a checkpoint is evaluated and saved."""
+
+    def __init__(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self._stopped: tuple[float, float] | None = None
+
+    @property
+    def wall(self) -> float:
+        return (self._stopped[0] if self._stopped else time.perf_counter()) - self._wall
+
+    @property
+    def cpu(self) -> float:
+        return (self._stopped[1] if self._stopped else time.process_time()) - self._cpu
+
+    def stop(self) -> None:
+        self._stopped = (time.perf_counter(), time.process_time())
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self._wall += time.perf_counter() - wall
+            self._cpu += time.process_time() - cpu

@@ -17,7 +17,7 @@ import numpy as np
 
 from llmprobe.errors import UsageError
 
-TOP_KEYS = {"experiment", "template", "templates", "categories", "prior"}  # [prior]: read by `wind-tunnel`
+TOP_KEYS = {"experiment", "template", "templates", "categories", "prior", "sweep"}  # [prior], [sweep]: `wind-tunnel`
 EXPERIMENT_KEYS = {"name", "description", "layout", "n_max", "sequences", "seed", "theta", "thetas",
                    "draws", "ns", "phases", "template_draws", "chat", "permutations"}
 TEMPLATE_KEYS = {"prefix", "example", "separator", "cues"}

@@ -3,7 +3,8 @@
 The page leads with the answer: with a fit table, the verdict per trace (and beside it, never
 alone, the γ = 1 test, γ and its interval, α0, KL and TV in bits), then the scorecard of the field's other
 tests (each with its number, direction and planted-model reference: after the verdict, never instead of
-it) and the in-context figure; then token figures for a few
+it) and the in-context figure; with a comparison (``compare -o``), where each size turns consistent, the
+emergence figure and the rows; then token figures for a few
 informative prompts (different true θ where the prompts carry one); then the prior; and last,
 collapsed, the details (run metadata, the per-prompt table, every fitted number, rounded).
 
@@ -29,7 +30,9 @@ from llmprobe.version import __version__
 from llmprobe.errors import UsageError
 from llmprobe.files import check_new_output, write_atomic
 from llmprobe.plots.common import data_uri
+from llmprobe.plots.emergence import plot_emergence
 from llmprobe.plots.icl import MARK_KEY, FitTable, IclSummary, flatten_summary, open_fit, plot_icl, summarize
+from llmprobe.analysis.comparison import ComparisonTable, is_comparison, read_comparison, turning_points
 from llmprobe.analysis.results import KL_BAYES_MODEL, gamma_test_line, verdict_line
 from llmprobe.analysis.priors import Prior, read_prior
 from llmprobe.plots.prior import plot_prior
@@ -55,12 +58,17 @@ pre { white-space: pre-wrap; word-break: break-all; margin: 0; }
 """
 
 
-def classify_inputs(paths: Iterable[str]) -> tuple[str | None, str | None]:
-    """Sort the optional inputs into (FIT, PRIOR): a JSON document is a prior, anything else a fit table."""
-    fit = prior = None
+def classify_inputs(paths: Iterable[str]) -> tuple[str | None, str | None, str | None]:
+    """Sort the optional inputs into (FIT, PRIOR, COMPARISON) by content: a JSON document is a prior, a Parquet
+    table carrying a comparison's metadata (``llmprobe compare -o``) a comparison, anything else a fit table."""
+    fit = prior = comparison = None
     for path in paths:
         is_json = path.lower().endswith(".json") or (Path(path).is_file() and _starts_like_json(Path(path)))
-        if is_json:
+        if is_comparison(path):
+            if comparison is not None:
+                raise UsageError(f"two comparison tables ({comparison} and {path}); give at most one", where=path)
+            comparison = path
+        elif is_json:
             if prior is not None:
                 raise UsageError(f"two prior files ({prior} and {path}); give at most one", where=path)
             prior = path
@@ -68,7 +76,7 @@ def classify_inputs(paths: Iterable[str]) -> tuple[str | None, str | None]:
             if fit is not None:
                 raise UsageError(f"two fit tables ({fit} and {path}); give at most one", where=path)
             fit = path
-    return fit, prior
+    return fit, prior, comparison
 
 
 def _starts_like_json(path: Path) -> bool:
@@ -186,22 +194,26 @@ def build_report(trace_source: str, extras: list[str], *, prompts: list[str] | N
         raise UsageError("must be 0 or more", where="--max-prompts")
     if max_positions < 1:
         raise UsageError("must be 1 or more", where="--max-positions")
-    fit_path, prior_path = classify_inputs(extras)
+    fit_path, prior_path, comparison_path = classify_inputs(extras)
     frame = select_layer(read_trace(trace_source), layer)
     fit = open_fit(fit_path) if fit_path else None
     prior = read_prior(prior_path) if prior_path else None
+    comparison = read_comparison(comparison_path) if comparison_path else None
     meta = frame.attrs["llmprobe"]
     model = str(meta.get("model", "unknown model"))
     parts = [f"<h1>llmprobe report — {escape(model)}</h1>",
              f"<p>Trace <code>{escape(trace_source)}</code>"
              + (f", fit table <code>{escape(fit_path)}</code>" if fit_path else "")
              + (f", prior <code>{escape(prior_path)}</code>" if prior_path else "")
+             + (f", comparison <code>{escape(comparison_path)}</code>" if comparison_path else "")
              + f". Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by llmprobe {escape(__version__)}.</p>"]
     summary = prompt_summary(frame)
     if fit is not None:
         parts += _answer_section(fit.summaries)
         parts += _scorecard_section(fit.summaries)
         parts += _fit_section(fit, image_format)
+    if comparison is not None:
+        parts += _comparison_section(comparison, image_format)
     parts += ["<h2>Prompts</h2>"]
     parts += _token_section(frame, trace_source, summary, prompts, max_prompts, max_positions, top, image_format)
     if prior is not None:
@@ -295,6 +307,31 @@ def _scorecard_section(summaries: list[dict[str, Any]]) -> list[str]:
             "<p>The verdict above is the conclusion. These are the tests other papers use, each with its number, its"
             " direction and what planted models score (docs/statistics.md, section 6g); a test that could not be"
             " computed says why.</p>", html_table(pd.DataFrame(rows))]
+
+
+COMPARISON_COLUMNS = {"name": "model", "step": "step", "layers": "layers", "hidden": "hidden",
+                      "parameters": "parameters", "verdict": "verdict", "kl_bits": f"{KL_BAYES_MODEL} bits",
+                      "kl_best_filter_bits": "KL(model‖best filter) bits", "gamma": "γ", "gamma_low": "γ CI low",
+                      "gamma_high": "γ CI high", "alpha0": "α0", "entropy_mae_bits": "entropy MAE bits",
+                      "mass": "mass on categories"}
+
+
+def _comparison_section(comparison: ComparisonTable, image_format: str) -> list[str]:
+    """A comparison of models (``compare -o``): where each size turns consistent, the figure, the rows."""
+    turns = "".join(f"<li><b>{escape(t.group)}</b> ({t.parameters:,} parameters): "
+                    + (f"consistent from step {t.step}" if t.step is not None else
+                       f"{escape(t.last_verdict)} at its last checkpoint" + (f" (step {t.last_step})"
+                                                                              if t.last_step is not None else ""))
+                    + "</li>" for t in turning_points(comparison.frame))
+    frame = comparison.frame[[c for c in COMPARISON_COLUMNS if c in comparison.frame.columns]]
+    return ["<h2>Over training and size: when the model becomes Bayesian</h2>",
+            f"<p>{len(comparison.frame)} models compared on the same prompts; where the verdict turns consistent"
+            f" for good:</p><ul>{turns}</ul>",
+            _figure(data_uri(plot_emergence(comparison), image_format, REPORT_DPI), "emergence figure",
+                    "Each measure against the training step (a line per size) and the parameter count (each size at its"
+                    " last checkpoint; other models as stars); markers show the verdict, dotted lines where a size"
+                    " turns consistent."),
+            html_table(frame.rename(columns=COMPARISON_COLUMNS))]
 
 
 def informative_prompts(frame: pd.DataFrame, ids: list[str], count: int) -> list[str]:

@@ -22,6 +22,7 @@ refuses, without tokenizing it, any prompt too long whatever its tokenization.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -74,6 +75,25 @@ class PromptEncoder:
     @classmethod
     def for_model(cls, loaded, settings: TraceSettings) -> PromptEncoder:
         return cls(loaded.tokenizer, settings, context_length(loaded.model))
+
+    def key(self) -> str | None:
+        """A digest of everything :meth:`encode` depends on: the tokenizer's whole definition (vocabulary,
+        merges, normalizer, pre- and post-processor, added tokens), its chat template and special-token
+        flags, the context length and the settings ``chat``, ``truncate`` and ``max_new_tokens``. Encoders
+        with equal keys encode every prompt identically, so runs may share their encoded prompts (a
+        comparison tokenizes once per distinct tokenizer). None: the tokenizer's definition cannot be read
+        (no sharing)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        digest = hashlib.sha256()
+        for part in (backend.to_str(), type(self.tokenizer).__name__, str(self.tokenizer.chat_template),
+                     str(getattr(self.tokenizer, "add_bos_token", None)),
+                     str(getattr(self.tokenizer, "add_eos_token", None)), str(self.max_context),
+                     str(self.settings.chat_mode), str(self.settings.truncate), str(self.settings.max_new_tokens)):
+            digest.update(part.encode("utf-8"))
+            digest.update(b"\0")
+        return digest.hexdigest()
 
     def encode_all(self, records: list[PromptRecord]) -> list[EncodedPrompt]:
         """Every prompt encoded, after refusing those too long whatever their tokenization."""

@@ -30,16 +30,18 @@ Where later work plugs in
   engine attaches their hooks (:mod:`llmprobe.tracing.hooks`) in the per-batch hook block. A sweep
   over components adds a stage to the plan: per batch, the residual stream entering block L computed
   once (a one-shot input hook), then blocks >= L rerun per component.
-* Model comparisons (issue 23): one run per model over the same records. An encoding depends only on
-  the tokenizer, the context length and the settings (:class:`~llmprobe.tracing.encoding.PromptEncoder`),
-  so :meth:`start` is where a comparison hands a run the encoded prompts of an earlier run whose
-  encoder matches, instead of encoding again (as :meth:`for_prompts` already takes prompts encoded
-  elsewhere): the prompts are then tokenized once per distinct tokenizer, and planned once.
+
+Model comparisons (``llmprobe compare``, :mod:`llmprobe.analysis.comparison`) run one run per model over
+the same records. An encoding depends only on the tokenizer, the context length and the settings
+(:meth:`~llmprobe.tracing.encoding.PromptEncoder.key`), so :meth:`TraceRun.start` takes a
+:class:`SharedEncodings` and reuses the encoded prompts and plan of an earlier run whose encoder has the
+same key: the prompts are tokenized, and the run planned, once per distinct tokenizer.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import platform
 import time
 from dataclasses import asdict, replace
@@ -68,6 +70,16 @@ def targets_from_records(records: Sequence[PromptRecord]) -> list[str]:
     return list(found.pop()) if found else []
 
 
+def release_device_memory() -> None:
+    """Collect what the last model left (a comparison drops each model before loading the next) and hand
+    cached accelerator memory back to the device."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def prompts_in(batch: pa.RecordBatch) -> list[int]:
     """The prompt indices whose rows a record batch holds, ascending."""
     return sorted(set(batch.column("prompt_index").to_pylist()))
@@ -93,6 +105,25 @@ class TracePlan:
         return {e.record.index: rank for rank, e in enumerate(e for window in self.windows for e in window)}
 
 
+class SharedEncodings:
+    """Encoded prompts and their plan, shared by runs over the same records whose encoders have equal keys."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, tuple[list[PromptRecord], list[EncodedPrompt], TracePlan]] = {}
+        self.encoded = 0  # how many runs encoded their prompts (the others reused an earlier run's)
+
+    def get(self, key: str | None, records: list[PromptRecord]) -> tuple[list[EncodedPrompt], TracePlan] | None:
+        found = self._found.get(key) if key is not None else None
+        if found is None or found[0] != records:
+            return None
+        return found[1], found[2]
+
+    def add(self, key: str | None, records: list[PromptRecord], prompts: list[EncodedPrompt], plan: TracePlan) -> None:
+        self.encoded += 1
+        if key is not None:
+            self._found[key] = (records, prompts, plan)
+
+
 class TraceRun:
     """One trace run (see the module docstring): construct, :meth:`start` with a model, then :meth:`batches`."""
 
@@ -108,11 +139,24 @@ class TraceRun:
         self.prompts: list[EncodedPrompt] = []
         self.plan: TracePlan | None = None
 
-    def start(self, loaded: LoadedModel, reporter: Reporter = SILENT) -> TraceRun:
-        """Build the engine for ``loaded``, encode every prompt (once) and plan the run; returns the run."""
+    def start(self, loaded: LoadedModel, reporter: Reporter = SILENT,
+              shared: SharedEncodings | None = None) -> TraceRun:
+        """Build the engine for ``loaded``, encode every prompt (once) and plan the run; returns the run.
+        With ``shared``, prompts another run encoded with an equal encoder are reused, not encoded again."""
         self.tracer = Tracer(loaded, self.settings, reporter)
         self.encoder = PromptEncoder.for_model(loaded, self.settings)
-        return self._with(self.encoder.encode_all(self.records))
+        if shared is None:
+            return self._with(self.encoder.encode_all(self.records))
+        encoder = self.encoder.key()
+        key = None if encoder is None else f"{encoder}/{self.settings.window_prompts}"  # the plan's windows too
+        found = shared.get(key, self.records)
+        if found is not None:
+            self.prompts, self.plan = found
+            return self
+        records = self.records
+        self._with(self.encoder.encode_all(records))
+        shared.add(key, records, self.prompts, self.plan)
+        return self
 
     def for_prompts(self, prompts: list[EncodedPrompt]) -> TraceRun:
         """This run — settings, engine, metadata — over prompts encoded elsewhere (a Ray actor's block,

@@ -18,71 +18,25 @@ import pytest
 
 from llmprobe.control.prior import parse_prior_spec
 from llmprobe.errors import UsageError
-from tests.cli_helpers import assert_one_line_error, run_cli
-
-COIN = """
-[experiment]
-name = "coin"
-n_max = 12
-sequences = 4
-seed = 1
-thetas = [[0.6, 0.4], [0.75, 0.25], [0.9, 0.1]]  # typical under the prior below
-
-[template]
-prefix = "I just flipped a coin, and it came up"
-example = "{outcome}"
-separator = ", then"
-
-[[categories]]
-name = "heads"
-target = " heads"
-
-[[categories]]
-name = "tails"
-target = " tails"
-"""
-PRIOR_TABLE = "\n[prior]\nalpha = [3.0, 1.0]\n"
-TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--intermediate", "64", "--batch-size", "16",
-        "--learning-rate", "1e-2", "--warmup-steps", "5", "--eval-sequences", "32"]
+from tests.cli_helpers import assert_one_line_error, run_cli, run_cli_outside_a_test
+from tests.control.fixtures import COIN, TINY, write_coin
 
 
 @pytest.fixture(scope="module")
 def coin_toml(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("experiment") / "coin.toml"
-    path.write_text(COIN + PRIOR_TABLE)
-    return path
+    return write_coin(tmp_path_factory.mktemp("experiment"))
 
 
 @pytest.fixture(scope="module")
 def control(coin_toml, tmp_path_factory) -> Path:
     """A control trained once for the module (40 steps, a few seconds), through the CLI."""
-    monkeypatch = pytest.MonkeyPatch()
-    capture = _Capture()
     out = tmp_path_factory.mktemp("control") / "coin-control"
-    code, stdout, err = run_cli(["wind-tunnel", str(coin_toml), "-o", str(out), "--steps", "40", "--json", "-q",
-                                 *TINY], capture, monkeypatch)
-    monkeypatch.undo()
+    code, stdout, err = run_cli_outside_a_test(["wind-tunnel", str(coin_toml), "-o", str(out), "--steps", "40",
+                                                "--json", "-q", *TINY])
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["sequences_seen"] == 40 * 16
     return out
-
-
-class _Capture:
-    """capsys for a module-scoped fixture: stdout/stderr swapped for buffers while the CLI runs."""
-
-    def __init__(self) -> None:
-        import io
-        import sys
-
-        self._sys, self._io = sys, io
-        self._saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
-
-    def readouterr(self) -> tuple[str, str]:
-        out, err = self._sys.stdout.getvalue(), self._sys.stderr.getvalue()
-        self._sys.stdout, self._sys.stderr = self._saved
-        return out, err
 
 
 def test_checkpoint_is_an_ordinary_transformers_llama(control):

@@ -102,3 +102,33 @@ def mixture_prior_json(path: Path, weights, alphas, categories) -> Path:
 
 
 THETAS = [[0.2, 0.8], [0.7, 0.3]]
+
+
+def comparison_table(path: Path) -> Path:
+    """A `compare -o` table with known content: two sizes of a series over steps 0, 10, 20 (L2-H16 turns consistent
+    at step 10 and stays; L1-H8 never does) and one model without a step (SmolLM2, poor-fit)."""
+    from llmprobe.analysis.comparison import COLUMNS, META_KEY, ComparisonRow
+    from llmprobe.analysis.fit_tables import write_table_file
+
+    def row(index: int, name: str, series: str | None, step: int | None, parameters: int, verdict: str,
+            kl: float) -> dict:
+        fitted = verdict != "low-mass"
+        nan = float("nan")
+        return vars(ComparisonRow(
+            index=index, name=name, model=name, series=series, step=step, layers=1, hidden=8, parameters=parameters,
+            verdict=verdict, kl_bits=kl, kl_best_filter_bits=kl / 2 if fitted else nan,
+            gamma=0.9 if fitted else nan, gamma_low=0.8 if fitted else nan, gamma_high=1.0 if fitted else nan,
+            exact_bayes_rejected=False, alpha0=5.0 if fitted else nan, entropy_mae_bits=kl if fitted else nan,
+            mass=0.9 if fitted else 0.01, tv=kl, marks=10, marks_used=10 if fitted else 0, prior="fit",
+            weights_sha256=None, load_seconds=0.1, trace_seconds=0.1, fit_seconds=0.1))
+
+    rows = [row(0, "L1-H8@0", "L1-H8", 0, 1000, "low-mass", 0.3),
+            row(1, "L1-H8@10", "L1-H8", 10, 1000, "no-updating", 0.1),
+            row(2, "L1-H8@20", "L1-H8", 20, 1000, "poor-fit", 0.08),
+            row(3, "L2-H16@0", "L2-H16", 0, 5000, "low-mass", 0.3),
+            row(4, "L2-H16@10", "L2-H16", 10, 5000, "consistent", 0.01),
+            row(5, "L2-H16@20", "L2-H16", 20, 5000, "consistent", 0.001),
+            row(6, "SmolLM2-135M-Instruct", None, None, 134_515_008, "poor-fit", 0.7)]
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    write_table_file(frame, str(path), False, {META_KEY: json.dumps({"format": "llmprobe.comparison/1"}).encode()})
+    return path

@@ -1,4 +1,5 @@
-"""``trace --engine ray`` on a local Ray: the part-file directory equals the local engine, row for row.
+"""``trace --engine ray`` on a local Ray: the part-file directory equals the local engine, row for row (and
+``compare --engine ray``: the same rows as the local engine).
 
 One local Ray (2 CPUs, its temp files under the test's tmp dir) serves the module. The actor pool is
 one actor of one CPU, so Ray Data's write tasks always have a CPU left (an actor pool that takes
@@ -125,3 +126,16 @@ def test_missing_ray_says_how_to_install(tiny_model_dir, prompt_file, tmp_path, 
     code, err = ray_trace([str(prompt_file), "-m", str(tiny_model_dir), "-o", str(tmp_path / "t")],
                           capsysbinary, monkeypatch)
     assert_one_line_error(code, err, "--engine", "pip install 'llmprobe[ray]'")
+
+
+def test_compare_on_ray_gives_the_local_rows(local_ray, tiny_series, coin_prompts, capsys, monkeypatch):
+    """``compare --engine ray``: each model on its own actor (two at once), the same rows as the local engine."""
+    models = [str(tiny_series / "steps" / f"step-{step:06d}") for step in (0, 200)]
+    rows = {}
+    for engine in (["--engine", "ray", "--ray-actors", "2"], []):
+        code, out, err = run_cli(["compare", *models, "--prompts", str(coin_prompts), "--bootstrap", "5", "--format",
+                                  "json", "-q", *engine], capsys, monkeypatch)
+        assert code == 0, err
+        rows[bool(engine)] = [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in json.loads(out)]
+    assert rows[True] == rows[False]
+    assert [row["verdict"] for row in rows[True]] == ["low-mass", "consistent"]
