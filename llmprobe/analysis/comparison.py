@@ -46,7 +46,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmprobe import __version__
+from llmprobe.version import __version__
 from llmprobe.analysis.fit_options import PosteriorOptions
 from llmprobe.analysis.fit_tables import write_table_file
 from llmprobe.analysis.fits import fit_posterior, posterior_marks
