@@ -12,6 +12,7 @@ from llmprobe.errors import UsageError
 from llmprobe.model.loading import ModelOptions
 
 INPUT, CAPTURE, GENERATION, OUTPUT, SCALE = "Input", "Capture", "Generation", "Output", "Scale-out"
+INTERVENTIONS = "Interventions"
 
 
 def trace(
@@ -49,6 +50,27 @@ def trace(
     save_embeddings: Annotated[bool, typer.Option(
         "--save-embeddings", rich_help_panel=CAPTURE,
         help="Keep the final-normed hidden state at each mark (else the last position), for `continuity`.")] = False,
+    ablate: Annotated[Optional[list[str]], typer.Option(
+        "--ablate", rich_help_panel=INTERVENTIONS, metavar="L.H|L.attn|L.mlp|L",
+        help="Ablate attention head H of layer L (its slice before o_proj), the attention or MLP output of layer L,"
+             " or the whole block L (the residual stream passes it unchanged); repeatable; layers and heads 0-based.")]
+    = None,
+    ablation: Annotated[Literal["zero", "mean"], typer.Option(
+        "--ablation", rich_help_panel=INTERVENTIONS,
+        help="zero, or mean: the activation's mean over this run's positions (a first pass; kept in the metadata).")]
+    = "zero",
+    ablate_direction: Annotated[Optional[list[str]], typer.Option(
+        "--ablate-direction", rich_help_panel=INTERVENTIONS, metavar="FILE@L",
+        help="Project the directions in FILE (.npy, [k, hidden]; orthonormalized) out of the residual stream after"
+             " block L, at every position; repeatable.")] = None,
+    patch_from: Annotated[Optional[str], typer.Option(
+        "--patch-from", rich_help_panel=INTERVENTIONS, metavar="DONOR",
+        help="Prompt file whose records (same ids, same token lengths) give the residual stream for --patch-at.")]
+    = None,
+    patch_at: Annotated[Optional[str], typer.Option(
+        "--patch-at", rich_help_panel=INTERVENTIONS, metavar="L[:marks|all|P,P...]",
+        help="Replace the residual stream after block L by the donor's at these positions (default: the marks).")]
+    = None,
     max_new_tokens: Annotated[int, typer.Option(
         rich_help_panel=GENERATION, help="Tokens to generate (and trace) after each prompt.")] = 0,
     sample: Annotated[bool, typer.Option("--sample", rich_help_panel=GENERATION,
@@ -81,6 +103,7 @@ def trace(
         raise UsageError(f"must be 1 or more, got {top_k}", where="--top-k")
     if targets_file is not None:
         opt.input_path(targets_file, "targets file", stdin=False)
+    from llmprobe.tracing.interventions import from_options
     from llmprobe.tracing.settings import TraceSettings, parse_batch_size
     from llmprobe.tracing.ray_runner import ray_options_for
     from llmprobe.tracing.runner import default_output, read_targets_file, run_trace
@@ -92,7 +115,8 @@ def trace(
     settings = TraceSettings(top_k=top_k, targets=target_list, max_new_tokens=max_new_tokens, sample=sample,
                              temperature=temperature, top_p=top_p, seed=seed, batch_size=parse_batch_size(batch_size),
                              chat={None: False, "user": True}.get(chat, chat), truncate=truncate, layers=layers,
-                             save_embeddings=save_embeddings)
+                             save_embeddings=save_embeddings,
+                             interventions=from_options(ablate, ablation, ablate_direction, patch_from, patch_at))
     ray_options = ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor,
                                   ray_prompts_per_task)
     run_trace(prompts, output or default_output(prompts), fmt, force, input_format, settings, loading,

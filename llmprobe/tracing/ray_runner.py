@@ -116,6 +116,9 @@ def run_trace_ray(run: TraceRun, output: str, fmt: str, force: bool, model_optio
     from llmprobe.model.loading import check_placement
 
     ray_options.validate()
+    if any(i.needs_first_pass for i in run.settings.interventions):
+        raise UsageError("a mean ablation takes its mean over every prompt of the run, but the ray engine traces"
+                         " blocks of prompts apart; use --engine local", where="--ablation")
     check_placement(model_options.device_map, model_options.max_memory, model_options.offload_folder)
     prompts_file = run.context.get("prompts")
     target = check_output_dir(output, fmt, force, inputs=[prompts_file] if prompts_file else [])

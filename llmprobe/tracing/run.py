@@ -11,7 +11,9 @@ checkpointed and resumable), the Ray runner's driver and actors, the notebook AP
    carry) into the run's own copy of the settings, the caller's left as they were.
 2. :meth:`TraceRun.start` with a loaded model (or a weightless skeleton, on a Ray driver): the engine
    is built (the checks that need the model), every prompt is encoded once (over-long ones refused
-   before any is tokenized) and the run is planned (:class:`TracePlan`).
+   before any is tokenized), the run is planned (:class:`TracePlan`), and what its interventions need
+   first is done (:meth:`~llmprobe.tracing.engine.Tracer.prepare`: a patch's donors read and matched,
+   a mean ablation's first pass over the plan's batches).
 3. :meth:`TraceRun.batches`: the plan's windows through the engine, each record batch checked for NaN
    and Inf before it is handed out; a resume passes the prompts already committed, and gets the
    windows that still hold others, rows of committed prompts dropped. :meth:`TraceRun.metadata` is
@@ -26,10 +28,11 @@ so a resumed run forms exactly the batches (same padding, same numbers) of an un
 Where later work plugs in
 -------------------------
 * Interventions (issue 22): a field of :class:`~llmprobe.tracing.settings.TraceSettings` describes
-  them, so they are recorded in the metadata and the resume fingerprint with no further work; the
-  engine attaches their hooks (:mod:`llmprobe.tracing.hooks`) in the per-batch hook block. A sweep
-  over components adds a stage to the plan: per batch, the residual stream entering block L computed
-  once (a one-shot input hook), then blocks >= L rerun per component.
+  them (:mod:`llmprobe.tracing.interventions`), so they are recorded in the metadata and the resume
+  fingerprint; the engine attaches their edits (:mod:`llmprobe.tracing.editing`) in the per-batch hook
+  block. A sweep over components (:mod:`llmprobe.tracing.sweep`) is one run too: it reuses this run's
+  engine, encoded prompts and plan, and per batch runs the residual stream entering block L through
+  blocks >= L once per component.
 * Model comparisons (issue 23): one run per model over the same records. An encoding depends only on
   the tokenizer, the context length and the settings (:class:`~llmprobe.tracing.encoding.PromptEncoder`),
   so :meth:`start` is where a comparison hands a run the encoded prompts of an earlier run whose
@@ -111,7 +114,9 @@ class TraceRun:
         """Build the engine for ``loaded``, encode every prompt (once) and plan the run; returns the run."""
         self.tracer = Tracer(loaded, self.settings, reporter)
         self.encoder = PromptEncoder.for_model(loaded, self.settings)
-        return self._with(self.encoder.encode_all(self.records))
+        self._with(self.encoder.encode_all(self.records))
+        self.tracer.prepare(self.encoder, self.prompts, self.plan.windows)
+        return self
 
     def for_prompts(self, prompts: list[EncodedPrompt]) -> "TraceRun":
         """This run — settings, engine, metadata — over prompts encoded elsewhere (a Ray actor's block,
@@ -151,6 +156,7 @@ class TraceRun:
             "python_version": platform.python_version(),
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **tracer.internals.metadata(tracer.model),
+            **({"interventions": tracer.editor.metadata()} if tracer.editor else {}),
             **self.context,
         }
 

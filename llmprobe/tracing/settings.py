@@ -6,8 +6,8 @@ fails in a second. The checks that need the model (top-k within the vocabulary, 
 tokenize, lens layers in range) are made where the model is, when the engine is built for it.
 
 The settings are recorded whole in every trace's metadata and are part of the resume fingerprint
-(:mod:`llmprobe.tracing.checkpoint`): a field added here (an intervention, say) is recorded and
-guarded against a mismatched resume with no further work.
+(:mod:`llmprobe.tracing.checkpoint`): a field added here is recorded and guarded against a mismatched
+resume with no further work, as the interventions are (:mod:`llmprobe.tracing.interventions`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmprobe.errors import UsageError
+from llmprobe.tracing.interventions import Intervention
 from llmprobe.tracing.lens import parse_layers
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -40,6 +41,7 @@ class TraceSettings:
     truncate: str | None = None  # "left" | "right": cut prompts longer than the context instead of failing
     layers: str | None = None  # logit lens: "all" or "0,4,8" (0-based decoder layers; docs/analyses.md)
     save_embeddings: bool = False  # keep the output head's input at marks (else the last position)
+    interventions: list[Intervention] = field(default_factory=list)  # applied to every forward pass, in order
 
     def validate(self) -> None:
         """The checks that need no model, so bad options fail before a model load."""
@@ -58,6 +60,8 @@ class TraceSettings:
         if self.sample and self.top_p < FLOAT32_EPS:  # the float32 nucleus cut would drop every token
             raise UsageError(f"must be at least {FLOAT32_EPS:.2g} (float32 resolution), got {self.top_p:g}",
                              where="--top-p")
+        for intervention in self.interventions:
+            intervention.validate()
         if self.layers is not None:
             parse_layers(self.layers, None)
             if self.max_new_tokens:
