@@ -47,6 +47,8 @@ COMMANDS = {
 }
 from llmprobe.cli import viewer  # noqa: E402  (the explorer's commands)
 COMMANDS.update({"view": viewer.view, "serve": viewer.serve})
+from llmprobe.cli import ablation  # noqa: E402  (where in the network: issue 22)
+COMMANDS.update({"ablate": ablation.ablate})
 
 
 for name, command in COMMANDS.items():

@@ -2,13 +2,14 @@
 ``fit-scaling`` (fits)."""
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 
 from llmprobe.cli import options as opt
+from llmprobe.analysis.fit_options import PosteriorOptions
 from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
 from llmprobe.progress import plural
@@ -84,21 +85,7 @@ def fit_prior(
 
 def fit_posterior(
     traces: Annotated[list[str], typer.Argument(metavar="TRACE...", help="Traces of experiment prompts (or -).")],
-    prior: Annotated[str, typer.Option(
-        help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
-             " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON"
-             " (a prior over rows).")] = "fit",
-    components: Annotated[str, typer.Option(
-        "--prior-components", metavar="K|auto",
-        help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto'"
-             " chooses by held-out KL.")] = "1",
-    max_components: Annotated[int, typer.Option(help="Largest K tried with --prior-components auto.")] = 3,
-    min_mass: Annotated[float, typer.Option(
-        "--min-mass", help="Leave out marks with less probability than this on the categories.")] = 0.05,
-    folds: Annotated[int, typer.Option(help="Folds of sequences for the out-of-sample scores (2 or more).")] = 5,
     output: opt.output("Per-mark table, .parquet or .csv.") = None,
-    bootstrap: opt.Bootstrap = 200,
-    seed: opt.Seed = 0,
     by: Annotated[Optional[Literal["template"]], typer.Option(
         "--by", help="template: also the per-n tables of mean ± std over prompt templates (docs/experiments.md).")]
     = None,
@@ -110,13 +97,13 @@ def fit_posterior(
         help="`llmprobe martingale ... --json` output on the same model: its statistic and p-value per n join the"
              " scorecard (one file per TRACE, in order).")] = None,
     force: opt.Force = False,
+    fit: PosteriorOptions = opt.FIT,
     out: Output = opt.RESULT,
 ) -> None:
     """Does the model update like a Bayesian? The updating prior, the exact-Bayes test, baselines, a verdict;
     then the scorecard of the field's other tests."""
-    from llmprobe.analysis.fit_options import PosteriorOptions
-
-    options = PosteriorOptions(prior, bootstrap, seed, components, max_components, min_mass, folds, by, gamma_variant)
+    options = replace(fit, by=by, gamma_variant=gamma_variant)
+    prior = options.prior
     if traces.count("-") > 1:
         raise UsageError("standard input can be read only once", where="TRACE")
     for path in traces:
@@ -128,11 +115,10 @@ def fit_posterior(
         if path == "-" or not Path(path).is_file():
             raise UsageError(f"{path}: {'give a file' if path == '-' else 'no such martingale file'}",
                              where="--martingale")
-    if prior not in ("fit", "uniform") and not prior.startswith("dirichlet:"):
-        if prior == "-" and "-" in traces:
-            raise UsageError("standard input can be read only once; give the prior or the trace as a file",
-                             where="--prior")
-        opt.input_path(prior, "prior file")
+    if prior == "-" and "-" in traces:
+        raise UsageError("standard input can be read only once; give the prior or the trace as a file",
+                         where="--prior")
+    prior_inputs = opt.prior_file(prior)
     from llmprobe.analysis import fits
     from llmprobe.analysis.fit_tables import write_fit_table
     from llmprobe.cli.views.fits import PosteriorView
@@ -142,8 +128,7 @@ def fit_posterior(
     from llmprobe.analysis.scorecard import read_martingale
 
     if output is not None:
-        check_new_output(output, force, inputs=[*traces, *([] if prior in ("fit", "uniform") else [prior]),
-                                                *(martingale or [])])
+        check_new_output(output, force, inputs=[*traces, *prior_inputs, *(martingale or [])])
     runs = [read_martingale(path) for path in martingale] if martingale else [None] * len(traces)
     results = []
     labels: set[str] = set()
@@ -173,8 +158,7 @@ def fit_scaling(
     fit_fraction: Annotated[float, typer.Option(
         "--fit-fraction", metavar="F", help="Fit every law on this first fraction of the numbers of examples; score"
                                             " the rest (out of sample).")] = 0.5,
-    min_mass: Annotated[float, typer.Option(
-        "--min-mass", help="Leave out marks with less probability than this on the categories.")] = 0.05,
+    min_mass: opt.MinMass = 0.05,
     output: opt.output("Per-n curve and every law's prediction, .parquet or .csv.") = None,
     force: opt.Force = False,
     out: Output = opt.RESULT,

@@ -15,7 +15,10 @@ default is the group, and receives what the group builds, once the app has expan
   turned into the :class:`~llmprobe.cli.output.Output` that writes the command's result in that format;
 * ``loading: ModelOptions = opt.MODEL``: the model options (``--model``, ``--device``, ``--dtype``,
   ``--device-map``, ``--max-memory``, ``--offload-folder``, ``--trust-remote-code``, ``--allow-pickle``,
-  ``--attn-implementation``) of every command that loads a model, as one ``ModelOptions``.
+  ``--attn-implementation``) of every command that loads a model, as one ``ModelOptions``;
+* ``fit: PosteriorOptions = opt.FIT``: the fit's options (``--prior``, ``--prior-components``,
+  ``--max-components``, ``--min-mass``, ``--folds``, ``--bootstrap``, ``--seed``) of every command that
+  runs fit-posterior's fit (``fit-posterior``, ``ablate``), checked once into one ``PosteriorOptions``.
 
 Library errors name a function's parameter (:class:`~llmprobe.errors.ParameterError`); a command's
 parameters carry the library's names, so :func:`error_message` shows the flag that sets it instead.
@@ -33,6 +36,13 @@ from typing import Annotated, Any, Callable, Literal, Optional, get_args
 
 import typer
 
+from llmprobe.analysis.fit_options import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_FOLDS,
+    DEFAULT_MAX_COMPONENTS,
+    DEFAULT_MIN_MASS,
+    PosteriorOptions,
+)
 from llmprobe.cli.output import Output
 from llmprobe.errors import ParameterError, UsageError
 from llmprobe.model.loading import ModelOptions, check_attn_implementation, parse_max_memory
@@ -60,6 +70,43 @@ Layer = Annotated[Optional[int], typer.Option("--layer", help="Layer of a per-la
 AttnImplementation = Annotated[Optional[str], typer.Option(
     "--attn-implementation", rich_help_panel=MODEL_PANEL, metavar="sdpa|eager",
     help="Attention kernel (default: transformers' choice, usually sdpa); recorded in the trace metadata.")]
+
+Chat = Annotated[Optional[str], typer.Option(
+    "--chat", metavar="[user|prefill]",
+    help="Wrap each prompt in the tokenizer's chat template: user (the default when given alone) makes it the"
+         " user turn; prefill makes prompt[:split] the user turn and the rest the open assistant turn.")]
+BatchSize = Annotated[str, typer.Option(
+    "--batch-size", metavar="N|auto", help="Prompts per forward pass; auto: as many as fit, halving on out-of-memory.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run writing OUTPUT (same arguments).")]
+Ablation = Annotated[Literal["zero", "mean"], typer.Option(
+    "--ablation", help="zero, or mean: the activation's mean over this run's positions (a first pass; kept in the"
+                       " metadata).")]
+
+# fit-posterior's fit, shared by every command that runs it: :data:`FIT`
+Prior = Annotated[str, typer.Option(
+    "--prior", help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
+                    " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON"
+                    " (a prior over rows).")]
+PriorComponents = Annotated[str, typer.Option(
+    "--prior-components", metavar="K|auto",
+    help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto' chooses by"
+         " held-out KL.")]
+MaxComponents = Annotated[int, typer.Option("--max-components", help="Largest K tried with --prior-components auto.")]
+MinMass = Annotated[float, typer.Option(
+    "--min-mass", help="Leave out marks with less probability than this on the categories.")]
+Folds = Annotated[int, typer.Option("--folds", help="Folds of sequences for the out-of-sample scores (2 or more).")]
+
+# Ray Data (``--engine ray``), for every command that spreads work over actors
+Engine = Annotated[Literal["local", "ray"], typer.Option(
+    "--engine", help="ray: a Ray Data actor pool does the work (pip install 'llmprobe[ray]').")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray-address", metavar="ADDRESS", show_default="RAY_ADDRESS, else a local Ray", help="Ray cluster to use.")]
+RayActors = Annotated[Optional[int], typer.Option("--ray-actors", min=1, show_default="1",
+                                                  help="Model replicas (Ray actors).")]
+RayCpus = Annotated[Optional[float], typer.Option("--ray-cpus-per-actor", min=0, show_default="1",
+                                                  help="CPUs each actor reserves.")]
+RayGpus = Annotated[Optional[float], typer.Option("--ray-gpus-per-actor", min=0, show_default="0",
+                                                  help="GPUs each actor reserves.")]
 
 # Options whose value may be left out: `--chat` alone means `--chat user`. typer has no optional
 # values, so the command line is rewritten before parsing (see :func:`fill_optional_values`).
@@ -117,6 +164,14 @@ def input_path(source: str, what: str, *, stdin: bool = True, missing: Optional[
     return source
 
 
+def prior_file(prior: str) -> list[str]:
+    """``--prior``'s file, checked to exist: ``[prior]``, or ``[]`` for fit, uniform and dirichlet:..."""
+    if prior in ("fit", "uniform") or prior.startswith("dirichlet:"):
+        return []
+    input_path(prior, "prior file")
+    return [prior]
+
+
 def experiment_config(config: str) -> Any:
     """An experiment TOML from a file or, for ``-``, standard input (checked by :func:`input_path`)."""
     from llmprobe.experiments import load_experiment, loads_experiment
@@ -159,6 +214,21 @@ MODEL: Any = Group((
     _option("allow_pickle", AllowPickle, False), _option("attn_implementation", AttnImplementation, None),
 ), model_options)
 """The model options -> one :class:`ModelOptions`."""
+
+
+def posterior_options(prior: str, components: str, max_components: int, min_mass: float, folds: int,
+                      bootstrap: int, seed: int) -> PosteriorOptions:
+    """The fit's options, checked (a bad one names its flag)."""
+    return PosteriorOptions(prior, bootstrap, seed, components, max_components, min_mass, folds)
+
+
+FIT: Any = Group((
+    _option("prior", Prior, "fit"), _option("components", PriorComponents, "1"),
+    _option("max_components", MaxComponents, DEFAULT_MAX_COMPONENTS), _option("min_mass", MinMass, DEFAULT_MIN_MASS),
+    _option("folds", Folds, DEFAULT_FOLDS), _option("bootstrap", Bootstrap, DEFAULT_BOOTSTRAP),
+    _option("seed", Seed, 0),
+), posterior_options)
+"""fit-posterior's fit options -> one checked :class:`PosteriorOptions`."""
 
 
 def with_groups(command: Callable[..., None]) -> Callable[..., None]:

@@ -23,16 +23,12 @@ def trace(
         "--format", rich_help_panel=OUTPUT,
         help="jsonl starts with a header record (metadata, vocabulary) that every reader takes.")] = "parquet",
     force: opt.in_panel(opt.Force, OUTPUT) = False,
-    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT,
-                                         help="Continue the interrupted run writing OUTPUT (same arguments).")] = False,
+    resume: opt.in_panel(opt.Resume, OUTPUT) = False,
     quiet: opt.in_panel(opt.Quiet, OUTPUT) = False,
     input_format: Annotated[Literal["auto", "text", "jsonl", "parquet"], typer.Option(
         rich_help_panel=INPUT, help="auto: by extension (Parquet by content); parquet: a table with a prompt column.")]
     = "auto",
-    chat: Annotated[Optional[str], typer.Option(
-        "--chat", metavar="[user|prefill]", rich_help_panel=INPUT,
-        help="Wrap each prompt in the tokenizer's chat template: user (the default when given alone) makes it the"
-             " user turn; prefill makes prompt[:split] the user turn and the rest the open assistant turn.")] = None,
+    chat: opt.in_panel(opt.Chat, INPUT) = None,
     truncate: Annotated[Optional[Literal["left", "right"]], typer.Option(
         rich_help_panel=INPUT, help="Cut prompts longer than the model's context from this side instead of failing.")]
     = None,
@@ -55,10 +51,7 @@ def trace(
         help="Ablate attention head H of layer L (its slice before o_proj), the attention or MLP output of layer L,"
              " or the whole block L (the residual stream passes it unchanged); repeatable; layers and heads 0-based.")]
     = None,
-    ablation: Annotated[Literal["zero", "mean"], typer.Option(
-        "--ablation", rich_help_panel=INTERVENTIONS,
-        help="zero, or mean: the activation's mean over this run's positions (a first pass; kept in the metadata).")]
-    = "zero",
+    ablation: opt.in_panel(opt.Ablation, INTERVENTIONS) = "zero",
     ablate_direction: Annotated[Optional[list[str]], typer.Option(
         "--ablate-direction", rich_help_panel=INTERVENTIONS, metavar="FILE@L",
         help="Project the directions in FILE (.npy, [k, hidden]; orthonormalized) out of the residual stream after"
@@ -78,21 +71,12 @@ def trace(
     temperature: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Nucleus sampling mass.")] = 1.0,
     seed: opt.in_panel(opt.Seed, GENERATION) = 0,
-    batch_size: Annotated[str, typer.Option(
-        rich_help_panel=SCALE, metavar="N|auto",
-        help="Prompts per forward pass; auto: as many as fit, halving on out-of-memory.")] = "8",
-    engine: Annotated[Literal["local", "ray"], typer.Option(
-        rich_help_panel=SCALE, help="ray: a Ray Data actor pool writes OUTPUT as a directory of part files.")]
-    = "local",
-    ray_address: Annotated[Optional[str], typer.Option(
-        rich_help_panel=SCALE, metavar="ADDRESS", show_default="RAY_ADDRESS, else a local Ray",
-        help="Ray cluster to use.")] = None,
-    ray_actors: Annotated[Optional[int], typer.Option(rich_help_panel=SCALE, min=1, show_default="1",
-                                                      help="Model replicas (Ray actors).")] = None,
-    ray_cpus_per_actor: Annotated[Optional[float], typer.Option(rich_help_panel=SCALE, min=0, show_default="1",
-                                                                help="CPUs each actor reserves.")] = None,
-    ray_gpus_per_actor: Annotated[Optional[float], typer.Option(rich_help_panel=SCALE, min=0, show_default="0",
-                                                                help="GPUs each actor reserves.")] = None,
+    batch_size: opt.in_panel(opt.BatchSize, SCALE) = "8",
+    engine: opt.in_panel(opt.Engine, SCALE) = "local",
+    ray_address: opt.in_panel(opt.RayAddress, SCALE) = None,
+    ray_actors: opt.in_panel(opt.RayActors, SCALE) = None,
+    ray_cpus_per_actor: opt.in_panel(opt.RayCpus, SCALE) = None,
+    ray_gpus_per_actor: opt.in_panel(opt.RayGpus, SCALE) = None,
     ray_prompts_per_task: Annotated[Optional[int], typer.Option(
         rich_help_panel=SCALE, min=1, show_default="sized from the prompt count",
         help="Prompts per actor call (about one part file each).")] = None,

@@ -104,10 +104,10 @@ class _Constant:
 @dataclass
 class Edit:
     """One resolved intervention: the module it hooks, on its input or output, the function that makes the
-    replacement, and the first decoder layer whose computation it changes (where a sweep reruns from)."""
+    replacement, and the decoder layer that module belongs to (a sweep reruns the blocks from there on)."""
 
     label: str
-    first_layer: int
+    layer: int
     module: torch.nn.Module
     on: str  # "input" | "output"
     make: Callable[..., torch.Tensor | None]
@@ -149,7 +149,7 @@ def projection_edit(blocks: DecoderBlocks, layer: int, directions: np.ndarray, l
         q = basis.like(out)
         h = out.to(q.dtype)
         return (h - (h @ q.T) @ q).to(out.dtype)
-    return Edit(label, layer + 1, blocks.block(layer), "output", project_out)
+    return Edit(label, layer, blocks.block(layer), "output", project_out)
 
 
 def patch_edit(blocks: DecoderBlocks, layer: int, donor_stream: torch.Tensor, where: torch.Tensor,
@@ -158,7 +158,7 @@ def patch_edit(blocks: DecoderBlocks, layer: int, donor_stream: torch.Tensor, wh
     layout) where the boolean ``where`` [B, T] is set; for the prompt's pass only."""
     def patch(out: torch.Tensor, _: Any) -> torch.Tensor:
         return torch.where(where.to(out.device)[..., None], donor_stream.to(out.device, out.dtype), out)
-    return Edit(label, layer + 1, blocks.block(layer), "output", patch, once=True)
+    return Edit(label, layer, blocks.block(layer), "output", patch, once=True)
 
 
 def residual_entering(model: torch.nn.Module, layer: int, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict]:

@@ -23,7 +23,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -122,15 +122,35 @@ def run_trace_ray(run: TraceRun, output: str, fmt: str, force: bool, model_optio
     check_placement(model_options.device_map, model_options.max_memory, model_options.offload_folder)
     prompts_file = run.context.get("prompts")
     target = check_output_dir(output, fmt, force, inputs=[prompts_file] if prompts_file else [])
-    ray = import_ray()
+    import_ray()
     run.start(model_options.skeleton(log=out.log))  # on the driver, in seconds, what would fail in every actor
-    local = ray_options.address is None and not os.environ.get("RAY_ADDRESS")
-    with _ray_prints_off_stdout(out.quiet):
+    with ray_session(ray_options, out.quiet) as ray:
         try:
-            _run_on_ray(ray, run, target, model_options, ray_options, local, out, force)
+            _run_on_ray(ray, run, target, model_options, ray_options, out, force)
         except FileExistsError:
             raise UsageError("was created by another run while this one worked; it was kept, nothing was replaced;"
                              " pass --force to replace it", where=output) from None
+
+
+@contextlib.contextmanager
+def ray_session(ray_options: RayOptions, quiet: bool) -> Iterator[Any]:
+    """Ray for the block: started here (and shut down after) unless it already runs; a local Ray is checked
+    to hold the actor pool; Ray Data's console logs are tamed and Ray's prints kept off stdout."""
+    ray = import_ray()
+    local = ray_options.address is None and not os.environ.get("RAY_ADDRESS")
+    with _ray_prints_off_stdout(quiet):
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not quiet,
+                     logging_level="ERROR" if quiet else "WARNING")
+        try:
+            if local:
+                check_local_resources(ray.cluster_resources(), ray_options)
+            _tame_ray_data_logs(quiet)
+            yield ray
+        finally:
+            if started_here:
+                ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -162,47 +182,47 @@ def _fd2_to(sink):
 
 
 def _run_on_ray(ray, run: TraceRun, target: Path, model_options: ModelOptions, ray_options: RayOptions,
-                local: bool, out: Reporter, replace: bool) -> None:
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=not out.quiet,
-                 logging_level="ERROR" if out.quiet else "WARNING")
+                out: Reporter, replace: bool) -> None:
+    n_prompts = len(run.records)
+    per_task = ray_options.task_size(n_prompts, run.settings)
+    items = [{"prompt_index": e.record.index, "prompt": e.to_json()} for e in run.prompts]
+    dataset = ray.data.from_items(items, override_num_blocks=math.ceil(n_prompts / per_task))
+    traced = dataset.map_batches(
+        TraceActor,
+        fn_constructor_args=(model_options, run.settings, {**run.context, "engine": "ray",
+                                                           "ray_version": ray.__version__,
+                                                           "ray_actors": ray_options.actors}),
+        batch_size=per_task,
+        **actor_pool(ray, ray_options),
+    )
+    out.log(f"tracing {plural(n_prompts, 'prompt')} on Ray ({plural(ray_options.actors, 'actor')},"
+            f" {plural(per_task, 'prompt')} per task)")
+    with atomic_dir(target, replace=replace) as staging:
+        with actor_errors():
+            traced.write_parquet(str(staging))
+        rows, parts = check_parts(staging)
+    out.log(f"wrote {plural(rows, 'row')} for {plural(n_prompts, 'prompt')} to {target}/"
+            f" ({plural(parts, 'part file')})")
+
+
+def actor_pool(ray, ray_options: RayOptions) -> dict[str, Any]:
+    """``map_batches`` arguments for a pool of ``ray_options.actors`` actors with the asked-for resources."""
+    return {"batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=ray_options.actors),
+            "num_cpus": ray_options.cpus_per_actor, "num_gpus": ray_options.gpus_per_actor,
+            "runtime_env": {"env_vars": worker_env()}}
+
+
+@contextlib.contextmanager
+def actor_errors() -> Iterator[None]:
+    """Inside the block, a user error an actor raised reaches the driver as itself (one line), not in
+    Ray's wrapping."""
     try:
-        if local:
-            check_local_resources(ray.cluster_resources(), ray_options)
-        _tame_ray_data_logs(out.quiet)
-        n_prompts = len(run.records)
-        per_task = ray_options.task_size(n_prompts, run.settings)
-        items = [{"prompt_index": e.record.index, "prompt": e.to_json()} for e in run.prompts]
-        dataset = ray.data.from_items(items, override_num_blocks=math.ceil(n_prompts / per_task))
-        traced = dataset.map_batches(
-            TraceActor,
-            fn_constructor_args=(model_options, run.settings, {**run.context, "engine": "ray",
-                                                               "ray_version": ray.__version__,
-                                                               "ray_actors": ray_options.actors}),
-            batch_size=per_task,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
-            num_cpus=ray_options.cpus_per_actor,
-            num_gpus=ray_options.gpus_per_actor,
-            runtime_env={"env_vars": worker_env()},
-        )
-        out.log(f"tracing {plural(n_prompts, 'prompt')} on Ray ({plural(ray_options.actors, 'actor')},"
-                f" {plural(per_task, 'prompt')} per task)")
-        with atomic_dir(target, replace=replace) as staging:
-            try:
-                traced.write_parquet(str(staging))
-            except Exception as exc:  # Ray wraps what the actors raised in its own exception types
-                cause = usage_error_in(exc)
-                if cause is None:
-                    raise
-                raise cause from None
-            rows, parts = check_parts(staging)
-        out.log(f"wrote {plural(rows, 'row')} for {plural(n_prompts, 'prompt')} to {target}/"
-                f" ({plural(parts, 'part file')})")
-    finally:
-        if started_here:
-            ray.shutdown()
+        yield
+    except Exception as exc:  # Ray wraps what the actors raised in its own exception types
+        cause = usage_error_in(exc)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def check_output_dir(output: str, fmt: str, force: bool, inputs: list[str] = ()) -> Path:
