@@ -2,7 +2,7 @@
 
 import shlex
 import sys
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
@@ -12,7 +12,10 @@ from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
 from llmprobe.model.loading import ModelOptions
 
-SWEEP, FIT, SCALE = "Sweep", "Fit (as fit-posterior)", "Scale-out"
+if TYPE_CHECKING:
+    from llmprobe.tracing.ray_runner import RayOptions
+
+SWEEP = "Sweep"
 
 
 def ablate(
@@ -36,12 +39,8 @@ def ablate(
         help="With --over directions: also N random unit directions at each such layer (seeded by --seed), the"
              " spread a real direction's change is read against.")] = 0,
     chat: opt.Chat = None,
-    batch_size: opt.in_panel(opt.BatchSize, SCALE) = "8",
-    engine: opt.in_panel(opt.Engine, SCALE) = "local",
-    ray_address: opt.in_panel(opt.RayAddress, SCALE) = None,
-    ray_actors: opt.in_panel(opt.RayActors, SCALE) = None,
-    ray_cpus_per_actor: opt.in_panel(opt.RayCpus, SCALE) = None,
-    ray_gpus_per_actor: opt.in_panel(opt.RayGpus, SCALE) = None,
+    batch_size: opt.in_panel(opt.BatchSize, opt.SCALE_PANEL) = "8",
+    ray: "RayOptions | None" = opt.RAY,
     force: opt.Force = False,
     resume: opt.Resume = False,
     loading: ModelOptions = opt.MODEL,
@@ -57,16 +56,14 @@ def ablate(
     options = SweepOptions(over, layers, ablation, tuple(directions or ()), random_controls, fit.seed)
     from llmprobe.analysis.ablation_run import run_ablation
     from llmprobe.cli.views.ablation import SweepView
-    from llmprobe.tracing.ray_runner import ray_options_for
     from llmprobe.tracing.settings import TraceSettings, parse_batch_size
 
     if output == "-":
         raise UsageError("the sweep table is a Parquet file; give a path (the results table goes to stdout anyway)",
                          where="-o")
-    ray_options = ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, None)
     settings = TraceSettings(top_k=1, batch_size=parse_batch_size(batch_size),
                              chat={None: False, "user": True}.get(chat, chat))
     sweep = run_ablation(prompts, output, options, fit, settings, loading, out, force=force, resume=resume,
-                         ray_options=ray_options, command=shlex.join(["llmprobe", *sys.argv[1:]]),
+                         ray_options=ray, command=shlex.join(["llmprobe", *sys.argv[1:]]),
                          inputs=prior_inputs)
     out.result(SweepView(sweep))

@@ -19,6 +19,8 @@ default is the group, and receives what the group builds, once the app has expan
 * ``fit: PosteriorOptions = opt.FIT``: the fit's options (``--prior``, ``--prior-components``,
   ``--max-components``, ``--min-mass``, ``--folds``, ``--bootstrap``, ``--seed``) of every command that
   runs fit-posterior's fit (``fit-posterior``, ``ablate``), checked once into one ``PosteriorOptions``.
+* ``ray: RayOptions | None = opt.RAY``: ``--engine local|ray`` and the ``--ray-*`` options of every command
+  that can spread its work over Ray actors (``trace``, ``ablate``).
 
 Library errors name a function's parameter (:class:`~llmprobe.errors.ParameterError`); a command's
 parameters carry the library's names, so :func:`error_message` shows the flag that sets it instead.
@@ -96,17 +98,20 @@ MinMass = Annotated[float, typer.Option(
     "--min-mass", help="Leave out marks with less probability than this on the categories.")]
 Folds = Annotated[int, typer.Option("--folds", help="Folds of sequences for the out-of-sample scores (2 or more).")]
 
-# Ray Data (``--engine ray``), for every command that spreads work over actors
+# Ray Data (``--engine ray``), for every command that spreads work over actors: :data:`RAY`
+SCALE_PANEL = "Scale-out"
 Engine = Annotated[Literal["local", "ray"], typer.Option(
-    "--engine", help="ray: a Ray Data actor pool does the work (pip install 'llmprobe[ray]').")]
+    "--engine", rich_help_panel=SCALE_PANEL,
+    help="ray: a Ray Data actor pool does the work (pip install 'llmprobe[ray]').")]
 RayAddress = Annotated[Optional[str], typer.Option(
-    "--ray-address", metavar="ADDRESS", show_default="RAY_ADDRESS, else a local Ray", help="Ray cluster to use.")]
-RayActors = Annotated[Optional[int], typer.Option("--ray-actors", min=1, show_default="1",
+    "--ray-address", rich_help_panel=SCALE_PANEL, metavar="ADDRESS", show_default="RAY_ADDRESS, else a local Ray",
+    help="Ray cluster to use.")]
+RayActors = Annotated[Optional[int], typer.Option("--ray-actors", rich_help_panel=SCALE_PANEL, min=1, show_default="1",
                                                   help="Model replicas (Ray actors).")]
-RayCpus = Annotated[Optional[float], typer.Option("--ray-cpus-per-actor", min=0, show_default="1",
-                                                  help="CPUs each actor reserves.")]
-RayGpus = Annotated[Optional[float], typer.Option("--ray-gpus-per-actor", min=0, show_default="0",
-                                                  help="GPUs each actor reserves.")]
+RayCpus = Annotated[Optional[float], typer.Option("--ray-cpus-per-actor", rich_help_panel=SCALE_PANEL, min=0,
+                                                  show_default="1", help="CPUs each actor reserves.")]
+RayGpus = Annotated[Optional[float], typer.Option("--ray-gpus-per-actor", rich_help_panel=SCALE_PANEL, min=0,
+                                                  show_default="0", help="GPUs each actor reserves.")]
 
 # Options whose value may be left out: `--chat` alone means `--chat user`. typer has no optional
 # values, so the command line is rewritten before parsing (see :func:`fill_optional_values`).
@@ -231,6 +236,21 @@ FIT: Any = Group((
 """fit-posterior's fit options -> one checked :class:`PosteriorOptions`."""
 
 
+def ray_choice(engine: str, ray_address: Optional[str], ray_actors: Optional[int], ray_cpus_per_actor: Optional[float],
+               ray_gpus_per_actor: Optional[float]) -> Any:
+    """``--engine`` and the ``--ray-*`` options -> the Ray options of ``--engine ray``, None for the local engine."""
+    from llmprobe.tracing.ray_runner import ray_options_for
+
+    return ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, None)
+
+
+RAY: Any = Group((
+    _option("engine", Engine, "local"), _option("ray_address", RayAddress, None), _option("ray_actors", RayActors, None),
+    _option("ray_cpus_per_actor", RayCpus, None), _option("ray_gpus_per_actor", RayGpus, None),
+), ray_choice)
+"""``--engine`` and the ``--ray-*`` options -> ``RayOptions`` (``--engine ray``) or None."""
+
+
 def with_groups(command: Callable[..., None]) -> Callable[..., None]:
     """``command`` as typer should see it: each parameter whose default is a :class:`Group` becomes the
     group's options, and the command is called with what the group builds of them."""
@@ -249,6 +269,9 @@ def with_groups(command: Callable[..., None]) -> Callable[..., None]:
                 for option in (groups[p.name].options if p.name in groups else [p])]
     run.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in expanded])
+    # typer reads the annotations too: the expanded options', not the group parameters' (which may name a
+    # type that is imported for type checkers only, so that --help never loads it)
+    run.__annotations__ = {p.name: p.annotation for p in expanded}
     return run
 
 

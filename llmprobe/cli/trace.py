@@ -2,7 +2,8 @@
 
 import shlex
 import sys
-from typing import Annotated, Literal, Optional
+from dataclasses import replace
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
@@ -11,7 +12,10 @@ from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
 from llmprobe.model.loading import ModelOptions
 
-INPUT, CAPTURE, GENERATION, OUTPUT, SCALE = "Input", "Capture", "Generation", "Output", "Scale-out"
+if TYPE_CHECKING:
+    from llmprobe.tracing.ray_runner import RayOptions
+
+INPUT, CAPTURE, GENERATION, OUTPUT, SCALE = "Input", "Capture", "Generation", "Output", opt.SCALE_PANEL
 INTERVENTIONS = "Interventions"
 
 
@@ -72,11 +76,7 @@ def trace(
     top_p: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Nucleus sampling mass.")] = 1.0,
     seed: opt.in_panel(opt.Seed, GENERATION) = 0,
     batch_size: opt.in_panel(opt.BatchSize, SCALE) = "8",
-    engine: opt.in_panel(opt.Engine, SCALE) = "local",
-    ray_address: opt.in_panel(opt.RayAddress, SCALE) = None,
-    ray_actors: opt.in_panel(opt.RayActors, SCALE) = None,
-    ray_cpus_per_actor: opt.in_panel(opt.RayCpus, SCALE) = None,
-    ray_gpus_per_actor: opt.in_panel(opt.RayGpus, SCALE) = None,
+    ray: "RayOptions | None" = opt.RAY,
     ray_prompts_per_task: Annotated[Optional[int], typer.Option(
         rich_help_panel=SCALE, min=1, show_default="sized from the prompt count",
         help="Prompts per actor call (about one part file each).")] = None,
@@ -89,7 +89,6 @@ def trace(
         opt.input_path(targets_file, "targets file", stdin=False)
     from llmprobe.tracing.interventions import from_options
     from llmprobe.tracing.settings import TraceSettings, parse_batch_size
-    from llmprobe.tracing.ray_runner import ray_options_for
     from llmprobe.tracing.runner import default_output, read_targets_file, run_trace
 
     if targets and targets_file:
@@ -101,10 +100,12 @@ def trace(
                              chat={None: False, "user": True}.get(chat, chat), truncate=truncate, layers=layers,
                              save_embeddings=save_embeddings,
                              interventions=from_options(ablate, ablation, ablate_direction, patch_from, patch_at))
-    ray_options = ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor,
-                                  ray_prompts_per_task)
+    if ray_prompts_per_task is not None:
+        if ray is None:
+            raise UsageError("only applies with --engine ray", where="--ray-prompts-per-task")
+        ray = replace(ray, prompts_per_task=ray_prompts_per_task)
     run_trace(prompts, output or default_output(prompts), fmt, force, input_format, settings, loading,
-              shlex.join(["llmprobe", *sys.argv[1:]]), Output(quiet), resume=resume, ray_options=ray_options)
+              shlex.join(["llmprobe", *sys.argv[1:]]), Output(quiet), resume=resume, ray_options=ray)
 
 
 def inspect(

@@ -185,6 +185,7 @@ class MeanMeter:
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.count = 0
         self._live: torch.Tensor | None = None
+        self._batch: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
     def deepest(self) -> int:
@@ -192,9 +193,9 @@ class MeanMeter:
 
     @contextmanager
     def hooked(self, live: torch.Tensor) -> Iterator[None]:
-        """Measure one forward call whose live positions are ``live`` ([B, T] bool)."""
-        self._live = live
-        self.count += int(live.sum())
+        """Measure one forward call whose live positions are ``live`` ([B, T] bool). Its sums count only if the
+        block completes (a batch that runs out of memory and is retried in halves is not counted twice)."""
+        self._live, self._batch = live, {}
         with Hooks() as hooks:
             for what, layer in self.wanted:
                 key = (what, layer)
@@ -207,6 +208,9 @@ class MeanMeter:
                 else:
                     hooks.add(edit_output(self.blocks.block(layer), self._update_adder(key)))
             yield
+        for key, total in self._batch.items():
+            self.sums[key] = total if key not in self.sums else self.sums[key] + total
+        self.count += int(live.sum())
 
     def _adder(self, key: tuple[str, int]) -> Callable[[Any], None]:
         def add(x: Any) -> None:
@@ -221,8 +225,7 @@ class MeanMeter:
 
     def _add(self, key: tuple[str, int], x: torch.Tensor) -> None:
         live = x[self._live.to(x.device)]
-        total = (live.cpu() if live.device.type == "mps" else live).double().sum(0)  # MPS has no float64
-        self.sums[key] = total if key not in self.sums else self.sums[key] + total
+        self._batch[key] = (live.cpu() if live.device.type == "mps" else live).double().sum(0)  # MPS: no float64
 
     def mean(self, what: str, layer: int) -> np.ndarray:
         return (self.sums[(what, layer)] / self.count).cpu().numpy()

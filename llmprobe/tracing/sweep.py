@@ -200,15 +200,18 @@ class SweepEngine:
         with Hooks() as hooks:
             for index, block in enumerate(self.blocks.layers):
                 hooks.add(on_call(block, self._kwargs_recorder(batch, index)))
+            seen: dict[int, torch.Tensor] = {}  # kept only if the batch completes (see MeanMeter.hooked)
             for layer in self.direction_layers:
                 after = self.blocks.layers[layer + 1] if layer + 1 < len(self.blocks) else self.norm
-                hooks.add(on_call(after, lambda args, kwargs, layer=layer: self._seen[layer].append(
-                    args[0][rows, cols].double().cpu())))
+                hooks.add(on_call(after, lambda args, kwargs, layer=layer: seen.__setitem__(
+                    layer, args[0][rows, cols].cpu().double())))
             live = inputs["attention_mask"].bool()
             with self.meter.hooked(live) if self.meter is not None else nullcontext():
                 with outputs_of(self.norm, once=True) as found:
                     self.model(**inputs, use_cache=False,
                                logits_to_keep=torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device))
+        for layer, stream in seen.items():
+            self._seen[layer].append(stream)
         return batch, found[0]
 
     @staticmethod

@@ -253,3 +253,18 @@ def test_the_ray_engine_gives_the_local_rows(local_ray, head_sweep, coin_prompts
     assert code == 0, err
     assert pq.read_table(out).equals(pq.read_table(head_sweep[0]))
     assert open_sweep(out).meta["engine"] == "ray"
+
+
+def test_components_in_order_and_an_empty_sweep_refused():
+    from llmprobe.analysis.ablation import SweepOptions, sweep_components
+    from llmprobe.errors import UsageError
+
+    names = lambda options, layers=3, heads=2: [c.name for c in sweep_components(options, layers, heads)]  # noqa: E731
+    assert names(SweepOptions("heads", "2,0")) == ["baseline", "0.0", "0.1", "2.0", "2.1"]
+    assert names(SweepOptions("layers")) == ["baseline", "0", "1", "2"]
+    assert names(SweepOptions("attn", "1")) == ["baseline", "1.attn"]
+    assert names(SweepOptions("mlp", "1")) == ["baseline", "1.mlp"]
+    assert names(SweepOptions("directions", directions=("pca:2@2", "pca:1@0"), random_controls=1)) == [
+        "baseline", "0.pc1", "0.random1", "2.pc1", "2.pc2", "2.random1"]
+    with pytest.raises(UsageError, match="no components"):
+        sweep_components(SweepOptions("heads"), 0, 2)
