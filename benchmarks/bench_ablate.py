@@ -1,7 +1,7 @@
 """Benchmark 11: ``llmprobe ablate`` (issue 22) against the naive loop, and the known answers on the control.
 
 Run: python benchmarks/bench_ablate.py [--quick] [--layers all|L,L...] [--n-max N] [--sequences S]
-                                       [--bootstrap B] [--control DIR] [--skip-naive]
+                                       [--bootstrap B] [--fit-workers N] [--control DIR]
 
 Part 1, the sweep's cost: a head sweep of the default model (SmolLM2-135M-Instruct, float32, CPU) on
 coin prompts (configs/experiments/coin.toml), measured side by side in one run on the same prompts:
@@ -65,7 +65,14 @@ from llmprobe.analysis.ablation import (
     sweep_components,
     sweep_of,
 )
-from llmprobe.analysis.ablation_run import make_engine, run_ablation, score_component
+from llmprobe.analysis.ablation_run import (
+    default_fit_workers,
+    fit_pool,
+    make_engine,
+    run_ablation,
+    score_component,
+    score_components,
+)
 from llmprobe.analysis.fit_options import PosteriorOptions
 from llmprobe.analysis.fits import fit_posterior, posterior_marks
 from llmprobe.experiments import generate, load_experiment, write_jsonl
@@ -94,8 +101,20 @@ baseline first), with at least :data:`COMPARED`, ``alpha0`` and ``verdict`` as
 checked against the sweep's (the follow-up adds nnsight's and TransformerLens's)."""
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its children so far (the sweep's fit workers; psutil, which Ray brings,
+    sees running children; without it only finished ones count)."""
+    try:
+        import psutil
+    except ImportError:
+        times = os.times()
+        return times.user + times.system + times.children_user + times.children_system
+    me = psutil.Process()
+    return sum(p.cpu_times().user + p.cpu_times().system for p in [me, *me.children(recursive=True)])
+
+
 class Clock:
-    """Wall and CPU seconds summed per name over the ``with clock(name):`` blocks."""
+    """Wall and CPU seconds (this process and its children) summed per name over the ``with clock(name):`` blocks."""
 
     def __init__(self) -> None:
         self.wall: dict[str, float] = {}
@@ -103,10 +122,10 @@ class Clock:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         yield
         self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
-        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+        self.cpu[name] = self.cpu.get(name, 0.0) + cpu_seconds() - cpu
 
 
 def coin_prompts(n_max: int, sequences: int, directory: Path) -> Path:
@@ -159,7 +178,8 @@ def sweep_part(args, directory: Path) -> dict:
     print(f"machine: {machine()}")
     print(f"model {loaded.source.label}, float32 on the CPU; {len(records)} coin prompts (n_max {args.n_max},"
           f" {sum(len(r.marks) for r in records)} marks); {len(components) - 1} heads (layers {args.layers});"
-          f" fits with {args.bootstrap} bootstrap resamples", flush=True)
+          f" fits with {args.bootstrap} bootstrap resamples; the sweep fits in {args.fit_workers} worker process(es)",
+          flush=True)
     clock = Clock()
     output = directory / "sweep.parquet"
     with clock("sweep"):  # as run_ablation does it, on the model already loaded: one run, the baseline pass
@@ -171,22 +191,28 @@ def sweep_part(args, directory: Path) -> dict:
     sweep_rows: dict[int, dict] = {}
     naive: dict[int, dict] = {}
     baseline = None
+
+    def commit(row: dict) -> None:
+        work.commit(rows_table([row]).to_batches()[0], [row["index"]])
+        sweep_rows[row["index"]] = row
+    with clock("sweep"):  # the baseline is fitted first, in-process, as run_ablation does
+        commit(score_component(engine, 0, components[0], fit, trace_meta))
+    with clock("naive"):
+        naive[0], baseline = naive_row(loaded, records, 0, components[0], fit, directory, options.ablation, None)
     layers = sorted({c.layer for c in components[1:]})
-    for turn, layer in enumerate(layers):  # sweep and naive alternate layer by layer: load falls on both alike
-        chunk = [(i, c) for i, c in enumerate(components) if c.layer == layer or (turn == 0 and i == 0)]
-        for side in (("sweep", "naive") if turn % 2 == 0 else ("naive", "sweep")):
-            with clock(side):
-                for index, component in chunk:
+    with fit_pool(args.fit_workers) as pool:
+        for turn, layer in enumerate(layers):  # sweep and naive alternate layer by layer: load falls on both alike
+            chunk = [i for i, c in enumerate(components) if c.layer == layer]
+            for side in (("sweep", "naive") if turn % 2 == 0 else ("naive", "sweep")):
+                with clock(side):
                     if side == "sweep":
-                        row = score_component(engine, index, component, fit, trace_meta)
-                        work.commit(rows_table([row]).to_batches()[0], [index])
-                        sweep_rows[index] = row
+                        score_components(engine, components, chunk, fit, trace_meta, pool, commit, lambda n: None)
                     else:
-                        naive[index], scores = naive_row(loaded, records, index, component, fit, directory,
-                                                         options.ablation, baseline)
-                        baseline = baseline or scores
-        print(f"  layer {layer:>2}: sweep {clock.wall['sweep']:7.1f} s, naive {clock.wall['naive']:7.1f} s so far",
-              flush=True)
+                        for index in chunk:
+                            naive[index], _ = naive_row(loaded, records, index, components[index], fit, directory,
+                                                        options.ablation, baseline)
+            print(f"  layer {layer:>2}: sweep {clock.wall['sweep']:7.1f} s, naive {clock.wall['naive']:7.1f} s so far",
+                  flush=True)
     with clock("sweep"):
         table = finished_table(list(work.tables(SWEEP_SCHEMA)), metadata)
         with atomic_file(output, "wb") as stream:
@@ -299,7 +325,8 @@ def main() -> None:
     parser.add_argument("--n-max", type=int, default=8)
     parser.add_argument("--sequences", type=int, default=1, help="coin sequences per theta (11 thetas)")
     parser.add_argument("--bootstrap", type=int, default=None, help="fit bootstrap resamples (default 200, quick 50)")
-    parser.add_argument("--skip-naive", action="store_true", help="time the sweep only")
+    parser.add_argument("--fit-workers", type=int, default=default_fit_workers(),
+                        help="the sweep's fit processes (default: half the CPUs; 0: fits in the main process)")
     parser.add_argument("--control", metavar="DIR", help="also the known answers on a wind-tunnel control")
     parser.add_argument("--control-sequences", type=int, default=2, help="coin sequences per theta for the control")
     parser.add_argument("--random-controls", type=int, default=8)

@@ -208,6 +208,36 @@ def component_row(index: int, component: Component, scores: ComponentScores, bas
     return row
 
 
+@dataclass(frozen=True)
+class FitJob:
+    """What a component's row needs once its scores are known: everything but the model, so a worker
+    process can fit it (numpy and scipy only) while the model scores the next component."""
+
+    index: int
+    component: Component
+    marks: pa.Table  # the scored rows as a trace table (SweepEngine.marks_table)
+    scores: ComponentScores
+    baseline: ComponentScores
+    measured: np.ndarray
+    direction: np.ndarray | None
+    trace_meta: dict[str, Any]
+    fit: PosteriorOptions
+
+    def row(self) -> dict[str, Any]:
+        """The component's row: its marks fitted, compared with the baseline. A component whose marks cannot be
+        fitted (too little mass on the categories, say) gets a ``no-fit`` row saying why; the baseline must fit."""
+        label = f"{self.trace_meta.get('model')} with {self.component.name} ablated"
+        try:
+            result, error = fit_marks(self.marks, self.trace_meta, label, self.fit), None
+        except UsageError as exc:
+            if self.component.kind == "baseline":
+                raise UsageError(f"the un-ablated model's marks cannot be fitted, so no component can be read"
+                                 f" against them: {exc}") from None
+            result, error = None, str(exc)
+        return component_row(self.index, self.component, self.scores, self.baseline, self.measured, result, error,
+                             self.direction)
+
+
 def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SWEEP_SCHEMA)
 

@@ -14,7 +14,9 @@
    the prompts, the model, the options and the baseline pass, which a resume repeats exactly, so the
    rows are those of an uninterrupted sweep. Ctrl-C and SIGTERM wait for a commit in progress.
 4. The local engine runs one :class:`~llmprobe.tracing.sweep.SweepEngine` (its baseline pass, then the
-   components in order, progress with the time left on stderr). ``--engine ray``: each actor of a
+   components in order, progress with the time left on stderr); each component's fit (numpy and scipy,
+   one core) runs in a worker process (``fit_workers``) while the model scores the next component, so the
+   model's forward passes and the fits overlap. A fit is deterministic, so where it runs changes no number. ``--engine ray``: each actor of a
    Ray Data pool loads the model, runs the baseline pass and scores the components it is handed
    (:class:`SweepActor`); the driver commits rows as they arrive.
 5. The rows are merged in component order, the baseline-relative columns added
@@ -24,8 +26,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from typing import Any, Callable
+import multiprocessing
+import os
+import signal
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,10 +41,9 @@ from llmprobe.analysis.ablation import (
     SWEEP_FORMAT,
     SWEEP_SCHEMA,
     Sweep,
+    FitJob,
     SweepOptions,
-    component_row,
     finished_table,
-    fit_marks,
     open_sweep,
     rows_table,
     sweep_components,
@@ -46,7 +52,7 @@ from llmprobe.analysis.ablation import (
 from llmprobe.analysis.fit_options import PosteriorOptions
 from llmprobe.analysis.fits import POSTERIOR_INPUT, posterior_marks
 from llmprobe.analysis.marks import sequence_inputs
-from llmprobe.errors import UsageError
+from llmprobe.errors import ParameterError, UsageError
 from llmprobe.files import atomic_file, check_new_output
 from llmprobe.model.loading import ModelOptions
 from llmprobe.progress import Reporter, plural
@@ -77,21 +83,49 @@ def check_fit_inputs(records: list, targets: list[str], source: str) -> None:
     sequence_inputs(marks, f"a sweep needs {POSTERIOR_INPUT}")
 
 
-def score_component(engine, index: int, component, fit: PosteriorOptions, trace_meta: dict[str, Any]) -> dict:
-    """One component's row: its scores from ``engine`` (a :class:`~llmprobe.tracing.sweep.SweepEngine`), their
-    fit, and the comparison with the baseline. A component whose marks cannot be fitted (too little mass on
-    the categories, say) gets a ``no-fit`` row saying why; the baseline must fit."""
+def fit_job(engine, index: int, component, fit: PosteriorOptions, trace_meta: dict[str, Any]) -> FitJob:
+    """A component scored by ``engine`` (a :class:`~llmprobe.tracing.sweep.SweepEngine`), ready to be fitted."""
     scores = engine.scores(component)
-    label = f"{trace_meta.get('model')} with {component.name} ablated"
+    return FitJob(index, component, engine.marks_table(scores), scores, engine.baseline, engine.measured,
+                  engine.directions.get(component.name), trace_meta, fit)
+
+
+def score_component(engine, index: int, component, fit: PosteriorOptions, trace_meta: dict[str, Any]) -> dict:
+    """One component's row, scored and fitted here."""
+    return fit_job(engine, index, component, fit, trace_meta).row()
+
+
+def fitted_row(job: FitJob) -> dict:
+    """A worker process's task: one component's fit."""
+    return job.row()
+
+
+def default_fit_workers() -> int:
+    """Processes that fit while the model scores: half the CPUs (the model keeps the other half busy), at least 1."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass
+class FitPool:
+    """Worker processes for the fits (:func:`fit_pool`)."""
+
+    executor: ProcessPoolExecutor
+    workers: int
+
+
+@contextmanager
+def fit_pool(workers: int) -> Iterator[FitPool | None]:
+    """``workers`` processes for the fits (None: fit in this process). They ignore Ctrl-C (the sweep handles it);
+    on the way out, fits not started are dropped and running ones finish."""
+    if workers == 0:
+        yield None
+        return
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
     try:
-        result, error = fit_marks(engine.marks_table(scores), trace_meta, label, fit), None
-    except UsageError as exc:
-        if component.kind == "baseline":
-            raise UsageError(f"the un-ablated model's marks cannot be fitted, so no component can be read against"
-                             f" them: {exc}") from None
-        result, error = None, str(exc)
-    return component_row(index, component, scores, engine.baseline, engine.measured, result, error,
-                         engine.directions.get(component.name))
+        yield FitPool(executor, workers)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def make_engine(run, options: SweepOptions, components: list, reporter: Reporter):
@@ -123,9 +157,10 @@ class SweepActor:
 def run_ablation(prompts: str, output: str | None, options: SweepOptions, fit: PosteriorOptions,
                  settings: TraceSettings, model_options: ModelOptions, out: Reporter, *, command: str,
                  force: bool = False, resume: bool = False, ray_options=None, input_format: str = "auto",
-                 inputs: list[str] = ()) -> Sweep:
+                 inputs: list[str] = (), fit_workers: int | None = None) -> Sweep:
     """A sweep, end to end (see the module docstring); returns the finished table. ``inputs``: files besides
-    the prompts that the output must not be (a prior file)."""
+    the prompts that the output must not be (a prior file); ``fit_workers``: processes that fit components
+    while the model scores the next ones (None: :func:`default_fit_workers`; 0: fit in this process)."""
     from llmprobe.model.structure import DecoderBlocks
     from llmprobe.tracing.checkpoint import WorkDir, discard, plan_output, run_fingerprint
     from llmprobe.tracing.prompts import read_prompts
@@ -136,6 +171,9 @@ def run_ablation(prompts: str, output: str | None, options: SweepOptions, fit: P
         raise UsageError("a sweep without -o cannot be resumed; write it to a file with -o", where="--resume")
     if ray_options is not None:
         ray_options.validate()
+    fit_workers = default_fit_workers() if fit_workers is None else fit_workers
+    if fit_workers < 0:
+        raise ParameterError("fit_workers", f"must be 0 or more, got {fit_workers}")
     run = TraceRun(settings, lambda: read_prompts(prompts, input_format),
                    {"command": command, "prompts": prompts, "engine": "local" if ray_options is None else "ray"})
     check_fit_inputs(run.records, run.settings.targets, prompts)
@@ -185,9 +223,7 @@ def run_ablation(prompts: str, output: str | None, options: SweepOptions, fit: P
             with out.progress("ablating", total=len(components)) as advance:
                 advance(len(done))
                 if engine is not None:
-                    for index in pending:
-                        commit(score_component(engine, index, components[index], fit, trace_meta))
-                        advance(1)
+                    _sweep_here(engine, components, pending, fit, trace_meta, fit_workers, commit, advance)
                 elif pending:
                     _sweep_on_ray(run, options, fit, components, pending, trace_meta, model_options, ray_options,
                                   commit, advance, out)
@@ -210,6 +246,43 @@ def run_ablation(prompts: str, output: str | None, options: SweepOptions, fit: P
         if work is not None:
             work.close()
     return sweep_of(table)
+
+
+def _sweep_here(engine, components: list, pending: list[int], fit: PosteriorOptions, trace_meta: dict[str, Any],
+                workers: int, commit: Callable[[dict], None], advance: Callable[[int], None]) -> None:
+    """The baseline fitted first, here (nothing can be read without it), then the other components."""
+    if pending and pending[0] == 0:
+        commit(score_component(engine, 0, components[0], fit, trace_meta))
+        advance(1)
+        pending = pending[1:]
+    with fit_pool(workers) as pool:
+        score_components(engine, components, pending, fit, trace_meta, pool, commit, advance)
+
+
+def score_components(engine, components: list, indices: list[int], fit: PosteriorOptions, trace_meta: dict[str, Any],
+                     pool: FitPool | None, commit: Callable[[dict], None],
+                     advance: Callable[[int], None]) -> None:
+    """``components[indices]`` scored in order by the model, each fitted in ``pool`` (None: here) while the model
+    scores the next ones; rows are committed as their fits finish (in any order), with at most two fits per
+    worker waiting."""
+    running: set[Future] = set()
+
+    def settle(until: int) -> None:
+        nonlocal running
+        while len(running) > until:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                commit(future.result())
+                advance(1)
+    for index in indices:
+        job = fit_job(engine, index, components[index], fit, trace_meta)
+        if pool is None:
+            commit(job.row())
+            advance(1)
+            continue
+        running.add(pool.executor.submit(fitted_row, job))
+        settle(2 * pool.workers)
+    settle(0)
 
 
 def _sweep_on_ray(run, options: SweepOptions, fit: PosteriorOptions, components: list, pending: list[int],

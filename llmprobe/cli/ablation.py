@@ -40,6 +40,10 @@ def ablate(
              " spread a real direction's change is read against.")] = 0,
     chat: opt.Chat = None,
     batch_size: opt.in_panel(opt.BatchSize, opt.SCALE_PANEL) = "8",
+    fit_workers: Annotated[Optional[int], typer.Option(
+        "--fit-workers", rich_help_panel=opt.SCALE_PANEL, min=0, metavar="N", show_default="half the CPUs",
+        help="Processes that fit components while the model scores the next ones (0: fit in this process).")]
+    = None,
     ray: "RayOptions | None" = opt.RAY,
     force: opt.Force = False,
     resume: opt.Resume = False,
@@ -65,5 +69,5 @@ def ablate(
                              chat={None: False, "user": True}.get(chat, chat))
     sweep = run_ablation(prompts, output, options, fit, settings, loading, out, force=force, resume=resume,
                          ray_options=ray, command=shlex.join(["llmprobe", *sys.argv[1:]]),
-                         inputs=prior_inputs)
+                         inputs=prior_inputs, fit_workers=fit_workers)
     out.result(SweepView(sweep))

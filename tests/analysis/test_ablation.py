@@ -27,7 +27,7 @@ from tests.analysis.fixtures import ROOT
 from tests.cli_helpers import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FIT = ["--bootstrap", "10", "--folds", "2", "--min-mass", "0"]
+FIT = ["--bootstrap", "10", "--folds", "2", "--min-mass", "0", "--fit-workers", "0"]
 ROW_NUMBERS = ("mean_kl_bits", "kl_model_filter_bits", "gamma", "gamma_ci_low", "gamma_ci_high", "alpha0",
                "alpha0_forgetting", "mass")
 
@@ -49,9 +49,9 @@ def head_sweep(coin_prompts, tiny_model_dir, tmp_path_factory):
     """``ablate --over heads --layers 1`` on the tiny model, once for the module: (table path, stdout, stderr)."""
     monkeypatch, capture = pytest.MonkeyPatch(), _Capture()
     out = tmp_path_factory.mktemp("sweep") / "sweep.parquet"
-    try:
-        code, stdout, err = ablate([coin_prompts, "--over", "heads", "--layers", "1", "-o", out], tiny_model_dir,
-                                   capture, monkeypatch)
+    try:  # fitted in a worker process (the others fit in-process, --fit-workers 0: the same rows, tested below)
+        code, stdout, err = ablate([coin_prompts, "--over", "heads", "--layers", "1", "-o", out, "--fit-workers", "1"],
+                                   tiny_model_dir, capture, monkeypatch)
     finally:
         monkeypatch.undo()
     assert code == 0, err
@@ -149,7 +149,7 @@ def test_a_killed_sweep_resumes_to_the_rows_of_an_uninterrupted_one(head_sweep, 
                                                                     tmp_path, capsys, monkeypatch):
     out = tmp_path / "s.parquet"
     args = [coin_prompts, "--over", "heads", "--layers", "1", "-o", out]
-    score, calls = ablation_run.score_component, []
+    score, calls = ablation_run.fit_job, []
 
     def interrupting(engine, index, *rest):
         calls.append(index)
@@ -157,7 +157,7 @@ def test_a_killed_sweep_resumes_to_the_rows_of_an_uninterrupted_one(head_sweep, 
             raise KeyboardInterrupt
         return score(engine, index, *rest)
     with monkeypatch.context() as m:
-        m.setattr(ablation_run, "score_component", interrupting)
+        m.setattr(ablation_run, "fit_job", interrupting)
         code, _, err = ablate(args, tiny_model_dir, capsys, monkeypatch)
     assert code == 130 and "2 of 5 components done" in err and "--resume" in err, err
     assert work_dir_for(str(out)).is_dir() and not out.exists()
@@ -167,12 +167,12 @@ def test_a_killed_sweep_resumes_to_the_rows_of_an_uninterrupted_one(head_sweep, 
     assert_one_line_error(code, err, "cannot resume", "sweep.ablation")
     calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(ablation_run, "score_component", lambda engine, index, *rest: calls.append(index) or score(
+        m.setattr(ablation_run, "fit_job", lambda engine, index, *rest: calls.append(index) or score(
             engine, index, *rest))
         code, _, err = ablate([*args, "--resume"], tiny_model_dir, capsys, monkeypatch)
     assert code == 0 and "resuming: 2 of 5 components were done" in err, err
     assert calls == [2, 3, 4] and not work_dir_for(str(out)).exists()
-    assert pq.read_table(out).equals(pq.read_table(head_sweep[0]))
+    assert pq.read_table(out).equals(pq.read_table(head_sweep[0]))  # fitted here, and there in a worker: the same rows
 
 
 @pytest.mark.parametrize("extra,needles", [
