@@ -32,6 +32,7 @@ the known answers that need a trained Bayesian model, on its own experiment's pr
 * every attention output ablated (``--ablate L.attn`` for every L): no position reads another, so the
   predictions at marks ending in the same token are identical (<= 1e-6) whatever the counts, and the
   verdict is neither consistent nor rejected;
+* ``ablate --over heads``: the heads whose ablation moves the fit most;
 * ``ablate --over directions --directions pca:1@L --random-controls 8`` at each layer: the top principal
   component's change of KL against the random directions' spread.
 """
@@ -303,6 +304,13 @@ def control_part(control: str, args, directory: Path) -> dict:
         print(f"  {name:<32} verdict {result.verdict:<12} KL(Bayes‖model) {result.distances.mean_kl_bits:.4f} bits;"
               f" marks ending in the same token differ by up to {spread:.1e}")
         found[name] = {"verdict": result.verdict, "mean_kl_bits": result.distances.mean_kl_bits, "spread": spread}
+    heads = run_ablation(str(prompts), None, SweepOptions("heads"), fit, TraceSettings(top_k=1),
+                         ModelOptions(control, "cpu", "float32"), SILENT, command="bench_ablate --control")
+    print(f"  head sweep: {heads.headline()}")
+    for _, row in heads.components.head(3).iterrows():
+        print(f"    {row['component']:<5} verdict {row['verdict']:<12} γ {row['gamma']:.3f} [{row['gamma_ci_low']:.3f},"
+              f" {row['gamma_ci_high']:.3f}]  ΔKL {row['delta_kl_bits']:+.4f} bits")
+    found["heads"] = heads.components.head(3)[["component", "verdict", "gamma", "delta_kl_bits"]].to_dict("records")
     directions = []
     for layer in range(len(blocks)):
         options = SweepOptions("directions", directions=(f"pca:1@{layer}",), random_controls=args.random_controls)

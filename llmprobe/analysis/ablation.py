@@ -286,7 +286,7 @@ class Sweep:
         top = self.components.iloc[0]
         what = {"head": "head", "attn": "attention", "mlp": "MLP", "block": "block", "pca": "direction",
                 "random": "random direction"}[top["kind"]]
-        change = "" if pd.isna(top["delta_kl_bits"]) else f", {top['delta_kl_bits']:+.2f} bits KL(Bayes‖model)"
+        change = "" if pd.isna(top["delta_kl_bits"]) else f", {top['delta_kl_bits']:+.2g} bits KL(Bayes‖model)"
         flipped = f" (baseline {base['verdict']})" if top["verdict_flipped"] else " (unchanged)"
         return f"ablating {what} {top['component']}: verdict {top['verdict']}{flipped}{change}"
 

@@ -16,9 +16,9 @@
 4. The local engine runs one :class:`~llmprobe.tracing.sweep.SweepEngine` (its baseline pass, then the
    components in order, progress with the time left on stderr); each component's fit (numpy and scipy,
    one core) runs in a worker process (``fit_workers``) while the model scores the next component, so the
-   model's forward passes and the fits overlap. A fit is deterministic, so where it runs changes no number. ``--engine ray``: each actor of a
-   Ray Data pool loads the model, runs the baseline pass and scores the components it is handed
-   (:class:`SweepActor`); the driver commits rows as they arrive.
+   model's forward passes and the fits overlap. A fit is deterministic, so where it runs changes no number.
+   ``--engine ray``: each actor of a Ray Data pool loads the model, runs the baseline pass and scores (and
+   fits) the components it is handed (:class:`SweepActor`); the driver commits rows as they arrive.
 5. The rows are merged in component order, the baseline-relative columns added
    (:func:`~llmprobe.analysis.ablation.finished_table`) and the table written atomically.
 """
