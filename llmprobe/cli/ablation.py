@@ -13,7 +13,7 @@ from llmprobe.errors import UsageError
 from llmprobe.model.loading import ModelOptions
 
 if TYPE_CHECKING:
-    from llmprobe.tracing.ray_runner import RayOptions
+    from llmprobe.tracing.ray_options import RayOptions
 
 SWEEP = "Sweep"
 

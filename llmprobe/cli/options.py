@@ -239,7 +239,7 @@ FIT: Any = Group((
 def ray_choice(engine: str, ray_address: Optional[str], ray_actors: Optional[int], ray_cpus_per_actor: Optional[float],
                ray_gpus_per_actor: Optional[float]) -> Any:
     """``--engine`` and the ``--ray-*`` options -> the Ray options of ``--engine ray``, None for the local engine."""
-    from llmprobe.tracing.ray_runner import ray_options_for
+    from llmprobe.tracing.ray_options import ray_options_for
 
     return ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, None)
 

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +32,7 @@ from llmprobe.files import atomic_dir, check_new_output
 from llmprobe.model.loading import ModelOptions
 from llmprobe.progress import Reporter, plural
 from llmprobe.tracing.encoding import EncodedPrompt
+from llmprobe.tracing.ray_options import RayOptions
 from llmprobe.tracing.run import TraceRun
 from llmprobe.tracing.schema import META_KEY, encode_metadata
 from llmprobe.tracing.settings import TraceSettings
@@ -40,55 +40,6 @@ from llmprobe.tracing.settings import TraceSettings
 INSTALL_HINT = "pip install 'llmprobe[ray]'"
 # Worker processes may start without the driver's environment (always so on other nodes).
 PASSED_ENV = ("LLMPROBE_CACHE", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
-TASKS_PER_ACTOR = 4  # blocks per actor when sizing tasks automatically, so actors finish close together
-
-
-@dataclass
-class RayOptions:
-    address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray on this machine
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    prompts_per_task: int | None = None  # prompts per actor call (and roughly per part file)
-
-    def validate(self) -> None:
-        if self.actors < 1:
-            raise UsageError(f"must be 1 or more, got {self.actors}", where="--ray-actors")
-        if not self.cpus_per_actor > 0:
-            raise UsageError(f"must be more than 0, got {self.cpus_per_actor}", where="--ray-cpus-per-actor")
-        if self.gpus_per_actor < 0:
-            raise UsageError(f"must be 0 or more, got {self.gpus_per_actor}", where="--ray-gpus-per-actor")
-        if self.prompts_per_task is not None and self.prompts_per_task < 1:
-            raise UsageError(f"must be 1 or more, got {self.prompts_per_task}", where="--ray-prompts-per-task")
-
-    def task_size(self, n_prompts: int, settings: TraceSettings) -> int:
-        """Enough prompts per call to fill length-sorted batches (at most one sorting window), few enough
-        that every actor gets work."""
-        if self.prompts_per_task is not None:
-            return self.prompts_per_task
-        spread = math.ceil(n_prompts / (self.actors * TASKS_PER_ACTOR))
-        return min(settings.window_prompts, max(settings.batch_prompts, spread))
-
-
-def ray_options_for(engine: str, address: str | None, actors: int | None, cpus_per_actor: float | None,
-                    gpus_per_actor: float | None, prompts_per_task: int | None) -> RayOptions | None:
-    """The ``--ray-*`` options as RayOptions for ``--engine ray``, None for the local engine."""
-    if engine not in ("local", "ray"):
-        raise UsageError(f"unknown engine {engine!r} (expected local or ray)", where="--engine")
-    given = {"--ray-address": address, "--ray-actors": actors, "--ray-cpus-per-actor": cpus_per_actor,
-             "--ray-gpus-per-actor": gpus_per_actor, "--ray-prompts-per-task": prompts_per_task}
-    if engine == "local":
-        stray = next((flag for flag, value in given.items() if value is not None), None)
-        if stray:
-            raise UsageError("only applies with --engine ray", where=stray)
-        return None
-    defaults = RayOptions()
-    return RayOptions(address=address, actors=defaults.actors if actors is None else actors,
-                      cpus_per_actor=defaults.cpus_per_actor if cpus_per_actor is None else cpus_per_actor,
-                      gpus_per_actor=defaults.gpus_per_actor if gpus_per_actor is None else gpus_per_actor,
-                      prompts_per_task=prompts_per_task)
-
-
 def import_ray():
     try:
         import ray
