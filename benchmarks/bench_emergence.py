@@ -85,7 +85,7 @@ def one_by_one_in_process(models: list[str], prompts: str, prior: str) -> tuple[
 
 def compare_in_process(models: list[str], prompts: str, prior: str) -> tuple[float, float]:
     """The same models through ``compare``'s library path; (wall, CPU) seconds."""
-    from llmprobe.analysis.comparison import Comparison, expand_models, run_comparison
+    from llmprobe.compare import Comparison, expand_models, run_comparison
     from llmprobe.analysis.fit_options import PosteriorOptions
     from llmprobe.model.loading import ModelOptions
     from llmprobe.progress import SILENT

@@ -24,6 +24,7 @@ BENCHMARKS = [  # (script, quick flag accepted, key of the headline figure, how 
     ("bench_load.py", True, "warm_load_model_s", "<= 2 s"),
     ("bench_generate.py", True, "ratio", ">= 0.9"),
     ("bench_fits.py", False, None, "< 1 s, < 10 s"),
+    ("bench_ablate.py", True, "ratio", "<= 0.6"),
 ]
 
 

@@ -254,6 +254,7 @@ LAYERS = (
     ("tracing",),
     ("analysis",),
     ("control", "plots"),
+    ("compare",),
     ("api",),
     ("viewer",),
     ("cli",),

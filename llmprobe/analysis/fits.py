@@ -124,7 +124,7 @@ def fit_posterior(cm: CategoryMarks, prior: str = "fit", bootstrap: int = DEFAUL
                   min_mass: float = DEFAULT_MIN_MASS, folds: int = DEFAULT_FOLDS, by: str | None = None,
                   gamma_variant: str | None = None,
                   martingale: str | Path | Sequence[MartingaleResult] | None = None,
-                  reporter: Reporter = SILENT) -> PosteriorResult:
+                  reporter: Reporter = SILENT, scorecard: bool = True) -> PosteriorResult:
     """The updating prior, the exact-Bayes test under it, out-of-sample scores, baselines and the verdict
     (options: :class:`~llmprobe.analysis.fit_options.PosteriorOptions`), then the scorecard of the field's
     other tests (:mod:`llmprobe.analysis.scorecard`; ``martingale``: ``llmprobe martingale --json`` output,
@@ -135,7 +135,10 @@ def fit_posterior(cm: CategoryMarks, prior: str = "fit", bootstrap: int = DEFAUL
     fit, score and the verdict are on the original orders, so a trace gives the same verdict with or without
     them. Counting them too would count each sequence's examples once per order: the bootstrap and the folds,
     which take sequences as independent, would see copies of one sequence as several (narrower intervals, and a
-    held-out sequence's reorderings in the fitting folds)."""
+    held-out sequence's reorderings in the fitting folds).
+
+    ``scorecard=False`` leaves the scorecard out (``result.scorecard`` is None): a sweep that fits hundreds
+    of ablated traces reads only the verdict and its evidence, which the scorecard never changes."""
     options = PosteriorOptions(prior, bootstrap, seed, components, max_components, min_mass, folds, by, gamma_variant)
     if isinstance(martingale, (str, Path)):
         martingale = read_martingale(martingale)
@@ -211,14 +214,15 @@ def fit_posterior(cm: CategoryMarks, prior: str = "fit", bootstrap: int = DEFAUL
 
     table = long_table(cm, bayes, free_in, exact_out, used)
     n_inexact = int((~cm.marks["exact"].to_numpy(dtype=bool)).sum()) if "exact" in cm.marks else 0
-    scorecard = build_scorecard(everything, cm, bayes, used, outcomes, sequence, position, min_mass=min_mass,
-                                bayes_name="exact Bayes under the fitted updating prior (γ = 1)" if reference is None
-                                else f"exact Bayes under --prior {reference.source}", martingale=martingale)
+    card = None if not scorecard else build_scorecard(
+        everything, cm, bayes, used, outcomes, sequence, position, min_mass=min_mass,
+        bayes_name="exact Bayes under the fitted updating prior (γ = 1)" if reference is None
+        else f"exact Bayes under --prior {reference.source}", martingale=martingale)
     return PosteriorResult(
         label=cm.label, categories=cm.categories, options=options, conclusion=verdict, test=test, scores=scored,
         reference=reference, counts=MarkCounts(len(cm), int(used.sum()), n_inexact, len(outcomes)),
         distances=Distances.of(table, cm.theta is not None), peers=peer_statistics(cm, bayes, by, gamma_variant),
-        table=table, by_n=summarize_by_n(table), scorecard=scorecard)
+        table=table, by_n=summarize_by_n(table), scorecard=card)
 
 
 def _filter_scores(probs: np.ndarray, weights: np.ndarray, inside: np.ndarray,

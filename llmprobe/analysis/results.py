@@ -162,7 +162,7 @@ class PosteriorResult:
     peers: PeerStatistics | None
     table: pd.DataFrame
     by_n: pd.DataFrame
-    scorecard: Scorecard
+    scorecard: Scorecard | None  # None: left out on request (fit_posterior(scorecard=False), a sweep)
 
     @property
     def verdict(self) -> str:
@@ -210,7 +210,8 @@ class PosteriorResult:
             "scores": self.scores.to_dict(),
             **self.distances.to_dict(),
             **(self.peers.to_dict() if self.peers is not None else {}),
-            "scorecard": self.scorecard.to_dict(),  # after the verdict, always: it is not the conclusion
+            # after the verdict, always: it is not the conclusion
+            **({"scorecard": self.scorecard.to_dict()} if self.scorecard is not None else {}),
         }
 
     def __repr__(self) -> str:

@@ -4,7 +4,7 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -14,7 +14,11 @@ from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
 from llmprobe.model.loading import ModelOptions
 
-SCALE = "Scale-out"
+if TYPE_CHECKING:
+    from llmprobe.tracing.ray_options import RayOptions
+
+POSTERIOR_UNDER_TRUE_PRIOR = opt.POSTERIOR.with_defaults(prior="true")
+"""fit-posterior's options, ``--prior`` defaulting to the controls' training prior."""
 
 
 def compare(
@@ -34,31 +38,24 @@ def compare(
     force: opt.Force = False,
     top_k: opt.TopK = 20,
     batch_size: opt.BatchSize = "8",
-    engine: Annotated[Literal["local", "ray"], typer.Option(
-        rich_help_panel=SCALE, help="ray: each model on its own Ray actor.")] = "local",
-    ray_address: opt.in_panel(opt.RayAddress, SCALE) = None,
-    ray_actors: Annotated[Optional[int], typer.Option(rich_help_panel=SCALE, min=1, show_default="1",
-                                                      help="Models run at once (one Ray actor each).")] = None,
-    ray_cpus_per_actor: opt.in_panel(opt.RayCpusPerActor, SCALE) = None,
-    ray_gpus_per_actor: opt.in_panel(opt.RayGpusPerActor, SCALE) = None,
+    ray: "RayOptions | None" = opt.RAY,
     placement: ModelOptions = opt.PLACEMENT,
-    options: PosteriorOptions = opt.POSTERIOR.with_defaults(prior="true"),
+    options: PosteriorOptions = POSTERIOR_UNDER_TRUE_PRIOR,
     out: Output = opt.RESULT,
 ) -> None:
     """Trace and fit several models (checkpoints over training, sizes, GGUFs) on the same prompts: one row each."""
     opt.input_path(prompts, "prompt file", stdin=False)
     if resume and output is None:
         raise UsageError("only a comparison written to a file can be resumed; give -o", where="--resume")
-    from llmprobe.analysis import comparison as cmp
+    from llmprobe import compare as cmp
+    from llmprobe.analysis.comparison import comparison_frame, read_comparison
     from llmprobe.cli.views.comparison import ComparisonView
     from llmprobe.files import check_new_output
     from llmprobe.tracing.prompts import read_prompts
-    from llmprobe.tracing.ray_runner import ray_options_for
     from llmprobe.tracing.settings import TraceSettings, parse_batch_size
 
     settings = TraceSettings(top_k=top_k, batch_size=parse_batch_size(batch_size))
     settings.validate()
-    ray_options = ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, None)
     entries = cmp.expand_models(models)
     records = read_prompts(prompts)
     cmp.check_prompts(records, prompts)
@@ -74,7 +71,7 @@ def compare(
                              " or --force to start over", where=output)
         if resume and not store.exists and Path(output).is_file():
             out.log(f"{output} is complete: no interrupted comparison to resume (pass --force to run it again)")
-            out.result(ComparisonView(cmp.read_comparison(output).frame))
+            out.result(ComparisonView(read_comparison(output).frame))
             return
         if resume and store.exists:
             store.check()
@@ -83,15 +80,15 @@ def compare(
             store.remove()
     if keep_traces is not None:
         _check_trace_dir(keep_traces, force or resume)
-    if ray_options is None:
+    if ray is None:
         measured = cmp.run_comparison(comparison, store, out, keep_traces, force or resume)
     else:
-        measured = cmp.run_on_ray(comparison, store, out, ray_options, keep_traces, force or resume)
+        measured = cmp.run_on_ray(comparison, store, out, ray, keep_traces, force or resume)
     if output is not None:
         cmp.write_comparison(comparison, measured, output, force or resume)
         store.remove()
         out.log(f"wrote {len(measured)} rows to {output}")
-    out.result(ComparisonView(cmp.comparison_frame(measured)))
+    out.result(ComparisonView(comparison_frame(measured)))
 
 
 def _check_trace_dir(directory: str, replace_traces: bool) -> None:

@@ -19,7 +19,10 @@ default is the group, and receives what the group builds, once the app has expan
   ``opt.PLACEMENT`` is the same without ``--model``, for a command that names its models otherwise (``compare``);
 * ``options: PosteriorOptions = opt.POSTERIOR``: every option of ``fit-posterior`` (``--prior``,
   ``--prior-components``, ``--max-components``, ``--min-mass``, ``--folds``, ``--bootstrap``, ``--seed``,
-  ``--by``, ``--gamma-variant``), checked when built, for every command that fits the posterior.
+  ``--by``, ``--gamma-variant``), checked when built, for every command that fits the posterior;
+  ``opt.FIT`` is the fit's options alone (no per-n tables), for ``ablate``;
+* ``ray: RayOptions | None = opt.RAY``: ``--engine local|ray`` and the ``--ray-*`` options of every command
+  that can spread its work over Ray actors (``trace``, ``compare``, ``ablate``).
 
 Library errors name a function's parameter (:class:`~llmprobe.errors.ParameterError`); a command's
 parameters carry the library's names, so :func:`error_message` shows the flag that sets it instead.
@@ -73,6 +76,46 @@ AttnImplementation = Annotated[Optional[str], typer.Option(
     "--attn-implementation", rich_help_panel=MODEL_PANEL, metavar="sdpa|eager",
     help="Attention kernel (default: transformers' choice, usually sdpa); recorded in the trace metadata.")]
 
+Chat = Annotated[Optional[str], typer.Option(
+    "--chat", metavar="[user|prefill]",
+    help="Wrap each prompt in the tokenizer's chat template: user (the default when given alone) makes it the"
+         " user turn; prefill makes prompt[:split] the user turn and the rest the open assistant turn.")]
+BatchSize = Annotated[str, typer.Option(
+    "--batch-size", metavar="N|auto", help="Prompts per forward pass; auto: as many as fit, halving on out-of-memory.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run writing OUTPUT (same arguments).")]
+Ablation = Annotated[Literal["zero", "mean"], typer.Option(
+    "--ablation", help="zero, or mean: the activation's mean over this run's positions (a first pass; kept in the"
+                       " metadata).")]
+
+# fit-posterior's fit, shared by every command that runs it: :data:`FIT`
+Prior = Annotated[str, typer.Option(
+    "--prior", help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
+                    " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON"
+                    " (a prior over rows).")]
+PriorComponents = Annotated[str, typer.Option(
+    "--prior-components", metavar="K|auto",
+    help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto' chooses by"
+         " held-out KL.")]
+MaxComponents = Annotated[int, typer.Option("--max-components", help="Largest K tried with --prior-components auto.")]
+MinMass = Annotated[float, typer.Option(
+    "--min-mass", help="Leave out marks with less probability than this on the categories.")]
+Folds = Annotated[int, typer.Option("--folds", help="Folds of sequences for the out-of-sample scores (2 or more).")]
+
+# Ray Data (``--engine ray``), for every command that spreads work over actors: :data:`RAY`
+SCALE_PANEL = "Scale-out"
+Engine = Annotated[Literal["local", "ray"], typer.Option(
+    "--engine", rich_help_panel=SCALE_PANEL,
+    help="ray: a Ray Data actor pool does the work (pip install 'llmprobe[ray]').")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray-address", rich_help_panel=SCALE_PANEL, metavar="ADDRESS", show_default="RAY_ADDRESS, else a local Ray",
+    help="Ray cluster to use.")]
+RayActors = Annotated[Optional[int], typer.Option("--ray-actors", rich_help_panel=SCALE_PANEL, min=1, show_default="1",
+                                                  help="Model replicas (Ray actors).")]
+RayCpus = Annotated[Optional[float], typer.Option("--ray-cpus-per-actor", rich_help_panel=SCALE_PANEL, min=0,
+                                                  show_default="1", help="CPUs each actor reserves.")]
+RayGpus = Annotated[Optional[float], typer.Option("--ray-gpus-per-actor", rich_help_panel=SCALE_PANEL, min=0,
+                                                  show_default="0", help="GPUs each actor reserves.")]
+
 # Options whose value may be left out: `--chat` alone means `--chat user`. typer has no optional
 # values, so the command line is rewritten before parsing (see :func:`fill_optional_values`).
 OPTIONAL_VALUES = {"--chat": ("user", ("user", "prefill"))}
@@ -96,14 +139,6 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", rich_help_
                                                help="Allow the checkpoint's own Python code.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", rich_help_panel=MODEL_PANEL,
                                            help="Allow pickle weights (.bin/.pt).")]
-
-# Batches and scale-out, for every command that traces (trace, compare).
-BatchSize = Annotated[str, typer.Option(
-    metavar="N|auto", help="Prompts per forward pass; auto: as many as fit, halving on out-of-memory.")]
-RayAddress = Annotated[Optional[str], typer.Option(metavar="ADDRESS", show_default="RAY_ADDRESS, else a local Ray",
-                                                   help="Ray cluster to use.")]
-RayCpusPerActor = Annotated[Optional[float], typer.Option(min=0, show_default="1", help="CPUs each actor reserves.")]
-RayGpusPerActor = Annotated[Optional[float], typer.Option(min=0, show_default="0", help="GPUs each actor reserves.")]
 
 # The fit-posterior options (fit-posterior, compare): :data:`POSTERIOR`.
 Prior = Annotated[str, typer.Option(
@@ -220,18 +255,40 @@ models as arguments."""
 
 
 def posterior_options(prior: str, components: str, max_components: int, min_mass: float, folds: int, bootstrap: int,
-                      seed: int, by: Optional[str], gamma_variant: Optional[str]) -> PosteriorOptions:
+                      seed: int, by: Optional[str] = None, gamma_variant: Optional[str] = None) -> PosteriorOptions:
     """The fit-posterior options, checked (a bad one names its flag)."""
     return PosteriorOptions(prior, bootstrap, seed, components, max_components, min_mass, folds, by, gamma_variant)
 
 
-POSTERIOR: Any = Group((
+_FIT_OPTIONS = (
     _option("prior", Prior, "fit"), _option("components", PriorComponents, "1"),
     _option("max_components", MaxComponents, DEFAULT_MAX_COMPONENTS), _option("min_mass", MinMass, DEFAULT_MIN_MASS),
     _option("folds", Folds, DEFAULT_FOLDS), _option("bootstrap", Bootstrap, DEFAULT_BOOTSTRAP),
-    _option("seed", Seed, 0), _option("by", By, None), _option("gamma_variant", GammaVariant, None),
-), posterior_options)
-"""Every fit-posterior option -> one checked :class:`PosteriorOptions`."""
+    _option("seed", Seed, 0),
+)
+FIT: Any = Group(_FIT_OPTIONS, posterior_options)
+"""The fit's own options -> one checked :class:`PosteriorOptions`, for a command that reads only the fit's
+numbers (``ablate``)."""
+
+POSTERIOR: Any = Group((*_FIT_OPTIONS, _option("by", By, None), _option("gamma_variant", GammaVariant, None)),
+                       posterior_options)
+"""Every fit-posterior option (the fit's, and the per-n tables' ``--by`` and ``--gamma-variant``) -> one checked
+:class:`PosteriorOptions`."""
+
+
+def ray_choice(engine: str, ray_address: Optional[str], ray_actors: Optional[int], ray_cpus_per_actor: Optional[float],
+               ray_gpus_per_actor: Optional[float]) -> Any:
+    """``--engine`` and the ``--ray-*`` options -> the Ray options of ``--engine ray``, None for the local engine."""
+    from llmprobe.tracing.ray_options import ray_options_for
+
+    return ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor, None)
+
+
+RAY: Any = Group((
+    _option("engine", Engine, "local"), _option("ray_address", RayAddress, None), _option("ray_actors", RayActors, None),
+    _option("ray_cpus_per_actor", RayCpus, None), _option("ray_gpus_per_actor", RayGpus, None),
+), ray_choice)
+"""``--engine`` and the ``--ray-*`` options -> ``RayOptions`` (``--engine ray``) or None."""
 
 
 def with_groups(command: Callable[..., None]) -> Callable[..., None]:
@@ -252,6 +309,9 @@ def with_groups(command: Callable[..., None]) -> Callable[..., None]:
                 for option in (groups[p.name].options if p.name in groups else [p])]
     run.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in expanded])
+    # typer reads the annotations too: the expanded options', not the group parameters' (which may name a
+    # type that is imported for type checkers only, so that --help never loads it)
+    run.__annotations__ = {p.name: p.annotation for p in expanded}
     return run
 
 

@@ -2,7 +2,8 @@
 
 import shlex
 import sys
-from typing import Annotated, Literal, Optional
+from dataclasses import replace
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
@@ -11,7 +12,11 @@ from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
 from llmprobe.model.loading import ModelOptions
 
-INPUT, CAPTURE, GENERATION, OUTPUT, SCALE = "Input", "Capture", "Generation", "Output", "Scale-out"
+if TYPE_CHECKING:
+    from llmprobe.tracing.ray_options import RayOptions
+
+INPUT, CAPTURE, GENERATION, OUTPUT, SCALE = "Input", "Capture", "Generation", "Output", opt.SCALE_PANEL
+INTERVENTIONS = "Interventions"
 
 
 def trace(
@@ -22,16 +27,12 @@ def trace(
         "--format", rich_help_panel=OUTPUT,
         help="jsonl starts with a header record (metadata, vocabulary) that every reader takes.")] = "parquet",
     force: opt.in_panel(opt.Force, OUTPUT) = False,
-    resume: Annotated[bool, typer.Option("--resume", rich_help_panel=OUTPUT,
-                                         help="Continue the interrupted run writing OUTPUT (same arguments).")] = False,
+    resume: opt.in_panel(opt.Resume, OUTPUT) = False,
     quiet: opt.in_panel(opt.Quiet, OUTPUT) = False,
     input_format: Annotated[Literal["auto", "text", "jsonl", "parquet"], typer.Option(
         rich_help_panel=INPUT, help="auto: by extension (Parquet by content); parquet: a table with a prompt column.")]
     = "auto",
-    chat: Annotated[Optional[str], typer.Option(
-        "--chat", metavar="[user|prefill]", rich_help_panel=INPUT,
-        help="Wrap each prompt in the tokenizer's chat template: user (the default when given alone) makes it the"
-             " user turn; prefill makes prompt[:split] the user turn and the rest the open assistant turn.")] = None,
+    chat: opt.in_panel(opt.Chat, INPUT) = None,
     truncate: Annotated[Optional[Literal["left", "right"]], typer.Option(
         rich_help_panel=INPUT, help="Cut prompts longer than the model's context from this side instead of failing.")]
     = None,
@@ -49,6 +50,24 @@ def trace(
     save_embeddings: Annotated[bool, typer.Option(
         "--save-embeddings", rich_help_panel=CAPTURE,
         help="Keep the final-normed hidden state at each mark (else the last position), for `continuity`.")] = False,
+    ablate: Annotated[Optional[list[str]], typer.Option(
+        "--ablate", rich_help_panel=INTERVENTIONS, metavar="L.H|L.attn|L.mlp|L",
+        help="Ablate attention head H of layer L (its slice before o_proj), the attention or MLP output of layer L,"
+             " or the whole block L (the residual stream passes it unchanged); repeatable; layers and heads 0-based.")]
+    = None,
+    ablation: opt.in_panel(opt.Ablation, INTERVENTIONS) = "zero",
+    ablate_direction: Annotated[Optional[list[str]], typer.Option(
+        "--ablate-direction", rich_help_panel=INTERVENTIONS, metavar="FILE@L",
+        help="Project the directions in FILE (.npy, [k, hidden]; orthonormalized) out of the residual stream after"
+             " block L, at every position; repeatable.")] = None,
+    patch_from: Annotated[Optional[str], typer.Option(
+        "--patch-from", rich_help_panel=INTERVENTIONS, metavar="DONOR",
+        help="Prompt file whose records (same ids, same token lengths) give the residual stream for --patch-at.")]
+    = None,
+    patch_at: Annotated[Optional[str], typer.Option(
+        "--patch-at", rich_help_panel=INTERVENTIONS, metavar="L[:marks|all|P,P...]",
+        help="Replace the residual stream after block L by the donor's at these positions (default: the marks).")]
+    = None,
     max_new_tokens: Annotated[int, typer.Option(
         rich_help_panel=GENERATION, help="Tokens to generate (and trace) after each prompt.")] = 0,
     sample: Annotated[bool, typer.Option("--sample", rich_help_panel=GENERATION,
@@ -57,14 +76,7 @@ def trace(
     top_p: Annotated[float, typer.Option(rich_help_panel=GENERATION, help="Nucleus sampling mass.")] = 1.0,
     seed: opt.in_panel(opt.Seed, GENERATION) = 0,
     batch_size: opt.in_panel(opt.BatchSize, SCALE) = "8",
-    engine: Annotated[Literal["local", "ray"], typer.Option(
-        rich_help_panel=SCALE, help="ray: a Ray Data actor pool writes OUTPUT as a directory of part files.")]
-    = "local",
-    ray_address: opt.in_panel(opt.RayAddress, SCALE) = None,
-    ray_actors: Annotated[Optional[int], typer.Option(rich_help_panel=SCALE, min=1, show_default="1",
-                                                      help="Model replicas (Ray actors).")] = None,
-    ray_cpus_per_actor: opt.in_panel(opt.RayCpusPerActor, SCALE) = None,
-    ray_gpus_per_actor: opt.in_panel(opt.RayGpusPerActor, SCALE) = None,
+    ray: "RayOptions | None" = opt.RAY,
     ray_prompts_per_task: Annotated[Optional[int], typer.Option(
         rich_help_panel=SCALE, min=1, show_default="sized from the prompt count",
         help="Prompts per actor call (about one part file each).")] = None,
@@ -75,8 +87,8 @@ def trace(
         raise UsageError(f"must be 1 or more, got {top_k}", where="--top-k")
     if targets_file is not None:
         opt.input_path(targets_file, "targets file", stdin=False)
+    from llmprobe.tracing.interventions import from_options
     from llmprobe.tracing.settings import TraceSettings, parse_batch_size
-    from llmprobe.tracing.ray_runner import ray_options_for
     from llmprobe.tracing.runner import default_output, read_targets_file, run_trace
 
     if targets and targets_file:
@@ -86,11 +98,14 @@ def trace(
     settings = TraceSettings(top_k=top_k, targets=target_list, max_new_tokens=max_new_tokens, sample=sample,
                              temperature=temperature, top_p=top_p, seed=seed, batch_size=parse_batch_size(batch_size),
                              chat={None: False, "user": True}.get(chat, chat), truncate=truncate, layers=layers,
-                             save_embeddings=save_embeddings)
-    ray_options = ray_options_for(engine, ray_address, ray_actors, ray_cpus_per_actor, ray_gpus_per_actor,
-                                  ray_prompts_per_task)
+                             save_embeddings=save_embeddings,
+                             interventions=from_options(ablate, ablation, ablate_direction, patch_from, patch_at))
+    if ray_prompts_per_task is not None:
+        if ray is None:
+            raise UsageError("only applies with --engine ray", where="--ray-prompts-per-task")
+        ray = replace(ray, prompts_per_task=ray_prompts_per_task)
     run_trace(prompts, output or default_output(prompts), fmt, force, input_format, settings, loading,
-              shlex.join(["llmprobe", *sys.argv[1:]]), Output(quiet), resume=resume, ray_options=ray_options)
+              shlex.join(["llmprobe", *sys.argv[1:]]), Output(quiet), resume=resume, ray_options=ray)
 
 
 def inspect(

@@ -19,9 +19,18 @@ The module shares the model's weights rather than copying them (an output head c
 calls the norm's and head's ``forward`` directly. That skips torch forward hooks on those modules —
 the trace's own logit hook sits on the head, and a lens pass must not look like an extra model
 output to it — while keeping accelerate's device-placement wrappers, which replace ``forward``.
+
+:class:`DecoderBlocks` is where interventions (issue 22) find what they edit, for Llama-style decoders:
+decoder layer L is ``layers[L]``; its attention is ``layers[L].self_attn``, whose output projection
+``self_attn.o_proj`` reads the heads' outputs side by side (head H is input columns ``H * head_dim ..
+(H + 1) * head_dim``; with grouped-query attention the query heads are counted, not the key/value
+heads); its MLP is ``layers[L].mlp``. A model laid out otherwise is refused by name of the attribute
+that is missing, never guessed at.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -37,9 +46,12 @@ def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
     norm = getattr(decoder, "norm", None)
-    if not isinstance(layers, torch.nn.ModuleList) or norm is None:
-        raise UsageError(f"{type(model).__name__} has no decoder .layers and final .norm; the logit lens and"
-                         " embeddings need a Llama-style model")
+    found = {"decoder": decoder is not None, ".layers": isinstance(layers, torch.nn.ModuleList),
+             ".norm": norm is not None}
+    missing = [name for name, present in found.items() if not present]
+    if missing:
+        raise UsageError(f"{type(model).__name__} has no {missing[0]} (a Llama-style decoder with .layers and a final"
+                         " .norm); the logit lens, embeddings and interventions need a Llama-style model")
     return layers, norm
 
 
@@ -157,3 +169,63 @@ def split_causal_lm(model: torch.nn.Module) -> tuple[CausalLMParts | None, str]:
     if not isinstance(head, torch.nn.Linear):
         return None, f"the output head is a {type(head).__name__}, not a linear layer"
     return CausalLMParts(norm, head), ""
+
+
+INTERVENTION_NEEDS = "interventions need a Llama-style decoder (layers[L].self_attn.o_proj, layers[L].mlp)"
+
+
+@dataclass(frozen=True)
+class DecoderBlocks:
+    """The decoder layers of a Llama-style model and the sizes of their attention heads (see the module
+    docstring). Each accessor checks the attribute it reads and names it when it is missing."""
+
+    layers: torch.nn.ModuleList
+    n_heads: int
+    head_dim: int
+    hidden: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> DecoderBlocks:
+        layers, _ = decoder_parts(model)
+        config = getattr(model, "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        heads = getattr(config, "num_attention_heads", None)
+        for name, value in (("hidden_size", hidden), ("num_attention_heads", heads)):
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"{type(model).__name__}'s config has no {name}; {INTERVENTION_NEEDS}")
+        head_dim = int(getattr(config, "head_dim", 0) or hidden // heads)
+        return cls(layers, heads, head_dim, hidden)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def block(self, layer: int) -> torch.nn.Module:
+        return self.layers[layer]
+
+    def attention(self, layer: int) -> torch.nn.Module:
+        return self._part(layer, "self_attn")
+
+    def attention_output(self, layer: int) -> torch.nn.Linear:
+        """The projection that reads every head's output (``o_proj``); its input columns are the heads."""
+        projection = getattr(self.attention(layer), "o_proj", None)
+        if not isinstance(projection, torch.nn.Linear):
+            raise UsageError(f"decoder layer {layer} ({type(self.block(layer)).__name__}) has no linear"
+                             f" .self_attn.o_proj; {INTERVENTION_NEEDS}")
+        if projection.in_features != self.n_heads * self.head_dim:
+            raise UsageError(f"decoder layer {layer}: .self_attn.o_proj reads {projection.in_features} features,"
+                             f" not {self.n_heads} heads x {self.head_dim}; {INTERVENTION_NEEDS}")
+        return projection
+
+    def mlp(self, layer: int) -> torch.nn.Module:
+        return self._part(layer, "mlp")
+
+    def head_columns(self, head: int) -> slice:
+        """Head ``head``'s columns of the attention output projection's input."""
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+    def _part(self, layer: int, name: str) -> torch.nn.Module:
+        part = getattr(self.block(layer), name, None)
+        if not isinstance(part, torch.nn.Module):
+            raise UsageError(f"decoder layer {layer} ({type(self.block(layer)).__name__}) has no .{name};"
+                             f" {INTERVENTION_NEEDS}")
+        return part

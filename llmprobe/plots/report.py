@@ -37,6 +37,7 @@ from llmprobe.analysis.results import KL_BAYES_MODEL, gamma_test_line, verdict_l
 from llmprobe.analysis.priors import Prior, read_prior
 from llmprobe.plots.prior import plot_prior
 from llmprobe.plots.tokens import plot_tokens, select_layer, token_grid
+from llmprobe.tracing.interventions import describe
 from llmprobe.tracing.reader import read_trace
 from llmprobe.tracing.schema import PHASE_GENERATED
 
@@ -207,6 +208,9 @@ def build_report(trace_source: str, extras: list[str], *, prompts: list[str] | N
              + (f", prior <code>{escape(prior_path)}</code>" if prior_path else "")
              + (f", comparison <code>{escape(comparison_path)}</code>" if comparison_path else "")
              + f". Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by llmprobe {escape(__version__)}.</p>"]
+    changed = describe((meta.get("settings") or {}).get("interventions") or [])
+    if changed:  # under the title: these are not the model's own numbers
+        parts.append(f'<p class="interventions"><strong>{escape(changed)}</strong></p>')
     summary = prompt_summary(frame)
     if fit is not None:
         parts += _answer_section(fit.summaries)

@@ -39,8 +39,8 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
-from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -176,6 +176,41 @@ class WorkDir:
         trash = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.done-", dir=self.path.parent))
         os.replace(self.path, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+@dataclass
+class OutputPlan:
+    """How a checkpointed run treats ``OUTPUT`` (:func:`plan_output`): ``interrupted``, an interrupted run's
+    work directory is there (discarded at the start unless resumed); ``replace``, the final merge may
+    replace an existing output; ``complete``, a ``--resume`` of a run that finished: nothing to do."""
+
+    interrupted: bool
+    replace: bool
+    complete: bool
+
+
+def plan_output(output: str, force: bool, resume: bool, check_output: Callable[[bool], None],
+                what: str = "trace") -> OutputPlan:
+    """The checks before a checkpointed run writing ``output`` (``-``: stdout) does any work: an interrupted
+    run's work must be resumed (``--resume``) or thrown away (``--force``), never silently; a run holding
+    the lock is refused; ``check_output(replace)`` checks the output itself (it must not exist unless
+    ``replace``). ``what``: the kind of run, as the messages name it."""
+    if resume and output == "-":
+        raise UsageError(f"a {what} written to stdout cannot be resumed; write it to a file with -o", where="--resume")
+    if output != "-":
+        check_not_a_link(work_dir_for(output), output)
+    interrupted = output != "-" and os.path.lexists(work_dir_for(output))
+    if interrupted and is_locked(output):
+        raise UsageError(f"another llmprobe {what} is writing it right now (its work is in {work_dir_for(output)});"
+                         " wait for it to finish or choose another -o", where=output)
+    if interrupted and not (resume or force):
+        raise UsageError(f"an interrupted run left its work in {work_dir_for(output)}; pass --resume to continue"
+                         " it or --force to start over", where=output)
+    if resume and not interrupted and not force and os.path.isfile(output):
+        check_output(True)
+        return OutputPlan(False, False, True)
+    check_output(force or (resume and interrupted))
+    return OutputPlan(interrupted, force or (resume and os.path.lexists(output)), False)  # a crash after the rename
 
 
 def discard(output: str) -> None:

@@ -22,9 +22,12 @@ traced through a hook on its output head instead (its own forward then holds the
 one-line notice.
 
 Every hook is attached (by :mod:`llmprobe.tracing.hooks`) for the forward passes it serves and
-removed when they end, on every path. The captures of a batch's teacher-forced pass and of its
-generation steps live in one ``ExitStack`` of :meth:`Tracer._trace_batch`: that is where an
-intervention's hooks (issue 22) would be attached too, so they act on exactly the traced passes.
+removed when they end, on every path. A batch's hooks live in one ``ExitStack`` of
+:meth:`Tracer._trace_batch`: first the interventions' edits (:mod:`llmprobe.tracing.editing`; a
+residual patch first runs the batch's donors), then the captures, so the edits act on exactly the
+traced passes — the prompt's, each generation step's, the multi-token targets' continuations — and
+the logit lens reads the edited stream. A mean ablation's first pass (:meth:`Tracer.prepare`) runs
+the plan's batches through the unmodified model before anything is traced.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ from llmprobe.errors import ParameterError
 from llmprobe.model.loading import LoadedModel
 from llmprobe.model.structure import split_causal_lm
 from llmprobe.progress import SILENT, Reporter
-from llmprobe.tracing.encoding import EncodedPrompt, padded_inputs
+from llmprobe.tracing.editing import Editor
+from llmprobe.tracing.encoding import EncodedPrompt, PromptEncoder, padded_inputs
 from llmprobe.tracing.generation import Generation, eos_ids
-from llmprobe.tracing.hooks import capture_logits, outputs_of
+from llmprobe.tracing.hooks import Hooks, capture_logits, outputs_of
 from llmprobe.tracing.lens import InternalsPlan, embed_positions, probe_internals
 from llmprobe.tracing.reduction import LogitReducer, StepStats
 from llmprobe.tracing.rows import RowAssembly, display_vocab, rows_from_stats
@@ -91,6 +95,11 @@ class Tracer:
         self._auto_budget: int | None = None  # bytes a batch may take, set on first use
         forward_parameters = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_parameters else "past_key_values"
+        self.editor = Editor(self.model, settings.interventions)
+        if self.editor.has_patch and any(len(ids) > 1 for ids in self.target_tokens):
+            raise UsageError("a residual patch acts on the prompt's own pass, but targets of several tokens are scored"
+                             " by extra passes over prefix + target that it cannot follow; use single-token targets",
+                             where="--patch-from")
         self.parts, why_not = split_causal_lm(self.model)  # None: trace through a hook on the output head
         if self.parts is None:
             reporter.log(f"notice: {why_not}; tracing through a hook on the output head, which holds the"
@@ -99,7 +108,14 @@ class Tracer:
     # ----------------------------------------------------------------------------------- batching
     def trace(self, window: list[EncodedPrompt],
               on_prompts_done: Callable[[int], None] = lambda n: None) -> Iterator[pa.RecordBatch]:
-        """Yield one record batch per batch of ``window``'s prompts, taken in the window's order.
+        """Yield one record batch per batch of ``window``'s prompts, taken in the window's order."""
+        for batch, result in self.batched(window, self._trace_batch):
+            yield result
+            on_prompts_done(len(batch))
+
+    def batched(self, window: list[EncodedPrompt], work: Callable[[list[EncodedPrompt]], Any],
+                ) -> Iterator[tuple[list[EncodedPrompt], Any]]:
+        """``work`` done on each batch of ``window``'s prompts, taken in the window's order: (batch, result).
 
         With ``--batch-size auto`` a batch that runs out of memory is retried in halves, and the size
         that fit stays the limit for the rest of the run.
@@ -107,20 +123,44 @@ class Tracer:
         start = 0
         while start < len(window):
             batch = window[start : start + self._batch_size(len(window[start].ids))]
+            failed = False
             try:
-                result = self._trace_batch(batch)
+                result = work(batch)
             except RuntimeError as exc:
                 if self.settings.batch_size != AUTO or len(batch) == 1 or not is_out_of_memory(exc):
                     raise
                 self._auto_limit = len(batch) // 2
-                result = None
-            if result is None:  # outside the handler, so the failed batch's tensors are free
+                failed = True
+            if failed:  # outside the handler, so the failed batch's tensors are free
                 if self.loaded.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
             start += len(batch)
-            yield result
-            on_prompts_done(len(batch))
+            yield batch, result
+
+    def model_inputs(self, batch: list[EncodedPrompt]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A batch's left-padded model inputs on the device (``input_ids``, ``attention_mask``,
+        ``position_ids``) and its next-token ids on the host (:func:`padded_inputs`)."""
+        pad = self.tokenizer.pad_token_id
+        input_ids, attention, position_ids, next_ids = padded_inputs([e.ids for e in batch], pad)
+        device = self.loaded.device
+        return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
+                "position_ids": position_ids.to(device)}, next_ids
+
+    def prepare(self, encoder: PromptEncoder, prompts: list[EncodedPrompt], windows: list[list[EncodedPrompt]]) -> None:
+        """What the interventions need before the run traces: the donors of a residual patch, read and
+        checked against ``prompts``, and a mean ablation's first pass over the run's batches (``windows``:
+        the plan's), on the unmodified model."""
+        if not self.editor:
+            return
+        self.editor.bind(encoder, prompts)
+        if self.editor.needs_first_pass:
+            def inputs() -> Iterator[dict[str, torch.Tensor]]:
+                for window in windows:
+                    for batch, batch_inputs in self.batched(window, lambda batch: self.model_inputs(batch)[0]):
+                        yield batch_inputs
+            with torch.inference_mode():
+                self.editor.measure_means(inputs())
 
     def _batch_size(self, width: int) -> int:
         """Prompts in the next batch, whose longest prompt has ``width`` tokens."""
@@ -160,35 +200,39 @@ class Tracer:
         device = self.loaded.device
         lengths = [len(e.ids) for e in batch]
         width = max(lengths)
-        input_ids, attention, position_ids, next_ids = padded_inputs([e.ids for e in batch], self.tokenizer.pad_token_id)
+        inputs, next_ids = self.model_inputs(batch)
+        input_ids, attention = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
         generate = self.settings.max_new_tokens > 0
         embed_at = None
         if self.internals.embedding_dim:
             embed_at = tuple(map(list, zip(*[(b, width - len(e.ids) + p) for b, e in enumerate(batch)
                                              for p in embed_positions(e.ids, e.marks_at)])))
-        with ExitStack() as stack:  # every hook of this batch; removed on every way out
-            capture = (None if self.parts is not None
-                       else stack.enter_context(capture_logits(self.model.get_output_embeddings(), self.reducer)))
-            with probe_internals(self.model, self.reducer, self.internals.hooked, next_ids,
-                                 embed_at if capture is not None else None) as inside:
-                stats, cache, normed = self._forward(capture, input_ids.to(device), attention.to(device),
-                                                     position_ids.to(device), next_ids, None, keep_last=generate)
-            embeddings = inside.embeddings
-            if embed_at is not None and normed is not None:
-                rows, cols = (torch.tensor(i, device=normed.device) for i in embed_at)
-                embeddings = normed[rows, cols].to(torch.float16).cpu()
-            del normed
-            prompt_rows = self._prompt_rows(stats, batch, input_ids)
-            generated = None
-            if generate:
-                def step(ids, mask, positions, kv):
-                    return self._forward(capture, ids, mask, positions, None, kv, keep_last=True)[:2]
+        with Hooks() as edits:  # the interventions, for every pass of this batch; removed on every way out
+            for edit in self.editor.edits(batch, inputs):
+                edit.attach(edits)
+            with ExitStack() as stack:  # the captures, attached after the edits so that they see edited passes
+                capture = (None if self.parts is not None
+                           else stack.enter_context(capture_logits(self.model.get_output_embeddings(), self.reducer)))
+                with probe_internals(self.model, self.reducer, self.internals.hooked, next_ids,
+                                     embed_at if capture is not None else None) as inside:
+                    stats, cache, normed = self._forward(capture, inputs["input_ids"], inputs["attention_mask"],
+                                                         inputs["position_ids"], next_ids, None, keep_last=generate)
+                embeddings = inside.embeddings
+                if embed_at is not None and normed is not None:
+                    rows, cols = (torch.tensor(i, device=normed.device) for i in embed_at)
+                    embeddings = normed[rows, cols].to(torch.float16).cpu()
+                del normed
+                prompt_rows = self._prompt_rows(stats, batch, input_ids)
+                generated = None
+                if generate:
+                    def step(ids, mask, positions, kv):
+                        return self._forward(capture, ids, mask, positions, None, kv, keep_last=True)[:2]
 
-                generated = self.generation.run(step, batch, stats, cache, attention, lengths, prompt_rows)
-        target_seq = None
-        if self.target_tokens:
-            target_seq = target_sequence_scores(self.model, device, self.tokenizer.pad_token_id, self.parts,
-                                                self.target_tokens, batch, prompt_rows)
+                    generated = self.generation.run(step, batch, stats, cache, attention, lengths, prompt_rows)
+            target_seq = None
+            if self.target_tokens:  # the continuations are edited passes too
+                target_seq = target_sequence_scores(self.model, device, self.tokenizer.pad_token_id, self.parts,
+                                                    self.target_tokens, batch, [r.target_logprobs for r in prompt_rows])
         layer_rows = {layer: self._prompt_rows(st, batch, input_ids) for layer, st in inside.layer_stats.items()}
         return self.rows.record_batch(batch, prompt_rows, generated, target_seq, layer_rows, embeddings)
 

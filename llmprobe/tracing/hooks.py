@@ -9,9 +9,18 @@ Design (the pattern of nnsight's ``intervention/hooks.py``)
   no hook of ours (tests/tracing/test_hooks.py checks it, failures included).
 * Only ``register_forward_hook`` and ``register_forward_pre_hook`` are used, so accelerate's own
   hooks (device maps, disk offload), which replace ``forward``, stay untouched and in force.
-* The hooks here observe: each returns None, so the module's input and output are what they would
+* Capture hooks observe: each returns None, so the module's input and output are what they would
   be without it. A one-shot hook (``once=True``) removes itself when it first fires: it serves a
   block that wraps exactly one forward call of its module, and cannot fire again on a later call.
+* Edit hooks (:func:`edit_input`, :func:`edit_output`) are the interventions' (issue 22): they return
+  the replacement of the module's first input or of its output, built by the caller's function out
+  of place (the tensor the model handed over is never written to, so a cached residual stream can be
+  fed to the same blocks again). Hooks run in the order they were attached, so an edit attached
+  before a capture on the same module is what the capture sees (the logit lens reads the edited
+  stream).
+* :func:`stop_before` ends a forward call at a module's input: it records the input and keyword
+  arguments and raises :class:`StopForward`, which its block absorbs. The sweep (issue 22 part 4)
+  uses it to compute the residual stream entering block L without running the blocks after it.
 
 What is attached, and by whom
 -----------------------------
@@ -23,11 +32,13 @@ What is attached, and by whom
 * the logit lens and the embeddings (:func:`llmprobe.tracing.lens.probe_internals`): output hooks on
   decoder layers and an input hook on the output head, for one teacher-forced pass.
 
-Where interventions plug in (issue 22): an ablation, a direction projection or a residual patch from
-a donor prompt is a hook whose function returns the replacement tensor; it is attached here, by the
-engine, inside the same :class:`Hooks` block as the captures, and its description joins the run's
-settings (so the metadata and the resume fingerprint record it). A layer sweep that reruns only
-blocks >= L caches the residual stream entering block L with a one-shot input hook on that block.
+* interventions (:mod:`llmprobe.tracing.editing`): edit hooks on ``o_proj`` (a head), the attention
+  projection's or the MLP's output, or a decoder layer's output (a whole block, a direction
+  projection, a residual patch from a donor prompt), attached inside the same block as the captures
+  and before them; the mean ablation's first pass uses capture hooks on the same modules;
+* the sweep (:mod:`llmprobe.tracing.sweep`): input hooks with keyword arguments on every decoder layer
+  (the attention mask and rotary embeddings a block is called with, reused when blocks >= L are run
+  again) and :func:`stop_before`.
 """
 
 from __future__ import annotations
@@ -87,6 +98,71 @@ def on_input(module: torch.nn.Module, see: Callable[[Any], None], once: bool = F
 
     handle = module.register_forward_pre_hook(hook)
     return handle
+
+
+def on_call(module: torch.nn.Module, see: Callable[[tuple, dict], None]) -> RemovableHandle:
+    """Call ``see(positional inputs, keyword inputs)`` before each forward call of ``module``."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        see(args, kwargs)
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def edit_input(module: torch.nn.Module, edit: Callable[[torch.Tensor], torch.Tensor],
+               once: bool = False) -> RemovableHandle:
+    """Replace ``module``'s first positional input by ``edit(input)`` on each forward call (``once``: the first)."""
+    handle: RemovableHandle
+
+    def hook(module: torch.nn.Module, args: tuple) -> tuple:
+        if once:
+            handle.remove()
+        return (edit(args[0]), *args[1:])
+
+    handle = module.register_forward_pre_hook(hook)
+    return handle
+
+
+def edit_output(module: torch.nn.Module, edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+                once: bool = False) -> RemovableHandle:
+    """Replace ``module``'s output (its first element, when the output is a tuple) by ``edit(output, first
+    positional input)`` after each forward call (``once``: the first); an edit that returns None leaves it."""
+    handle: RemovableHandle
+
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        if once:
+            handle.remove()
+        tensor = output[0] if isinstance(output, tuple) else output
+        edited = edit(tensor, args[0] if args else None)
+        if edited is None:
+            return None
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+    handle = module.register_forward_hook(hook)
+    return handle
+
+
+class StopForward(Exception):
+    """Raised by :func:`stop_before`'s hook to end a forward call early; never escapes its block."""
+
+
+@contextmanager
+def stop_before(module: torch.nn.Module) -> Iterator[list[tuple[tuple, dict]]]:
+    """A list that receives (positional inputs, keyword inputs) of ``module``'s first forward call inside
+    the block, which then ends there: run the model inside the block, and the layers from ``module`` on
+    never run. The call's :class:`StopForward` is absorbed by the block."""
+    found: list[tuple[tuple, dict]] = []
+
+    def see(args: tuple, kwargs: dict) -> None:
+        found.append((args, kwargs))
+        raise StopForward
+
+    try:
+        with Hooks() as hooks:
+            hooks.add(on_call(module, see))
+            yield found
+    except StopForward:
+        pass
 
 
 @contextmanager

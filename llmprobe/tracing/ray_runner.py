@@ -21,10 +21,9 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +33,7 @@ from llmprobe.files import atomic_dir, check_new_output
 from llmprobe.model.loading import ModelOptions
 from llmprobe.progress import Reporter, plural
 from llmprobe.tracing.encoding import EncodedPrompt
+from llmprobe.tracing.ray_options import RayOptions
 from llmprobe.tracing.run import TraceRun
 from llmprobe.tracing.schema import META_KEY, encode_metadata
 from llmprobe.tracing.settings import TraceSettings
@@ -41,55 +41,6 @@ from llmprobe.tracing.settings import TraceSettings
 INSTALL_HINT = "pip install 'llmprobe[ray]'"
 # Worker processes may start without the driver's environment (always so on other nodes).
 PASSED_ENV = ("LLMPROBE_CACHE", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
-TASKS_PER_ACTOR = 4  # blocks per actor when sizing tasks automatically, so actors finish close together
-
-
-@dataclass
-class RayOptions:
-    address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray on this machine
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    prompts_per_task: int | None = None  # prompts per actor call (and roughly per part file)
-
-    def validate(self) -> None:
-        if self.actors < 1:
-            raise UsageError(f"must be 1 or more, got {self.actors}", where="--ray-actors")
-        if not self.cpus_per_actor > 0:
-            raise UsageError(f"must be more than 0, got {self.cpus_per_actor}", where="--ray-cpus-per-actor")
-        if self.gpus_per_actor < 0:
-            raise UsageError(f"must be 0 or more, got {self.gpus_per_actor}", where="--ray-gpus-per-actor")
-        if self.prompts_per_task is not None and self.prompts_per_task < 1:
-            raise UsageError(f"must be 1 or more, got {self.prompts_per_task}", where="--ray-prompts-per-task")
-
-    def task_size(self, n_prompts: int, settings: TraceSettings) -> int:
-        """Enough prompts per call to fill length-sorted batches (at most one sorting window), few enough
-        that every actor gets work."""
-        if self.prompts_per_task is not None:
-            return self.prompts_per_task
-        spread = math.ceil(n_prompts / (self.actors * TASKS_PER_ACTOR))
-        return min(settings.window_prompts, max(settings.batch_prompts, spread))
-
-
-def ray_options_for(engine: str, address: str | None, actors: int | None, cpus_per_actor: float | None,
-                    gpus_per_actor: float | None, prompts_per_task: int | None) -> RayOptions | None:
-    """The ``--ray-*`` options as RayOptions for ``--engine ray``, None for the local engine."""
-    if engine not in ("local", "ray"):
-        raise UsageError(f"unknown engine {engine!r} (expected local or ray)", where="--engine")
-    given = {"--ray-address": address, "--ray-actors": actors, "--ray-cpus-per-actor": cpus_per_actor,
-             "--ray-gpus-per-actor": gpus_per_actor, "--ray-prompts-per-task": prompts_per_task}
-    if engine == "local":
-        stray = next((flag for flag, value in given.items() if value is not None), None)
-        if stray:
-            raise UsageError("only applies with --engine ray", where=stray)
-        return None
-    defaults = RayOptions()
-    return RayOptions(address=address, actors=defaults.actors if actors is None else actors,
-                      cpus_per_actor=defaults.cpus_per_actor if cpus_per_actor is None else cpus_per_actor,
-                      gpus_per_actor=defaults.gpus_per_actor if gpus_per_actor is None else gpus_per_actor,
-                      prompts_per_task=prompts_per_task)
-
-
 def import_ray():
     try:
         import ray
@@ -117,6 +68,9 @@ def run_trace_ray(run: TraceRun, output: str, fmt: str, force: bool, model_optio
     from llmprobe.model.loading import check_placement
 
     ray_options.validate()
+    if any(i.needs_first_pass for i in run.settings.interventions):
+        raise UsageError("a mean ablation takes its mean over every prompt of the run, but the ray engine traces"
+                         " blocks of prompts apart; use --engine local", where="--ablation")
     check_placement(model_options.device_map, model_options.max_memory, model_options.offload_folder)
     prompts_file = run.context.get("prompts")
     target = check_output_dir(output, fmt, force, inputs=[prompts_file] if prompts_file else [])
@@ -150,6 +104,7 @@ def ray_session(ray_options: RayOptions, out: Reporter) -> Iterator[Any]:
         try:
             if local:
                 check_local_resources(ray.cluster_resources(), ray_options)
+            _tame_ray_data_logs(out.quiet)
             yield ray
         finally:
             if started_here:
@@ -186,7 +141,6 @@ def _fd2_to(sink):
 
 def _run_on_ray(ray, run: TraceRun, target: Path, model_options: ModelOptions, ray_options: RayOptions,
                 out: Reporter, replace: bool) -> None:
-    _tame_ray_data_logs(out.quiet)
     n_prompts = len(run.records)
     per_task = ray_options.task_size(n_prompts, run.settings)
     items = [{"prompt_index": e.record.index, "prompt": e.to_json()} for e in run.prompts]
@@ -197,25 +151,36 @@ def _run_on_ray(ray, run: TraceRun, target: Path, model_options: ModelOptions, r
                                                            "ray_version": ray.__version__,
                                                            "ray_actors": ray_options.actors}),
         batch_size=per_task,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=ray_options.actors),
-        num_cpus=ray_options.cpus_per_actor,
-        num_gpus=ray_options.gpus_per_actor,
-        runtime_env={"env_vars": worker_env()},
+        **actor_pool(ray, ray_options),
     )
     out.log(f"tracing {plural(n_prompts, 'prompt')} on Ray ({plural(ray_options.actors, 'actor')},"
             f" {plural(per_task, 'prompt')} per task)")
     with atomic_dir(target, replace=replace) as staging:
-        try:
+        with actor_errors():
             traced.write_parquet(str(staging), write_page_checksum=True)
-        except Exception as exc:  # Ray wraps what the actors raised in its own exception types
-            cause = usage_error_in(exc)
-            if cause is None:
-                raise
-            raise cause from None
         rows, parts = check_parts(staging)
     out.log(f"wrote {plural(rows, 'row')} for {plural(n_prompts, 'prompt')} to {target}/"
             f" ({plural(parts, 'part file')})")
+
+
+def actor_pool(ray, ray_options: RayOptions) -> dict[str, Any]:
+    """``map_batches`` arguments for a pool of ``ray_options.actors`` actors with the asked-for resources."""
+    return {"batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=ray_options.actors),
+            "num_cpus": ray_options.cpus_per_actor, "num_gpus": ray_options.gpus_per_actor,
+            "runtime_env": {"env_vars": worker_env()}}
+
+
+@contextlib.contextmanager
+def actor_errors() -> Iterator[None]:
+    """Inside the block, a user error an actor raised reaches the driver as itself (one line), not in
+    Ray's wrapping."""
+    try:
+        yield
+    except Exception as exc:  # Ray wraps what the actors raised in its own exception types
+        cause = usage_error_in(exc)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def check_output_dir(output: str, fmt: str, force: bool, inputs: list[str] = ()) -> Path:

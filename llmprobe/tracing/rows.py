@@ -59,6 +59,19 @@ def rows_from_stats(stats: StepStats, b: int, cols: slice, first_position: int, 
     )
 
 
+def mark_cells(prompt: EncodedPrompt, positions, marked: bool = True) -> tuple[list, list, list]:
+    """The ``mark_index``, ``mark`` (JSON, with ``exact``) and ``meta`` (JSON) cells of a prompt's rows at
+    ``positions``; ``marked`` False (generated rows): no marks."""
+    meta = json.dumps(prompt.record.meta, ensure_ascii=False) if prompt.record.meta else None
+    index, marks = [], []
+    for p in positions:
+        m = prompt.marks_at.get(int(p)) if marked else None
+        index.append(m)
+        marks.append(None if m is None else json.dumps({**prompt.record.marks[m], "exact": prompt.marks_exact[int(p)]},
+                                                        ensure_ascii=False))
+    return index, marks, [meta] * len(index)
+
+
 _DISPLAY_VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -142,13 +155,10 @@ class RowAssembly:
             columns["target_seq_logprobs"] = pa.array(seq_rows, pa.list_(pa.float32(), self.n_targets))
         mark_index, mark_json, meta_json = [], [], []
         for e, rows, _ in parts:
-            meta = json.dumps(e.record.meta, ensure_ascii=False) if e.record.meta else None
-            for p in rows.positions:
-                m = e.marks_at.get(int(p)) if rows.phase == PHASE_PROMPT else None
-                mark_index.append(m)
-                mark_json.append(None if m is None else json.dumps(
-                    {**e.record.marks[m], "exact": e.marks_exact[int(p)]}, ensure_ascii=False))
-                meta_json.append(meta)
+            index, mark, meta = mark_cells(e, rows.positions, marked=rows.phase == PHASE_PROMPT)
+            mark_index += index
+            mark_json += mark
+            meta_json += meta
         columns["mark_index"] = pa.array(mark_index, pa.int32())
         columns["mark"] = pa.array(mark_json, pa.string())
         columns["meta"] = pa.array(meta_json, pa.string())

@@ -11,7 +11,9 @@ checkpointed and resumable), the Ray runner's driver and actors, the notebook AP
    carry) into the run's own copy of the settings, the caller's left as they were.
 2. :meth:`TraceRun.start` with a loaded model (or a weightless skeleton, on a Ray driver): the engine
    is built (the checks that need the model), every prompt is encoded once (over-long ones refused
-   before any is tokenized) and the run is planned (:class:`TracePlan`).
+   before any is tokenized), the run is planned (:class:`TracePlan`), and what its interventions need
+   first is done (:meth:`~llmprobe.tracing.engine.Tracer.prepare`: a patch's donors read and matched,
+   a mean ablation's first pass over the plan's batches).
 3. :meth:`TraceRun.batches`: the plan's windows through the engine, each record batch checked for NaN
    and Inf before it is handed out; a resume passes the prompts already committed, and gets the
    windows that still hold others, rows of committed prompts dropped. :meth:`TraceRun.metadata` is
@@ -26,16 +28,16 @@ so a resumed run forms exactly the batches (same padding, same numbers) of an un
 Where later work plugs in
 -------------------------
 * Interventions (issue 22): a field of :class:`~llmprobe.tracing.settings.TraceSettings` describes
-  them, so they are recorded in the metadata and the resume fingerprint with no further work; the
-  engine attaches their hooks (:mod:`llmprobe.tracing.hooks`) in the per-batch hook block. A sweep
-  over components adds a stage to the plan: per batch, the residual stream entering block L computed
-  once (a one-shot input hook), then blocks >= L rerun per component.
-
-Model comparisons (``llmprobe compare``, :mod:`llmprobe.analysis.comparison`) run one run per model over
-the same records. An encoding depends only on the tokenizer, the context length and the settings
-(:meth:`~llmprobe.tracing.encoding.PromptEncoder.key`), so :meth:`TraceRun.start` takes a
-:class:`SharedEncodings` and reuses the encoded prompts and plan of an earlier run whose encoder has the
-same key: the prompts are tokenized, and the run planned, once per distinct tokenizer.
+  them (:mod:`llmprobe.tracing.interventions`), so they are recorded in the metadata and the resume
+  fingerprint; the engine attaches their edits (:mod:`llmprobe.tracing.editing`) in the per-batch hook
+  block. A sweep over components (:mod:`llmprobe.tracing.sweep`) is one run too: it reuses this run's
+  engine, encoded prompts and plan, and per batch runs the residual stream entering block L through
+  blocks >= L once per component.
+* Model comparisons (``llmprobe compare``): one run per model over the same records. An encoding
+  depends only on the tokenizer, the context length and the settings
+  (:meth:`~llmprobe.tracing.encoding.PromptEncoder.key`), so :meth:`TraceRun.start` takes a
+  :class:`SharedEncodings` and reuses the encoded prompts and plan of an earlier run whose encoder has
+  the same key: the prompts are tokenized, and the run planned, once per distinct tokenizer.
 """
 
 from __future__ import annotations
@@ -112,6 +114,12 @@ class SharedEncodings:
         self._found: dict[str, tuple[list[PromptRecord], list[EncodedPrompt], TracePlan]] = {}
         self.encoded = 0  # how many runs encoded their prompts (the others reused an earlier run's)
 
+    @staticmethod
+    def key(encoder: PromptEncoder, settings: TraceSettings) -> str | None:
+        """What must be equal for two runs to share an encoding: the encoder, and the plan's windows."""
+        encoder_key = encoder.key()
+        return None if encoder_key is None else f"{encoder_key}/{settings.window_prompts}"
+
     def get(self, key: str | None, records: list[PromptRecord]) -> tuple[list[EncodedPrompt], TracePlan] | None:
         found = self._found.get(key) if key is not None else None
         if found is None or found[0] != records:
@@ -145,17 +153,15 @@ class TraceRun:
         With ``shared``, prompts another run encoded with an equal encoder are reused, not encoded again."""
         self.tracer = Tracer(loaded, self.settings, reporter)
         self.encoder = PromptEncoder.for_model(loaded, self.settings)
-        if shared is None:
-            return self._with(self.encoder.encode_all(self.records))
-        encoder = self.encoder.key()
-        key = None if encoder is None else f"{encoder}/{self.settings.window_prompts}"  # the plan's windows too
-        found = shared.get(key, self.records)
+        key = None if shared is None else shared.key(self.encoder, self.settings)
+        found = None if shared is None else shared.get(key, self.records)
         if found is not None:
             self.prompts, self.plan = found
-            return self
-        records = self.records
-        self._with(self.encoder.encode_all(records))
-        shared.add(key, records, self.prompts, self.plan)
+        else:
+            self._with(self.encoder.encode_all(self.records))
+            if shared is not None:
+                shared.add(key, self.records, self.prompts, self.plan)
+        self.tracer.prepare(self.encoder, self.prompts, self.plan.windows)
         return self
 
     def for_prompts(self, prompts: list[EncodedPrompt]) -> TraceRun:
@@ -196,6 +202,7 @@ class TraceRun:
             "python_version": platform.python_version(),
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **tracer.internals.metadata(tracer.model),
+            **({"interventions": tracer.editor.metadata()} if tracer.editor else {}),
             **self.context,
         }
 

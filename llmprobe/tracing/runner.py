@@ -14,7 +14,6 @@ Inf before it is written.
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import sys
@@ -26,8 +25,8 @@ from collections.abc import Iterator
 from llmprobe.errors import UsageError
 from llmprobe.model.loading import ModelOptions
 from llmprobe.progress import Reporter, plural
-from llmprobe.tracing.checkpoint import (DamagedPart, WorkDir, check_not_a_link, discard, is_locked, run_fingerprint,
-                                        work_dir_for)
+from llmprobe.tracing.checkpoint import (DamagedPart, WorkDir, discard, plan_output,
+                                        run_fingerprint)
 from llmprobe.tracing.prompts import read_prompts
 from llmprobe.tracing.ray_runner import RayOptions, run_trace_ray
 from llmprobe.tracing.run import TraceRun, prompts_in
@@ -68,23 +67,10 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
             raise UsageError("the ray engine does not resume; rerun with --force", where="--resume")
         run_trace_ray(run, output, fmt, force, model_options, ray_options, out)
         return
-    if resume and output == "-":
-        raise UsageError("a trace written to stdout cannot be resumed; write it to a file with -o", where="--resume")
-    if output != "-":
-        check_not_a_link(work_dir_for(output), output)
-    interrupted = output != "-" and os.path.lexists(work_dir_for(output))
-    if interrupted and is_locked(output):
-        raise UsageError(f"another llmprobe trace is writing it right now (its work is in {work_dir_for(output)});"
-                         " wait for it to finish or choose another -o", where=output)
-    if interrupted and not (resume or force):
-        raise UsageError(f"an interrupted run left its work in {work_dir_for(output)}; pass --resume to continue"
-                         " it or --force to start over", where=output)
-    if resume and not interrupted and not force and os.path.isfile(output):
-        check_output(output, fmt, True, inputs=[prompts])
+    plan = plan_output(output, force, resume, lambda replace: check_output(output, fmt, replace, inputs=[prompts]))
+    if plan.complete:
         out.log(f"{output} is complete: no interrupted run to resume (pass --force to trace it again)")
         return
-    check_output(output, fmt, force or (resume and interrupted), inputs=[prompts])
-    replace_output = force or (resume and os.path.lexists(output))  # a merge that crashed after its rename
     loaded = model_options.load(log=out.log)
     run.start(loaded, reporter=out)
     out.log(f"loaded {loaded.source.label} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
@@ -92,9 +78,9 @@ def run_trace(prompts: str, output: str, fmt: str, force: bool, input_format: st
     if output == "-":
         rows = _stream(run, fmt, out)
     else:
-        if interrupted and not resume:
+        if plan.interrupted and not resume:
             discard(output)
-        rows = _checkpointed(run, output, fmt, resume_command(command), out, replace_output)
+        rows = _checkpointed(run, output, fmt, resume_command(command), out, plan.replace)
     out.log(f"wrote {plural(rows, 'row')} for {plural(len(run.records), 'prompt')} to"
             f" {'stdout' if output == '-' else output}")
 
@@ -121,7 +107,7 @@ def _checkpointed(run: TraceRun, output: str, fmt: str, resume_with: str, out: R
     """
     metadata = run.metadata()
     work = WorkDir.open(output, run_fingerprint(metadata, run.records, fmt), metadata)
-    interrupts = _Interrupts()
+    interrupts = Interrupts()
     done = work.done_prompts()
     total = len(run.records)
     bad_numbers = False
@@ -169,7 +155,7 @@ def resume_command(command: str) -> str:
     return command if "--resume" in shlex.split(command) else f"{command} --resume"
 
 
-class _Interrupts:
+class Interrupts:
     """Ctrl-C and SIGTERM (a job scheduler's stop) end the run at once, except inside a commit, which
     completes first; either way the committed work stays resumable."""
 

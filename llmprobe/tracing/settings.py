@@ -8,8 +8,8 @@ stdin) is read or a model loaded, so a bad option fails in a second. A bad value
 tokenize, lens layers in range) are made where the model is, when the engine is built for it.
 
 The settings are recorded whole in every trace's metadata and are part of the resume fingerprint
-(:mod:`llmprobe.tracing.checkpoint`): a field added here (an intervention, say) is recorded and
-guarded against a mismatched resume with no further work.
+(:mod:`llmprobe.tracing.checkpoint`): a field added here is recorded and guarded against a mismatched
+resume with no further work, as the interventions are (:mod:`llmprobe.tracing.interventions`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmprobe.errors import ParameterError, UsageError
+from llmprobe.tracing.interventions import Intervention
 from llmprobe.tracing.lens import parse_layers
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -42,6 +43,7 @@ class TraceSettings:
     truncate: str | None = None  # "left" | "right": cut prompts longer than the context instead of failing
     layers: str | None = None  # logit lens: "all" or "0,4,8" (0-based decoder layers; docs/analyses.md)
     save_embeddings: bool = False  # keep the output head's input at marks (else the last position)
+    interventions: list[Intervention] = field(default_factory=list)  # applied to every forward pass, in order
 
     def validate(self) -> None:
         """The checks that need no model, so bad options fail before a model load."""
@@ -63,6 +65,8 @@ class TraceSettings:
         if self.sample and self.top_p < FLOAT32_EPS:  # the float32 nucleus cut would drop every token
             raise ParameterError("top_p", f"must be at least {FLOAT32_EPS:.2g} (float32 resolution),"
                                           f" got {self.top_p:g}")
+        for intervention in self.interventions:
+            intervention.validate()
         if self.layers is not None:
             parse_layers(self.layers, None)
             if self.max_new_tokens:

@@ -9,8 +9,6 @@ further tokens, computed as continuations by extra forward passes over prefix + 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
@@ -18,9 +16,6 @@ from llmprobe.errors import ParameterError
 from llmprobe.model.structure import CausalLMParts
 from llmprobe.tracing.encoding import EncodedPrompt, padded_inputs
 from llmprobe.tracing.hooks import outputs_of
-
-if TYPE_CHECKING:
-    from llmprobe.tracing.rows import Rows
 
 
 def tokenize_targets(tokenizer, targets: list[str]) -> list[list[int]]:
@@ -37,18 +32,24 @@ def tokenize_targets(tokenizer, targets: list[str]) -> list[list[int]]:
     return tokens
 
 
+def scored_positions(prompt: EncodedPrompt) -> list[int]:
+    """Where whole-string target scores are kept: every mark and the last prompt position."""
+    return sorted({*prompt.marks_at, len(prompt.ids) - 1})
+
+
 def target_sequence_scores(model, device, pad_id: int, parts: CausalLMParts | None, target_tokens: list[list[int]],
-                           batch: list[EncodedPrompt], prompt_rows: list[Rows]) -> list[dict[int, np.ndarray]]:
+                           batch: list[EncodedPrompt], first_token: list[np.ndarray]) -> list[dict[int, np.ndarray]]:
     """Whole-string target log-probabilities at every mark and at the last prompt position.
 
     A target of several tokens is scored as a continuation: the first token's log-probability
-    comes from the trace itself, the rest from extra forward passes over prefix + target.
+    comes from the trace itself (``first_token``: per prompt, [positions, targets], read at the scored
+    positions only), the rest from extra forward passes over prefix + target.
     """
     scores: list[dict[int, np.ndarray]] = []
     pending: list[tuple[int, int, int, list[int], list[int]]] = []  # (b, position, target, prefix, target ids)
-    for b, (e, rows) in enumerate(zip(batch, prompt_rows)):
-        wanted = sorted({*e.marks_at, len(e.ids) - 1})
-        scores.append({p: rows.target_logprobs[p].astype(np.float64) for p in wanted})
+    for b, (e, logprobs) in enumerate(zip(batch, first_token)):
+        wanted = scored_positions(e)
+        scores.append({p: logprobs[p].astype(np.float64) for p in wanted})
         for p in wanted:
             for t, ids in enumerate(target_tokens):
                 if len(ids) > 1:

@@ -19,7 +19,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from llmprobe.analysis.comparison import COLUMNS, LOW_MASS, META_KEY, read_comparison, work_dir_for
+from llmprobe.analysis.comparison import COLUMNS, LOW_MASS, META_KEY, read_comparison
+from llmprobe.compare import work_dir_for
 from tests.cli_helpers import assert_one_line_error, run_cli, run_cli_outside_a_test
 from tests.control.fixtures import SERIES_STEPS
 

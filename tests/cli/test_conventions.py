@@ -183,6 +183,7 @@ print(",".join(m for m in {heavy!r} if m in sys.modules))
     ["plot-icl", "nope.parquet"], ["plot-prior", "nope.json"], ["plot-layers", "nope.parquet", "-o", "x.png"],
     ["report", "nope.parquet"], ["continuity", "nope.parquet"], ["martingale", "nope.toml"],
     ["experiment", "nope.toml"], ["trace", "configs/prompts/demo.txt", "--top-k", "0"],
+    ["ablate", "nope.jsonl", "--over", "heads"],
 ])
 def test_trivial_errors_fail_before_heavy_imports(args):
     """A typo fails in well under a second because nothing heavy is imported (benchmarks/bench_fail_fast.py times it)."""

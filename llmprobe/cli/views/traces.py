@@ -11,6 +11,7 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
+from llmprobe.tracing.interventions import describe
 from llmprobe.tracing.reader import visible
 
 
@@ -22,8 +23,11 @@ class TraceView:
     frame: pd.DataFrame
     top: int
 
-    def tables(self) -> Iterator[Table]:
+    def tables(self) -> Iterator[Table | str]:
         meta = self.frame.attrs["llmprobe"]
+        changed = describe((meta.get("settings") or {}).get("interventions") or [])
+        if changed:  # under the title: these are not the model's own numbers
+            yield changed
         lens = "layer" in self.frame.columns  # the layer x position grid, not 30 copies of the positions
         for prompt_id, rows in self.frame.groupby("prompt_id", sort=False):
             yield _lens_table(rows, meta, prompt_id) if lens else self._prompt_table(rows, meta, prompt_id)
