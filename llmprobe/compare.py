@@ -356,8 +356,9 @@ def run_on_ray(comparison: Comparison, store: RowStore | None, reporter: Reporte
                 running[future] = (actor, entry)
             finished, _ = ray.wait(list(running), num_returns=1)
             actor, entry = running.pop(finished[0])
-            with actor_errors():
-                measured = ray.get(finished[0])
+            try:
+                with actor_errors():
+                    measured = ray.get(finished[0])
             finally:
                 ray.kill(actor)
             _commit(measured, store, done, keep_traces, replace_traces, reporter, len(comparison.entries))

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 import torch
 
-from llmprobe.errors import ParameterError
+from llmprobe.errors import ParameterError, UsageError
 from llmprobe.model.loading import LoadedModel
 from llmprobe.model.structure import split_causal_lm
 from llmprobe.progress import SILENT, Reporter
@@ -157,7 +157,7 @@ class Tracer:
         if self.editor.needs_first_pass:
             def inputs() -> Iterator[dict[str, torch.Tensor]]:
                 for window in windows:
-                    for batch, batch_inputs in self.batched(window, lambda batch: self.model_inputs(batch)[0]):
+                    for _, batch_inputs in self.batched(window, lambda batch: self.model_inputs(batch)[0]):
                         yield batch_inputs
             with torch.inference_mode():
                 self.editor.measure_means(inputs())
