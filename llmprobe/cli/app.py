@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from llmprobe.cli import analyses, comparison, control, figures, fits, trace, viewer
+from llmprobe.cli import ablation, analyses, comparison, control, figures, fits, trace, viewer
 from llmprobe.cli.options import error_message, fill_optional_values, with_groups
 from llmprobe.cli.output import error_line
 from llmprobe.errors import UsageError
@@ -44,7 +44,7 @@ COMMANDS = {
     "plot-layers": figures.plot_layers, "report": figures.report,
     "continuity": analyses.continuity, "martingale": analyses.martingale,
     "wind-tunnel": control.wind_tunnel, "compare": comparison.compare, "plot-compare": comparison.plot_compare,
-    "view": viewer.view, "serve": viewer.serve,
+    "view": viewer.view, "serve": viewer.serve, "ablate": ablation.ablate,
 }
 
 

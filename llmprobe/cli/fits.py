@@ -92,7 +92,6 @@ def fit_posterior(
         help="`llmprobe martingale ... --json` output on the same model: its statistic and p-value per n join the"
              " scorecard (one file per TRACE, in order).")] = None,
     force: opt.Force = False,
-    fit: PosteriorOptions = opt.FIT,
     out: Output = opt.RESULT,
 ) -> None:
     """Does the model update like a Bayesian? The updating prior, the exact-Bayes test, baselines, a verdict;
