@@ -54,7 +54,7 @@ from llmprobe.analysis.comparison import (
 from llmprobe.analysis.fit_options import PosteriorOptions
 from llmprobe.analysis.fit_tables import write_table_file
 from llmprobe.control.series import manifest_path, read_series
-from llmprobe.errors import UsageError
+from llmprobe.errors import UsageError, add_note
 from llmprobe.files import write_atomic
 from llmprobe.model.loading import ModelOptions
 from llmprobe.model.sources import DEFAULT_MODEL_NAME, looks_like_path
@@ -293,7 +293,7 @@ def _resumable(comparison: Comparison, store: RowStore | None, done: dict[int, M
         raise _Interrupted(f"interrupted{_kept(comparison, store, done)}; resume with: {_resume(comparison)}") from None
     except Exception as exc:
         if done and store is not None:
-            exc.add_note(f"({_kept(comparison, store, done).removeprefix('; ')}; once the cause is fixed, resume"
+            add_note(exc, f"({_kept(comparison, store, done).removeprefix('; ')}; once the cause is fixed, resume"
                          f" with: {_resume(comparison)})")
         raise
 

@@ -33,3 +33,9 @@ class ParameterError(UsageError):
         super().__init__(message, where=parameter)
         self.parameter = parameter
         self.message = message
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` on every supported Python (3.10 has ``__notes__`` only by convention): the
+    command line's one error line ends with the notes (how to resume, what was kept)."""
+    exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,7 +53,7 @@ from llmprobe.analysis.ablation import (
 from llmprobe.analysis.fit_options import PosteriorOptions
 from llmprobe.analysis.fits import POSTERIOR_INPUT, posterior_marks
 from llmprobe.analysis.marks import sequence_inputs
-from llmprobe.errors import ParameterError, UsageError
+from llmprobe.errors import ParameterError, UsageError, add_note
 from llmprobe.files import atomic_file, check_new_output
 from llmprobe.model.loading import ModelOptions
 from llmprobe.progress import Reporter, plural
@@ -158,7 +158,7 @@ class SweepActor:
 def run_ablation(prompts: str, output: str | None, options: SweepOptions, fit: PosteriorOptions,
                  settings: TraceSettings, model_options: ModelOptions, out: Reporter, *, command: str,
                  force: bool = False, resume: bool = False, ray_options=None, input_format: str = "auto",
-                 inputs: list[str] = (), fit_workers: int | None = None) -> Sweep:
+                 inputs: Sequence[str] = (), fit_workers: int | None = None) -> Sweep:
     """A sweep, end to end (see the module docstring); returns the finished table. ``inputs``: files besides
     the prompts that the output must not be (a prior file); ``fit_workers``: processes that fit components
     while the model scores the next ones (None: :func:`default_fit_workers`; 0: fit in this process)."""
@@ -240,7 +240,7 @@ def run_ablation(prompts: str, output: str | None, options: SweepOptions, fit: P
         raise Interrupted(f"interrupted with {len(done)} of {len(components)} components done{where}") from None
     except Exception as exc:
         if work is not None:
-            exc.add_note(f"{len(done)} of {len(components)} components are saved in {work.path}; once the cause is"
+            add_note(exc, f"{len(done)} of {len(components)} components are saved in {work.path}; once the cause is"
                          f" fixed, resume with: {resume_command(command)}")
         raise
     finally:

@@ -39,7 +39,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -148,7 +148,7 @@ class WorkDir:
         self.parts.append(part)
         self._next += 1
 
-    def tables(self, schema: pa.Schema, order: list[int] | None = None) -> Iterator[pa.Table]:
+    def tables(self, schema: pa.Schema, order: Mapping[int, int] | None = None) -> Iterator[pa.Table]:
         """The committed parts in processing order, one table each, checked against the manifest.
 
         ``order`` (each prompt's rank in an uninterrupted run's processing order) sorts the parts,

@@ -120,7 +120,8 @@ class PromptEncoder:
                                  where=where(record))
 
     def encode(self, record: PromptRecord) -> EncodedPrompt:
-        text, shift = record.text, 0
+        text = record.text
+        shift: int | Callable[[int], int] = 0
         mode = self.settings.chat_mode
         if mode is not None:
             text, shift = self._chat_text(record, mode)

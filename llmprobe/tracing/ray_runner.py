@@ -22,7 +22,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -183,7 +183,7 @@ def actor_errors() -> Iterator[None]:
         raise cause from None
 
 
-def check_output_dir(output: str, fmt: str, force: bool, inputs: list[str] = ()) -> Path:
+def check_output_dir(output: str, fmt: str, force: bool, inputs: Sequence[str] = ()) -> Path:
     if fmt != "parquet":
         raise UsageError("the ray engine writes Parquet part files only", where="--format")
     if output == "-":

@@ -147,7 +147,10 @@ def _read_jsonl(data: bytes, name: str, columns: list[str] | None) -> Trace:
                                  pa.chunked_array([pa.DictionaryArray.from_arrays(codes.combine_chunks(), phases)]))
     if columns is not None:
         table = table.select([c for c in columns if c in table.column_names])
-    return Trace(table, decode_metadata(schema.metadata), decode_vocab(schema.metadata), name)
+    meta = decode_metadata(schema.metadata)
+    if meta is None:
+        raise UsageError("its header's schema carries no llmprobe metadata: the file is damaged", where=f"{name}:1")
+    return Trace(table, meta, decode_vocab(schema.metadata), name)
 
 
 def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
@@ -162,6 +165,7 @@ def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
         raise UsageError("its llmprobe metadata is not valid JSON (the file is damaged)", where=name) from None
     if meta is None:
         raise UsageError("a Parquet file, but not an llmprobe trace (no llmprobe metadata)", where=name)
+    vocab: list[str] | None | bool
     try:
         vocab = decode_vocab(parquet.metadata.metadata)  # the file's key-value metadata: either layout
     except (ValueError, UnicodeDecodeError, pa.ArrowException):

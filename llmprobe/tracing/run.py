@@ -135,6 +135,10 @@ class SharedEncodings:
 class TraceRun:
     """One trace run (see the module docstring): construct, :meth:`start` with a model, then :meth:`batches`."""
 
+    tracer: Tracer  # these three are set by start()
+    encoder: PromptEncoder
+    plan: TracePlan
+
     def __init__(self, settings: TraceSettings, records: Sequence[PromptRecord] | Callable[[], list[PromptRecord]],
                  context: dict[str, Any] | None = None) -> None:
         settings.validate()
@@ -142,10 +146,7 @@ class TraceRun:
         self.settings = replace(settings, targets=list(settings.targets) or targets_from_records(self.records))
         self.context = dict(context or {})  # the caller's metadata: command, prompts file, engine...
         self.context.setdefault("n_prompts", len(self.records))
-        self.tracer: Tracer | None = None
-        self.encoder: PromptEncoder | None = None
         self.prompts: list[EncodedPrompt] = []
-        self.plan: TracePlan | None = None
 
     def start(self, loaded: LoadedModel, reporter: Reporter = SILENT,
               shared: SharedEncodings | None = None) -> TraceRun:

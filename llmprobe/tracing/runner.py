@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Iterator
 
-from llmprobe.errors import UsageError
+from llmprobe.errors import UsageError, add_note
 from llmprobe.model.loading import ModelOptions
 from llmprobe.progress import Reporter, plural
 from llmprobe.tracing.checkpoint import (DamagedPart, WorkDir, discard, plan_output,
@@ -139,9 +139,9 @@ def _checkpointed(run: TraceRun, output: str, fmt: str, resume_with: str, out: R
     except Exception as exc:
         bad_numbers = isinstance(exc, NonFiniteError)  # would fail the same way on every try: nothing worth keeping
         if isinstance(exc, DamagedPart):
-            exc.add_note(f"resume with: {resume_with}")
+            add_note(exc, f"resume with: {resume_with}")
         elif not bad_numbers:  # the one line then says how to continue
-            exc.add_note(f"{len(done)} of {total} prompts are saved in {work.path}; once the cause is fixed,"
+            add_note(exc, f"{len(done)} of {total} prompts are saved in {work.path}; once the cause is fixed,"
                          f" resume with: {resume_with}")
         raise
     finally:  # any other failure (out of memory, a driver error) may pass on a retry: the work stays

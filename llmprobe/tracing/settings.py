@@ -58,7 +58,7 @@ class TraceSettings:
             raise ParameterError("max_new_tokens", f"must be 0 or more, got {self.max_new_tokens}")
         if self.seed < 0:
             raise ParameterError("seed", f"must be 0 or more, got {self.seed}")
-        if self.batch_size != AUTO and self.batch_size < 1:
+        if self.batch_size != AUTO and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ParameterError("batch_size", f"must be 1 or more, or auto; got {self.batch_size!r}")
         if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ParameterError("sample", "sampling needs --temperature > 0 and 0 < --top-p <= 1")

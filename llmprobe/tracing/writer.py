@@ -15,7 +15,7 @@ import math
 import sys
 from contextlib import contextmanager
 from typing import IO, Any, Protocol
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,7 +49,7 @@ class Sink(Protocol):
     def write(self, batch: pa.RecordBatch) -> None: ...
 
 
-def check_output(output: str, fmt: str, force: bool, inputs: list[str] = ()) -> None:
+def check_output(output: str, fmt: str, force: bool, inputs: Sequence[str] = ()) -> None:
     """Fail before any work when the output cannot be written."""
     if fmt not in OUTPUT_FORMATS:
         raise UsageError(f"unknown format {fmt!r} (expected {', '.join(OUTPUT_FORMATS)})", where="--format")
