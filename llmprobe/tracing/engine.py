@@ -203,10 +203,10 @@ class Tracer:
         inputs, next_ids = self.model_inputs(batch)
         input_ids, attention = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
         generate = self.settings.max_new_tokens > 0
-        embed_at = None
+        embed_at: tuple[list[int], list[int]] | None = None
         if self.internals.embedding_dim:
-            embed_at = tuple(map(list, zip(*[(b, width - len(e.ids) + p) for b, e in enumerate(batch)
-                                             for p in embed_positions(e.ids, e.marks_at)])))
+            at = [(b, width - len(e.ids) + p) for b, e in enumerate(batch) for p in embed_positions(e.ids, e.marks_at)]
+            embed_at = ([b for b, _ in at], [c for _, c in at])
         with Hooks() as edits:  # the interventions, for every pass of this batch; removed on every way out
             for edit in self.editor.edits(batch, inputs):
                 edit.attach(edits)

@@ -54,12 +54,14 @@ class Generation:
         generated: list[list[Rows]] = [[] for _ in batch]
         last_logits, last_lse = stats.last_logits, stats.logsumexp[:, -1]
         for _ in range(self.settings.max_new_tokens):
+            if last_logits is None:
+                raise RuntimeError("the forward pass kept no last-position logits to generate from")
             chosen = self._choose(last_logits, generators)
             logprob, rank = token_logprob_and_rank(last_logits.float(), last_lse.to(last_logits.device), chosen)
-            chosen_host, logprob, rank = chosen.cpu(), logprob.cpu().numpy(), rank.cpu().numpy()
+            chosen_host, logprobs, ranks = chosen.cpu(), logprob.cpu().numpy(), rank.cpu().numpy()
             for b, rows in enumerate(previous_rows):
                 if not finished[b]:
-                    rows.next_ids[-1], rows.next_logprob[-1], rows.next_rank[-1] = chosen_host[b], logprob[b], rank[b]
+                    rows.next_ids[-1], rows.next_logprob[-1], rows.next_rank[-1] = chosen_host[b], logprobs[b], ranks[b]
             finished |= torch.tensor([int(t) in self.end_ids for t in chosen_host])
             if bool(finished.all()):
                 break

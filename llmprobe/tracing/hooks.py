@@ -109,21 +109,23 @@ def on_call(module: torch.nn.Module, see: Callable[[tuple, dict], None]) -> Remo
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def edit_input(module: torch.nn.Module, edit: Callable[[torch.Tensor], torch.Tensor],
+def edit_input(module: torch.nn.Module, edit: Callable[[torch.Tensor], torch.Tensor | None],
                once: bool = False) -> RemovableHandle:
-    """Replace ``module``'s first positional input by ``edit(input)`` on each forward call (``once``: the first)."""
+    """Replace ``module``'s first positional input by ``edit(input)`` on each forward call (``once``: the first);
+    an edit that returns None leaves it."""
     handle: RemovableHandle
 
-    def hook(module: torch.nn.Module, args: tuple) -> tuple:
+    def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
         if once:
             handle.remove()
-        return (edit(args[0]), *args[1:])
+        edited = edit(args[0])
+        return None if edited is None else (edited, *args[1:])
 
     handle = module.register_forward_pre_hook(hook)
     return handle
 
 
-def edit_output(module: torch.nn.Module, edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+def edit_output(module: torch.nn.Module, edit: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None],
                 once: bool = False) -> RemovableHandle:
     """Replace ``module``'s output (its first element, when the output is a tuple) by ``edit(output, first
     positional input)`` after each forward call (``once``: the first); an edit that returns None leaves it."""

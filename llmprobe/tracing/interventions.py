@@ -61,7 +61,7 @@ class Intervention:
     def label(self) -> str:
         """The spec as the command line spells it: ``3.1``, ``3.attn``, ``3``, ``dirs.npy@3``, ``patch 3:marks``."""
         if self.kind == "ablate":
-            return {"head": f"{self.layer}.{self.head}", "block": str(self.layer)}.get(self.site,
+            return {"head": f"{self.layer}.{self.head}", "block": str(self.layer)}.get(str(self.site),
                                                                                       f"{self.layer}.{self.site}")
         if self.kind == "direction":
             return f"{self.path}@{self.layer}"
@@ -71,7 +71,7 @@ class Intervention:
         """One phrase for people: ``zero-ablated head 3.1``, ``directions of d.npy projected out after block 3``."""
         if self.kind == "ablate":
             what = {"head": f"head {self.label}", "attn": f"attention {self.label}", "mlp": f"MLP {self.label}",
-                    "block": f"block {self.label}"}[self.site]
+                    "block": f"block {self.label}"}[str(self.site)]
             return f"{self.mode}-ablated {what}"
         if self.kind == "direction":
             return f"directions of {self.path} projected out after block {self.layer}"
@@ -159,7 +159,7 @@ def from_options(ablate: list[str] | None, ablation: str, directions: list[str] 
                          where="--patch-from" if patch_at is None else "--patch-at")
     found = [parse_ablation(spec, ablation) for spec in ablate or []]
     found += [parse_direction(spec) for spec in directions or []]
-    if patch_from is not None:
+    if patch_from is not None and patch_at is not None:
         found.append(parse_patch(patch_from, patch_at))
     repeated = sorted({i.label for i in found if sum(j == i for j in found) > 1})
     if repeated:

@@ -22,9 +22,10 @@ All hooks are removed when the block exits, on every path.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from collections.abc import Iterator
 
 import numpy as np
@@ -79,7 +80,8 @@ class InternalsPlan:
         decoder_layers, _ = decoder_parts(model)
         output_layer = len(decoder_layers) - 1
         written = sorted({*parse_layers(layers, len(decoder_layers)), output_layer}) if layers else []
-        dim = int(model.get_output_embeddings().weight.shape[1]) if save_embeddings else 0
+        head = cast(Any, model).get_output_embeddings()  # a transformers model's method, past Module.__getattr__
+        dim = int(head.weight.shape[1]) if save_embeddings else 0
         return cls(written, output_layer, dim)
 
     @property
@@ -103,6 +105,8 @@ class InternalsPlan:
         values = np.zeros((total, self.embedding_dim), dtype=np.float16)
         valid = np.zeros(total, dtype=bool)
         if rows:
+            if embeddings is None:
+                raise ValueError("embedding rows without embeddings")
             values[rows] = embeddings.numpy()
             valid[rows] = True
         return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float16()), self.embedding_dim,
@@ -149,7 +153,7 @@ def probe_internals(model: torch.nn.Module, reducer: LogitReducer, layers: list[
             found.layer_stats[layer] = lens_stats(unembed, reducer, hidden, next_ids)
         return see
 
-    def head_input(normed: torch.Tensor) -> None:
+    def head_input(normed: torch.Tensor, embed_at: tuple[list[int], list[int]]) -> None:
         if found.embeddings is not None:
             raise RuntimeError("probe_internals saw a second forward pass")
         rows, cols = embed_at
@@ -160,5 +164,5 @@ def probe_internals(model: torch.nn.Module, reducer: LogitReducer, layers: list[
         for layer in layers:
             hooks.add(on_output(decoder_layers[layer], layer_output(layer)))
         if embed_at is not None:
-            hooks.add(on_input(unembed.head, head_input))
+            hooks.add(on_input(unembed.head, functools.partial(head_input, embed_at=embed_at)))
         yield found

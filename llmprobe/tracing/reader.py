@@ -165,12 +165,12 @@ def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
         raise UsageError("its llmprobe metadata is not valid JSON (the file is damaged)", where=name) from None
     if meta is None:
         raise UsageError("a Parquet file, but not an llmprobe trace (no llmprobe metadata)", where=name)
-    vocab: list[str] | None | bool
+    read: list[str] | None | bool
     try:
-        vocab = decode_vocab(parquet.metadata.metadata)  # the file's key-value metadata: either layout
+        read = decode_vocab(parquet.metadata.metadata)  # the file's key-value metadata: either layout
     except (ValueError, UnicodeDecodeError, pa.ArrowException):
-        vocab = False
-    check_meta_and_vocab(meta, vocab, name)
+        read = False
+    vocab = check_meta_and_vocab(meta, read, name)
     required = columns if columns is not None else [c for c, *_ in BASE_COLUMNS]
     missing = [c for c in required if c not in parquet.schema_arrow.names]
     if missing:
@@ -183,8 +183,9 @@ def _read_one(handle, name: str, columns: list[str] | None) -> Trace:
     return Trace(table, meta, vocab, name)
 
 
-def check_meta_and_vocab(meta: Any, vocab: Any, name: str) -> None:
-    """The run metadata is a JSON object and the vocabulary, if any, a list of strings (``False``: unreadable)."""
+def check_meta_and_vocab(meta: Any, vocab: Any, name: str) -> list[str] | None:
+    """The run metadata is a JSON object and the vocabulary, if any, a list of strings (``False``: unreadable);
+    returns the vocabulary."""
     if not isinstance(meta, dict):
         raise UsageError("its llmprobe metadata is not a JSON object (the file is damaged)", where=name)
     if vocab is not None and not (isinstance(vocab, list) and all(isinstance(t, str) for t in vocab)):
@@ -199,6 +200,7 @@ def check_meta_and_vocab(meta: Any, vocab: Any, name: str) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
             raise UsageError(f"its metadata's {key!r} is {_brief(value)}, not {META_SHAPE_NAMES[kind]} (the file is"
                              " damaged)", where=name)
+    return vocab
 
 
 # Metadata entries the readers use, and their JSON shapes (None is allowed: absent)

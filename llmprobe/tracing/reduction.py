@@ -99,7 +99,8 @@ class LogitReducer:
         if kept is None or kept[0].numel() < size or kept[4].dtype != dtype:
             float32 = lambda: torch.empty(size, device=device)  # noqa: E731
             kept = (float32(), float32(), torch.empty(size, dtype=torch.bool, device=device),
-                    float32() if dtype != torch.float32 else None, torch.empty(size, dtype=dtype, device=device))
+                    float32() if dtype != torch.float32 else torch.empty(0, device=device),
+                    torch.empty(size, dtype=dtype, device=device))
             self._buffers[device] = kept
         return kept
 
@@ -160,12 +161,19 @@ class _Running:
     hook path; a GPU) is the plain reduction: nothing merged, no threshold.
     """
 
+    ids: torch.Tensor  # set with valid
+    total: torch.Tensor  # set with peak, by the first tile
+    spread: torch.Tensor
+    top_ids: torch.Tensor  # set with top_values
+
     def __init__(self, reducer: LogitReducer, next_ids: torch.Tensor | None, n: int, device: torch.device,
                  threshold: torch.Tensor | None = None) -> None:
         self.reducer, self.threshold = reducer, threshold
-        self.valid = None if next_ids is None else next_ids >= 0
-        self.ids = None if next_ids is None else next_ids.clamp(min=0)
-        self.peak = self.total = self.spread = self.top_values = self.top_ids = None
+        self.valid: torch.Tensor | None = None
+        if next_ids is not None:
+            self.valid, self.ids = next_ids >= 0, next_ids.clamp(min=0)
+        self.peak: torch.Tensor | None = None
+        self.top_values: torch.Tensor | None = None
         self.own = torch.full((n,), float("nan"), device=device)
         self.larger = torch.zeros(n, dtype=torch.int32, device=device)
         self.targets = torch.full((n, len(reducer.target_first_ids or ())), float("nan"), device=device)
@@ -199,20 +207,20 @@ class _Running:
             if first <= target < stop:
                 self.targets[:, j] = x[:, target - first]
         if self.valid is not None:
-            self._count_larger(x, first, stop == vocab, tile_peak, work[2])
+            self._count_larger(self.valid, x, first, stop == vocab, tile_peak, work[2])
 
-    def _count_larger(self, x: torch.Tensor, first: int, last: bool, tile_peak: torch.Tensor,
+    def _count_larger(self, valid: torch.Tensor, x: torch.Tensor, first: int, last: bool, tile_peak: torch.Tensor,
                       buffer: torch.Tensor) -> None:
         n, w = x.shape
-        inside = self.valid & (self.ids >= first) & (self.ids < first + w)
+        inside = valid & (self.ids >= first) & (self.ids < first + w)
         own = x.gather(1, (self.ids - first).clamp(0, w - 1)[:, None]).squeeze(1)
         self.own = torch.where(inside, own, self.own)
         threshold = self.own if self.threshold is None else torch.where(inside, own, self.threshold)
         if x.device.type not in self.reducer.RANK_FROM_TOPK_ON:
             larger = torch.gt(x, threshold[:, None], out=_view(buffer, n, w)).sum(-1, dtype=torch.int32)
-            self.larger += torch.where(self.valid, larger, 0)
+            self.larger += torch.where(valid, larger, 0)
             return
-        need = self.valid & (tile_peak > threshold)  # where the token tops the tile there is nothing to count
+        need = valid & (tile_peak > threshold)  # where the token tops the tile there is nothing to count
         if last:
             need &= ~(self.top_ids == self.ids[:, None]).any(-1)  # ranked from the top-k instead
         rows = need.nonzero().squeeze(-1)
@@ -222,6 +230,8 @@ class _Running:
 
     def result(self) -> tuple[torch.Tensor, ...]:
         """(log-normalizer, entropy, top-k ids, top-k log-probs, next log-prob, next rank, target log-probs)."""
+        if self.peak is None or self.top_values is None:
+            raise ValueError("no vocabulary tile was added")
         log_total = self.total.log()
         lse = self.peak + log_total
         entropy = log_total - self.spread / self.total
@@ -252,8 +262,9 @@ class _Reduction:
         self.next_ids = None if next_ids is None else next_ids.reshape(-1)
         self.runs = _live_runs(self.next_ids, self.total)
         # flat positions of the live rows, or None: all of them
-        self.live = None if self.runs == [(0, self.total)] else (self.next_ids.cpu() != PADDING).nonzero().squeeze(1)
-        self.out: tuple[torch.Tensor, ...] | None = None
+        self.live = (None if self.next_ids is None or self.runs == [(0, self.total)]
+                     else (self.next_ids.cpu() != PADDING).nonzero().squeeze(1))
+        self.out: tuple[torch.Tensor, ...] = ()  # allocated by the first block (_prepare)
 
     def positions(self, first: int, stop: int) -> slice | torch.Tensor:
         """The flat positions of live rows ``first .. stop``."""
@@ -261,7 +272,7 @@ class _Reduction:
 
     def _prepare(self, device: torch.device, rows: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Allocate the output tensors (once) and return work buffers of at least ``rows x width``."""
-        if self.out is None:
+        if not self.out:
             total, k = self.total, self.reducer.top_k
             n_targets = len(self.reducer.target_first_ids or [])
             nan = float("nan")
