@@ -124,7 +124,7 @@ def ablation_edit(blocks: DecoderBlocks, site: str, layer: int, head: int | None
     """Zero (``value`` None) or mean ablation of one site (see the module docstring)."""
     constant = None if value is None else _Constant(value)
     if site == "head":
-        columns = blocks.head_columns(head)
+        columns = blocks.head_columns(_head(head))
 
         def head_input(x: torch.Tensor) -> torch.Tensor:
             x = x.clone()
@@ -185,7 +185,7 @@ class MeanMeter:
         self.wanted = sorted(wanted, key=lambda w: (w[1], w[0]))
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.count = 0
-        self._live: torch.Tensor | None = None
+        self._live = torch.zeros(0, dtype=torch.bool)  # the measured call's live positions (hooked)
         self._batch: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
@@ -219,8 +219,10 @@ class MeanMeter:
             self._add(key, x)
         return add
 
-    def _update_adder(self, key: tuple[str, int]) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        def add(out: torch.Tensor, stream_in: torch.Tensor) -> None:
+    def _update_adder(self, key: tuple[str, int]) -> Callable[[torch.Tensor, torch.Tensor | None], None]:
+        def add(out: torch.Tensor, stream_in: torch.Tensor | None) -> None:
+            if stream_in is None:
+                raise RuntimeError("a decoder layer called without its input")
             self._add(key, out - stream_in)  # returns None: the output stays as it is
         return add
 
@@ -235,7 +237,13 @@ class MeanMeter:
 def mean_value(meter: MeanMeter, blocks: DecoderBlocks, site: str, layer: int, head: int | None) -> np.ndarray:
     """The mean a mean ablation of ``site`` puts in place (a head's slice of the attention input)."""
     mean = meter.mean(MEASURED[site], layer)
-    return mean[blocks.head_columns(head)] if site == "head" else mean
+    return mean[blocks.head_columns(_head(head))] if site == "head" else mean
+
+
+def _head(head: int | None) -> int:
+    if head is None:
+        raise ValueError("a head ablation needs its head")
+    return head
 
 
 class Editor:
@@ -243,17 +251,20 @@ class Editor:
     head, module and direction file against the model; :meth:`bind` (with the run's encoder) reads the
     donors; :meth:`measure_means` runs the first pass a mean ablation needs."""
 
+    blocks: DecoderBlocks
+
     def __init__(self, model: torch.nn.Module, interventions: list[Intervention]) -> None:
         self.model = model
         self.interventions = list(interventions)
-        self.blocks = DecoderBlocks.of(model) if self.interventions else None
+        if self.interventions:  # an editor of no interventions never needs the model's blocks
+            self.blocks = DecoderBlocks.of(model)
         self.directions: dict[int, np.ndarray] = {}
         self.means: dict[int, np.ndarray] = {}
         self.donors: dict[int, dict[str, EncodedPrompt]] = {}
         for index, intervention in enumerate(self.interventions):
             self._check(intervention)
             if intervention.kind == "direction":
-                self.directions[index] = load_directions(intervention.path, self.blocks.hidden, "--ablate-direction")
+                self.directions[index] = load_directions(intervention.file, self.blocks.hidden, "--ablate-direction")
 
     def __bool__(self) -> bool:
         return bool(self.interventions)
@@ -267,7 +278,7 @@ class Editor:
         if intervention.kind != "ablate":
             return
         if intervention.site == "head":
-            if intervention.head >= self.blocks.n_heads:
+            if _head(intervention.head) >= self.blocks.n_heads:
                 raise UsageError(f"{intervention.label}: head {intervention.head} is out of range: layer"
                                  f" {intervention.layer} has heads 0..{self.blocks.n_heads - 1}", where=where)
             self.blocks.attention_output(intervention.layer)
@@ -291,7 +302,7 @@ class Editor:
         for index, intervention in enumerate(self.interventions):
             if intervention.kind != "patch":
                 continue
-            records = read_prompts(intervention.path, "auto")
+            records = read_prompts(intervention.file, "auto")
             donors: dict[str, EncodedPrompt] = {}
             for record in records:
                 if record.id in donors:
@@ -315,12 +326,10 @@ class Editor:
 
     @staticmethod
     def _patched_positions(intervention: Intervention, prompt: EncodedPrompt) -> list[int]:
-        chosen = parse_positions(intervention.positions)
+        chosen = parse_positions(intervention.patch_positions)
         n = len(prompt.ids)
-        if chosen == "marks":
-            return sorted(prompt.marks_at) or [n - 1]
-        if chosen == "all":
-            return list(range(n))
+        if isinstance(chosen, str):  # marks or all
+            return (sorted(prompt.marks_at) or [n - 1]) if chosen == "marks" else list(range(n))
         outside = [p for p in chosen if not -n <= p < n]
         if outside:
             raise UsageError(f"position {outside[0]} is outside prompt {prompt.record.id!r} ({n} tokens)",
@@ -331,7 +340,7 @@ class Editor:
     def measure_means(self, batches: Iterator[dict[str, Any]]) -> None:
         """The first pass of a mean ablation: ``batches`` yields each batch's model inputs (``input_ids``,
         ``attention_mask``, ``position_ids``), every prompt of the run once, on the unmodified model."""
-        wanted = {(MEASURED[i.site], i.layer) for i in self.interventions if i.needs_first_pass}
+        wanted = {(MEASURED[i.site_name], i.layer) for i in self.interventions if i.needs_first_pass}
         meter = MeanMeter(self.blocks, wanted)
         for inputs in batches:
             with meter.hooked(inputs["attention_mask"].bool()):
@@ -340,7 +349,7 @@ class Editor:
             raise UsageError("no positions to take the mean over", where="--ablation")
         for index, intervention in enumerate(self.interventions):
             if intervention.needs_first_pass:
-                self.means[index] = mean_value(meter, self.blocks, intervention.site, intervention.layer,
+                self.means[index] = mean_value(meter, self.blocks, intervention.site_name, intervention.layer,
                                                intervention.head)
 
     # ----------------------------------------------------------------------------------- per batch
@@ -352,7 +361,7 @@ class Editor:
             if intervention.kind == "ablate":
                 if intervention.needs_first_pass and index not in self.means:
                     raise RuntimeError("a mean ablation's first pass has not run (Editor.measure_means)")
-                found.append(ablation_edit(self.blocks, intervention.site, intervention.layer, intervention.head,
+                found.append(ablation_edit(self.blocks, intervention.site_name, intervention.layer, intervention.head,
                                            self.means.get(index), label))
             elif intervention.kind == "direction":
                 found.append(projection_edit(self.blocks, intervention.layer, self.directions[index], label))

@@ -77,6 +77,22 @@ class Intervention:
             return f"directions of {self.path} projected out after block {self.layer}"
         return f"residual stream after block {self.layer} patched from {self.path} at {self.positions}"
 
+    # The fields a kind requires (validate() checks them), typed for the code that acts on that kind
+    @property
+    def site_name(self) -> str:
+        """An ablation's site (one of :data:`SITES`)."""
+        return _required(self.site, "site", self)
+
+    @property
+    def file(self) -> str:
+        """A direction's .npy or a patch's donor prompts."""
+        return _required(self.path, "path", self)
+
+    @property
+    def patch_positions(self) -> str:
+        """A patch's positions: ``marks``, ``all`` or ``3,5,-1``."""
+        return _required(self.positions, "positions", self)
+
     @property
     def needs_first_pass(self) -> bool:
         """A mean ablation measures its mean on the whole run before the run traces anything."""
@@ -165,6 +181,12 @@ def from_options(ablate: list[str] | None, ablation: str, directions: list[str] 
     if repeated:
         raise UsageError(f"{repeated[0]} is given twice", where="--ablate")
     return found
+
+
+def _required(value: Any, name: str, intervention: Intervention) -> Any:
+    if value is None:
+        raise ValueError(f"a {intervention.kind} intervention needs its {name}: {intervention}")
+    return value
 
 
 def parse_positions(text: str) -> str | list[int]:

@@ -33,6 +33,7 @@ rounding of the log-normalizer, depend on how many; tests/tracing/test_sweep.py 
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,12 @@ class ComponentScores:
     top1: np.ndarray
 
 
+def _keep_rows(seen: dict[int, torch.Tensor], layer: int, rows: torch.Tensor, cols: torch.Tensor, args: tuple,
+               kwargs: dict) -> None:
+    """An ``on_call`` hook's body: keep the measured rows of the residual stream entering the next module."""
+    seen[layer] = args[0][rows, cols].cpu().double()
+
+
 @dataclass
 class _Batch:
     prompts: list[EncodedPrompt]
@@ -159,6 +166,7 @@ class SweepEngine:
             raise UsageError(f"the sweep applies the output head itself, which this model does not allow: {why}")
         self.run = run
         self.tracer = tracer
+        self.parts = tracer.parts
         self.model = tracer.model
         self.blocks = DecoderBlocks.of(self.model)
         _, self.norm = decoder_parts(self.model)
@@ -203,8 +211,7 @@ class SweepEngine:
             seen: dict[int, torch.Tensor] = {}  # kept only if the batch completes (see MeanMeter.hooked)
             for layer in self.direction_layers:
                 after = self.blocks.layers[layer + 1] if layer + 1 < len(self.blocks) else self.norm
-                hooks.add(on_call(after, lambda args, kwargs, layer=layer: seen.__setitem__(
-                    layer, args[0][rows, cols].cpu().double())))
+                hooks.add(on_call(after, functools.partial(_keep_rows, seen, layer, rows, cols)))
             live = inputs["attention_mask"].bool()
             with self.meter.hooked(live) if self.meter is not None else nullcontext():
                 with outputs_of(self.norm, once=True) as found:
@@ -242,14 +249,18 @@ class SweepEngine:
     # ----------------------------------------------------------------------------------- components
     def edits(self, component: Component) -> list[Edit]:
         """The edit a component's ablation attaches: the one ``trace --ablate`` (or --ablate-direction) makes."""
-        if component.kind in SITES_OF_KIND:
+        layer = component.layer
+        if layer is not None and component.kind in SITES_OF_KIND:
             site = SITES_OF_KIND[component.kind]
-            value = (None if self.ablation == "zero"
-                     else mean_value(self.meter, self.blocks, site, component.layer, component.head))
-            return [ablation_edit(self.blocks, site, component.layer, component.head, value, component.name)]
-        if component.kind in DIRECTION_KINDS:  # orthonormalized as --ablate-direction does a file of it
+            value = None
+            if self.ablation != "zero":
+                if self.meter is None:
+                    raise RuntimeError("a mean ablation's means were not measured (no sites given)")
+                value = mean_value(self.meter, self.blocks, site, layer, component.head)
+            return [ablation_edit(self.blocks, site, layer, component.head, value, component.name)]
+        if layer is not None and component.kind in DIRECTION_KINDS:  # orthonormalized as --ablate-direction does
             basis = orthonormal_rows(self.directions[component.name][None], component.name)
-            return [projection_edit(self.blocks, component.layer, basis, component.name)]
+            return [projection_edit(self.blocks, layer, basis, component.name)]
         raise ValueError(f"not a component to ablate: {component}")
 
     @torch.inference_mode()
@@ -273,13 +284,13 @@ class SweepEngine:
     def _score(self, batch: _Batch, normed: torch.Tensor, edits: list[Edit]) -> ComponentScores:
         """The head at the scored rows only; multi-token targets continued with ``edits`` attached."""
         tracer = self.tracer
-        stats = tracer.reducer.reduce_hidden(tracer.parts.head, normed, batch.scored_next)
+        stats = tracer.reducer.reduce_hidden(self.parts.head, normed, batch.scored_next)
         width = normed.shape[1]
         first_token, entropy, top1, at = [], [], [], []
         for b, e in enumerate(batch.prompts):
             columns = [width - len(e.ids) + p for p in scored_positions(e)]
             logprobs = np.full((len(e.ids), len(tracer.target_tokens)), np.nan, dtype=np.float32)
-            if tracer.target_tokens:
+            if stats.target_logprobs is not None:  # the run has targets
                 logprobs[scored_positions(e)] = stats.target_logprobs[b, columns].cpu().numpy()
             first_token.append(logprobs)
             entropy.append(stats.entropy[b, columns].cpu().numpy())
@@ -290,7 +301,7 @@ class SweepEngine:
                 for edit in edits:
                     edit.attach(hooks)
                 whole = target_sequence_scores(self.model, tracer.loaded.device, tracer.tokenizer.pad_token_id,
-                                               tracer.parts, tracer.target_tokens, batch.prompts, first_token)
+                                               self.parts, tracer.target_tokens, batch.prompts, first_token)
             sequence = [np.stack([scores[p] for p in positions]) for scores, positions in zip(whole, at)]
         else:
             sequence = [logprobs[positions].astype(np.float64) for logprobs, positions in zip(first_token, at)]
