@@ -113,10 +113,22 @@ def outputs(command: str) -> list[tuple[str, bool]]:
     return found
 
 
+def repository_files(root: Path) -> set[str]:
+    """The repository's files, relative to ``root``: git's list in a checkout; elsewhere (CI's copy of a checkout,
+    a source archive) every file but the environment's and the caches' (dot-directories, __pycache__)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=False)
+    if listed.returncode == 0 and (root / ".git").exists():
+        return set(listed.stdout.split())
+    found = set()
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [d for d in subdirectories if not d.startswith(".") and d != "__pycache__"]
+        found.update(str((Path(directory) / f).relative_to(root)) for f in files)
+    return found
+
+
 def planned_outputs(root: Path = ROOT) -> list[str]:
     """Collisions in the runnable blocks, in order: outputs that would exist already, without --force."""
-    tracked = set(subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True,
-                                 check=True).stdout.split())
+    tracked = repository_files(root)
     written: dict[str, str] = {}
     problems = []
     for block in blocks(root):

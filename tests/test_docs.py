@@ -36,6 +36,17 @@ def test_the_checker_sees_a_collision(tmp_path):
     assert [b.skip for b in run_docs.blocks(tmp_path)] == [None, None, None, "a GPU"]
 
 
+def test_the_checker_reads_a_copy_without_git(tmp_path):
+    """CI runs the suite in a copy of the checkout (no .git): the repository's files are then the files there."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("```sh\nllmprobe plot t.parquet -o docs/kept.png\n```\n")
+    (tmp_path / "docs" / "kept.png").write_bytes(b"")
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "t.parquet").write_bytes(b"")
+    assert run_docs.repository_files(tmp_path) == {"README.md", "docs/kept.png"}
+    assert run_docs.planned_outputs(tmp_path) == ["README.md:1: docs/kept.png is a file of the repository"]
+
+
 def test_every_runnable_block_is_an_llmprobe_command():
     runnable = [b for b in run_docs.blocks() if not b.skip]
     assert len(runnable) >= 10
