@@ -18,16 +18,25 @@ Layout (``format`` 1), chosen so that a 20,000-row trace at k = 20 stays a few M
 * ``prompts``: per prompt its ``id``, ``meta`` (the JSONL fields), ``marks`` (``[position, mark]``
   on the model's output rows) and ``slices``. A *slice* is one pass of one model over the prompt:
   ``[start, count, layer]`` — a run of rows ``start … start + count − 1`` in position order. A plain
-  trace has one slice per prompt (layer null); a logit-lens trace one per layer. Later kinds of
-  traces add passes as further slices: an interventions trace or an ablation sweep appends a
-  condition label as a fourth element (absent or null: the unmodified model), so "baseline vs
-  ablated, side by side" is the detail panel drawn for two slices of one prompt at one position.
+  trace has one slice per prompt (layer null); a logit-lens trace one per layer.
+* ``interventions``: the line naming what the trace changed in the model (``interventions:
+  zero-ablated head 8.1``, :func:`llmprobe.tracing.interventions.describe`), null for the model as it is.
+* ``baseline`` (with a baseline trace: the same prompts traced to the same tokens, usually without the
+  intervention; :func:`aligned_baseline` checks it row by row and refuses anything else): its
+  ``source``, ``model``, ``interventions`` line and ``top_k``; ``targets`` (true when it scored the same
+  targets); and ``rows``: its own predictions *aligned row for row with* ``rows`` — ``topk`` (indices
+  into the one ``tokens`` list), ``topk_logprob``, ``next_logprob``, ``next_rank``, ``entropy``, the
+  target columns when ``targets`` — so the page shows both models at a position by one row index, and
+  ``kl_bits``: per row, the exact lower bound on KL(baseline‖trace) from the two top-k lists and the
+  actual next token (:mod:`llmprobe.analysis.shift`), float64. Tokens, positions and marks are the
+  trace's (the baseline's are the same). Its fit entry (below) gains ``baseline_prob``.
 * ``fit`` (with a fit-posterior table of this trace): the conclusion lines (verdict first, then the
   γ = 1 test), the categories, the sequences' names, and ``marks``: columns over the fit's marks
   (typed arrays as above) — ``prompt`` (index into ``prompts``), ``position``, ``n``, ``sequence``
   (index into ``sequences``), ``used``, ``mass``, ``tv``, ``kl_bits`` (KL(Bayes‖model)), and K per
   mark of ``model_prob``, ``bayes_prob``, ``theta`` (NaN: unknown) and ``counts`` — float64, exactly
-  the table's numbers.
+  the table's numbers — and, with a baseline that has target scores (``baseline`` true), ``baseline_prob``:
+  the baseline's category distribution at the mark, renormalized over the categories as ``model_prob`` is.
 
 Why deflate: the top-k log-probabilities stay float32, exactly as traced, and the token indices
 repeat; regrouped bytes deflate to about half (bytes per row at k = 20: about 50 instead of 120
@@ -105,31 +114,21 @@ def parse_json_text(text: Any) -> Any:
         return text
 
 
-def trace_data(trace: Trace) -> dict[str, Any]:
-    """The page's data model of ``trace`` (see the module docstring); no fit yet."""
-    table = trace.table
+def trace_data(trace: Trace, baseline: Trace | None = None) -> dict[str, Any]:
+    """The page's data model of ``trace`` (see the module docstring), with ``baseline`` (a trace of the
+    same prompts and tokens: :func:`aligned_baseline` checks it) beside it; no fit yet."""
+    table, layer = in_order(trace)
     rows = table.num_rows
     if rows == 0:
         raise UsageError("the trace has no rows", where=trace.source)
-    names = table.column_names
-    has_layers = "layer" in names
-    layer = table.column("layer").to_numpy().astype(np.int64) if has_layers else np.zeros(rows, np.int64)
-    order = np.lexsort((table.column("position").to_numpy(), layer, table.column("prompt_index").to_numpy()))
-    table, layer = table.take(pa.array(order)), layer[order]
+    has_layers = "layer" in table.column_names
     prompt_index = table.column("prompt_index").to_numpy()
     position = table.column("position").to_numpy()
+    base_table = aligned_baseline(table, layer, trace.source, baseline) if baseline is not None else None
 
     tokens: dict[str, int] = {}
-    k = table.schema.field("topk_ids").type.list_size
-    topk_ids = table.column("topk_ids").combine_chunks().flatten().to_numpy()
-    unique_ids, inverse = np.unique(topk_ids, return_inverse=True)
-    vocab = trace.vocab
-    if vocab is not None and len(unique_ids) and unique_ids[-1] >= len(vocab):
-        raise UsageError(f"token id {unique_ids[-1]} is outside its vocabulary of {len(vocab)} (the file is damaged)",
-                         where=trace.source)
-    local = np.array([tokens.setdefault(vocab[i] if vocab is not None else f"#{i}", len(tokens)) for i in unique_ids],
-                     dtype=np.int64)
-    topk = local[inverse.reshape(-1)]
+    topk = _topk_indices(trace, table, tokens)
+    base_topk = _topk_indices(baseline, base_table, tokens) if base_table is not None else None
     token = np.array([tokens.setdefault(t, len(tokens)) for t in table.column("token").to_pylist()], dtype=np.int64)
     next_strings = table.column("next_token").to_pylist()
     next_local = [None if t is None else tokens.setdefault(t, len(tokens)) for t in next_strings]
@@ -138,23 +137,16 @@ def trace_data(trace: Trace) -> dict[str, Any]:
     next_token = np.array([none if i is None else i for i in next_local], dtype=np.int64)
     generated = (table.column("phase").cast(pa.string()).to_numpy(zero_copy_only=False) == PHASE_GENERATED)
 
+    targets = _targets(trace)
     encoded: dict[str, Any] = {
         "count": rows,
         "position": typed(position, index_kind(int(position.max()))),
         "token": typed(token, kind),
         "next": typed(next_token, kind),
-        "next_logprob": typed(table.column("next_logprob").to_numpy(zero_copy_only=False), "f32"),
-        "next_rank": typed(pc.fill_null(table.column("next_rank"), 0).to_numpy(), "i32"),
-        "entropy": typed(table.column("entropy").to_numpy(), "f32"),
         "generated": typed(generated, "u8"),
         "topk": typed(topk, kind),
-        "topk_logprob": typed(table.column("topk_logprobs").combine_chunks().flatten().to_numpy(), "f32"),
+        **_distribution_columns(table, bool(targets)),
     }
-    targets = [str(t.get("text")) for t in trace.meta.get("targets", []) if isinstance(t, dict)]
-    for name, key in (("target_logprobs", "target_logprob"), ("target_seq_logprobs", "target_seq_logprob")):
-        if name in names and targets:
-            width = table.schema.field(name).type.list_size
-            encoded[key] = typed(fixed_list_matrix(table.column(name), width), "f32")
     layers = sorted({int(v) for v in layer}) if has_layers else None
     lens = trace.meta.get("lens") if isinstance(trace.meta.get("lens"), dict) else {}
     output_layer = (int(lens["output_layer"]) if isinstance(lens.get("output_layer"), int) else max(layers)) \
@@ -163,7 +155,8 @@ def trace_data(trace: Trace) -> dict[str, Any]:
         "format": DATA_FORMAT,
         "source": trace.source,
         "run": {key: trace.meta[key] for key in RUN_KEYS if trace.meta.get(key) is not None},
-        "top_k": k,
+        "interventions": interventions_line(trace),
+        "top_k": table.schema.field("topk_ids").type.list_size,
         "targets": targets,
         "layers": layers,
         "output_layer": output_layer,
@@ -171,7 +164,132 @@ def trace_data(trace: Trace) -> dict[str, Any]:
         "none": none,
         "rows": encoded,
         "prompts": _prompts(table, prompt_index, layer if has_layers else None, output_layer),
+        "baseline": None if base_table is None else _baseline_entry(table, baseline, base_table, base_topk, kind,
+                                                                     targets),
         "fit": None,
+    }
+
+
+def in_order(trace: Trace) -> tuple[pa.Table, np.ndarray]:
+    """The trace's rows in page order — by prompt (input order), layer, position — and each row's layer
+    (0 for every row of a trace without logit-lens rows)."""
+    table = trace.table
+    layer = (table.column("layer").to_numpy().astype(np.int64) if "layer" in table.column_names
+             else np.zeros(table.num_rows, np.int64))
+    order = np.lexsort((table.column("position").to_numpy(), layer, table.column("prompt_index").to_numpy()))
+    return table.take(pa.array(order)), layer[order]
+
+
+def _topk_indices(trace: Trace, table: pa.Table, tokens: dict[str, int]) -> np.ndarray:
+    """Every top-k candidate of ``table`` (rows of ``trace``) as an index into ``tokens`` (extended as needed)."""
+    topk_ids = table.column("topk_ids").combine_chunks().flatten().to_numpy()
+    unique_ids, inverse = np.unique(topk_ids, return_inverse=True)
+    vocab = trace.vocab
+    if vocab is not None and len(unique_ids) and unique_ids[-1] >= len(vocab):
+        raise UsageError(f"token id {unique_ids[-1]} is outside its vocabulary of {len(vocab)} (the file is damaged)",
+                         where=trace.source)
+    local = np.array([tokens.setdefault(vocab[i] if vocab is not None else f"#{i}", len(tokens)) for i in unique_ids],
+                     dtype=np.int64)
+    return local[inverse.reshape(-1)]
+
+
+def _targets(trace: Trace) -> list[str]:
+    return [str(t.get("text")) for t in trace.meta.get("targets", []) if isinstance(t, dict)]
+
+
+def _distribution_columns(table: pa.Table, with_targets: bool) -> dict[str, Any]:
+    """The columns that describe one model's prediction at each row (a trace's, or its baseline's)."""
+    columns = {
+        "next_logprob": typed(table.column("next_logprob").to_numpy(zero_copy_only=False), "f32"),
+        "next_rank": typed(pc.fill_null(table.column("next_rank"), 0).to_numpy(), "i32"),
+        "entropy": typed(table.column("entropy").to_numpy(), "f32"),
+        "topk_logprob": typed(table.column("topk_logprobs").combine_chunks().flatten().to_numpy(), "f32"),
+    }
+    for name, key in (("target_logprobs", "target_logprob"), ("target_seq_logprobs", "target_seq_logprob")):
+        if name in table.column_names and with_targets:
+            width = table.schema.field(name).type.list_size
+            columns[key] = typed(fixed_list_matrix(table.column(name), width), "f32")
+    return columns
+
+
+def interventions_line(trace: Trace) -> str | None:
+    """``interventions: zero-ablated head 8.1`` for a trace of a changed model (None: the model as it is)."""
+    from llmprobe.tracing.interventions import describe
+
+    settings = trace.meta.get("settings") if isinstance(trace.meta.get("settings"), dict) else {}
+    found = settings.get("interventions") or []
+    try:
+        return describe(found)
+    except (TypeError, KeyError, ValueError):  # metadata written by hand, or damaged: say so, draw the page
+        return f"interventions: {json.dumps(found)[:200]} (not readable as llmprobe interventions)"
+
+
+# ------------------------------------------------------------------------------------------- the baseline
+BASELINE_RULE = ("a baseline is a trace of the same prompts, in the same order, to the same tokens (the same"
+                 " prompts file traced without the intervention)")
+
+
+def aligned_baseline(table: pa.Table, layer: np.ndarray, source: str, baseline: Trace) -> pa.Table:
+    """``baseline``'s rows in the order of ``table`` (a trace's rows, :func:`in_order`), checked to be the
+    same prompts, layers, positions and tokens row by row; anything else is one UsageError naming it."""
+    where = baseline.source
+    has_layers = "layer" in table.column_names
+    if ("layer" in baseline.table.column_names) != has_layers:
+        which = ("has logit-lens rows (--layers) and the trace does not" if not has_layers
+                 else "has no logit-lens rows (--layers) and the trace does")
+        raise UsageError(f"is not a baseline of {source}: it {which}; {BASELINE_RULE}", where=where)
+    base, base_layer = in_order(baseline)
+    count = min(table.num_rows, base.num_rows)
+    columns = ("prompt_id", "position", "token_id")
+    mine = {c: table.column(c).to_numpy(zero_copy_only=False)[:count] for c in columns}
+    theirs = {c: base.column(c).to_numpy(zero_copy_only=False)[:count] for c in columns}
+    differ = (layer[:count] != base_layer[:count]) | np.logical_or.reduce([mine[c] != theirs[c] for c in columns])
+    if differ.any():
+        row = int(np.argmax(differ))
+        if mine["prompt_id"][row] != theirs["prompt_id"][row]:
+            what = (f"its prompt number {int(table.column('prompt_index')[row].as_py()) + 1} is"
+                    f" {theirs['prompt_id'][row]!r} where the trace has {mine['prompt_id'][row]!r}")
+        else:
+            at = f"prompt {mine['prompt_id'][row]!r}" + (f" layer {int(layer[row])}" if has_layers else "")
+            if layer[row] != base_layer[row] or mine["position"][row] != theirs["position"][row]:
+                what = f"{at} has other layers or positions than the trace's"
+            else:
+                generated = table.column("phase")[row].as_py() == PHASE_GENERATED
+                what = (f"at {at} position {int(mine['position'][row])} its token is"
+                        f" {base.column('token')[row].as_py()!r} where the trace has {table.column('token')[row].as_py()!r}"
+                        + (" (a generated token: the two models generated different text)" if generated else ""))
+        raise UsageError(f"is not a baseline of {source}: {what}; {BASELINE_RULE}", where=where)
+    if base.num_rows != table.num_rows:
+        longer, shorter = (table, base) if table.num_rows > base.num_rows else (base, table)
+        extra = longer.column("prompt_id")[count].as_py()
+        holder = "the trace" if longer is table else "the baseline"
+        raise UsageError(f"is not a baseline of {source}: it has {base.num_rows} rows and the trace {table.num_rows};"
+                         f" {holder} goes on with prompt {extra!r} where the other ends; {BASELINE_RULE}", where=where)
+    return base
+
+
+def _baseline_entry(table: pa.Table, baseline: Trace, base: pa.Table, base_topk: np.ndarray, kind: str,
+                    targets: list[str]) -> dict[str, Any]:
+    """The ``baseline`` entry: the baseline's predictions row by row (aligned with ``rows``) and the change."""
+    from llmprobe.analysis.shift import kl_lower_bound_bits
+
+    def matrix(t: pa.Table, name: str) -> np.ndarray:
+        return fixed_list_matrix(t.column(name), t.schema.field(name).type.list_size)
+
+    next_ids = pc.fill_null(table.column("next_token_id"), -1).to_numpy()
+    change = kl_lower_bound_bits(matrix(base, "topk_ids"), matrix(base, "topk_logprobs"), matrix(table, "topk_ids"),
+                                 matrix(table, "topk_logprobs"), next_ids,
+                                 base.column("next_logprob").to_numpy(zero_copy_only=False).astype(np.float64),
+                                 table.column("next_logprob").to_numpy(zero_copy_only=False).astype(np.float64))
+    same_targets = _targets(baseline) == targets
+    return {
+        "source": baseline.source,
+        "model": baseline.meta.get("model"),
+        "interventions": interventions_line(baseline),
+        "top_k": base.schema.field("topk_ids").type.list_size,
+        "targets": same_targets,
+        "rows": {"topk": typed(base_topk, kind), **_distribution_columns(base, same_targets and bool(targets)),
+                 "kl_bits": typed(change, "f64")},
     }
 
 
@@ -206,8 +324,9 @@ def _prompts(table: pa.Table, prompt_index: np.ndarray, layer: np.ndarray | None
 
 
 # -------------------------------------------------------------------------------------------------- the fit
-def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``fit`` entry of the data model, from a :class:`~llmprobe.plots.icl.FitTable` of this trace."""
+def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]], baseline: Trace | None = None) -> dict[str, Any]:
+    """The ``fit`` entry of the data model, from a :class:`~llmprobe.plots.icl.FitTable` of this trace (with
+    the baseline's category distribution at each mark, when a baseline trace with target scores is given)."""
     from llmprobe.analysis.results import gamma_test_line, verdict_line
     from llmprobe.analysis.marks import trace_label
     from llmprobe.plots.icl import HEADLINE_KEYS, flatten_summary
@@ -229,6 +348,7 @@ def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str,
                          f" ({len(missing)} of its prompts are missing)", where=fit.source)
     categories = list(dict.fromkeys(rows["category"]))
     marks = _matched_marks(trace, fit, rows, fit_label, categories)
+    with_baseline = baseline is not None and _add_baseline_probs(marks, baseline)
     summary = next((s for s in fit.summaries if s.get("trace") == fit_label), None)
     flat = flatten_summary(summary) if summary else {}
     params = [[name, flat[key]] for key, name in HEADLINE_KEYS.items() if key in flat]
@@ -246,7 +366,8 @@ def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str,
         "params": params,
         "categories": categories,
         "sequences": sequences,
-        "marks": _fit_columns(marks, categories, index_of, sequences),
+        "baseline": with_baseline,
+        "marks": _fit_columns(marks, categories, index_of, sequences, with_baseline),
     }
 
 
@@ -283,8 +404,25 @@ def _matched_marks(trace: Trace, fit: Any, rows: pd.DataFrame, label: str, categ
     return merged
 
 
+def _add_baseline_probs(marks: pd.DataFrame, baseline: Trace) -> bool:
+    """Add ``baseline_prob`` to the fit's rows: the baseline trace's category distribution at the same mark
+    (renormalized over the categories, as the fit's ``model_prob``); False when the baseline has no target
+    scores to give it (its page then shows the fit without that column)."""
+    from llmprobe.analysis.marks import category_marks
+
+    try:
+        cm = category_marks(baseline)
+    except UsageError:
+        return False
+    at = {(str(p), int(q)): i for i, (p, q) in enumerate(zip(cm.marks["prompt_id"], cm.marks["position"]))}
+    column = {c: i for i, c in enumerate(cm.categories)}
+    marks["baseline_prob"] = [cm.probs[at[(str(p), int(q))], column[c]] if (str(p), int(q)) in at and c in column
+                              else np.nan for p, q, c in zip(marks["prompt_id"], marks["position"], marks["category"])]
+    return True
+
+
 def _fit_columns(rows: pd.DataFrame, categories: list[str], index_of: dict[str, int],
-                 sequences: list[str]) -> dict[str, Any]:
+                 sequences: list[str], with_baseline: bool = False) -> dict[str, Any]:
     """The fit's marks as typed columns: one entry per mark (in table order), K per mark for the category
     columns (in ``categories`` order; NaN where the table has no row for a category)."""
     mark, first = _codes(rows["prompt_id"].astype(str) + "\0" + rows["position"].astype(str))
@@ -312,7 +450,8 @@ def _fit_columns(rows: pd.DataFrame, categories: list[str], index_of: dict[str, 
         "used": typed(np.asarray(used, dtype=np.uint8), "u8"),
     }
     columns.update({name: typed(numbers(heads, name), "f64") for name in FIT_MARK_FLOATS})
-    columns.update({FIT_CATEGORY_KEYS.get(name, name): typed(per_category(name), "f64") for name in FIT_CATEGORY_FLOATS})
+    floats = FIT_CATEGORY_FLOATS + (("baseline_prob",) if with_baseline else ())
+    columns.update({FIT_CATEGORY_KEYS.get(name, name): typed(per_category(name), "f64") for name in floats})
     return columns
 
 
@@ -322,9 +461,9 @@ def _codes(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return codes, np.unique(codes, return_index=True)[1]
 
 
-def page_data(trace: Trace, fit: Any = None) -> dict[str, Any]:
-    """The whole data model: the trace, and the fit (a FitTable of this trace) when given."""
-    data = trace_data(trace)
+def page_data(trace: Trace, fit: Any = None, baseline: Trace | None = None) -> dict[str, Any]:
+    """The whole data model: the trace, the fit (a FitTable of this trace) and the baseline trace when given."""
+    data = trace_data(trace, baseline)
     if fit is not None:
-        data["fit"] = fit_data(trace, fit, data["prompts"])
+        data["fit"] = fit_data(trace, fit, data["prompts"], baseline)
     return data
