@@ -6,7 +6,8 @@ Layout (``format`` 1), chosen so that a 20,000-row trace at k = 20 stays a few M
   top-k candidates), each once; rows refer to them by index (``none`` marks a missing next token).
   Strings are kept exactly (the page makes whitespace visible itself), so ``data-token`` is the
   trace's own string.
-* ``rows``: one entry per trace row, columnar, each column a typed array (:func:`typed`:
+* ``rows``: one entry per trace row, columnar, each column a typed array
+  (:func:`~llmprobe.viewer.columns.typed`:
   ``{"type": "f32", "data": ...}``, little-endian bytes regrouped by significance — all first bytes,
   then all second bytes… — deflated (zlib) and base64-encoded; the page inflates them with the
   browser's own ``DecompressionStream``): ``position``, ``token``, ``next``, ``next_logprob`` (NaN: no
@@ -22,7 +23,7 @@ Layout (``format`` 1), chosen so that a 20,000-row trace at k = 20 stays a few M
 * ``interventions``: the line naming what the trace changed in the model (``interventions:
   zero-ablated head 8.1``, :func:`llmprobe.tracing.interventions.describe`), null for the model as it is.
 * ``baseline`` (with a baseline trace: the same prompts traced to the same tokens, usually without the
-  intervention; :func:`aligned_baseline` checks it row by row and refuses anything else): its
+  intervention; :func:`~llmprobe.viewer.interventions.aligned_baseline` checks it row by row and refuses anything else): its
   ``source``, ``model``, ``interventions`` line and ``top_k``; ``targets`` (true when it scored the same
   targets); and ``rows``: its own predictions *aligned row for row with* ``rows`` — ``topk`` (indices
   into the one ``tokens`` list), ``topk_logprob``, ``next_logprob``, ``next_rank``, ``entropy``, the
@@ -50,19 +51,18 @@ else is one :class:`~llmprobe.errors.UsageError` naming the fit table.
 
 from __future__ import annotations
 
-import base64
 import json
-import zlib
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from llmprobe.errors import UsageError
 from llmprobe.tracing.reader import Trace
 from llmprobe.tracing.schema import PHASE_GENERATED
+from llmprobe.viewer.columns import distribution_columns, in_order, index_kind, topk_indices, trace_targets, typed
+from llmprobe.viewer.interventions import add_baseline_probs, aligned_baseline, baseline_entry, interventions_line
 
 DATA_FORMAT = 1
 RUN_KEYS = ("model", "model_kind", "architecture", "dtype", "device", "gguf_quantization", "weights_precision",
@@ -71,37 +71,6 @@ MATCH_RTOL, MATCH_ATOL = 1e-6, 1e-12  # a fit's model probabilities against the 
 FIT_MARK_FLOATS = ("mass", "tv", "kl_bits")
 FIT_CATEGORY_FLOATS = ("model_prob", "bayes_prob", "theta", "count")
 FIT_CATEGORY_KEYS = {"count": "counts"}  # the page's name, where the table's would clash (``count``: marks)
-
-
-TYPES = {"f32": "<f4", "f64": "<f8", "u8": "u1", "u16": "<u2", "u32": "<u4", "i32": "<i4"}
-
-
-def typed(values: Any, kind: str) -> dict[str, str]:
-    """An array as ``{"type": kind, "data": base64(zlib(its little-endian bytes, regrouped by significance))}``."""
-    array = np.ascontiguousarray(values, dtype=TYPES[kind])
-    planes = array.view(np.uint8).reshape(-1, array.itemsize).T.tobytes()  # byte 0 of every value, then byte 1...
-    return {"type": kind, "data": base64.b64encode(zlib.compress(planes, 6)).decode("ascii")}
-
-
-def untyped(spec: dict[str, str]) -> np.ndarray:
-    """The inverse of :func:`typed` (what the page's script does)."""
-    dtype = np.dtype(TYPES[spec["type"]])
-    planes = np.frombuffer(zlib.decompress(base64.b64decode(spec["data"])), np.uint8)
-    return planes.reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(-1)
-
-
-def index_kind(largest: int) -> str:
-    return "u16" if largest < 0xFFFF else "u32"
-
-
-def fixed_list_matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
-    """A fixed-size-list column as an (rows, width) float array, NaN in null rows."""
-    array = column.combine_chunks()
-    values = array.values.slice(array.offset * width, len(array) * width)
-    matrix = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(array), width)
-    if array.null_count:
-        matrix[array.is_null().to_numpy(zero_copy_only=False)] = np.nan
-    return matrix
 
 
 def parse_json_text(text: Any) -> Any:
@@ -127,8 +96,8 @@ def trace_data(trace: Trace, baseline: Trace | None = None) -> dict[str, Any]:
     base_table = aligned_baseline(table, layer, trace.source, baseline) if baseline is not None else None
 
     tokens: dict[str, int] = {}
-    topk = _topk_indices(trace, table, tokens)
-    base_topk = _topk_indices(baseline, base_table, tokens) if base_table is not None else None
+    topk = topk_indices(trace, table, tokens)
+    base_topk = topk_indices(baseline, base_table, tokens) if base_table is not None else None
     token = np.array([tokens.setdefault(t, len(tokens)) for t in table.column("token").to_pylist()], dtype=np.int64)
     next_strings = table.column("next_token").to_pylist()
     next_local = [None if t is None else tokens.setdefault(t, len(tokens)) for t in next_strings]
@@ -137,7 +106,7 @@ def trace_data(trace: Trace, baseline: Trace | None = None) -> dict[str, Any]:
     next_token = np.array([none if i is None else i for i in next_local], dtype=np.int64)
     generated = (table.column("phase").cast(pa.string()).to_numpy(zero_copy_only=False) == PHASE_GENERATED)
 
-    targets = _targets(trace)
+    targets = trace_targets(trace)
     encoded: dict[str, Any] = {
         "count": rows,
         "position": typed(position, index_kind(int(position.max()))),
@@ -145,7 +114,7 @@ def trace_data(trace: Trace, baseline: Trace | None = None) -> dict[str, Any]:
         "next": typed(next_token, kind),
         "generated": typed(generated, "u8"),
         "topk": typed(topk, kind),
-        **_distribution_columns(table, bool(targets)),
+        **distribution_columns(table, bool(targets)),
     }
     layers = sorted({int(v) for v in layer}) if has_layers else None
     lens = trace.meta.get("lens") if isinstance(trace.meta.get("lens"), dict) else {}
@@ -164,132 +133,9 @@ def trace_data(trace: Trace, baseline: Trace | None = None) -> dict[str, Any]:
         "none": none,
         "rows": encoded,
         "prompts": _prompts(table, prompt_index, layer if has_layers else None, output_layer),
-        "baseline": None if base_table is None else _baseline_entry(table, baseline, base_table, base_topk, kind,
+        "baseline": None if base_table is None else baseline_entry(table, baseline, base_table, base_topk, kind,
                                                                      targets),
         "fit": None,
-    }
-
-
-def in_order(trace: Trace) -> tuple[pa.Table, np.ndarray]:
-    """The trace's rows in page order — by prompt (input order), layer, position — and each row's layer
-    (0 for every row of a trace without logit-lens rows)."""
-    table = trace.table
-    layer = (table.column("layer").to_numpy().astype(np.int64) if "layer" in table.column_names
-             else np.zeros(table.num_rows, np.int64))
-    order = np.lexsort((table.column("position").to_numpy(), layer, table.column("prompt_index").to_numpy()))
-    return table.take(pa.array(order)), layer[order]
-
-
-def _topk_indices(trace: Trace, table: pa.Table, tokens: dict[str, int]) -> np.ndarray:
-    """Every top-k candidate of ``table`` (rows of ``trace``) as an index into ``tokens`` (extended as needed)."""
-    topk_ids = table.column("topk_ids").combine_chunks().flatten().to_numpy()
-    unique_ids, inverse = np.unique(topk_ids, return_inverse=True)
-    vocab = trace.vocab
-    if vocab is not None and len(unique_ids) and unique_ids[-1] >= len(vocab):
-        raise UsageError(f"token id {unique_ids[-1]} is outside its vocabulary of {len(vocab)} (the file is damaged)",
-                         where=trace.source)
-    local = np.array([tokens.setdefault(vocab[i] if vocab is not None else f"#{i}", len(tokens)) for i in unique_ids],
-                     dtype=np.int64)
-    return local[inverse.reshape(-1)]
-
-
-def _targets(trace: Trace) -> list[str]:
-    return [str(t.get("text")) for t in trace.meta.get("targets", []) if isinstance(t, dict)]
-
-
-def _distribution_columns(table: pa.Table, with_targets: bool) -> dict[str, Any]:
-    """The columns that describe one model's prediction at each row (a trace's, or its baseline's)."""
-    columns = {
-        "next_logprob": typed(table.column("next_logprob").to_numpy(zero_copy_only=False), "f32"),
-        "next_rank": typed(pc.fill_null(table.column("next_rank"), 0).to_numpy(), "i32"),
-        "entropy": typed(table.column("entropy").to_numpy(), "f32"),
-        "topk_logprob": typed(table.column("topk_logprobs").combine_chunks().flatten().to_numpy(), "f32"),
-    }
-    for name, key in (("target_logprobs", "target_logprob"), ("target_seq_logprobs", "target_seq_logprob")):
-        if name in table.column_names and with_targets:
-            width = table.schema.field(name).type.list_size
-            columns[key] = typed(fixed_list_matrix(table.column(name), width), "f32")
-    return columns
-
-
-def interventions_line(trace: Trace) -> str | None:
-    """``interventions: zero-ablated head 8.1`` for a trace of a changed model (None: the model as it is)."""
-    from llmprobe.tracing.interventions import describe
-
-    settings = trace.meta.get("settings") if isinstance(trace.meta.get("settings"), dict) else {}
-    found = settings.get("interventions") or []
-    try:
-        return describe(found)
-    except (TypeError, KeyError, ValueError):  # metadata written by hand, or damaged: say so, draw the page
-        return f"interventions: {json.dumps(found)[:200]} (not readable as llmprobe interventions)"
-
-
-# ------------------------------------------------------------------------------------------- the baseline
-BASELINE_RULE = ("a baseline is a trace of the same prompts, in the same order, to the same tokens (the same"
-                 " prompts file traced without the intervention)")
-
-
-def aligned_baseline(table: pa.Table, layer: np.ndarray, source: str, baseline: Trace) -> pa.Table:
-    """``baseline``'s rows in the order of ``table`` (a trace's rows, :func:`in_order`), checked to be the
-    same prompts, layers, positions and tokens row by row; anything else is one UsageError naming it."""
-    where = baseline.source
-    has_layers = "layer" in table.column_names
-    if ("layer" in baseline.table.column_names) != has_layers:
-        which = ("has logit-lens rows (--layers) and the trace does not" if not has_layers
-                 else "has no logit-lens rows (--layers) and the trace does")
-        raise UsageError(f"is not a baseline of {source}: it {which}; {BASELINE_RULE}", where=where)
-    base, base_layer = in_order(baseline)
-    count = min(table.num_rows, base.num_rows)
-    columns = ("prompt_id", "position", "token_id")
-    mine = {c: table.column(c).to_numpy(zero_copy_only=False)[:count] for c in columns}
-    theirs = {c: base.column(c).to_numpy(zero_copy_only=False)[:count] for c in columns}
-    differ = (layer[:count] != base_layer[:count]) | np.logical_or.reduce([mine[c] != theirs[c] for c in columns])
-    if differ.any():
-        row = int(np.argmax(differ))
-        if mine["prompt_id"][row] != theirs["prompt_id"][row]:
-            what = (f"its prompt number {int(table.column('prompt_index')[row].as_py()) + 1} is"
-                    f" {theirs['prompt_id'][row]!r} where the trace has {mine['prompt_id'][row]!r}")
-        else:
-            at = f"prompt {mine['prompt_id'][row]!r}" + (f" layer {int(layer[row])}" if has_layers else "")
-            if layer[row] != base_layer[row] or mine["position"][row] != theirs["position"][row]:
-                what = f"{at} has other layers or positions than the trace's"
-            else:
-                generated = table.column("phase")[row].as_py() == PHASE_GENERATED
-                what = (f"at {at} position {int(mine['position'][row])} its token is"
-                        f" {base.column('token')[row].as_py()!r} where the trace has {table.column('token')[row].as_py()!r}"
-                        + (" (a generated token: the two models generated different text)" if generated else ""))
-        raise UsageError(f"is not a baseline of {source}: {what}; {BASELINE_RULE}", where=where)
-    if base.num_rows != table.num_rows:
-        longer, shorter = (table, base) if table.num_rows > base.num_rows else (base, table)
-        extra = longer.column("prompt_id")[count].as_py()
-        holder = "the trace" if longer is table else "the baseline"
-        raise UsageError(f"is not a baseline of {source}: it has {base.num_rows} rows and the trace {table.num_rows};"
-                         f" {holder} goes on with prompt {extra!r} where the other ends; {BASELINE_RULE}", where=where)
-    return base
-
-
-def _baseline_entry(table: pa.Table, baseline: Trace, base: pa.Table, base_topk: np.ndarray, kind: str,
-                    targets: list[str]) -> dict[str, Any]:
-    """The ``baseline`` entry: the baseline's predictions row by row (aligned with ``rows``) and the change."""
-    from llmprobe.analysis.shift import kl_lower_bound_bits
-
-    def matrix(t: pa.Table, name: str) -> np.ndarray:
-        return fixed_list_matrix(t.column(name), t.schema.field(name).type.list_size)
-
-    next_ids = pc.fill_null(table.column("next_token_id"), -1).to_numpy()
-    change = kl_lower_bound_bits(matrix(base, "topk_ids"), matrix(base, "topk_logprobs"), matrix(table, "topk_ids"),
-                                 matrix(table, "topk_logprobs"), next_ids,
-                                 base.column("next_logprob").to_numpy(zero_copy_only=False).astype(np.float64),
-                                 table.column("next_logprob").to_numpy(zero_copy_only=False).astype(np.float64))
-    same_targets = _targets(baseline) == targets
-    return {
-        "source": baseline.source,
-        "model": baseline.meta.get("model"),
-        "interventions": interventions_line(baseline),
-        "top_k": base.schema.field("topk_ids").type.list_size,
-        "targets": same_targets,
-        "rows": {"topk": typed(base_topk, kind), **_distribution_columns(base, same_targets and bool(targets)),
-                 "kl_bits": typed(change, "f64")},
     }
 
 
@@ -348,7 +194,7 @@ def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]], baseline: Tr
                          f" ({len(missing)} of its prompts are missing)", where=fit.source)
     categories = list(dict.fromkeys(rows["category"]))
     marks = _matched_marks(trace, fit, rows, fit_label, categories)
-    with_baseline = baseline is not None and _add_baseline_probs(marks, baseline)
+    with_baseline = baseline is not None and add_baseline_probs(marks, baseline)
     summary = next((s for s in fit.summaries if s.get("trace") == fit_label), None)
     flat = flatten_summary(summary) if summary else {}
     params = [[name, flat[key]] for key, name in HEADLINE_KEYS.items() if key in flat]
@@ -402,23 +248,6 @@ def _matched_marks(trace: Trace, fit: Any, rows: pd.DataFrame, label: str, categ
                          f" {merged[key[1]].iloc[i]}, the fit's model probability of {merged['category'].iloc[i]!r}"
                          f" is {fitted[i]:.6g} but the trace gives {traced_prob[i]:.6g}", where=fit.source)
     return merged
-
-
-def _add_baseline_probs(marks: pd.DataFrame, baseline: Trace) -> bool:
-    """Add ``baseline_prob`` to the fit's rows: the baseline trace's category distribution at the same mark
-    (renormalized over the categories, as the fit's ``model_prob``); False when the baseline has no target
-    scores to give it (its page then shows the fit without that column)."""
-    from llmprobe.analysis.marks import category_marks
-
-    try:
-        cm = category_marks(baseline)
-    except UsageError:
-        return False
-    at = {(str(p), int(q)): i for i, (p, q) in enumerate(zip(cm.marks["prompt_id"], cm.marks["position"]))}
-    column = {c: i for i, c in enumerate(cm.categories)}
-    marks["baseline_prob"] = [cm.probs[at[(str(p), int(q))], column[c]] if (str(p), int(q)) in at and c in column
-                              else np.nan for p, q, c in zip(marks["prompt_id"], marks["position"], marks["category"])]
-    return True
 
 
 def _fit_columns(rows: pd.DataFrame, categories: list[str], index_of: dict[str, int],

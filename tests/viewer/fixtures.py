@@ -280,6 +280,6 @@ class Server:
 
 def decoded_rows(data: dict[str, Any]) -> dict[str, np.ndarray]:
     """The typed arrays of a page data model's rows, decoded as the page's script decodes them."""
-    from llmprobe.viewer.data import untyped
+    from llmprobe.viewer.columns import untyped
 
     return {name: untyped(spec) for name, spec in data["rows"].items() if isinstance(spec, dict)}
