@@ -20,7 +20,7 @@ token) and ``data-seq-prob`` (whole string, at marks); in the fit panel ``tr[dat
 ``[data-baseline-entropy]``, ``[data-baseline-next-prob]``/``[data-baseline-next-rank]``,
 ``[data-delta-next-prob]`` (the trace's probability of the next token minus the baseline's),
 ``[data-change-kl-bits]`` (the lower bound on KL(baseline‖trace), :mod:`llmprobe.analysis.shift`), and
-``data-baseline-prob`` on ``tr[data-target]``; in the fit panel ``data-baseline-prob`` on
+``data-baseline-prob``/``data-baseline-seq-prob`` on ``tr[data-target]``; in the fit panel ``data-baseline-prob`` on
 ``tr[data-category]``. ``#color-by`` then offers ``kl`` and ``delta`` besides ``surprisal`` and ``entropy``. ``window.llmprobeView`` exposes ``selectPrompt(i)``,
 ``selectPosition(p)``, ``state`` and ``timings`` (``ready``: ms from navigation start until the first
 panel was drawn; ``lastSelect``: ms the last selection took).

@@ -102,6 +102,9 @@ def test_at_a_mark_the_baseline_stands_beside_the_ablated_model_and_bayes(browse
     assert shown.keys() == expected.keys()
     for category, prob in shown.items():
         assert prob == pytest.approx(expected[category], abs=1e-9)
+    whole = {t: float(p) for t, p in panel_rows(browser, "#targets tr[data-target]", "data-target",
+                                                 "data-baseline-seq-prob")}
+    assert [whole[t] for t in COIN_TARGETS] == pytest.approx(seq.tolist(), abs=1e-6)
 
 
 def test_the_ablated_trace_alone_renders_as_before_and_names_its_intervention(browser, pair):

@@ -112,7 +112,7 @@ class Dataset {
     this.layers = d.layers;
     this.outputLayer = d.output_layer;
     // the baseline's predictions, row for row with the trace's (tokens and positions are the same)
-    this.base = base ? {source: d.baseline.source, interventions: d.baseline.interventions, k: d.baseline.top_k,
+    this.base = base ? {interventions: d.baseline.interventions, k: d.baseline.top_k,
                         targets: d.baseline.targets, topk: base.topk, topkLogprob: base.topk_logprob,
                         nextLogprob: base.next_logprob, nextRank: base.next_rank, entropy: base.entropy,
                         targetLogprob: base.target_logprob || null, targetSeqLogprob: base.target_seq_logprob || null,
@@ -369,18 +369,22 @@ function drawDetail() {
       const first = Math.exp(data.targetLogprob[r * T + t]);
       const whole = data.targetSeqLogprob ? Math.exp(data.targetSeqLogprob[r * T + t]) : NaN;
       const theirs = both ? Math.exp(base.targetLogprob[r * T + t]) : NaN;
+      const theirsWhole = both && base.targetSeqLogprob ? Math.exp(base.targetSeqLogprob[r * T + t]) : NaN;
       return h("tr", {"data-target": text, "data-prob": String(first),
                       "data-seq-prob": Number.isFinite(whole) ? String(whole) : null,
-                      "data-baseline-prob": both ? String(theirs) : null},
+                      "data-baseline-prob": both ? String(theirs) : null,
+                      "data-baseline-seq-prob": Number.isFinite(theirsWhole) ? String(theirsWhole) : null},
         h("td", null, h("code", null, visible(text))), both ? h("td", {class: "num"}, pct(theirs)) : null,
         h("td", {class: "num"}, pct(first)),
+        both ? h("td", {class: "num"}, Number.isFinite(theirsWhole) ? pct(theirsWhole) : "\u2013") : null,
         h("td", {class: "num"}, Number.isFinite(whole) ? pct(whole) : "\u2013"));
     });
+    const column = (name, baseline) => h("th", null, both ? `${name}, ${baseline ? "baseline" : "this trace"}` : name);
     parts.push(h("table", {id: "targets", class: "plain"},
-      h("thead", null, h("tr", null, h("th", null, "target"), both ? h("th", null, "first token, baseline") : null,
-                                     h("th", null, both ? "first token, this trace" : "first token"),
-                                     h("th", null, both ? "whole string, this trace (at marks)"
-                                                        : "whole string (at marks)"))),
+      h("thead", null, h("tr", null, h("th", null, "target"), both ? column("first token", true) : null,
+                                     column("first token", false),
+                                     both ? column("whole string (at marks)", true) : null,
+                                     column("whole string (at marks)", false))),
       h("tbody", null, ...trows)));
   }
   const mark = data.prompts[state.prompt].marks.get(position);
