@@ -16,17 +16,25 @@ def view(
     fit_path: Annotated[Optional[str], typer.Argument(
         metavar="[FIT]", help="fit-posterior table of this trace (Parquet or CSV): the posterior beside the model.")]
     = None,
+    baseline: Annotated[Optional[str], typer.Option(
+        "--baseline", metavar="PLAIN",
+        help="Trace of the same prompts without TRACE's intervention (same tokens): both models side by side,"
+             " and the change per position.")] = None,
     output: opt.output("HTML file (default: TRACE.view.html).") = None,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Explore a trace in the browser: tokens by surprisal, top-k per position, fit and logit lens (one file, offline)."""
+    """Explore a trace in the browser: tokens by surprisal, top-k per position, fit, logit lens, an intervention
+    against its baseline (one file, offline)."""
     opt.input_path(trace_path, "trace file or directory")
     if fit_path is not None:
         opt.input_path(fit_path, "fit table", stdin=False, missing="no such file")
+    if baseline is not None:
+        opt.input_path(baseline, "baseline trace", stdin=trace_path != "-",
+                       missing="no such baseline trace file or directory (--baseline)")
     from llmprobe.viewer.page import write_view
 
-    path = write_view(trace_path, fit_path, output, force=force)
+    path = write_view(trace_path, fit_path, output, force=force, baseline_source=baseline)
     Output(quiet).log(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 

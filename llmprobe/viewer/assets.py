@@ -14,7 +14,14 @@ token; in the detail panel one ``tr[data-token][data-prob]`` per top-k candidate
 precision), ``[data-next-prob]``/``[data-next-rank]``, ``tr[data-target]`` with ``data-prob`` (first
 token) and ``data-seq-prob`` (whole string, at marks); in the fit panel ``tr[data-category]`` with
 ``data-model-prob``/``data-bayes-prob``/``data-theta`` and ``[data-kl-bits]``; in the lens grid
-``td[data-layer][data-position]``. ``window.llmprobeView`` exposes ``selectPrompt(i)``,
+``td[data-layer][data-position]``. With a baseline trace (``view --baseline``): ``#interventions`` and
+``#baseline-line`` under the title; in the detail panel the baseline's top-k as
+``#baseline-topk tr[data-token][data-baseline-prob]`` beside the trace's ``#topk``,
+``[data-baseline-entropy]``, ``[data-baseline-next-prob]``/``[data-baseline-next-rank]``,
+``[data-delta-next-prob]`` (the trace's probability of the next token minus the baseline's),
+``[data-change-kl-bits]`` (the lower bound on KL(baseline‖trace), :mod:`llmprobe.analysis.shift`), and
+``data-baseline-prob``/``data-baseline-seq-prob`` on ``tr[data-target]``; in the fit panel ``data-baseline-prob`` on
+``tr[data-category]``. ``#color-by`` then offers ``kl`` and ``delta`` besides ``surprisal`` and ``entropy``. ``window.llmprobeView`` exposes ``selectPrompt(i)``,
 ``selectPosition(p)``, ``state`` and ``timings`` (``ready``: ms from navigation start until the first
 panel was drawn; ``lastSelect``: ms the last selection took).
 """

@@ -6,7 +6,8 @@ Layout (``format`` 1), chosen so that a 20,000-row trace at k = 20 stays a few M
   top-k candidates), each once; rows refer to them by index (``none`` marks a missing next token).
   Strings are kept exactly (the page makes whitespace visible itself), so ``data-token`` is the
   trace's own string.
-* ``rows``: one entry per trace row, columnar, each column a typed array (:func:`typed`:
+* ``rows``: one entry per trace row, columnar, each column a typed array
+  (:func:`~llmprobe.viewer.columns.typed`:
   ``{"type": "f32", "data": ...}``, little-endian bytes regrouped by significance — all first bytes,
   then all second bytes… — deflated (zlib) and base64-encoded; the page inflates them with the
   browser's own ``DecompressionStream``): ``position``, ``token``, ``next``, ``next_logprob`` (NaN: no
@@ -18,16 +19,25 @@ Layout (``format`` 1), chosen so that a 20,000-row trace at k = 20 stays a few M
 * ``prompts``: per prompt its ``id``, ``meta`` (the JSONL fields), ``marks`` (``[position, mark]``
   on the model's output rows) and ``slices``. A *slice* is one pass of one model over the prompt:
   ``[start, count, layer]`` — a run of rows ``start … start + count − 1`` in position order. A plain
-  trace has one slice per prompt (layer null); a logit-lens trace one per layer. Later kinds of
-  traces add passes as further slices: an interventions trace or an ablation sweep appends a
-  condition label as a fourth element (absent or null: the unmodified model), so "baseline vs
-  ablated, side by side" is the detail panel drawn for two slices of one prompt at one position.
+  trace has one slice per prompt (layer null); a logit-lens trace one per layer.
+* ``interventions``: the line naming what the trace changed in the model (``interventions:
+  zero-ablated head 8.1``, :func:`llmprobe.tracing.interventions.describe`), null for the model as it is.
+* ``baseline`` (with a baseline trace: the same prompts traced to the same tokens, usually without the
+  intervention; :func:`~llmprobe.viewer.interventions.aligned_baseline` checks it row by row and refuses anything else): its
+  ``source``, ``model``, ``interventions`` line and ``top_k``; ``targets`` (true when it scored the same
+  targets); and ``rows``: its own predictions *aligned row for row with* ``rows`` — ``topk`` (indices
+  into the one ``tokens`` list), ``topk_logprob``, ``next_logprob``, ``next_rank``, ``entropy``, the
+  target columns when ``targets`` — so the page shows both models at a position by one row index, and
+  ``kl_bits``: per row, the exact lower bound on KL(baseline‖trace) from the two top-k lists and the
+  actual next token (:mod:`llmprobe.analysis.shift`), float64. Tokens, positions and marks are the
+  trace's (the baseline's are the same). Its fit entry (below) gains ``baseline_prob``.
 * ``fit`` (with a fit-posterior table of this trace): the conclusion lines (verdict first, then the
   γ = 1 test), the categories, the sequences' names, and ``marks``: columns over the fit's marks
   (typed arrays as above) — ``prompt`` (index into ``prompts``), ``position``, ``n``, ``sequence``
   (index into ``sequences``), ``used``, ``mass``, ``tv``, ``kl_bits`` (KL(Bayes‖model)), and K per
   mark of ``model_prob``, ``bayes_prob``, ``theta`` (NaN: unknown) and ``counts`` — float64, exactly
-  the table's numbers.
+  the table's numbers — and, with a baseline that has target scores (``baseline`` true), ``baseline_prob``:
+  the baseline's category distribution at the mark, renormalized over the categories as ``model_prob`` is.
 
 Why deflate: the top-k log-probabilities stay float32, exactly as traced, and the token indices
 repeat; regrouped bytes deflate to about half (bytes per row at k = 20: about 50 instead of 120
@@ -41,19 +51,18 @@ else is one :class:`~llmprobe.errors.UsageError` naming the fit table.
 
 from __future__ import annotations
 
-import base64
 import json
-import zlib
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from llmprobe.errors import UsageError
 from llmprobe.tracing.reader import Trace
 from llmprobe.tracing.schema import PHASE_GENERATED
+from llmprobe.viewer.columns import distribution_columns, in_order, index_kind, topk_indices, trace_targets, typed
+from llmprobe.viewer.interventions import add_baseline_probs, aligned_baseline, baseline_entry, interventions_line
 
 DATA_FORMAT = 1
 RUN_KEYS = ("model", "model_kind", "architecture", "dtype", "device", "gguf_quantization", "weights_precision",
@@ -62,37 +71,6 @@ MATCH_RTOL, MATCH_ATOL = 1e-6, 1e-12  # a fit's model probabilities against the 
 FIT_MARK_FLOATS = ("mass", "tv", "kl_bits")
 FIT_CATEGORY_FLOATS = ("model_prob", "bayes_prob", "theta", "count")
 FIT_CATEGORY_KEYS = {"count": "counts"}  # the page's name, where the table's would clash (``count``: marks)
-
-
-TYPES = {"f32": "<f4", "f64": "<f8", "u8": "u1", "u16": "<u2", "u32": "<u4", "i32": "<i4"}
-
-
-def typed(values: Any, kind: str) -> dict[str, str]:
-    """An array as ``{"type": kind, "data": base64(zlib(its little-endian bytes, regrouped by significance))}``."""
-    array = np.ascontiguousarray(values, dtype=TYPES[kind])
-    planes = array.view(np.uint8).reshape(-1, array.itemsize).T.tobytes()  # byte 0 of every value, then byte 1...
-    return {"type": kind, "data": base64.b64encode(zlib.compress(planes, 6)).decode("ascii")}
-
-
-def untyped(spec: dict[str, str]) -> np.ndarray:
-    """The inverse of :func:`typed` (what the page's script does)."""
-    dtype = np.dtype(TYPES[spec["type"]])
-    planes = np.frombuffer(zlib.decompress(base64.b64decode(spec["data"])), np.uint8)
-    return planes.reshape(dtype.itemsize, -1).T.copy().view(dtype).reshape(-1)
-
-
-def index_kind(largest: int) -> str:
-    return "u16" if largest < 0xFFFF else "u32"
-
-
-def fixed_list_matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
-    """A fixed-size-list column as an (rows, width) float array, NaN in null rows."""
-    array = column.combine_chunks()
-    values = array.values.slice(array.offset * width, len(array) * width)
-    matrix = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(array), width)
-    if array.null_count:
-        matrix[array.is_null().to_numpy(zero_copy_only=False)] = np.nan
-    return matrix
 
 
 def parse_json_text(text: Any) -> Any:
@@ -105,31 +83,21 @@ def parse_json_text(text: Any) -> Any:
         return text
 
 
-def trace_data(trace: Trace) -> dict[str, Any]:
-    """The page's data model of ``trace`` (see the module docstring); no fit yet."""
-    table = trace.table
+def trace_data(trace: Trace, baseline: Trace | None = None) -> dict[str, Any]:
+    """The page's data model of ``trace`` (see the module docstring), with ``baseline`` (a trace of the
+    same prompts and tokens: :func:`aligned_baseline` checks it) beside it; no fit yet."""
+    table, layer = in_order(trace)
     rows = table.num_rows
     if rows == 0:
         raise UsageError("the trace has no rows", where=trace.source)
-    names = table.column_names
-    has_layers = "layer" in names
-    layer = table.column("layer").to_numpy().astype(np.int64) if has_layers else np.zeros(rows, np.int64)
-    order = np.lexsort((table.column("position").to_numpy(), layer, table.column("prompt_index").to_numpy()))
-    table, layer = table.take(pa.array(order)), layer[order]
+    has_layers = "layer" in table.column_names
     prompt_index = table.column("prompt_index").to_numpy()
     position = table.column("position").to_numpy()
+    base_table = aligned_baseline(table, layer, trace.source, baseline) if baseline is not None else None
 
     tokens: dict[str, int] = {}
-    k = table.schema.field("topk_ids").type.list_size
-    topk_ids = table.column("topk_ids").combine_chunks().flatten().to_numpy()
-    unique_ids, inverse = np.unique(topk_ids, return_inverse=True)
-    vocab = trace.vocab
-    if vocab is not None and len(unique_ids) and unique_ids[-1] >= len(vocab):
-        raise UsageError(f"token id {unique_ids[-1]} is outside its vocabulary of {len(vocab)} (the file is damaged)",
-                         where=trace.source)
-    local = np.array([tokens.setdefault(vocab[i] if vocab is not None else f"#{i}", len(tokens)) for i in unique_ids],
-                     dtype=np.int64)
-    topk = local[inverse.reshape(-1)]
+    topk = topk_indices(trace, table, tokens)
+    base_topk = topk_indices(baseline, base_table, tokens) if base_table is not None else None
     token = np.array([tokens.setdefault(t, len(tokens)) for t in table.column("token").to_pylist()], dtype=np.int64)
     next_strings = table.column("next_token").to_pylist()
     next_local = [None if t is None else tokens.setdefault(t, len(tokens)) for t in next_strings]
@@ -138,23 +106,16 @@ def trace_data(trace: Trace) -> dict[str, Any]:
     next_token = np.array([none if i is None else i for i in next_local], dtype=np.int64)
     generated = (table.column("phase").cast(pa.string()).to_numpy(zero_copy_only=False) == PHASE_GENERATED)
 
+    targets = trace_targets(trace)
     encoded: dict[str, Any] = {
         "count": rows,
         "position": typed(position, index_kind(int(position.max()))),
         "token": typed(token, kind),
         "next": typed(next_token, kind),
-        "next_logprob": typed(table.column("next_logprob").to_numpy(zero_copy_only=False), "f32"),
-        "next_rank": typed(pc.fill_null(table.column("next_rank"), 0).to_numpy(), "i32"),
-        "entropy": typed(table.column("entropy").to_numpy(), "f32"),
         "generated": typed(generated, "u8"),
         "topk": typed(topk, kind),
-        "topk_logprob": typed(table.column("topk_logprobs").combine_chunks().flatten().to_numpy(), "f32"),
+        **distribution_columns(table, bool(targets)),
     }
-    targets = [str(t.get("text")) for t in trace.meta.get("targets", []) if isinstance(t, dict)]
-    for name, key in (("target_logprobs", "target_logprob"), ("target_seq_logprobs", "target_seq_logprob")):
-        if name in names and targets:
-            width = table.schema.field(name).type.list_size
-            encoded[key] = typed(fixed_list_matrix(table.column(name), width), "f32")
     layers = sorted({int(v) for v in layer}) if has_layers else None
     lens = trace.meta.get("lens") if isinstance(trace.meta.get("lens"), dict) else {}
     output_layer = (int(lens["output_layer"]) if isinstance(lens.get("output_layer"), int) else max(layers)) \
@@ -163,7 +124,8 @@ def trace_data(trace: Trace) -> dict[str, Any]:
         "format": DATA_FORMAT,
         "source": trace.source,
         "run": {key: trace.meta[key] for key in RUN_KEYS if trace.meta.get(key) is not None},
-        "top_k": k,
+        "interventions": interventions_line(trace),
+        "top_k": table.schema.field("topk_ids").type.list_size,
         "targets": targets,
         "layers": layers,
         "output_layer": output_layer,
@@ -171,6 +133,8 @@ def trace_data(trace: Trace) -> dict[str, Any]:
         "none": none,
         "rows": encoded,
         "prompts": _prompts(table, prompt_index, layer if has_layers else None, output_layer),
+        "baseline": None if base_table is None else baseline_entry(table, baseline, base_table, base_topk, kind,
+                                                                     targets),
         "fit": None,
     }
 
@@ -206,8 +170,9 @@ def _prompts(table: pa.Table, prompt_index: np.ndarray, layer: np.ndarray | None
 
 
 # -------------------------------------------------------------------------------------------------- the fit
-def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``fit`` entry of the data model, from a :class:`~llmprobe.plots.icl.FitTable` of this trace."""
+def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]], baseline: Trace | None = None) -> dict[str, Any]:
+    """The ``fit`` entry of the data model, from a :class:`~llmprobe.plots.icl.FitTable` of this trace (with
+    the baseline's category distribution at each mark, when a baseline trace with target scores is given)."""
     from llmprobe.analysis.results import gamma_test_line, verdict_line
     from llmprobe.analysis.marks import trace_label
     from llmprobe.plots.icl import HEADLINE_KEYS, flatten_summary
@@ -229,6 +194,7 @@ def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str,
                          f" ({len(missing)} of its prompts are missing)", where=fit.source)
     categories = list(dict.fromkeys(rows["category"]))
     marks = _matched_marks(trace, fit, rows, fit_label, categories)
+    with_baseline = baseline is not None and add_baseline_probs(marks, baseline)
     summary = next((s for s in fit.summaries if s.get("trace") == fit_label), None)
     flat = flatten_summary(summary) if summary else {}
     params = [[name, flat[key]] for key, name in HEADLINE_KEYS.items() if key in flat]
@@ -246,7 +212,8 @@ def fit_data(trace: Trace, fit: Any, prompts: list[dict[str, Any]]) -> dict[str,
         "params": params,
         "categories": categories,
         "sequences": sequences,
-        "marks": _fit_columns(marks, categories, index_of, sequences),
+        "baseline": with_baseline,
+        "marks": _fit_columns(marks, categories, index_of, sequences, with_baseline),
     }
 
 
@@ -284,7 +251,7 @@ def _matched_marks(trace: Trace, fit: Any, rows: pd.DataFrame, label: str, categ
 
 
 def _fit_columns(rows: pd.DataFrame, categories: list[str], index_of: dict[str, int],
-                 sequences: list[str]) -> dict[str, Any]:
+                 sequences: list[str], with_baseline: bool = False) -> dict[str, Any]:
     """The fit's marks as typed columns: one entry per mark (in table order), K per mark for the category
     columns (in ``categories`` order; NaN where the table has no row for a category)."""
     mark, first = _codes(rows["prompt_id"].astype(str) + "\0" + rows["position"].astype(str))
@@ -312,7 +279,8 @@ def _fit_columns(rows: pd.DataFrame, categories: list[str], index_of: dict[str, 
         "used": typed(np.asarray(used, dtype=np.uint8), "u8"),
     }
     columns.update({name: typed(numbers(heads, name), "f64") for name in FIT_MARK_FLOATS})
-    columns.update({FIT_CATEGORY_KEYS.get(name, name): typed(per_category(name), "f64") for name in FIT_CATEGORY_FLOATS})
+    floats = FIT_CATEGORY_FLOATS + (("baseline_prob",) if with_baseline else ())
+    columns.update({FIT_CATEGORY_KEYS.get(name, name): typed(per_category(name), "f64") for name in floats})
     return columns
 
 
@@ -322,9 +290,9 @@ def _codes(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return codes, np.unique(codes, return_index=True)[1]
 
 
-def page_data(trace: Trace, fit: Any = None) -> dict[str, Any]:
-    """The whole data model: the trace, and the fit (a FitTable of this trace) when given."""
-    data = trace_data(trace)
+def page_data(trace: Trace, fit: Any = None, baseline: Trace | None = None) -> dict[str, Any]:
+    """The whole data model: the trace, the fit (a FitTable of this trace) and the baseline trace when given."""
+    data = trace_data(trace, baseline)
     if fit is not None:
-        data["fit"] = fit_data(trace, fit, data["prompts"])
+        data["fit"] = fit_data(trace, fit, data["prompts"], baseline)
     return data

@@ -14,6 +14,8 @@ Invariants of every page this module writes:
   replaced by U+FFFD, and the page says how many were.
 * **The conclusion first.** With a fit, the page leads with the verdict
   (:func:`~llmprobe.analysis.fits.verdict_line`) and the γ = 1 test beside it, never alone.
+* **A changed model says so.** A trace of an intervention names it under the title (as ``inspect``
+  and ``report`` do), and a page with a baseline names the baseline trace and what it changed.
 * **Written once.** The output is checked before any work and written atomically
   (:mod:`llmprobe.files`); on any error nothing is written.
 """
@@ -85,6 +87,7 @@ def render_page(data: dict[str, Any], *, title: str, subtitle: str = "", live: b
               f' {escape(clean(str(fit["label"])))}</p></section>')
     head = escape(clean(title))
     sub = escape(clean(subtitle))
+    changes = _intervention_lines(data, clean)
     notes = []
     if clean.replaced:
         notes.append(f"{clean.replaced} lone surrogate{'s' if clean.replaced != 1 else ''} (text that is not valid"
@@ -96,13 +99,30 @@ def render_page(data: dict[str, Any], *, title: str, subtitle: str = "", live: b
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         '<meta name="referrer" content="no-referrer"><link rel="icon" href="data:,">'
         f"<title>{head}</title><style>{STYLE}</style></head>\n<body>"
-        f'<header><h1>{head}</h1><p class="subtitle">{sub}</p></header>\n<main>'
+        f'<header><h1>{head}</h1><p class="subtitle">{sub}</p>{changes}</header>\n<main>'
         f"{conclusion}{note}"
         f'<div id="app" class="app" data-mode="{"live" if live else "file"}">'
         '<noscript>This page needs JavaScript to show the trace.</noscript></div></main>\n'
         f'<script type="application/json" id="{DATA_ELEMENT}">{block}</script>\n'
         f"<script>{SCRIPT}</script>\n</body></html>\n"
     )
+
+
+def _intervention_lines(data: dict[str, Any], clean: Sanitizer) -> str:
+    """Under the title, what the trace changed in the model, and what its baseline is: these are not the
+    model's own numbers, and the reader must see so before any of them."""
+    baseline = data.get("baseline")
+    lines = []
+    if data.get("interventions"):
+        lines.append(f'<p id="interventions" class="interventions">{escape(clean(data["interventions"]))}</p>')
+    if baseline:
+        what = baseline.get("interventions") or "no intervention"
+        model = baseline.get("model")
+        if model is not None and model != data.get("run", {}).get("model"):
+            what = f"model {model}, {what}"
+        lines.append(f'<p id="baseline-line" class="subtitle">side by side with the baseline'
+                     f' {escape(clean(str(baseline["source"])))} ({escape(clean(what))})</p>')
+    return "".join(lines)
 
 
 def _short(value: Any) -> str:
@@ -117,26 +137,29 @@ def default_view_output(trace_source: str) -> str:
     return str(Path(trace_source).with_suffix("")) + ".view.html"
 
 
-def build_view(trace_source: str, fit_source: str | None = None) -> str:
-    """The explorer page of a trace file (and of its fit-posterior table)."""
+def build_view(trace_source: str, fit_source: str | None = None, baseline_source: str | None = None) -> str:
+    """The explorer page of a trace file (and of its fit-posterior table, and of its baseline trace)."""
     from llmprobe.plots.icl import open_fit
     from llmprobe.tracing.reader import open_trace
     from llmprobe.viewer.data import page_data
 
     trace = open_trace(trace_source)
+    baseline = open_trace(baseline_source) if baseline_source is not None else None
     fit = open_fit(fit_source) if fit_source is not None else None
-    data = page_data(trace, fit)
+    data = page_data(trace, fit, baseline)
     model = str(trace.meta.get("model") or "unknown model")
-    subtitle = f"trace {trace_source}" + (f", fit {fit_source}" if fit_source else "")
+    subtitle = (f"trace {trace_source}" + (f", baseline {baseline_source}" if baseline_source else "")
+                + (f", fit {fit_source}" if fit_source else ""))
     return render_page(data, title=f"llmprobe view — {model}", subtitle=subtitle)
 
 
-def write_view(trace_source: str, fit_source: str | None, output: str | None, *, force: bool) -> Path:
+def write_view(trace_source: str, fit_source: str | None, output: str | None, *, force: bool,
+               baseline_source: str | None = None) -> Path:
     """Check the output, build the page, write it atomically; returns its path."""
     path = Path(output if output is not None else default_view_output(trace_source))
     if path.suffix.lower() not in (".html", ".htm"):
         raise UsageError("the page is HTML; name it *.html", where=str(path))
-    check_new_output(path, force, inputs=[trace_source, *([fit_source] if fit_source else [])])
-    page = build_view(trace_source, fit_source)
+    check_new_output(path, force, inputs=[trace_source, *(source for source in (fit_source, baseline_source) if source)])
+    page = build_view(trace_source, fit_source, baseline_source)
     write_atomic(path, page.encode("utf-8"), replace=force)
     return path

@@ -24,10 +24,11 @@ TEXTS = ["The capital of France is", "I just flipped a coin, and it came up head
 
 
 def write_trace(loaded, path: Path, records: list[PromptRecord], top_k: int = 8, targets=(),
-                max_new_tokens: int = 0) -> Path:
+                max_new_tokens: int = 0, interventions=()) -> Path:
     """A trace file exactly as ``llmprobe trace`` writes it (TraceRun -> atomic Parquet sink)."""
-    run = TraceRun(TraceSettings(top_k=top_k, targets=list(targets), max_new_tokens=max_new_tokens), records,
-                   {"command": "test"}).start(loaded)
+    settings = TraceSettings(top_k=top_k, targets=list(targets), max_new_tokens=max_new_tokens,
+                             interventions=list(interventions))
+    run = TraceRun(settings, records, {"command": "test"}).start(loaded)
     with open_trace_sink(str(path), "parquet", run.schema, run.metadata(), run.vocab) as sink:
         for batch in run.batches():
             sink.write(batch)

@@ -108,9 +108,14 @@ def alert_open(browser) -> bool:
 
 
 def choose_prompt(browser, index: int) -> None:
+    choose_option(browser, "#prompt-select", str(index))
+
+
+def choose_option(browser, css: str, value: str) -> None:
+    """Select the option of value ``value`` in the select element matching ``css``, as a user does."""
     from selenium.webdriver.support.ui import Select
 
-    Select(find(browser, "#prompt-select")).select_by_value(str(index))
+    Select(find(browser, css)).select_by_value(value)
 
 
 def click_position(browser, position: int) -> None:
@@ -131,6 +136,21 @@ def coin_trace_and_fit(loaded, folder: Path, *, sequences: int = 1, n_max: int =
     fit = folder / "coin.fit.parquet"
     run_llmprobe(["fit-posterior", str(trace), "--bootstrap", "10", "--min-mass", "0", "-o", str(fit), "-q"])
     return trace, fit
+
+
+def ablated_coin(loaded, folder: Path, *, n_max: int = 4) -> tuple[Path, Path, Path]:
+    """The coin experiment traced twice by ``loaded`` — as it is (the baseline) and with block 1
+    zero-ablated — with targets (top-5), and the fit-posterior table of the ablated trace."""
+    from llmprobe.tracing.interventions import parse_ablation
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = experiment_records(folder, n_max=n_max, sequences=1)
+    plain = write_trace(loaded, folder / "plain.parquet", records, top_k=5, targets=COIN_TARGETS)
+    ablated = write_trace(loaded, folder / "ablated.parquet", records, top_k=5, targets=COIN_TARGETS,
+                          interventions=[parse_ablation("1")])
+    fit = folder / "ablated.fit.parquet"
+    run_llmprobe(["fit-posterior", str(ablated), "--bootstrap", "10", "--min-mass", "0", "-o", str(fit), "-q"])
+    return plain, ablated, fit
 
 
 def run_llmprobe(args: list[str]) -> None:
@@ -260,6 +280,6 @@ class Server:
 
 def decoded_rows(data: dict[str, Any]) -> dict[str, np.ndarray]:
     """The typed arrays of a page data model's rows, decoded as the page's script decodes them."""
-    from llmprobe.viewer.data import untyped
+    from llmprobe.viewer.columns import untyped
 
     return {name: untyped(spec) for name, spec in data["rows"].items() if isinstance(spec, dict)}

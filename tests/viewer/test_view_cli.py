@@ -16,7 +16,8 @@ import pytest
 import llmprobe.files
 from llmprobe.tracing.reader import open_trace, read_trace
 from llmprobe.viewer.assets import SCRIPT, STYLE
-from llmprobe.viewer.data import page_data, untyped
+from llmprobe.viewer.columns import untyped
+from llmprobe.viewer.data import page_data
 from llmprobe.viewer.page import DATA_ELEMENT, json_block, render_page, Sanitizer
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.plots.fixtures import text_records, write_trace
@@ -212,7 +213,7 @@ def test_a_trace_from_stdin_needs_an_output(coin, capsysbinary, monkeypatch):
 
 
 def test_typed_arrays_round_trip_exactly():
-    from llmprobe.viewer.data import typed
+    from llmprobe.viewer.columns import typed
 
     rng = np.random.default_rng(0)
     for kind, values in (("f32", rng.normal(size=1000).astype(np.float32)), ("f64", rng.normal(size=7)),

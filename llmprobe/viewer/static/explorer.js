@@ -3,8 +3,15 @@
 "use strict";
 const LN2 = Math.LN2;
 const SVGNS = "http://www.w3.org/2000/svg";
-const COLOR_CAP_BITS = 10;
 const PALETTE = [[255, 255, 229], [254, 227, 145], [254, 153, 41], [204, 76, 2], [102, 37, 6]];
+const DIVERGING = [[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]];
+// colour scales of the strip (and the lens grid: surprisal); values beyond a scale's ends get its end colours
+const SCALES = {
+  surprisal: {palette: PALETTE, min: 0, max: 10, ticks: [0, 2, 4, 6, 8, 10], unit: " bits"},
+  entropy: {palette: PALETTE, min: 0, max: 10, ticks: [0, 2, 4, 6, 8, 10], unit: " bits"},
+  kl: {palette: PALETTE, min: 0, max: 0.5, ticks: [0, 0.1, 0.2, 0.3, 0.4, 0.5], unit: " bits"},
+  delta: {palette: DIVERGING, min: -0.5, max: 0.5, ticks: [-0.5, -0.25, 0, 0.25, 0.5], unit: " \u0394P"},
+};
 const MAX_LISTED = 500;
 const api = window.llmprobeView = {timings: {}, state: null};
 
@@ -64,15 +71,16 @@ function pct(p) {
   return p.toExponential(1);
 }
 function fmt(x, digits) { return Number.isFinite(x) ? x.toFixed(digits === undefined ? 3 : digits) : "\u2013"; }
-function color(bits) {
-  if (!Number.isFinite(bits)) return null;
-  const t = Math.min(Math.max(bits / COLOR_CAP_BITS, 0), 1) * (PALETTE.length - 1);
-  const i = Math.min(Math.floor(t), PALETTE.length - 2), f = t - i;
-  const c = PALETTE[i].map((v, j) => Math.round(v + f * (PALETTE[i + 1][j] - v)));
-  return {bg: `rgb(${c[0]}, ${c[1]}, ${c[2]})`, dark: t > 0.55 * (PALETTE.length - 1)};
+function color(value, scale) {
+  if (!Number.isFinite(value)) return null;
+  const palette = scale.palette;
+  const t = Math.min(Math.max((value - scale.min) / (scale.max - scale.min), 0), 1) * (palette.length - 1);
+  const i = Math.min(Math.floor(t), palette.length - 2), f = t - i;
+  const c = palette[i].map((v, j) => Math.round(v + f * (palette[i + 1][j] - v)));
+  return {bg: `rgb(${c[0]}, ${c[1]}, ${c[2]})`, dark: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] < 160};
 }
-function paint(node, bits) {
-  const c = color(bits);
+function paint(node, value, scale) {
+  const c = color(value, scale || SCALES.surprisal);
   node.style.backgroundColor = c ? c.bg : "";
   node.classList.toggle("dark", !!(c && c.dark));
 }
@@ -81,9 +89,10 @@ class Dataset {
   static async create(d) {
     const rows = await decodeAll(d.rows);
     const fit = d.fit ? await decodeAll(d.fit.marks) : null;
-    return new Dataset(d, rows, fit);
+    const base = d.baseline ? await decodeAll(d.baseline.rows) : null;
+    return new Dataset(d, rows, fit, base);
   }
-  constructor(d, rows, fitColumns) {
+  constructor(d, rows, fitColumns, base) {
     this.d = d;
     this.k = d.top_k;
     this.targets = d.targets || [];
@@ -102,9 +111,15 @@ class Dataset {
     this.targetSeqLogprob = rows.target_seq_logprob || null;
     this.layers = d.layers;
     this.outputLayer = d.output_layer;
+    // the baseline's predictions, row for row with the trace's (tokens and positions are the same)
+    this.base = base ? {interventions: d.baseline.interventions, k: d.baseline.top_k,
+                        targets: d.baseline.targets, topk: base.topk, topkLogprob: base.topk_logprob,
+                        nextLogprob: base.next_logprob, nextRank: base.next_rank, entropy: base.entropy,
+                        targetLogprob: base.target_logprob || null, targetSeqLogprob: base.target_seq_logprob || null,
+                        klBits: base.kl_bits} : null;
     this.prompts = d.prompts.map((p, i) => ({
       index: i, id: p.id, meta: p.meta, marks: new Map(p.marks.map(m => [m[0], m[1]])),
-      slices: p.slices.map(x => ({start: x[0], count: x[1], layer: x[2], condition: x[3] === undefined ? null : x[3]})),
+      slices: p.slices.map(x => ({start: x[0], count: x[1], layer: x[2]})),
       text: null,
     }));
     this.fit = d.fit;
@@ -117,7 +132,7 @@ class Dataset {
         const m = {prompt: c.prompt[i], position: c.position[i], n: c.n[i], sequence: d.fit.sequences[c.sequence[i]],
                    used: c.used[i] === 1, mass: c.mass[i], tv: c.tv[i], kl_bits: c.kl_bits[i],
                    model_prob: cut(c.model_prob, i), bayes_prob: cut(c.bayes_prob, i), theta: cut(c.theta, i),
-                   count: cut(c.counts, i)};
+                   count: cut(c.counts, i), baseline_prob: c.baseline_prob ? cut(c.baseline_prob, i) : null};
         this.fitMarks.set(m.prompt + ":" + m.position, m);
         if (!this.sequences.has(m.sequence)) this.sequences.set(m.sequence, []);
         this.sequences.get(m.sequence).push(m);
@@ -127,7 +142,7 @@ class Dataset {
   }
   str(i) { return i === this.none ? null : this.tokens[i]; }
   slice(prompt, layer) {
-    const slices = this.prompts[prompt].slices.filter(x => x.condition === null);
+    const slices = this.prompts[prompt].slices;
     return slices.find(x => x.layer === layer) || slices.find(x => x.layer === this.outputLayer) || slices[0];
   }
   text(prompt) {
@@ -157,12 +172,18 @@ function build(root) {
   ui.nextPrompt = h("button", {type: "button", id: "prompt-next", title: "next prompt"}, "\u25b6");
   ui.colorBy = h("select", {id: "color-by", "aria-label": "colour tokens by"},
                  h("option", {value: "surprisal"}, "surprisal (how unexpected each token was)"),
-                 h("option", {value: "entropy"}, "entropy (how uncertain the prediction after each token is)"));
-  ui.legend = legend();
+                 h("option", {value: "entropy"}, "entropy (how uncertain the prediction after each token is)"),
+                 data.base ? h("option", {value: "kl"},
+                               "change: KL(baseline\u2016this trace) of the prediction after each token (lower bound)")
+                   : null,
+                 data.base ? h("option", {value: "delta"},
+                               "change: each token's probability, this trace \u2212 baseline") : null);
+  ui.legend = h("span", {class: "legend", id: "legend"});
+  drawLegend();
   ui.strip = h("div", {id: "strip", class: "strip", role: "listbox", "aria-label": "tokens"});
   ui.promptInfo = h("div", {id: "prompt-info", class: "muted"});
   ui.lens = h("section", {id: "lens", class: "panel", hidden: true});
-  ui.detail = h("section", {id: "detail", class: "panel", "aria-live": "polite"});
+  ui.detail = h("section", {id: "detail", class: data.base ? "panel wide" : "panel", "aria-live": "polite"});
   ui.fit = h("section", {id: "fit-panel", class: "panel", hidden: true});
   const run = data.d.run || {};
   const summary = [run.model, run.dtype, run.device, `top-${data.k}`,
@@ -181,22 +202,23 @@ function build(root) {
   ui.list.addEventListener("change", () => { if (ui.list.value !== "") selectPrompt(Number(ui.list.value)); });
   ui.prev.addEventListener("click", () => selectPrompt(Math.max(0, state.prompt - 1)));
   ui.nextPrompt.addEventListener("click", () => selectPrompt(Math.min(data.prompts.length - 1, state.prompt + 1)));
-  ui.colorBy.addEventListener("change", () => { state.color = ui.colorBy.value; paintStrip(); });
+  ui.colorBy.addEventListener("change", () => { state.color = ui.colorBy.value; drawLegend(); paintStrip(); });
   ui.strip.addEventListener("click", event => {
     const node = event.target.closest("[data-position]");
     if (node) selectIndex(Number(node.dataset.index));
   });
 }
 
-function legend() {
-  const bar = h("span", {class: "legend", id: "legend"});
-  for (let b = 0; b <= COLOR_CAP_BITS; b += 2) {
-    const cell = h("span", {class: "swatch"}, b === COLOR_CAP_BITS ? "\u2265" + b : String(b));
-    paint(cell, b);
-    bar.append(cell);
-  }
-  bar.append(" bits");
-  return bar;
+function drawLegend() {
+  const scale = SCALES[state.color];
+  const cells = scale.ticks.map((tick, i) => {
+    const last = i === scale.ticks.length - 1;
+    const text = (last ? "\u2265" : i === 0 && scale.min < 0 ? "\u2264" : "") + String(tick);
+    const cell = h("span", {class: "swatch"}, text);
+    paint(cell, tick, scale);
+    return cell;
+  });
+  ui.legend.replaceChildren(...cells, scale.unit);
 }
 
 function fillList() {
@@ -259,12 +281,17 @@ function drawStrip() {
 }
 
 function paintStrip() {
-  const sl = currentSlice();
+  // each token: how unexpected it was (row before it), or the prediction after it (its own row)
+  const sl = currentSlice(), scale = SCALES[state.color], base = data.base;
   for (let i = 0; i < sl.count; i++) {
     const r = sl.start + i;
-    const bits = state.color === "entropy" ? data.entropy[r] / LN2
-      : (i > 0 ? -data.nextLogprob[r - 1] / LN2 : NaN);
-    paint(ui.tokenNodes[i], bits);
+    let value = NaN;
+    if (state.color === "entropy") value = data.entropy[r] / LN2;
+    else if (state.color === "kl") value = base.klBits[r];
+    else if (i === 0) value = NaN;
+    else if (state.color === "delta") value = Math.exp(data.nextLogprob[r - 1]) - Math.exp(base.nextLogprob[r - 1]);
+    else value = -data.nextLogprob[r - 1] / LN2;
+    paint(ui.tokenNodes[i], value, scale);
   }
 }
 
@@ -290,7 +317,7 @@ function isVisible(node) {
 }
 
 function drawDetail() {
-  const sl = currentSlice(), r = sl.start + state.index, position = data.position[r];
+  const sl = currentSlice(), r = sl.start + state.index, position = data.position[r], base = data.base;
   const entropyBits = data.entropy[r] / LN2;
   const nextId = data.next[r];
   const nextToken = data.str(nextId);
@@ -299,41 +326,65 @@ function drawDetail() {
   const layerNote = data.layers ? ` \u00b7 layer ${sl.layer}${sl.layer === data.outputLayer ? " (output)" : ""}` : "";
   const heading = h("h2", null, `position ${position}: `, h("code", null, visible(data.str(data.token[r]))),
                     " \u2192 next ", h("code", null, visible(nextToken)), layerNote);
-  const facts = h("p", {class: "facts"},
-    "entropy ", h("b", {"data-entropy": String(entropyBits), id: "entropy"}, `${fmt(entropyBits)} bits`),
-    " \u00b7 next token ",
-    nextToken === null ? h("span", {id: "next-token"}, "none (end of the text)")
-      : h("span", {id: "next-token", "data-next-prob": String(nextProb), "data-next-rank": String(rank)},
-          h("code", null, visible(nextToken)), ` p = ${pct(nextProb)}, rank ${rank}`));
-  const rows = [];
-  for (let j = 0; j < data.k; j++) {
-    const idx = data.topk[r * data.k + j];
-    const token = data.str(idx);
-    const prob = Math.exp(data.topkLogprob[r * data.k + j]);
-    const bar = h("span", {class: "bar"});
-    bar.style.width = (100 * prob).toFixed(2) + "%";
-    rows.push(h("tr", {"data-token": token, "data-prob": String(prob), "data-rank": j + 1,
-                       class: idx === nextId && nextToken !== null ? "actual" : null},
-      h("td", {class: "num muted"}, j + 1), h("td", {class: "tokcell"}, h("code", null, visible(token))),
-      h("td", {class: "barcell"}, bar), h("td", {class: "num"}, pct(prob))));
+  const table = topkTable("topk", data.k, data.topk, data.topkLogprob, r, nextToken === null ? null : nextId, "data-prob");
+  const parts = [heading];
+  if (base) {
+    const baseEntropy = base.entropy[r] / LN2, baseNext = Math.exp(base.nextLogprob[r]), kl = base.klBits[r];
+    const theirs = topkTable("baseline-topk", base.k, base.topk, base.topkLogprob, r,
+                             nextToken === null ? null : nextId, "data-baseline-prob");
+    parts.push(h("p", {class: "facts"},
+      "entropy ", h("b", {"data-baseline-entropy": String(baseEntropy), id: "baseline-entropy"},
+                    `${fmt(baseEntropy)} bits`), " \u2192 ",
+      h("b", {"data-entropy": String(entropyBits), id: "entropy"}, `${fmt(entropyBits)} bits`),
+      " \u00b7 change KL(baseline\u2016this trace) \u2265 ",
+      h("b", {"data-change-kl-bits": String(kl), id: "change-kl",
+              title: "from the two top-k lists and the actual next token: a lower bound on the full KL"},
+        `${fmt(kl, 4)} bits`)),
+      h("p", {class: "facts"}, "next token ",
+        nextToken === null ? h("span", {id: "next-token"}, "none (end of the text)") : h("span", null,
+          h("code", null, visible(nextToken)), " p = ",
+          h("span", {id: "baseline-next", "data-baseline-next-prob": String(baseNext),
+                     "data-baseline-next-rank": String(base.nextRank[r])}, `${pct(baseNext)} (rank ${base.nextRank[r]})`),
+          " \u2192 ",
+          h("span", {id: "next-token", "data-next-prob": String(nextProb), "data-next-rank": String(rank)},
+            `${pct(nextProb)} (rank ${rank})`),
+          ", \u0394 = ", h("b", {id: "delta-next", "data-delta-next-prob": String(nextProb - baseNext)},
+                            signed(nextProb - baseNext)))),
+      h("div", {class: "pair"},
+        h("div", null, h("h3", null, "baseline ", h("span", {class: "muted"}, base.interventions || "no intervention")),
+          theirs),
+        h("div", null, h("h3", null, "this trace ", h("span", {class: "muted"}, data.d.interventions || "no intervention")),
+          table)));
+  } else {
+    parts.push(h("p", {class: "facts"},
+      "entropy ", h("b", {"data-entropy": String(entropyBits), id: "entropy"}, `${fmt(entropyBits)} bits`),
+      " \u00b7 next token ",
+      nextToken === null ? h("span", {id: "next-token"}, "none (end of the text)")
+        : h("span", {id: "next-token", "data-next-prob": String(nextProb), "data-next-rank": String(rank)},
+            h("code", null, visible(nextToken)), ` p = ${pct(nextProb)}, rank ${rank}`)), table);
   }
-  const parts = [heading, facts, h("table", {id: "topk", class: "bars"},
-    h("thead", null, h("tr", null, h("th", null, "#"), h("th", null, `top-${data.k} next token`),
-                                   h("th", null, "probability"), h("th", null, ""))),
-    h("tbody", null, ...rows))];
   if (data.targets.length && data.targetLogprob) {
-    const T = data.targets.length;
+    const T = data.targets.length, both = base && base.targets && base.targetLogprob;
     const trows = data.targets.map((text, t) => {
       const first = Math.exp(data.targetLogprob[r * T + t]);
       const whole = data.targetSeqLogprob ? Math.exp(data.targetSeqLogprob[r * T + t]) : NaN;
+      const theirs = both ? Math.exp(base.targetLogprob[r * T + t]) : NaN;
+      const theirsWhole = both && base.targetSeqLogprob ? Math.exp(base.targetSeqLogprob[r * T + t]) : NaN;
       return h("tr", {"data-target": text, "data-prob": String(first),
-                      "data-seq-prob": Number.isFinite(whole) ? String(whole) : null},
-        h("td", null, h("code", null, visible(text))), h("td", {class: "num"}, pct(first)),
+                      "data-seq-prob": Number.isFinite(whole) ? String(whole) : null,
+                      "data-baseline-prob": both ? String(theirs) : null,
+                      "data-baseline-seq-prob": Number.isFinite(theirsWhole) ? String(theirsWhole) : null},
+        h("td", null, h("code", null, visible(text))), both ? h("td", {class: "num"}, pct(theirs)) : null,
+        h("td", {class: "num"}, pct(first)),
+        both ? h("td", {class: "num"}, Number.isFinite(theirsWhole) ? pct(theirsWhole) : "\u2013") : null,
         h("td", {class: "num"}, Number.isFinite(whole) ? pct(whole) : "\u2013"));
     });
+    const column = (name, baseline) => h("th", null, both ? `${name}, ${baseline ? "baseline" : "this trace"}` : name);
     parts.push(h("table", {id: "targets", class: "plain"},
-      h("thead", null, h("tr", null, h("th", null, "target"), h("th", null, "first token"),
-                                     h("th", null, "whole string (at marks)"))),
+      h("thead", null, h("tr", null, h("th", null, "target"), both ? column("first token", true) : null,
+                                     column("first token", false),
+                                     both ? column("whole string (at marks)", true) : null,
+                                     column("whole string (at marks)", false))),
       h("tbody", null, ...trows)));
   }
   const mark = data.prompts[state.prompt].marks.get(position);
@@ -341,6 +392,31 @@ function drawDetail() {
     parts.push(h("p", {class: "muted", id: "mark-fields"}, "mark: ", JSON.stringify(mark)));
   }
   ui.detail.replaceChildren(...parts);
+}
+
+function topkTable(id, k, topk, logprob, r, nextId, probAttribute) {
+  // one model's top-k at row r as bars; probAttribute carries exp(log-probability) at full precision
+  const rows = [];
+  for (let j = 0; j < k; j++) {
+    const idx = topk[r * k + j];
+    const token = data.str(idx);
+    const prob = Math.exp(logprob[r * k + j]);
+    const bar = h("span", {class: "bar"});
+    bar.style.width = (100 * prob).toFixed(2) + "%";
+    rows.push(h("tr", {"data-token": token, [probAttribute]: String(prob), "data-rank": j + 1,
+                       class: idx === nextId ? "actual" : null},
+      h("td", {class: "num muted"}, j + 1), h("td", {class: "tokcell"}, h("code", null, visible(token))),
+      h("td", {class: "barcell"}, bar), h("td", {class: "num"}, pct(prob))));
+  }
+  return h("table", {id, class: "bars"},
+    h("thead", null, h("tr", null, h("th", null, "#"), h("th", null, `top-${k} next token`),
+                                   h("th", null, "probability"), h("th", null, ""))),
+    h("tbody", null, ...rows));
+}
+function signed(p) {
+  // a change of probability in percentage points
+  if (!Number.isFinite(p)) return "\u2013";
+  return (p > 0 ? "+" : p < 0 ? "\u2212" : "\u00b1") + (100 * Math.abs(p)).toPrecision(2) + " pp";
 }
 
 function drawFit() {
@@ -358,19 +434,28 @@ function drawFit() {
                                            `${fmt(mark.kl_bits, 4)} bits`),
       ` \u00b7 TV ${fmt(mark.tv, 4)} \u00b7 mass on the categories ${pct(mark.mass)}`,
       mark.used ? "" : h("span", {class: "warn"}, " \u00b7 left out of the fit (mass below --min-mass)")));
+    const baseline = mark.baseline_prob;  // the baseline trace's distribution at this mark, when given
     const rows = cats.map((c, i) => {
       const model = mark.model_prob[i], bayes = mark.bayes_prob[i];
       const mb = h("span", {class: "bar model"}), bb = h("span", {class: "bar bayes"});
       mb.style.width = (100 * model).toFixed(2) + "%";
       bb.style.width = (100 * bayes).toFixed(2) + "%";
+      let base = null;
+      if (baseline) {
+        base = h("span", {class: "bar baseline"});
+        base.style.width = (100 * (baseline[i] || 0)).toFixed(2) + "%";
+      }
       return h("tr", {"data-category": c, "data-model-prob": String(model), "data-bayes-prob": String(bayes),
-                      "data-theta": theta ? String(theta[i]) : null},
-        h("td", null, c), h("td", {class: "num"}, pct(model)), h("td", {class: "num"}, pct(bayes)),
+                      "data-theta": theta ? String(theta[i]) : null,
+                      "data-baseline-prob": baseline && baseline[i] !== null ? String(baseline[i]) : null},
+        h("td", null, c), baseline ? h("td", {class: "num"}, pct(baseline[i] === null ? NaN : baseline[i])) : null,
+        h("td", {class: "num"}, pct(model)), h("td", {class: "num"}, pct(bayes)),
         h("td", {class: "num"}, theta ? pct(theta[i]) : "\u2013"),
-        h("td", {class: "barcell"}, mb, bb));
+        h("td", {class: "barcell"}, base, mb, bb));
     });
     parts.push(h("table", {id: "posterior", class: "bars"},
-      h("thead", null, h("tr", null, h("th", null, "category"), h("th", null, "model"), h("th", null, "Bayes"),
+      h("thead", null, h("tr", null, h("th", null, "category"), baseline ? h("th", null, "baseline") : null,
+                                     h("th", null, baseline ? "this trace" : "model"), h("th", null, "Bayes"),
                                      h("th", null, "\u03b8"), h("th", null, ""))),
       h("tbody", null, ...rows)));
   } else {
@@ -413,6 +498,7 @@ function chart(sequence, current) {
       .map(m => `${x(m.n).toFixed(1)},${y(m[key][c]).toFixed(1)}`).join(" ");
     svg.append(s("polyline", {points: series("theta", "theta"), class: "theta", stroke: color}));
     svg.append(s("polyline", {points: series("bayes_prob"), class: "bayes", stroke: color}));
+    if (data.fit.baseline) svg.append(s("polyline", {points: series("baseline_prob"), class: "baseline", stroke: color}));
     svg.append(s("polyline", {points: series("model_prob"), class: "model", stroke: color}));
     for (const m of marks) {
       const dot = s("circle", {cx: x(m.n), cy: y(m.model_prob[c]), r: m === current ? 5 : 3, fill: m.used ? color : "white",
@@ -427,7 +513,8 @@ function chart(sequence, current) {
   const what = cats.length === 2 ? `P(${cats[0]})` : "P(category)";
   const key = h("p", {class: "muted chart-key"},
     `${what} in sequence ${sequence}: model (solid, dots; hollow: left out of the fit), Bayesian posterior `
-    + "predictive (dashed), \u03b8 (dotted)", cats.length > 2 ? h("span", null, " \u2014 ",
+    + "predictive (dashed), \u03b8 (dotted)" + (data.fit.baseline ? ", the baseline trace (faint)" : ""),
+    cats.length > 2 ? h("span", null, " \u2014 ",
       ...shown.map((c, k) => h("span", {class: "swatch-text", "data-color": k}, `${cats[c]} `))) : null);
   if (cats.length > 2) {
     key.querySelectorAll(".swatch-text").forEach(node => { node.style.color = colors[Number(node.dataset.color)]; });
@@ -455,7 +542,7 @@ function drawLens() {
                                                        visible(data.str(data.token[out.start + i]))));
   const body = [];
   for (const layer of [...layers].reverse()) {
-    const sl = p.slices.find(x => x.layer === layer && x.condition === null);
+    const sl = p.slices.find(x => x.layer === layer);
     const row = h("tr", {"data-layer": layer}, h("th", null, layer === data.outputLayer ? `${layer} (out)` : layer));
     for (let i = 0; sl && i < sl.count; i++) {
       const r = sl.start + i;
@@ -524,6 +611,7 @@ function onKey(event) {
 
 async function load(raw, root) {
   data = await Dataset.create(raw);
+  state.color = "surprisal";
   build(root);
   state.prompt = 0;
   state.index = 0;
