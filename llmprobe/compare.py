@@ -1,4 +1,5 @@
 """``llmprobe compare``: several models on one set of experiment prompts, one row of Bayesian numbers per model.
+The command is :func:`compare_models` (the CLI parses and prints; a notebook calls it the same way).
 
 A comparison is a list of models (:func:`expand_models`: checkpoint directories, GGUF files, ``default``,
 and series — a ``wind-tunnel`` series directory or its ``manifest.json``, expanded in the manifest's
@@ -41,26 +42,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llmprobe.analysis.comparison import (
-    COMPARISON_FORMAT,
-    META_KEY,
-    ComparisonRow,
-    Measured,
-    ModelEntry,
-    comparison_frame,
-    measure,
-    model_facts,
-)
+import pandas as pd
+
+from llmprobe.analysis.comparison import (COMPARISON_FORMAT, META_KEY, ComparisonRow, Measured, ModelEntry,
+                                          comparison_frame, measure, model_facts, read_comparison)
 from llmprobe.analysis.fit_options import PosteriorOptions
 from llmprobe.analysis.fit_tables import write_table_file
 from llmprobe.control.series import manifest_path, read_series
 from llmprobe.errors import UsageError, add_note
-from llmprobe.files import write_atomic
+from llmprobe.files import check_new_output, write_atomic
 from llmprobe.model.loading import ModelOptions
 from llmprobe.model.sources import DEFAULT_MODEL_NAME, looks_like_path
 from llmprobe.progress import Reporter, plural
 from llmprobe.tracing.checkpoint import prompts_digest
-from llmprobe.tracing.prompts import PromptRecord
+from llmprobe.tracing.prompts import PromptRecord, read_prompts
 from llmprobe.tracing.reader import Trace
 from llmprobe.tracing.run import SharedEncodings, TraceRun, release_device_memory
 from llmprobe.tracing.settings import TraceSettings
@@ -382,3 +377,57 @@ def write_comparison(comparison: Comparison, measured: list[Measured], output: s
     document = {**comparison.plan(), "prompts": comparison.prompts, "summaries": [m.summary for m in measured]}
     write_table_file(comparison_frame(measured), output, replace_existing,
                      {META_KEY: json.dumps(document).encode("utf-8")})
+
+
+def compare_models(models: list[str], prompts: str, output: str | None, settings: TraceSettings,
+                   options: PosteriorOptions, placement: ModelOptions, ray_options: Any = None, *,
+                   keep_traces: str | None = None, resume: bool = False, force: bool = False, command: str = "",
+                   reporter: Reporter) -> pd.DataFrame:
+    """A comparison end to end (see the module docstring): the models expanded, the prompts read and checked,
+    ``--prior true`` resolved, the rows an interrupted run kept (``resume``) or a fresh start (``force``), every
+    other model measured (on Ray with ``ray_options``), the table written atomically to ``output`` (None: not
+    written, nothing resumable); returns the table. Every refusal is one line before any model loads."""
+    if resume and output is None:
+        raise UsageError("only a comparison written to a file can be resumed; give -o", where="--resume")
+    entries = expand_models(models)
+    records = read_prompts(prompts)
+    check_prompts(records, prompts)
+    prior = resolve_prior(options.prior, entries, reporter)
+    comparison = Comparison(entries, records, prompts, settings, replace(options, prior=prior), placement, command)
+    store = None
+    if output is not None:
+        store = RowStore(output, comparison.plan())
+        if store.exists and not (resume or force):
+            raise UsageError(f"an interrupted comparison left its rows in {store.path}; pass --resume to continue it"
+                             " or --force to start over", where=output)
+        if resume and not store.exists and Path(output).is_file():
+            reporter.log(f"{output} is complete: no interrupted comparison to resume (pass --force to run it again)")
+            return read_comparison(output).frame
+        if resume and store.exists:
+            store.check()
+        prior_file = prior if Path(prior).is_file() else None
+        check_new_output(output, force or resume, inputs=[prompts, *([prior_file] if prior_file else [])])
+        if force and not resume:
+            store.remove()
+    if keep_traces is not None:
+        _check_trace_dir(keep_traces, force or resume)
+    if ray_options is None:
+        measured = run_comparison(comparison, store, reporter, keep_traces, force or resume)
+    else:
+        measured = run_on_ray(comparison, store, reporter, ray_options, keep_traces, force or resume)
+    if output is not None and store is not None:
+        write_comparison(comparison, measured, output, force or resume)
+        store.remove()
+        reporter.log(f"wrote {len(measured)} rows to {output}")
+    return comparison_frame(measured)
+
+
+def _check_trace_dir(directory: str, replace_traces: bool) -> None:
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise UsageError("is not a directory", where="--keep-traces")
+    if not path.exists() and not path.parent.is_dir():
+        raise UsageError(f"directory {str(path.parent)!r} does not exist", where="--keep-traces")
+    if path.is_dir() and not replace_traces and any(path.glob("[0-9][0-9][0-9]-*.parquet")):
+        raise UsageError(f"{directory} already holds traces of a comparison; pass --force to replace them",
+                         where="--keep-traces")
