@@ -54,7 +54,7 @@ def ablate(
     """Which components carry the in-context updating? Ablate each in turn, fit each as fit-posterior does, and
     compare with the un-ablated model: KL(Bayes‖model), γ, α0, the verdict."""
     opt.input_path(prompts, "prompt file", stdin=False)
-    prior_inputs = opt.prior_file(fit.prior)
+    prior_file = opt.prior_file(fit.prior)
     from llmprobe.analysis.ablation import SweepOptions
 
     options = SweepOptions(over, layers, ablation, tuple(directions or ()), random_controls, fit.seed)
@@ -69,5 +69,5 @@ def ablate(
                              chat={None: False, "user": True}.get(chat, chat))
     sweep = run_ablation(prompts, output, options, fit, settings, loading, out, force=force, resume=resume,
                          ray_options=ray, command=shlex.join(["llmprobe", *sys.argv[1:]]),
-                         inputs=prior_inputs, fit_workers=fit_workers)
+                         inputs=[prior_file] if prior_file else [], fit_workers=fit_workers)
     out.result(SweepView(sweep))
