@@ -1,13 +1,12 @@
-"""Benchmark 12: where in the network — the numbers of docs/localize.md, from the sweeps its commands write.
+"""Benchmark 13: where in the network — the numbers of docs/localize.md, from the sweeps its commands write.
 
 Run: python benchmarks/localize.py [--run] [--out DIR]
 
 With ``--run``, first the shell blocks of docs/localize.md run in order, as written, in a fresh clone of the
 committed HEAD (as benchmarks/run_docs.py runs the docs: ``llmprobe`` is this interpreter's), each command
 line timed, and the sweeps are read there (the times in the doc add up to 1.7 hours on a loaded machine).
-Without it, for each
-model the doc sweeps (the default SmolLM2 on the coin experiment; the wind-tunnel control; the mixture control
-when its sweeps exist), from ``DIR/localize-*.parquet`` (read with :func:`llmprobe.analysis.ablation.open_sweep`):
+Then, for each model the doc sweeps (the default SmolLM2 on the coin experiment; the wind-tunnel control; the
+mixture control), from ``DIR/localize-*.parquet`` (read with :func:`llmprobe.analysis.ablation.open_sweep`):
 
 * the un-ablated verdict and KL(Bayes‖model);
 * the five components whose ablation moves KL(Bayes‖model) most (heads, attention and MLP outputs, blocks
