@@ -38,6 +38,11 @@ def text_records(texts=TEXTS) -> list[PromptRecord]:
     return [PromptRecord(index=i, id=f"p{i}", text=t, line=i + 1) for i, t in enumerate(texts)]
 
 
+def coin_trace(loaded, directory: Path) -> Path:
+    """A one-prompt trace (``directory/t.parquet``): what a report needs besides the table under test."""
+    return write_trace(loaded, directory / "t.parquet", text_records(["I just flipped a coin"]), top_k=3)
+
+
 def experiment_records(tmp_path: Path, n_max: int = 4, sequences: int = 1) -> list[PromptRecord]:
     from llmprobe.experiments import generate, load_experiment, write_jsonl
 

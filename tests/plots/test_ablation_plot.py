@@ -15,7 +15,7 @@ from matplotlib.colors import TwoSlopeNorm
 from llmprobe.analysis.ablation import open_sweep
 from llmprobe.plots.ablation import head_grid, plot_ablation
 from tests.cli_helpers import assert_one_line_error, run_cli
-from tests.plots.fixtures import PNG_SIGNATURE, planted_sweep, text_records, write_trace
+from tests.plots.fixtures import PNG_SIGNATURE, coin_trace, planted_sweep
 
 
 def planted_heads(path):
@@ -116,14 +116,14 @@ def test_plot_ablate_writes_the_figure_and_refuses_bad_input(sweeps, tmp_path, c
 
 
 def test_a_table_that_is_not_a_sweep_is_refused(tiny_loaded, tmp_path, capsys, monkeypatch):
-    trace = write_trace(tiny_loaded, tmp_path / "t.parquet", text_records(["I just flipped a coin"]), top_k=3)
+    trace = coin_trace(tiny_loaded, tmp_path)
     code, _, err = run_cli(["plot-ablate", str(trace), "-o", str(tmp_path / "x.png")], capsys, monkeypatch)
     assert_one_line_error(code, err, str(trace), "not a sweep table")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_the_report_carries_the_sweeps(sweeps, tiny_loaded, tmp_path, capsys, monkeypatch):
-    trace = write_trace(tiny_loaded, tmp_path / "t.parquet", text_records(["I just flipped a coin"]), top_k=3)
+    trace = coin_trace(tiny_loaded, tmp_path)
     page = tmp_path / "r.html"
     code, _, err = run_cli(["report", str(trace), str(sweeps[0]), str(sweeps[1]), "-o", str(page)], capsys,
                            monkeypatch)
