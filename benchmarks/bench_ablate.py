@@ -22,8 +22,16 @@ entropy, top-1 agreement) must agree within 1e-4 (α0 relative) and the verdicts
 sweep / naive is the goal (<= 0.6); the fits' share is printed too (the sweep leaves out only the
 scorecard; the rest of a fit costs both sides the same).
 
-``PEER_SWEEPS`` is where other tools' ways of doing the same sweep plug in (nnsight, TransformerLens: the
-follow-up of issue 22): each entry is timed beside the sweep and its rows checked against the sweep's.
+* peers (:data:`PEER_SWEEPS`, when installed: ``pip install -e '.[peers]'`` in a virtual environment of its own):
+  the same head sweep written with nnsight and with TransformerLens, each tool's documented way of ablating a
+  head — nnsight: ``TransformersModel(model).trace(inputs)`` with head H's columns of ``o_proj``'s input set
+  to zero and ``lm_head.output`` saved; TransformerLens: ``TransformerBridge.boot_transformers`` on the same
+  checkpoint directory (its own copy of the weights, eager attention as it forces) and ``run_with_hooks`` zeroing
+  head H of ``blocks.L.attn.hook_z`` — a full forward per head and batch with the logits at every position. Both
+  get the sweep's own batches (the same left-padded inputs) and scored rows, reduce the logits at those rows
+  (target log-probabilities, entropy, top-1) and hand them to the same fit in the same worker pool
+  (:func:`~llmprobe.analysis.ablation_run.score_components`), so only the model part differs. They take turns with
+  the sweep and the naive loop layer by layer; a peer that cannot run says why.
 
 Part 2, ``--control DIR`` (a wind-tunnel control, ``llmprobe wind-tunnel configs/control/coin.toml -o DIR``):
 the known answers that need a trained Bayesian model, on its own experiment's prompts —
@@ -53,7 +61,9 @@ import _common  # noqa: F401  (sets LLMPROBE_CACHE)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the CLI does (llmprobe/cli/app.py), before numpy loads
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a shared CPU: no spinning threads (docs/performance.md)
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from _common import ROOT, emit, machine
 
 from llmprobe.analysis.ablation import (
@@ -87,19 +97,106 @@ from llmprobe.tracing.prompts import read_prompts
 from llmprobe.tracing.reader import open_trace
 from llmprobe.tracing.run import TraceRun
 from llmprobe.tracing.settings import TraceSettings
-from llmprobe.tracing.sweep import ComponentScores
+from llmprobe.tracing.sweep import Component, ComponentScores, SweepEngine
+from llmprobe.tracing.targets import scored_positions
 from llmprobe.tracing.writer import open_trace_sink
 
 TOLERANCE = 1e-4
 COMPARED = ("mean_kl_bits", "kl_model_filter_bits", "gamma", "gamma_ci_low", "gamma_ci_high", "mass",
             "mean_entropy_bits", "top1_agreement")
+GAMMA = ("gamma", "gamma_ci_low", "gamma_ci_high")
+"""γ and its interval: where a fit is poor (no γ explains the model) its likelihood is flat in γ, and logits that
+differ in float32's last digits (another tool's order of operations) can move γ or a bootstrap bound across
+[0, 1]; the peers' rows are compared on the other columns and on these apart."""
 
-PeerSweep = Callable[[LoadedModel, list, list, PosteriorOptions], list[dict]]
-PEER_SWEEPS: dict[str, PeerSweep] = {}
-"""name -> a function (loaded model, prompt records, components, fit options) -> one row per component (the
-baseline first), with at least :data:`COMPARED`, ``alpha0`` and ``verdict`` as
-:func:`llmprobe.analysis.ablation.component_row` gives them. Each is timed beside the sweep and its rows
-checked against the sweep's (the follow-up adds nnsight's and TransformerLens's)."""
+Forward = Callable[[dict, "Component | None"], torch.Tensor]
+"""A peer's forward: (a batch's model inputs, the head to ablate or None) -> logits [B, T, V]."""
+
+
+class PeerEngine:
+    """The sweep's plan (a :class:`~llmprobe.tracing.sweep.SweepEngine`: its batches, scored rows and marks
+    table) with a peer tool's forward in place of the sweep's scoring: what
+    :func:`~llmprobe.analysis.ablation_run.fit_job` reads of an engine (``scores``, ``marks_table``,
+    ``baseline``, ``measured``, ``directions``)."""
+
+    def __init__(self, plan: SweepEngine, forward: Forward) -> None:
+        if plan.multi_token:
+            raise ValueError("the peers' sweeps score single-token targets only")
+        self.plan, self.forward = plan, forward
+        self.targets = [ids[0] for ids in plan.tracer.target_tokens]
+        self.measured, self.directions = plan.measured, {}
+        self.baseline = self._scores(None)
+
+    def scores(self, component: Component) -> ComponentScores:
+        return self.baseline if component.kind == "baseline" else self._scores(component)
+
+    def marks_table(self, scores: ComponentScores) -> pa.Table:
+        return self.plan.marks_table(scores)
+
+    def _scores(self, component: Component | None) -> ComponentScores:
+        targets, entropy, top1 = [], [], []
+        for batch in self.plan.batches:
+            logits = self.forward(batch.inputs, component)
+            width = logits.shape[1]
+            for b, e in enumerate(batch.prompts):
+                logprobs = torch.log_softmax(logits[b, [width - len(e.ids) + p for p in scored_positions(e)]].float(),
+                                             dim=-1)
+                targets.append(logprobs[:, self.targets].numpy())
+                entropy.append(-(logprobs.exp() * logprobs).sum(-1).numpy())
+                top1.append(logprobs.argmax(-1).numpy().astype(np.int32))
+        return ComponentScores(np.concatenate(targets).astype(np.float32), np.concatenate(entropy),
+                               np.concatenate(top1))
+
+
+def nnsight_forward(loaded: LoadedModel) -> Forward:
+    """nnsight's way: trace the wrapped model, set head H's columns of ``o_proj``'s input to zero, save the logits."""
+    import nnsight
+
+    if hasattr(nnsight, "TransformersModel"):  # nnsight >= 0.7; LanguageModel is deprecated there
+        wrapped = nnsight.TransformersModel(loaded.model, task="text-generation", tokenizer=loaded.tokenizer)
+    else:
+        wrapped = nnsight.LanguageModel(loaded.model, tokenizer=loaded.tokenizer)
+    width = DecoderBlocks.of(loaded.model).head_dim
+
+    def forward(inputs: dict, component: Component | None) -> torch.Tensor:
+        with torch.inference_mode(), wrapped.trace(inputs):
+            if component is not None:
+                heads = wrapped.model.layers[component.layer].self_attn.o_proj.input
+                heads[:, :, component.head * width:(component.head + 1) * width] = 0
+            logits = wrapped.lm_head.output.save()
+        return logits
+    return forward
+
+
+def transformer_lens_forward(loaded: LoadedModel) -> Forward:
+    """TransformerLens's way: a bridge over the same checkpoint, ``run_with_hooks`` zeroing head H of hook_z."""
+    import transformer_lens
+
+    if not hasattr(transformer_lens, "TransformerBridge"):
+        raise ImportError("TransformerLens < 4 has no TransformerBridge for a local Llama checkpoint",
+                          name="transformer_lens")
+    bridge = transformer_lens.TransformerBridge.boot_transformers(
+        str(loaded.source.path), device="cpu", dtype=torch.float32, tokenizer=loaded.tokenizer)
+    bridge.eval()
+
+    def forward(inputs: dict, component: Component | None) -> torch.Tensor:
+        hooks = []
+        if component is not None:
+            def zero_head(z: torch.Tensor, hook) -> torch.Tensor:  # z: [batch, position, head, head_dim]
+                z[:, :, component.head] = 0
+                return z
+            hooks.append((f"blocks.{component.layer}.attn.hook_z", zero_head))
+        with torch.inference_mode():
+            return bridge.run_with_hooks(inputs["input_ids"], return_type="logits",
+                                         attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
+                                         fwd_hooks=hooks)
+    return forward
+
+
+PEER_SWEEPS: dict[str, Callable[[LoadedModel], Forward]] = {"nnsight": nnsight_forward,
+                                                           "TransformerLens": transformer_lens_forward}
+"""name -> a builder of the peer's forward on the loaded model (ImportError: not installed). Each runs the sweep's
+head sweep as :class:`PeerEngine`, timed beside the sweep, its rows checked against the sweep's."""
 
 
 def cpu_seconds() -> float:
@@ -158,10 +255,10 @@ def naive_row(loaded: LoadedModel, records: list, index: int, component, fit: Po
     return row, scores
 
 
-def compare(rows: list[dict], reference: list[dict]) -> tuple[float, float, int]:
-    """(largest absolute difference of :data:`COMPARED`, largest relative difference of alpha0, how many verdicts
+def compare(rows: list[dict], reference: list[dict], columns: tuple[str, ...] = COMPARED) -> tuple[float, float, int]:
+    """(largest absolute difference of ``columns``, largest relative difference of alpha0, how many verdicts
     differ)."""
-    absolute = max(abs(a[k] - b[k]) for a, b in zip(rows, reference) for k in COMPARED
+    absolute = max(abs(a[k] - b[k]) for a, b in zip(rows, reference) for k in columns
                    if a[k] is not None and b[k] is not None)
     relative = max(abs(a["alpha0"] - b["alpha0"]) / abs(b["alpha0"]) for a, b in zip(rows, reference)
                    if a["alpha0"] is not None and b["alpha0"])
@@ -200,20 +297,35 @@ def sweep_part(args, directory: Path) -> dict:
         commit(score_component(engine, 0, components[0], fit, trace_meta))
     with clock("naive"):
         naive[0], baseline = naive_row(loaded, records, 0, components[0], fit, directory, options.ablation, None)
+    peers, peer_rows, unavailable = {}, {}, {}
+    for name, build in PEER_SWEEPS.items():
+        try:
+            with clock(name):  # the peer's setup (wrapping the model, or booting its own copy) and its baseline
+                peers[name] = PeerEngine(engine, build(loaded))
+                peer_rows[name] = {0: score_component(peers[name], 0, components[0], fit, trace_meta)}
+        except ImportError as exc:
+            unavailable[name] = f"not installed ({exc}); pip install -e '.[peers]' in a virtual environment of its own"
+        except Exception as exc:  # a peer that installs but cannot run this model: say exactly why
+            unavailable[name] = f"cannot run on {loaded.source.label}: {type(exc).__name__}: {exc}"
     layers = sorted({c.layer for c in components[1:]})
+    sides = ["sweep", "naive", *peers]
     with fit_pool(args.fit_workers) as pool:
-        for turn, layer in enumerate(layers):  # sweep and naive alternate layer by layer: load falls on both alike
+        for turn, layer in enumerate(layers):  # every side takes its turn layer by layer: load falls on all alike
             chunk = [i for i, c in enumerate(components) if c.layer == layer]
-            for side in (("sweep", "naive") if turn % 2 == 0 else ("naive", "sweep")):
+            for side in (sides if turn % 2 == 0 else sides[::-1]):
                 with clock(side):
                     if side == "sweep":
                         score_components(engine, components, chunk, fit, trace_meta, pool, commit, lambda n: None)
-                    else:
+                    elif side == "naive":
                         for index in chunk:
                             naive[index], _ = naive_row(loaded, records, index, components[index], fit, directory,
                                                         options.ablation, baseline)
-            print(f"  layer {layer:>2}: sweep {clock.wall['sweep']:7.1f} s, naive {clock.wall['naive']:7.1f} s so far",
-                  flush=True)
+                    else:
+                        rows = peer_rows[side]
+                        score_components(peers[side], components, chunk, fit, trace_meta, pool,
+                                         lambda row, rows=rows: rows.__setitem__(row["index"], row), lambda n: None)
+            print(f"  layer {layer:>2}: " + ", ".join(f"{side} {clock.wall[side]:7.1f} s" for side in sides)
+                  + " so far", flush=True)
     with clock("sweep"):
         table = finished_table(list(work.tables(SWEEP_SCHEMA)), metadata)
         with atomic_file(output, "wb") as stream:
@@ -243,14 +355,23 @@ def sweep_part(args, directory: Path) -> dict:
               "alpha0_rel_diff": float(f"{relative:.2e}"), "verdicts_differ": verdicts}
     print(f"  a head's fit alone (fit-posterior without the scorecard, the sweep's): {fit_seconds:.2f} s median")
     result["fit_seconds"] = round(fit_seconds, 3)
-    for name, peer in PEER_SWEEPS.items():
-        start = time.perf_counter()
-        rows = peer(loaded, records, components, fit)
-        seconds = time.perf_counter() - start
-        absolute, relative, verdicts = compare(rows, sweep_list)
-        print(f"  {name:<16} {seconds:8.1f} s   sweep / {name} {clock.wall['sweep'] / seconds:.3f}; rows within"
-              f" {absolute:.1e} of the sweep's, {verdicts} verdict(s) differ")
-        result.setdefault("peers", {})[name] = {"seconds": round(seconds, 1), "max_abs_diff": float(f"{absolute:.2e}")}
+    for name in peers:
+        mine = [peer_rows[name][i] for i in range(len(components))]
+        absolute, relative, verdicts = compare(mine, sweep_list, tuple(c for c in COMPARED if c not in GAMMA))
+        gamma_diff, _, _ = compare(mine, sweep_list, GAMMA)
+        peer_ratio = clock.wall["sweep"] / clock.wall[name]
+        print(f"  {name:<16} {clock.wall[name]:8.1f} s wall, {clock.cpu[name]:8.1f} s CPU; sweep / {name}"
+              f" {peer_ratio:.3f} wall (goal <= 1/1.5 = 0.667); KL, KL(model‖filter), mass, entropy and top-1 within"
+              f" {absolute:.1e} of the sweep's, γ and its interval within {gamma_diff:.1e}, α0 {relative:.1e}"
+              f" relative; {verdicts} verdict(s) differ")
+        result.setdefault("peers", {})[name] = {
+            "seconds": round(clock.wall[name], 1), "cpu_seconds": round(clock.cpu[name], 1),
+            "sweep_over_peer": round(peer_ratio, 4), "max_abs_diff": float(f"{absolute:.2e}"),
+            "gamma_abs_diff": float(f"{gamma_diff:.2e}"), "alpha0_rel_diff": float(f"{relative:.2e}"),
+            "verdicts_differ": verdicts}
+    for name, why in unavailable.items():
+        print(f"  {name:<16} {why}")
+        result.setdefault("peers", {})[name] = {"unavailable": why}
     return result
 
 

@@ -146,8 +146,9 @@ def planned_outputs(root: Path = ROOT) -> list[str]:
     return problems
 
 
-def run(keep: bool, start_doc: str | None) -> int:
-    work = Path(tempfile.mkdtemp(prefix="llmprobe-docs-"))
+def fresh_clone(work: Path) -> tuple[Path, dict[str, str]]:
+    """A ``git clone`` of the committed HEAD in ``work``, and the environment in which ``llmprobe`` means this
+    interpreter's ``python -m llmprobe`` on the clone."""
     clone = work / "clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
     shim = work / "bin"
@@ -155,7 +156,12 @@ def run(keep: bool, start_doc: str | None) -> int:
     (shim / "llmprobe").write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(str(clone))} exec "
                                    f"{shlex.quote(sys.executable)} -m llmprobe \"$@\"\n")
     (shim / "llmprobe").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
+    return clone, {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
+
+
+def run(keep: bool, start_doc: str | None) -> int:
+    work = Path(tempfile.mkdtemp(prefix="llmprobe-docs-"))
+    clone, env = fresh_clone(work)
     failed, started = 0, time.perf_counter()
     todo = blocks(clone)
     if start_doc:

@@ -291,6 +291,14 @@ class Sweep:
         return f"ablating {what} {top['component']}: verdict {top['verdict']}{flipped}{change}"
 
 
+def is_sweep(path: str | Path) -> bool:
+    """Whether ``path`` is a sweep table (a Parquet file carrying the sweep metadata)."""
+    try:
+        return SWEEP_META_KEY in (pq.read_schema(path).metadata or {})
+    except (OSError, pa.ArrowException):
+        return False
+
+
 def open_sweep(path: str | Path) -> Sweep:
     """Read a sweep table written by ``llmprobe ablate -o``; anything else is one error naming the file."""
     source = str(path)

@@ -71,3 +71,19 @@ def ablate(
                          ray_options=ray, command=shlex.join(["llmprobe", *sys.argv[1:]]),
                          inputs=[prior_file] if prior_file else [], fit_workers=fit_workers)
     out.result(SweepView(sweep))
+
+
+def plot_ablate(
+    sweep_paths: Annotated[list[str], typer.Argument(
+        metavar="SWEEP...", help="`llmprobe ablate -o` tables of one model (heads, attn, mlp, layers, directions).")],
+    output: opt.output("Image file: .png, .svg or .pdf (default: SWEEP.ablate.png).") = None,
+    force: opt.Force = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Where ablation moves the fit: a layer × head heatmap of the change in KL(Bayes‖model), per-layer bars,
+    principal directions against random controls; flipped verdicts marked."""
+    for path in sweep_paths:
+        opt.input_path(path, "sweep table", stdin=False, missing="no such file")
+    from llmprobe.plots.ablation import write_ablation_figure
+
+    Output(quiet).log(f"wrote {write_ablation_figure(sweep_paths, output, force=force)}")

@@ -45,6 +45,7 @@ COMMANDS = {
     "continuity": analyses.continuity, "martingale": analyses.martingale,
     "wind-tunnel": control.wind_tunnel, "compare": comparison.compare, "plot-compare": comparison.plot_compare,
     "view": viewer.view, "serve": viewer.serve, "ablate": ablation.ablate,
+    "plot-ablate": ablation.plot_ablate,
 }
 
 

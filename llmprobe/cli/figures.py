@@ -77,8 +77,9 @@ def plot_layers(
 def report(
     trace_path: Annotated[str, typer.Argument(metavar="TRACE", help="Trace file or directory, or - for stdin.")],
     extras: Annotated[Optional[list[str]], typer.Argument(
-        metavar="[FIT] [PRIOR] [COMPARISON]",
-        help="fit-posterior table, fit-prior JSON and/or `compare -o` table (told apart by content).")] = None,
+        metavar="[FIT] [PRIOR] [COMPARISON] [SWEEP...]",
+        help="fit-posterior table, fit-prior JSON, `compare -o` table and/or `ablate -o` sweeps of one model (told"
+             " apart by content).")] = None,
     output: opt.output("HTML file (default: TRACE.report.html).") = None,
     prompt: Annotated[Optional[list[str]], typer.Option(
         metavar="ID", help="Prompt id to draw a token figure for (repeat for several; default: the first --max-prompts).")]
@@ -95,7 +96,7 @@ def report(
     """One self-contained HTML page (no network): run metadata, figures, summary tables."""
     opt.input_path(trace_path, "trace file or directory")
     for extra in extras or []:
-        opt.input_path(extra, "fit table, prior file or comparison", stdin=False, missing="no such file")
+        opt.input_path(extra, "fit table, prior file, comparison or sweep", stdin=False, missing="no such file")
     from llmprobe.plots.report import write_report
 
     path = write_report(trace_path, extras or [], output, force=force, prompts=prompt, max_prompts=max_prompts,

@@ -4,7 +4,8 @@ The page leads with the answer: with a fit table, the verdict per trace (and bes
 alone, the γ = 1 test, γ and its interval, α0, KL and TV in bits), then the scorecard of the field's other
 tests (each with its number, direction and planted-model reference: after the verdict, never instead of
 it) and the in-context figure; with a comparison (``compare -o``), where each size turns consistent, the
-emergence figure and the rows; then token figures for a few
+emergence figure and the rows; with sweeps (``ablate -o``, one model), each sweep's headline, the ablation
+figure and the components whose ablation moves KL(Bayes‖model) most; then token figures for a few
 informative prompts (different true θ where the prompts carry one); then the prior; and last,
 collapsed, the details (run metadata, the per-prompt table, every fitted number, rounded).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
@@ -29,9 +31,11 @@ import pandas as pd
 from llmprobe.version import __version__
 from llmprobe.errors import UsageError
 from llmprobe.files import check_new_output, write_atomic
+from llmprobe.plots.ablation import combined_rows, plot_ablation
 from llmprobe.plots.common import data_uri
 from llmprobe.plots.emergence import plot_emergence
 from llmprobe.plots.icl import MARK_KEY, FitTable, IclSummary, flatten_summary, open_fit, plot_icl, summarize
+from llmprobe.analysis.ablation import Sweep, is_sweep, open_sweep
 from llmprobe.analysis.comparison import ComparisonTable, is_comparison, read_comparison, turning_points
 from llmprobe.analysis.results import KL_BAYES_MODEL, gamma_test_line, verdict_line
 from llmprobe.analysis.priors import Prior, read_prior
@@ -59,13 +63,33 @@ pre { white-space: pre-wrap; word-break: break-all; margin: 0; }
 """
 
 
-def classify_inputs(paths: Iterable[str]) -> tuple[str | None, str | None, str | None]:
-    """Sort the optional inputs into (FIT, PRIOR, COMPARISON) by content: a JSON document is a prior, a Parquet
-    table carrying a comparison's metadata (``llmprobe compare -o``) a comparison, anything else a fit table."""
+@dataclass(frozen=True)
+class ReportInputs:
+    """The report's optional inputs, told apart by content: a fit table, a prior, a comparison, sweeps."""
+
+    fit: str | None = None
+    prior: str | None = None
+    comparison: str | None = None
+    sweeps: tuple[str, ...] = ()
+
+    def named(self) -> list[tuple[str, str]]:
+        """(what, path) of each input given, in the order the page names them."""
+        found = [("fit table", self.fit), ("prior", self.prior), ("comparison", self.comparison)]
+        found += [("sweep", path) for path in self.sweeps]
+        return [(what, path) for what, path in found if path]
+
+
+def classify_inputs(paths: Iterable[str]) -> ReportInputs:
+    """Sort the optional inputs by content: a JSON document is a prior, a Parquet table carrying a comparison's
+    metadata (``llmprobe compare -o``) a comparison, one carrying a sweep's (``llmprobe ablate -o``) a sweep (several
+    sweeps of one model are drawn together), anything else a fit table."""
     fit = prior = comparison = None
+    sweeps: list[str] = []
     for path in paths:
         is_json = path.lower().endswith(".json") or (Path(path).is_file() and _starts_like_json(Path(path)))
-        if is_comparison(path):
+        if is_sweep(path):
+            sweeps.append(path)
+        elif is_comparison(path):
             if comparison is not None:
                 raise UsageError(f"two comparison tables ({comparison} and {path}); give at most one", where=path)
             comparison = path
@@ -77,7 +101,7 @@ def classify_inputs(paths: Iterable[str]) -> tuple[str | None, str | None, str |
             if fit is not None:
                 raise UsageError(f"two fit tables ({fit} and {path}); give at most one", where=path)
             fit = path
-    return fit, prior, comparison
+    return ReportInputs(fit, prior, comparison, tuple(sweeps))
 
 
 def _starts_like_json(path: Path) -> bool:
@@ -195,18 +219,17 @@ def build_report(trace_source: str, extras: list[str], *, prompts: list[str] | N
         raise UsageError("must be 0 or more", where="--max-prompts")
     if max_positions < 1:
         raise UsageError("must be 1 or more", where="--max-positions")
-    fit_path, prior_path, comparison_path = classify_inputs(extras)
+    inputs = classify_inputs(extras)
     frame = select_layer(read_trace(trace_source), layer)
-    fit = open_fit(fit_path) if fit_path else None
-    prior = read_prior(prior_path) if prior_path else None
-    comparison = read_comparison(comparison_path) if comparison_path else None
+    fit = open_fit(inputs.fit) if inputs.fit else None
+    prior = read_prior(inputs.prior) if inputs.prior else None
+    comparison = read_comparison(inputs.comparison) if inputs.comparison else None
+    sweeps = [open_sweep(path) for path in inputs.sweeps]
     meta = frame.attrs["llmprobe"]
     model = str(meta.get("model", "unknown model"))
     parts = [f"<h1>llmprobe report — {escape(model)}</h1>",
              f"<p>Trace <code>{escape(trace_source)}</code>"
-             + (f", fit table <code>{escape(fit_path)}</code>" if fit_path else "")
-             + (f", prior <code>{escape(prior_path)}</code>" if prior_path else "")
-             + (f", comparison <code>{escape(comparison_path)}</code>" if comparison_path else "")
+             + "".join(f", {what} <code>{escape(path)}</code>" for what, path in inputs.named())
              + f". Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by llmprobe {escape(__version__)}.</p>"]
     changed = describe((meta.get("settings") or {}).get("interventions") or [])
     if changed:  # under the title: these are not the model's own numbers
@@ -218,6 +241,8 @@ def build_report(trace_source: str, extras: list[str], *, prompts: list[str] | N
         parts += _fit_section(fit, image_format)
     if comparison is not None:
         parts += _comparison_section(comparison, image_format)
+    if sweeps:
+        parts += _sweep_section(sweeps, image_format)
     parts += ["<h2>Prompts</h2>"]
     parts += _token_section(frame, trace_source, summary, prompts, max_prompts, max_positions, top, image_format)
     if prior is not None:
@@ -336,6 +361,36 @@ def _comparison_section(comparison: ComparisonTable, image_format: str) -> list[
                     " last checkpoint; other models as stars); markers show the verdict, dotted lines where a size"
                     " turns consistent."),
             html_table(frame.rename(columns=COMPARISON_COLUMNS))]
+
+
+SWEEP_COLUMNS = {"component": "component", "kind": "kind", "delta_kl_bits": f"Δ {KL_BAYES_MODEL} bits",
+                 "mean_kl_bits": f"{KL_BAYES_MODEL} bits", "kl_model_filter_bits": "KL(model‖filter) bits",
+                 "gamma": "γ", "gamma_ci_low": "γ CI low", "gamma_ci_high": "γ CI high", "alpha0": "α0",
+                 "verdict": "verdict", "verdict_flipped": "flipped", "mass": "mass on categories",
+                 "delta_entropy_bits": "Δ entropy bits", "top1_agreement": "top-1 agreement"}
+SWEEP_SHOWN = 20
+
+
+def _sweep_section(sweeps: list[Sweep], image_format: str) -> list[str]:
+    """Ablation sweeps (``ablate -o``) of one model: each sweep's headline, the figure, and the components whose
+    ablation moves KL(Bayes‖model) most (every sweep's together; every row is in the sweep tables)."""
+    lines = "".join(f"<li><code>{escape(s.source)}</code> ({escape(str(s.meta.get('sweep', {}).get('ablation')))}"
+                    f"-ablation over {escape(str(s.meta.get('sweep', {}).get('over')))}, {len(s.frame) - 1}"
+                    f" components): {escape(s.headline())}</li>" for s in sweeps)
+    base = sweeps[0].baseline
+    rows = combined_rows(sweeps).sort_values("delta_kl_bits", ascending=False, na_position="last", kind="stable")
+    shown = pd.concat([sweeps[0].frame.iloc[:1], rows.head(SWEEP_SHOWN)])[list(SWEEP_COLUMNS)]
+    return ["<h2>Where in the network: components ablated one at a time</h2>",
+            f"<p>The un-ablated model: verdict <b>{escape(str(base['verdict']))}</b>, {KL_BAYES_MODEL}"
+            f" {base['mean_kl_bits']:.4g} bits. Each component ablated alone and fitted as fit-posterior fits a trace:"
+            f"</p><ul>{lines}</ul>",
+            _figure(data_uri(plot_ablation(sweeps), image_format, REPORT_DPI), "ablation figure",
+                    f"The change of {KL_BAYES_MODEL} when each component is ablated (red: further from Bayes); heads"
+                    " as a layer × head heatmap, attention and MLP outputs and blocks as bars per layer, principal"
+                    " directions beside random ones; open markers: the verdict flipped."),
+            f"<p>The baseline and the {min(SWEEP_SHOWN, len(rows))} of {len(rows)} components whose ablation raises"
+            f" {KL_BAYES_MODEL} most:</p>",
+            html_table(shown.rename(columns=SWEEP_COLUMNS))]
 
 
 def informative_prompts(frame: pd.DataFrame, ids: list[str], count: int) -> list[str]:

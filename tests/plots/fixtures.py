@@ -39,6 +39,11 @@ def text_records(texts=TEXTS) -> list[PromptRecord]:
     return [PromptRecord(index=i, id=f"p{i}", text=t, line=i + 1) for i, t in enumerate(texts)]
 
 
+def coin_trace(loaded, directory: Path) -> Path:
+    """A one-prompt trace (``directory/t.parquet``): what a report needs besides the table under test."""
+    return write_trace(loaded, directory / "t.parquet", text_records(["I just flipped a coin"]), top_k=3)
+
+
 def experiment_records(tmp_path: Path, n_max: int = 4, sequences: int = 1) -> list[PromptRecord]:
     from llmprobe.experiments import generate, load_experiment, write_jsonl
 
@@ -132,4 +137,24 @@ def comparison_table(path: Path) -> Path:
             row(6, "SmolLM2-135M-Instruct", None, None, 134_515_008, "poor-fit", 0.7)]
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     write_table_file(frame, str(path), False, {META_KEY: json.dumps({"format": "llmprobe.comparison/1"}).encode()})
+    return path
+
+
+def planted_sweep(path: Path, components: list[tuple], model: str = "planted", sha: str = "0" * 64,
+                  baseline: tuple = (0.5, "consistent")) -> Path:
+    """A sweep table (as ``llmprobe ablate -o`` writes it) whose rows are given: each component as (name, kind,
+    layer, head, mean KL bits or None for a no-fit, verdict); the baseline's KL and verdict first. The table's
+    own code derives the changes from the baseline and the flips."""
+    from llmprobe.analysis.ablation import SWEEP_SCHEMA, finished_table, rows_table
+
+    def row(index, name, kind, layer, head, kl, verdict):
+        values = {field: None for field in SWEEP_SCHEMA.names}
+        values.update(index=index, component=name, kind=kind, layer=layer, head=head, mean_kl_bits=kl,
+                      verdict=verdict, mean_entropy_bits=1.0, top1_agreement=1.0)
+        return values
+    rows = [row(0, "baseline", "baseline", None, None, *baseline)]
+    rows += [row(i + 1, *component) for i, component in enumerate(components)]
+    meta = {"model": model, "weights_sha256": sha, "targets": [{"text": " heads"}, {"text": " tails"}],
+            "sweep": {"over": "heads", "ablation": "zero"}, "components": [r["component"] for r in rows]}
+    pq.write_table(finished_table([rows_table(rows)], meta), path)
     return path

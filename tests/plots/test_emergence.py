@@ -17,11 +17,10 @@ from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.plots.fixtures import (
     PNG_SIGNATURE,
     THETAS,
+    coin_trace,
     comparison_table,
     synthetic_fit,
-    text_records,
     write_fit,
-    write_trace,
 )
 
 
@@ -66,14 +65,14 @@ def test_plot_compare_writes_the_figure_and_refuses_other_tables(table, tiny_loa
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     code, _, err = run_cli(["plot-compare", str(table), "-o", str(out)], capsys, monkeypatch)
     assert_one_line_error(code, err, str(out), "already exists")
-    trace = write_trace(tiny_loaded, tmp_path / "t.parquet", text_records(["I just flipped a coin"]), top_k=3)
+    trace = coin_trace(tiny_loaded, tmp_path)
     code, _, err = run_cli(["plot-compare", str(trace), "-o", str(tmp_path / "x.png")], capsys, monkeypatch)
     assert_one_line_error(code, err, str(trace), "not a comparison table")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_the_report_carries_the_comparison(table, tiny_loaded, tmp_path, capsys, monkeypatch):
-    trace = write_trace(tiny_loaded, tmp_path / "t.parquet", text_records(["I just flipped a coin"]), top_k=3)
+    trace = coin_trace(tiny_loaded, tmp_path)
     fit = write_fit(synthetic_fit(THETAS), tmp_path / "fit.parquet")
     page = tmp_path / "r.html"
     code, _, err = run_cli(["report", str(trace), str(table), str(fit), "-o", str(page)], capsys, monkeypatch)
