@@ -87,11 +87,12 @@ Ablation = Annotated[Literal["zero", "mean"], typer.Option(
     "--ablation", help="zero, or mean: the activation's mean over this run's positions (a first pass; kept in the"
                        " metadata).")]
 
-# fit-posterior's fit, shared by every command that runs it: :data:`FIT`
+# fit-posterior's fit, shared by every command that runs it: :data:`FIT` (and :data:`POSTERIOR`)
 Prior = Annotated[str, typer.Option(
     "--prior", help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
                     " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON"
-                    " (a prior over rows).")]
+                    " (a prior over rows); compare also takes 'true', its default: the prior the compared controls"
+                    " were trained under.")]
 PriorComponents = Annotated[str, typer.Option(
     "--prior-components", metavar="K|auto",
     help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto' chooses by"
@@ -140,19 +141,7 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", rich_help_
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", rich_help_panel=MODEL_PANEL,
                                            help="Allow pickle weights (.bin/.pt).")]
 
-# The fit-posterior options (fit-posterior, compare): :data:`POSTERIOR`.
-Prior = Annotated[str, typer.Option(
-    help="Reference prior for the per-mark Bayes column: 'fit' (the fitted updating prior), 'uniform',"
-         " 'dirichlet:a1,...,aK', a fit-posterior --json file (its updating prior) or a fit-prior JSON (a prior over"
-         " rows); compare also takes 'true', its default: the prior the compared controls were trained under.")]
-PriorComponents = Annotated[str, typer.Option(
-    "--prior-components", metavar="K|auto",
-    help="Components of the updating prior (a Dirichlet mixture the predictions update from); 'auto' chooses by"
-         " held-out KL.")]
-MaxComponents = Annotated[int, typer.Option(help="Largest K tried with --prior-components auto.")]
-MinMass = Annotated[float, typer.Option("--min-mass",
-                                        help="Leave out marks with less probability than this on the categories.")]
-Folds = Annotated[int, typer.Option(help="Folds of sequences for the out-of-sample scores (2 or more).")]
+# The per-n tables' options, with the fit's above: :data:`POSTERIOR` (fit-posterior, compare).
 By = Annotated[Optional[Literal["template"]], typer.Option(
     "--by", help="template: also the per-n tables of mean ± std over prompt templates (docs/experiments.md).")]
 GammaVariant = Annotated[Optional[Literal["gupta"]], typer.Option(
