@@ -56,6 +56,7 @@ from llmprobe.model.sources import DEFAULT_MODEL_NAME, looks_like_path
 from llmprobe.progress import Reporter, plural
 from llmprobe.tracing.checkpoint import prompts_digest
 from llmprobe.tracing.prompts import PromptRecord, read_prompts
+from llmprobe.tracing.ray_options import RayOptions
 from llmprobe.tracing.reader import Trace
 from llmprobe.tracing.run import SharedEncodings, TraceRun, release_device_memory
 from llmprobe.tracing.settings import TraceSettings
@@ -141,7 +142,7 @@ def resolve_prior(prior: str, entries: list[ModelEntry], reporter: Reporter) -> 
         reporter.log("no model is a control with a known training prior: KL(Bayes‖model) is to the fitted updating"
                      " prior (--prior fit)")
         return "fit"
-    contents = {}
+    contents: dict[str, list[str]] = {}
     for path, name in files.items():
         try:
             mixture = json.loads(Path(path).read_text(encoding="utf-8")).get("mixture")
@@ -318,7 +319,7 @@ def _write_trace(trace: Trace, path: Path, replace_existing: bool) -> None:
             sink.write(batch)
 
 
-def run_on_ray(comparison: Comparison, store: RowStore | None, reporter: Reporter, ray_options,
+def run_on_ray(comparison: Comparison, store: RowStore | None, reporter: Reporter, ray_options: RayOptions,
                keep_traces: str | None = None, replace_traces: bool = False) -> list[Measured]:
     """:func:`run_comparison` with each model on its own Ray actor (at most ``ray_options.actors`` at a time).
 
@@ -380,7 +381,7 @@ def write_comparison(comparison: Comparison, measured: list[Measured], output: s
 
 
 def compare_models(models: list[str], prompts: str, output: str | None, settings: TraceSettings,
-                   options: PosteriorOptions, placement: ModelOptions, ray_options: Any = None, *,
+                   options: PosteriorOptions, placement: ModelOptions, ray_options: RayOptions | None = None, *,
                    keep_traces: str | None = None, resume: bool = False, force: bool = False, command: str = "",
                    reporter: Reporter) -> pd.DataFrame:
     """A comparison end to end (see the module docstring): the models expanded, the prompts read and checked,

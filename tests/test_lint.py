@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TYPED = ["llmprobe/bayes", "llmprobe/files.py", "llmprobe/tracing"]
+TYPED = ["llmprobe/bayes", "llmprobe/files.py", "llmprobe/tracing", "llmprobe/compare.py"]
 """Checked by mypy (--follow-imports=silent: the modules they import are read, not reported)."""
 
 
