@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,7 +45,7 @@ import pandas as pd
 
 from llmprobe.analysis.comparison import (COMPARISON_FORMAT, META_KEY, ComparisonRow, Measured, ModelEntry,
                                           comparison_frame, measure, model_facts, read_comparison)
-from llmprobe.analysis.fit_options import PosteriorOptions
+from llmprobe.analysis.fit_options import TRUE_PRIOR, PosteriorOptions
 from llmprobe.analysis.fit_tables import write_table_file
 from llmprobe.control.series import manifest_path, read_series
 from llmprobe.errors import UsageError, add_note
@@ -59,10 +58,10 @@ from llmprobe.tracing.prompts import PromptRecord, read_prompts
 from llmprobe.tracing.ray_options import RayOptions
 from llmprobe.tracing.reader import Trace
 from llmprobe.tracing.run import SharedEncodings, TraceRun, release_device_memory
+from llmprobe.tracing.runner import Interrupted, resume_command
 from llmprobe.tracing.settings import TraceSettings
 from llmprobe.version import __version__
 
-TRUE_PRIOR = "true"
 DEFAULT = "default"
 CONTROL_PRIOR = "prior.json"  # what wind-tunnel writes beside a control's weights: its training prior
 PROMPTS_NEED = ("compare fits every model against Bayes, so it needs experiment prompts (`llmprobe experiment`)"
@@ -276,21 +275,18 @@ def _commit(measured: Measured, store: RowStore | None, done: dict[int, Measured
                  f" {row.fit_seconds:.1f} s")
 
 
-class _Interrupted(UsageError):
-    exit_code = 130
-
-
 @contextmanager
 def _resumable(comparison: Comparison, store: RowStore | None, done: dict[int, Measured]) -> Iterator[None]:
     """Ctrl-C or any failure mid-comparison: the rows committed so far stay, and the line says how to resume."""
     try:
         yield
     except KeyboardInterrupt:
-        raise _Interrupted(f"interrupted{_kept(comparison, store, done)}; resume with: {_resume(comparison)}") from None
+        raise Interrupted(f"interrupted{_kept(comparison, store, done)}; resume with:"
+                          f" {resume_command(comparison.command)}") from None
     except Exception as exc:
         if done and store is not None:
             add_note(exc, f"({_kept(comparison, store, done).removeprefix('; ')}; once the cause is fixed, resume"
-                         f" with: {_resume(comparison)})")
+                         f" with: {resume_command(comparison.command)})")
         raise
 
 
@@ -298,11 +294,6 @@ def _kept(comparison: Comparison, store: RowStore | None, done: dict[int, Measur
     if not done or store is None:
         return ""
     return f"; {len(done)} of {len(comparison.entries)} rows are kept in {store.path}"
-
-
-def _resume(comparison: Comparison) -> str:
-    command = comparison.command
-    return command if "--resume" in shlex.split(command) else f"{command} --resume"
 
 
 def trace_path(directory: str, row: ComparisonRow) -> Path:

@@ -81,6 +81,11 @@ def check_at_least(value: int, low: int, parameter: str) -> None:
         raise ParameterError(parameter, f"must be {low} or more, got {value}")
 
 
+TRUE_PRIOR = "true"
+"""``compare``'s ``--prior``: the prior the compared controls were trained under (resolved by
+:func:`llmprobe.compare.resolve_prior` into their prior file)."""
+
+
 @dataclass(frozen=True)
 class PosteriorOptions:
     """Every option of fit-posterior, checked when built.

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from llmprobe.analysis.fit_options import PosteriorOptions
+from llmprobe.analysis.fit_options import TRUE_PRIOR, PosteriorOptions
 from llmprobe.cli import options as opt
 from llmprobe.cli.output import Output
 from llmprobe.model.loading import ModelOptions
@@ -14,7 +14,7 @@ from llmprobe.model.loading import ModelOptions
 if TYPE_CHECKING:
     from llmprobe.tracing.ray_options import RayOptions
 
-POSTERIOR_UNDER_TRUE_PRIOR = opt.POSTERIOR.with_defaults(prior="true")
+POSTERIOR_UNDER_TRUE_PRIOR = opt.POSTERIOR.with_defaults(prior=TRUE_PRIOR)
 """fit-posterior's options, ``--prior`` defaulting to the controls' training prior."""
 
 
@@ -42,11 +42,10 @@ def compare(
 ) -> None:
     """Trace and fit several models (checkpoints over training, sizes, GGUFs) on the same prompts: one row each."""
     opt.input_path(prompts, "prompt file", stdin=False)
-    from llmprobe.cli.views.comparison import ComparisonView
-    from llmprobe.compare import TRUE_PRIOR, compare_models
-
     if options.prior != TRUE_PRIOR:
         opt.prior_file(options.prior)
+    from llmprobe.cli.views.comparison import ComparisonView
+    from llmprobe.compare import compare_models
     from llmprobe.tracing.settings import TraceSettings, parse_batch_size
 
     settings = TraceSettings(top_k=top_k, batch_size=parse_batch_size(batch_size))
