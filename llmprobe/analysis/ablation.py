@@ -37,7 +37,6 @@ This module reads and builds the table; :mod:`llmprobe.analysis.ablation_run` ru
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +49,7 @@ import pyarrow.parquet as pq
 from llmprobe.analysis.fit_options import PosteriorOptions
 from llmprobe.analysis.fits import fit_posterior, posterior_marks
 from llmprobe.analysis.results import PosteriorResult
+from llmprobe.bayes.filter import LN2
 from llmprobe.errors import ParameterError, UsageError
 from llmprobe.tracing.reader import Trace
 
@@ -62,7 +62,6 @@ ABLATIONS = ("zero", "mean")
 SWEEP_FORMAT = "llmprobe.sweep/1"
 SWEEP_META_KEY = b"llmprobe.sweep"
 NO_FIT = "no-fit"
-LN2 = math.log(2)
 
 SWEEP_SCHEMA = pa.schema([
     pa.field("index", pa.int32(), nullable=False),

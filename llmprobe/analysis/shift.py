@@ -24,13 +24,13 @@ Pure numpy/scipy; rows are positions, arrays aligned row by row.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from scipy.special import rel_entr
 
+from llmprobe.bayes.filter import LN2
+
 REST_FLOOR = 1e-6
-LN2 = math.log(2)
 
 
 def kl_lower_bound_bits(base_ids: np.ndarray, base_logprobs: np.ndarray, other_ids: np.ndarray,
