@@ -32,10 +32,10 @@ from matplotlib.lines import Line2D
 from llmprobe.analysis.ablation import NO_FIT, Sweep, open_sweep
 from llmprobe.analysis.results import KL_BAYES_MODEL
 from llmprobe.errors import UsageError
-from llmprobe.plots.common import check_image_output, plain_label, save_figure
+from llmprobe.plots.common import VERDICT_MARKERS, check_image_output, plain_label, save_figure
 
 DELTA_LABEL = f"Δ {KL_BAYES_MODEL}, bits"
-FLIP_MARKERS = {"consistent": "o", "rejected": "s", "poor-fit": "X", "no-updating": "v", NO_FIT: "d"}
+FLIP_MARKERS = {**VERDICT_MARKERS, NO_FIT: "d"}
 LAYER_KINDS = {"attn": ("attention output", "#1f77b4"), "mlp": ("MLP output", "#ff7f0e"),
                "block": ("whole block", "#7f7f7f")}
 CMAP = "RdBu_r"

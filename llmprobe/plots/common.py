@@ -21,9 +21,13 @@ if "matplotlib.pyplot" not in sys.modules:  # a notebook that already chose its 
 
 from matplotlib.figure import Figure
 
+from llmprobe.bayes.verdict import VERDICTS
 from llmprobe.errors import UsageError
 from llmprobe.files import check_new_output, write_atomic
 from llmprobe.tracing.reader import visible
+
+VERDICT_MARKERS = dict(zip(VERDICTS, ("o", "s", "X", "v"), strict=True))
+"""One marker per fit-posterior verdict, the same in every figure that marks verdicts."""
 
 IMAGE_FORMATS = ("png", "svg", "pdf")
 DPI = 150

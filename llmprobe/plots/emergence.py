@@ -22,14 +22,14 @@ from matplotlib.lines import Line2D
 from llmprobe.analysis.comparison import LOW_MASS, ComparisonTable, group_of, read_comparison, turning_points
 from llmprobe.analysis.results import KL_BAYES_MODEL
 from llmprobe.errors import UsageError
-from llmprobe.plots.common import check_image_output, plain_label, save_figure
+from llmprobe.plots.common import VERDICT_MARKERS, check_image_output, plain_label, save_figure
 
 # column, axis label, log scale
 MEASURES = (("kl_bits", f"{KL_BAYES_MODEL}, bits", True),
             ("kl_best_filter_bits", "KL(model‖best filter), bits", True),
             ("gamma", "γ (95 % CI)", False), ("alpha0", "α0 (exact-Bayes fit)", True),
             ("entropy_mae_bits", "entropy error, bits", True), ("mass", "mass on categories", False))
-VERDICT_MARKERS = {"consistent": "o", "rejected": "s", "poor-fit": "X", "no-updating": "v", LOW_MASS: "."}
+MARKERS = {**VERDICT_MARKERS, LOW_MASS: "."}
 LOG_FLOOR = 1e-7  # zeros on a log axis are drawn here
 
 
@@ -101,7 +101,7 @@ def _point(ax, x, row: pd.Series, column: str, color, log: bool, star: bool = Fa
     value = _values(row.to_frame().T, column, log)[0]
     if not math.isfinite(value):
         return
-    marker = "*" if star else VERDICT_MARKERS.get(str(row["verdict"]), "d")
+    marker = "*" if star else MARKERS.get(str(row["verdict"]), "d")
     consistent = row["verdict"] == "consistent"
     ax.scatter([x], [value], marker=marker, s=90 if star else 34, zorder=3, edgecolors=color, linewidths=1.2,
                facecolors=color if consistent or star else "white")
@@ -120,9 +120,9 @@ def _legend(groups: list[str], stepped: list[str], colors: dict, frame: pd.DataF
         else:
             handles.append(Line2D([], [], color=colors[g], linestyle="--", marker="*", label=f"{plain_label(g)}"
                                   f" ({parameters:,} parameters; {rows['verdict'].iloc[0]})"))
-    seen = [v for v in VERDICT_MARKERS if v in set(frame["verdict"])]
+    seen = [v for v in MARKERS if v in set(frame["verdict"])]
     for verdict in seen:
-        handles.append(Line2D([], [], color="#444", linestyle="", marker=VERDICT_MARKERS[verdict],
+        handles.append(Line2D([], [], color="#444", linestyle="", marker=MARKERS[verdict],
                               markerfacecolor="#444" if verdict == "consistent" else "white", label=verdict))
     handles.append(Line2D([], [], color="#444", linestyle=":", label="turns consistent"))
     return handles
