@@ -107,7 +107,6 @@ class Edit:
     """One resolved intervention: the module it hooks, on its input or output, the function that makes the
     replacement, and the decoder layer that module belongs to (a sweep reruns the blocks from there on)."""
 
-    label: str
     layer: int
     module: torch.nn.Module
     on: str  # "input" | "output"
@@ -119,8 +118,7 @@ class Edit:
         hooks.add(attach(self.module, self.make, once=self.once))
 
 
-def ablation_edit(blocks: DecoderBlocks, site: str, layer: int, head: int | None, value: np.ndarray | None,
-                  label: str) -> Edit:
+def ablation_edit(blocks: DecoderBlocks, site: str, layer: int, head: int | None, value: np.ndarray | None) -> Edit:
     """Zero (``value`` None) or mean ablation of one site (see the module docstring)."""
     constant = None if value is None else _Constant(value)
     if site == "head":
@@ -130,19 +128,19 @@ def ablation_edit(blocks: DecoderBlocks, site: str, layer: int, head: int | None
             x = x.clone()
             x[..., columns] = 0 if constant is None else constant.like(x)
             return x
-        return Edit(label, layer, blocks.attention_output(layer), "input", head_input)
+        return Edit(layer, blocks.attention_output(layer), "input", head_input)
     if site in ("attn", "mlp"):
         def contribution(out: torch.Tensor, _: Any) -> torch.Tensor:
             return torch.zeros_like(out) if constant is None else constant.like(out).expand_as(out)
         module = blocks.attention_output(layer) if site == "attn" else blocks.mlp(layer)
-        return Edit(label, layer, module, "output", contribution)
+        return Edit(layer, module, "output", contribution)
 
     def pass_through(out: torch.Tensor, stream_in: torch.Tensor) -> torch.Tensor:
         return stream_in if constant is None else stream_in + constant.like(stream_in)
-    return Edit(label, layer, blocks.block(layer), "output", pass_through)
+    return Edit(layer, blocks.block(layer), "output", pass_through)
 
 
-def projection_edit(blocks: DecoderBlocks, layer: int, directions: np.ndarray, label: str) -> Edit:
+def projection_edit(blocks: DecoderBlocks, layer: int, directions: np.ndarray) -> Edit:
     """Project the orthonormal rows of ``directions`` out of the residual stream after block ``layer``."""
     basis = _Constant(directions, at_least_float32=True)
 
@@ -150,16 +148,15 @@ def projection_edit(blocks: DecoderBlocks, layer: int, directions: np.ndarray, l
         q = basis.like(out)
         h = out.to(q.dtype)
         return (h - (h @ q.T) @ q).to(out.dtype)
-    return Edit(label, layer, blocks.block(layer), "output", project_out)
+    return Edit(layer, blocks.block(layer), "output", project_out)
 
 
-def patch_edit(blocks: DecoderBlocks, layer: int, donor_stream: torch.Tensor, where: torch.Tensor,
-               label: str) -> Edit:
+def patch_edit(blocks: DecoderBlocks, layer: int, donor_stream: torch.Tensor, where: torch.Tensor) -> Edit:
     """The residual stream after block ``layer`` taken from ``donor_stream`` ([B, T, H], the batch's
     layout) where the boolean ``where`` [B, T] is set; for the prompt's pass only."""
     def patch(out: torch.Tensor, _: Any) -> torch.Tensor:
         return torch.where(where.to(out.device)[..., None], donor_stream.to(out.device, out.dtype), out)
-    return Edit(label, layer, blocks.block(layer), "output", patch, once=True)
+    return Edit(layer, blocks.block(layer), "output", patch, once=True)
 
 
 def residual_entering(model: torch.nn.Module, layer: int, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict]:
@@ -329,7 +326,7 @@ class Editor:
         chosen = parse_positions(intervention.patch_positions)
         n = len(prompt.ids)
         if isinstance(chosen, str):  # marks or all
-            return (sorted(prompt.marks_at) or [n - 1]) if chosen == "marks" else list(range(n))
+            return prompt.mark_positions if chosen == "marks" else list(range(n))
         outside = [p for p in chosen if not -n <= p < n]
         if outside:
             raise UsageError(f"position {outside[0]} is outside prompt {prompt.record.id!r} ({n} tokens)",
@@ -357,14 +354,13 @@ class Editor:
         """The edits of one batch; a patch first runs the batch's donors (same padding) to the patched layer."""
         found: list[Edit] = []
         for index, intervention in enumerate(self.interventions):
-            label = intervention.label
             if intervention.kind == "ablate":
                 if intervention.needs_first_pass and index not in self.means:
                     raise RuntimeError("a mean ablation's first pass has not run (Editor.measure_means)")
                 found.append(ablation_edit(self.blocks, intervention.site_name, intervention.layer, intervention.head,
-                                           self.means.get(index), label))
+                                           self.means.get(index)))
             elif intervention.kind == "direction":
-                found.append(projection_edit(self.blocks, intervention.layer, self.directions[index], label))
+                found.append(projection_edit(self.blocks, intervention.layer, self.directions[index]))
             else:
                 found.append(self._patch(index, batch, inputs))
         return found
@@ -380,7 +376,7 @@ class Editor:
             donor_ids[b, start:] = torch.tensor(donor.ids, device=donor_ids.device)
             where[b, [start + p for p in self._patched_positions(intervention, prompt)]] = True
         stream, _ = residual_entering(self.model, intervention.layer + 1, {**inputs, "input_ids": donor_ids})
-        return patch_edit(self.blocks, intervention.layer, stream, where, intervention.label)
+        return patch_edit(self.blocks, intervention.layer, stream, where)
 
     def metadata(self) -> list[dict[str, Any]]:
         """The resolved interventions for the trace metadata: each one's label and, for a mean ablation, its mean."""

@@ -46,6 +46,12 @@ class EncodedPrompt:
     marks_at: dict[int, int]  # token position -> index into record.marks
     marks_exact: dict[int, bool]  # position -> does the token end exactly at the mark's offset
 
+    @property
+    def mark_positions(self) -> list[int]:
+        """Where the prompt is read at its marks: every mark's position, else its last position (an embedding
+        is kept there, a fit reads it there, a patch defaults to it)."""
+        return sorted(self.marks_at) or [len(self.ids) - 1]
+
     def to_json(self) -> str:
         """One line of JSON that :meth:`from_json` turns back into this prompt (a Ray task's input)."""
         marks = [[p, m, self.marks_exact[p]] for p, m in self.marks_at.items()]

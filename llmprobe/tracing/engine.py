@@ -48,7 +48,7 @@ from llmprobe.tracing.editing import Editor
 from llmprobe.tracing.encoding import EncodedPrompt, PromptEncoder, padded_inputs
 from llmprobe.tracing.generation import Generation, eos_ids
 from llmprobe.tracing.hooks import Hooks, capture_logits, outputs_of
-from llmprobe.tracing.lens import InternalsPlan, embed_positions, probe_internals
+from llmprobe.tracing.lens import InternalsPlan, probe_internals
 from llmprobe.tracing.reduction import LogitReducer, StepStats
 from llmprobe.tracing.rows import RowAssembly, display_vocab, rows_from_stats
 from llmprobe.tracing.schema import PHASE_PROMPT, trace_schema
@@ -205,7 +205,7 @@ class Tracer:
         generate = self.settings.max_new_tokens > 0
         embed_at: tuple[list[int], list[int]] | None = None
         if self.internals.embedding_dim:
-            at = [(b, width - len(e.ids) + p) for b, e in enumerate(batch) for p in embed_positions(e.ids, e.marks_at)]
+            at = [(b, width - len(e.ids) + p) for b, e in enumerate(batch) for p in e.mark_positions]
             embed_at = ([b for b, _ in at], [c for _, c in at])
         with Hooks() as edits:  # the interventions, for every pass of this batch; removed on every way out
             for edit in self.editor.edits(batch, inputs):

@@ -30,13 +30,13 @@ step's, the logit lens rows (``--layers``), and the passes that score multi-toke
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
 
 from llmprobe.errors import UsageError
+from llmprobe.model.sources import sha256_file
 
 ABLATION_MODES = ("zero", "mean")
 SITES = ("head", "attn", "mlp", "block")
@@ -214,7 +214,7 @@ def describe(interventions: Iterable[Intervention | dict[str, Any]]) -> str | No
 def file_sha256(path: str, option: str) -> str:
     """The sha256 of a file an intervention reads, refusing a missing or unreadable one."""
     try:
-        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return "sha256:" + sha256_file(Path(path))
     except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
         reason = "no such file" if isinstance(exc, FileNotFoundError) else f"cannot read it ({exc})"
         raise UsageError(f"{path}: {reason}", where=option) from None

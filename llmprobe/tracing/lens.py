@@ -60,11 +60,6 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int]:
     return sorted(layers)
 
 
-def embed_positions(ids: list[int], marks_at: dict[int, int]) -> list[int]:
-    """Where a prompt's embedding is kept: at every mark, else at its last position."""
-    return sorted(marks_at) or [len(ids) - 1]
-
-
 @dataclass
 class InternalsPlan:
     """What a trace records from inside the model; fixed once per run from the trace settings."""

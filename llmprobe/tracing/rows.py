@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from llmprobe.tracing.encoding import EncodedPrompt
-from llmprobe.tracing.lens import InternalsPlan, embed_positions
+from llmprobe.tracing.lens import InternalsPlan
 from llmprobe.tracing.reduction import NO_TOKEN, StepStats
 from llmprobe.tracing.schema import PHASE_GENERATED, PHASE_PROMPT
 
@@ -112,7 +112,7 @@ class RowAssembly:
         embedding_rows: list[int] = []  # row numbers that get an embedding, in the order of `embeddings`
         for b, e in enumerate(batch):
             first_row = sum(len(rows.positions) for _, rows, _ in parts)
-            embedding_rows += [first_row + p for p in embed_positions(e.ids, e.marks_at)]
+            embedding_rows += [first_row + p for p in e.mark_positions]
             parts.append((e, prompt_rows[b], target_seq[b] if target_seq else None))
             parts += [(e, rows, None) for rows in (generated[b] if generated else [])]
             part_layers += [self.internals.output_layer] * (len(parts) - len(part_layers))

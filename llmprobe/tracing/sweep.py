@@ -57,6 +57,7 @@ from llmprobe.tracing.editing import (
 )
 from llmprobe.tracing.encoding import EncodedPrompt
 from llmprobe.tracing.hooks import Hooks, on_call, outputs_of
+from llmprobe.tracing.interventions import SITES
 from llmprobe.tracing.reduction import NO_TOKEN, PADDING
 from llmprobe.tracing.rows import mark_cells
 from llmprobe.tracing.run import TraceRun
@@ -64,7 +65,6 @@ from llmprobe.tracing.targets import scored_positions, target_sequence_scores
 
 CACHE_BUDGET_CPU = 2 << 30  # bytes of cached residual streams on the CPU
 CACHE_FREE_FRACTION = 0.25  # on a GPU: of the memory free when the sweep starts
-SITES_OF_KIND = {"head": "head", "attn": "attn", "mlp": "mlp", "block": "block"}
 DIRECTION_KINDS = ("pca", "random")
 
 
@@ -190,7 +190,7 @@ class SweepEngine:
                     advance(len(prompts))
         self.baseline = self._concat(baseline)
         self.rows = [(e, p) for b in self.batches for e in b.prompts for p in scored_positions(e)]
-        self.measured = np.array([p in measure_positions(e) for e, p in self.rows])  # the rows a fit reads
+        self.measured = np.array([p in e.mark_positions for e, p in self.rows])  # the rows a fit reads
         self._make_directions(random_controls, seed)
 
     # ----------------------------------------------------------------------------------- baseline pass
@@ -203,7 +203,7 @@ class SweepEngine:
         for b, e in enumerate(prompts):
             scored_next[b, [width - len(e.ids) + p for p in scored_positions(e)]] = NO_TOKEN
         batch = _Batch(prompts, inputs, scored_next)
-        measured = [(b, width - len(e.ids) + p) for b, e in enumerate(prompts) for p in measure_positions(e)]
+        measured = [(b, width - len(e.ids) + p) for b, e in enumerate(prompts) for p in e.mark_positions]
         rows, cols = (torch.tensor(x, device=inputs["input_ids"].device) for x in zip(*measured))
         with Hooks() as hooks:
             for index, block in enumerate(self.blocks.layers):
@@ -250,17 +250,17 @@ class SweepEngine:
     def edits(self, component: Component) -> list[Edit]:
         """The edit a component's ablation attaches: the one ``trace --ablate`` (or --ablate-direction) makes."""
         layer = component.layer
-        if layer is not None and component.kind in SITES_OF_KIND:
-            site = SITES_OF_KIND[component.kind]
+        if layer is not None and component.kind in SITES:  # a component kind names the site it ablates
+            site = component.kind
             value = None
             if self.ablation != "zero":
                 if self.meter is None:
                     raise RuntimeError("a mean ablation's means were not measured (no sites given)")
                 value = mean_value(self.meter, self.blocks, site, layer, component.head)
-            return [ablation_edit(self.blocks, site, layer, component.head, value, component.name)]
+            return [ablation_edit(self.blocks, site, layer, component.head, value)]
         if layer is not None and component.kind in DIRECTION_KINDS:  # orthonormalized as --ablate-direction does
             basis = orthonormal_rows(self.directions[component.name][None], component.name)
-            return [projection_edit(self.blocks, layer, basis, component.name)]
+            return [projection_edit(self.blocks, layer, basis)]
         raise ValueError(f"not a component to ablate: {component}")
 
     @torch.inference_mode()
@@ -334,9 +334,3 @@ class SweepEngine:
             "mark": pa.array(mark_json, pa.string()),
             "meta": pa.array(meta_json, pa.string()),
         })
-
-
-def measure_positions(prompt: EncodedPrompt) -> list[int]:
-    """Where a fit reads a prompt (:func:`~llmprobe.analysis.marks.category_marks`): its marks, else its
-    last position."""
-    return sorted(prompt.marks_at) or [len(prompt.ids) - 1]
