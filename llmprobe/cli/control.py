@@ -64,8 +64,7 @@ def wind_tunnel(
     """Train a small Llama on data drawn under a known prior, so its exact Bayesian answer is known; with
     --save-every or several sizes, a series of checkpoints for `llmprobe compare`."""
     from llmprobe.control.prior import experiment_table, resolve_prior
-    from llmprobe.control.series import parse_size_list, size_grid, sweep_table
-    from llmprobe.control.sweep import Sweep
+    from llmprobe.control.series import Sweep, parse_size_list, size_grid, sweep_table
     from llmprobe.experiments import load_experiment
     from llmprobe.files import check_new_output
 

@@ -37,9 +37,8 @@ class ControlDir:
     """A control directory being built (:func:`control_dir`): ``final`` is the model written into it at the
     end; :meth:`add_step` saves a series checkpoint under ``steps/`` now."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root  # the staging directory
-        self.name = name
         self.final: TrainedControl | None = None
         self.steps: list[TrainedControl] = []  # the checkpoints added, in order (all share the live model)
 
@@ -69,7 +68,7 @@ def control_dir(output: str | Path, *, replace: bool = False) -> Iterator[Contro
     committing = False
     try:
         with atomic_dir(target, replace=replace) as staging:
-            directory = ControlDir(staging, target.name)
+            directory = ControlDir(staging)
             yield directory
             trained = directory.final
             if trained is not None:

@@ -1,4 +1,5 @@
-"""Checkpoint series: the sizes a sweep trains and the manifest that lists every checkpoint (no torch here).
+"""Checkpoint series: the sizes a sweep trains (:class:`Sweep`) and the manifest that lists every checkpoint (no torch
+here).
 
 ``wind-tunnel --save-every N`` saves the control at steps 0, N, 2N, ... and the last; a size grid
 (``--layers 1,2,4 --hidden 16,32,64``, or a ``[sweep]`` table in the experiment TOML) trains one
@@ -18,10 +19,11 @@ which refuses a manifest naming a directory that is not there.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from llmprobe.control.settings import ControlSettings
 from llmprobe.errors import UsageError
 
 MANIFEST = "manifest.json"
@@ -45,6 +47,26 @@ class Size:
     @property
     def name(self) -> str:
         return f"L{self.layers}-H{self.hidden}"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The sizes to train and the settings they share (``layers`` and ``hidden`` are each size's)."""
+
+    sizes: list[Size]
+    settings: ControlSettings
+
+    @property
+    def is_series(self) -> bool:
+        """More than one checkpoint to write: several sizes, or steps to save."""
+        return len(self.sizes) > 1 or self.settings.save_every is not None
+
+    def settings_for(self, size: Size) -> ControlSettings:
+        return replace(self.settings, layers=size.layers, hidden=size.hidden).resolved()
+
+    def validate(self) -> None:
+        for size in self.sizes:
+            self.settings_for(size).validate()
 
 
 def size_grid(layers: list[int], hidden: list[int]) -> list[Size]:

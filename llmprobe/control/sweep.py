@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from typing import Any
 
 from llmprobe.control.checkpoint import ControlDir, control_dir
 from llmprobe.control.prior import KnownPrior
-from llmprobe.control.series import MANIFEST, STEPS, SeriesCheckpoint, Size, manifest_document, step_name
-from llmprobe.control.settings import ControlSettings
+from llmprobe.control.series import MANIFEST, STEPS, SeriesCheckpoint, Size, Sweep, manifest_document, step_name
 from llmprobe.control.train import StepStats, train_control
 from llmprobe.experiments import Experiment
 from llmprobe.files import write_atomic
@@ -28,26 +27,6 @@ from llmprobe.progress import SILENT, Reporter
 
 StepBar = Callable[[str, int], AbstractContextManager[Callable[[StepStats], None]]]
 """A progress display for one size's training: (label, steps) -> a context yielding ``on_step``."""
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """The sizes to train and the settings they share (``layers`` and ``hidden`` are each size's)."""
-
-    sizes: list[Size]
-    settings: ControlSettings
-
-    @property
-    def is_series(self) -> bool:
-        """More than one checkpoint to write: several sizes, or steps to save."""
-        return len(self.sizes) > 1 or self.settings.save_every is not None
-
-    def settings_for(self, size: Size) -> ControlSettings:
-        return replace(self.settings, layers=size.layers, hidden=size.hidden).resolved()
-
-    def validate(self) -> None:
-        for size in self.sizes:
-            self.settings_for(size).validate()
 
 
 def train_series(experiment: Experiment, prior: KnownPrior, sweep: Sweep, output: str, *, replace: bool = False,
@@ -65,13 +44,14 @@ def train_series(experiment: Experiment, prior: KnownPrior, sweep: Sweep, output
         with (bar or _no_bar)(size.name if grid else "training", settings.steps) as on_step:
             trained = train_control(experiment, prior, settings, reporter, on_step, on_checkpoint=directory.add_step)
         directory.final = trained
+        size_path = prefix.rstrip("/") or "."
         saved = [(f"{prefix}{STEPS}/{step_name(s.step)}", s) for s in directory.steps]
-        for path, snapshot in saved or [(prefix.rstrip("/") or ".", trained)]:
+        for path, snapshot in saved or [(size_path, trained)]:
             checkpoints.append(SeriesCheckpoint(
                 path=path, size=size.name, step=snapshot.step, steps=settings.steps, layers=size.layers,
                 hidden=size.hidden, parameters=snapshot.parameters,
                 held_out_kl_bits=snapshot.held_out["kl_bits_trained"]))
-        sizes.append({"name": size.name, "path": prefix.rstrip("/") or ".", "layers": size.layers,
+        sizes.append({"name": size.name, "path": size_path, "layers": size.layers,
                       "hidden": size.hidden, "heads": settings.heads, "intermediate": settings.intermediate,
                       "parameters": trained.parameters, "train_seconds": round(trained.seconds, 1),
                       "train_cpu_seconds": round(trained.cpu_seconds, 1), "held_out": trained.held_out})

@@ -51,7 +51,8 @@ def train_tiny_series(config: Path, output: Path) -> Path:
     from llmprobe.control.prior import resolve_prior
     from llmprobe.control.series import Size
     from llmprobe.control.settings import ControlSettings
-    from llmprobe.control.sweep import Sweep, train_series
+    from llmprobe.control.series import Sweep
+    from llmprobe.control.sweep import train_series
     from llmprobe.experiments import load_experiment
 
     experiment = load_experiment(config)
