@@ -55,6 +55,9 @@ def ablate(
     compare with the un-ablated model: KL(Bayes‖model), γ, α0, the verdict."""
     opt.input_path(prompts, "prompt file", stdin=False)
     prior_file = opt.prior_file(fit.prior)
+    if output == "-":
+        raise UsageError("the sweep table is a Parquet file; give a path (the results table goes to stdout anyway)",
+                         where="-o")
     from llmprobe.analysis.ablation import SweepOptions
 
     options = SweepOptions(over, layers, ablation, tuple(directions or ()), random_controls, fit.seed)
@@ -62,9 +65,6 @@ def ablate(
     from llmprobe.cli.views.ablation import SweepView
     from llmprobe.tracing.settings import TraceSettings, parse_batch_size
 
-    if output == "-":
-        raise UsageError("the sweep table is a Parquet file; give a path (the results table goes to stdout anyway)",
-                         where="-o")
     settings = TraceSettings(top_k=1, batch_size=parse_batch_size(batch_size),
                              chat={None: False, "user": True}.get(chat, chat))
     sweep = run_ablation(prompts, output, options, fit, settings, loading, out, force=force, resume=resume,

@@ -243,24 +243,18 @@ PLACEMENT: Any = Group(_PLACEMENT_OPTIONS, functools.partial(model_options, None
 models as arguments."""
 
 
-def posterior_options(prior: str, components: str, max_components: int, min_mass: float, folds: int, bootstrap: int,
-                      seed: int, by: Optional[str] = None, gamma_variant: Optional[str] = None) -> PosteriorOptions:
-    """The fit-posterior options, checked (a bad one names its flag)."""
-    return PosteriorOptions(prior, bootstrap, seed, components, max_components, min_mass, folds, by, gamma_variant)
-
-
 _FIT_OPTIONS = (
     _option("prior", Prior, "fit"), _option("components", PriorComponents, "1"),
     _option("max_components", MaxComponents, DEFAULT_MAX_COMPONENTS), _option("min_mass", MinMass, DEFAULT_MIN_MASS),
     _option("folds", Folds, DEFAULT_FOLDS), _option("bootstrap", Bootstrap, DEFAULT_BOOTSTRAP),
     _option("seed", Seed, 0),
 )
-FIT: Any = Group(_FIT_OPTIONS, posterior_options)
+FIT: Any = Group(_FIT_OPTIONS, PosteriorOptions)  # checked when built: a bad one names its flag
 """The fit's own options -> one checked :class:`PosteriorOptions`, for a command that reads only the fit's
 numbers (``ablate``)."""
 
 POSTERIOR: Any = Group((*_FIT_OPTIONS, _option("by", By, None), _option("gamma_variant", GammaVariant, None)),
-                       posterior_options)
+                       PosteriorOptions)
 """Every fit-posterior option (the fit's, and the per-n tables' ``--by`` and ``--gamma-variant``) -> one checked
 :class:`PosteriorOptions`."""
 
