@@ -102,7 +102,7 @@ def test_fit_scaling_prints_writes_and_matches_the_api(tmp_path, capsys, monkeyp
     assert code == 0, err
     document = json.loads(out)
     assert document["tasks"] == 3 and len(document["laws"]["bayesian"]["parameters"]["prior"]) == 3
-    assert document == llmprobe.api.fit_scaling(trace, tasks=3).to_dict()
+    assert document == llmprobe.fit_scaling(trace, tasks=3).to_dict()
     for name in ("p.csv", "p.parquet"):
         output = tmp_path / name
         code, _, err = run_cli(["fit-scaling", str(trace), "-o", str(output), "-q"], capsys, monkeypatch)
