@@ -66,7 +66,7 @@ def ablate(
     from llmprobe.tracing.settings import TraceSettings, parse_batch_size
 
     settings = TraceSettings(top_k=1, batch_size=parse_batch_size(batch_size),
-                             chat={None: False, "user": True}.get(chat, chat))
+                             chat=opt.chat_setting(chat))
     sweep = run_ablation(prompts, output, options, fit, settings, loading, out, force=force, resume=resume,
                          ray_options=ray, command=shlex.join(["llmprobe", *sys.argv[1:]]),
                          inputs=[prior_file] if prior_file else [], fit_workers=fit_workers)

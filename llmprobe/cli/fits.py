@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from llmprobe.analysis.fit_options import PosteriorOptions
+from llmprobe.analysis.fit_options import DEFAULT_MIN_MASS, PosteriorOptions
 from llmprobe.cli import options as opt
 from llmprobe.cli.output import Output
 from llmprobe.errors import UsageError
@@ -148,7 +148,7 @@ def fit_scaling(
     fit_fraction: Annotated[float, typer.Option(
         "--fit-fraction", metavar="F", help="Fit every law on this first fraction of the numbers of examples; score"
                                             " the rest (out of sample).")] = 0.5,
-    min_mass: opt.MinMass = 0.05,
+    min_mass: opt.MinMass = DEFAULT_MIN_MASS,
     output: opt.output("Per-n curve and every law's prediction, .parquet or .csv.") = None,
     force: opt.Force = False,
     out: Output = opt.RESULT,

@@ -148,6 +148,12 @@ GammaVariant = Annotated[Optional[Literal["gupta"]], typer.Option(
     "--gamma-variant", help="gupta: also Gupta et al.'s γ (decayed Beta(1,1) pseudo-counts, L1 on template means).")]
 
 
+def chat_setting(chat: Optional[str]) -> bool | str:
+    """``--chat``'s value as :class:`~llmprobe.tracing.settings.TraceSettings` takes it: absent is False, ``user``
+    (also ``--chat`` alone) True, ``prefill`` itself."""
+    return {None: False, "user": True}.get(chat, chat)
+
+
 def in_panel(alias: Any, panel: str) -> Any:
     """A shared option alias shown under a help panel of one command (``trace`` groups its options)."""
     kind, info, *rest = get_args(alias)

@@ -97,7 +97,7 @@ def trace(
                    else targets.split(",") if targets is not None else [])  # --targets "" is an error, not none
     settings = TraceSettings(top_k=top_k, targets=target_list, max_new_tokens=max_new_tokens, sample=sample,
                              temperature=temperature, top_p=top_p, seed=seed, batch_size=parse_batch_size(batch_size),
-                             chat={None: False, "user": True}.get(chat, chat), truncate=truncate, layers=layers,
+                             chat=opt.chat_setting(chat), truncate=truncate, layers=layers,
                              save_embeddings=save_embeddings,
                              interventions=from_options(ablate, ablation, ablate_direction, patch_from, patch_at))
     if ray_prompts_per_task is not None:
