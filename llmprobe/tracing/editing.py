@@ -334,14 +334,18 @@ class Editor:
         return sorted(p % n for p in chosen)
 
     # ----------------------------------------------------------------------------------- means
-    def measure_means(self, batches: Iterator[dict[str, Any]]) -> None:
-        """The first pass of a mean ablation: ``batches`` yields each batch's model inputs (``input_ids``,
-        ``attention_mask``, ``position_ids``), every prompt of the run once, on the unmodified model."""
+    def measure_means(self, run_pass: Callable[[Callable[[dict[str, Any]], None]], None]) -> None:
+        """The first pass of a mean ablation, on the unmodified model: ``run_pass(measure)`` calls ``measure`` with
+        each batch's model inputs (``input_ids``, ``attention_mask``, ``position_ids``), every prompt of the run
+        once; a batch that runs out of memory may be measured again in halves (it counts only once complete)."""
         wanted = {(MEASURED[i.site_name], i.layer) for i in self.interventions if i.needs_first_pass}
         meter = MeanMeter(self.blocks, wanted)
-        for inputs in batches:
+
+        def measure(inputs: dict[str, Any]) -> None:
             with meter.hooked(inputs["attention_mask"].bool()):
                 residual_entering(self.model, meter.deepest + 1, inputs)
+
+        run_pass(measure)
         if meter.count == 0:
             raise UsageError("no positions to take the mean over", where="--ablation")
         for index, intervention in enumerate(self.interventions):

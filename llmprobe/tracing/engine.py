@@ -155,12 +155,12 @@ class Tracer:
             return
         self.editor.bind(encoder, prompts)
         if self.editor.needs_first_pass:
-            def inputs() -> Iterator[dict[str, torch.Tensor]]:
-                for window in windows:
-                    for _, batch_inputs in self.batched(window, lambda batch: self.model_inputs(batch)[0]):
-                        yield batch_inputs
+            def run_pass(measure: Callable[[dict[str, torch.Tensor]], None]) -> None:
+                for window in windows:  # each batch's forward inside batched(), so auto halves it on out-of-memory
+                    for _ in self.batched(window, lambda batch: measure(self.model_inputs(batch)[0])):
+                        pass
             with torch.inference_mode():
-                self.editor.measure_means(inputs())
+                self.editor.measure_means(run_pass)
 
     def _batch_size(self, width: int) -> int:
         """Prompts in the next batch, whose longest prompt has ``width`` tokens."""

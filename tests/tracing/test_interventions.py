@@ -24,7 +24,7 @@ from llmprobe.tracing.interventions import Intervention, describe, parse_ablatio
 from llmprobe.tracing.prompts import PromptRecord
 from llmprobe.tracing.reader import open_trace
 from llmprobe.tracing.run import TraceRun
-from llmprobe.tracing.settings import TraceSettings
+from llmprobe.tracing.settings import AUTO, TraceSettings
 from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.model.comparison import assert_same_rows
 from tests.tracing import surgery
@@ -178,6 +178,28 @@ def test_mean_ablation_uses_the_runs_mean_without_padding(tiny_loaded, path):
         down.weight.zero_()
         down.bias = torch.nn.Parameter(torch.tensor(entries[1]["mean"], dtype=torch.float32))
     assert_same_rows(run.table(), trace(surgery.operated(tiny_loaded, by_hand)), atol=TOL)
+
+
+def test_a_mean_ablations_first_pass_halves_on_out_of_memory(tiny_loaded, monkeypatch):
+    """With --batch-size auto the first pass runs inside the batching's out-of-memory retry, as the trace does:
+    a model that 'runs out of memory' above 2 prompts still gets its means, those of batches of 2."""
+    means = [parse_ablation("1.3", "mean"), parse_ablation("0.mlp", "mean")]
+    expected = TraceRun(TraceSettings(**BATCHED, interventions=means), records()).start(tiny_loaded)
+    model = tiny_loaded.model
+    forward = type(model).forward
+    sizes: list[int] = []
+
+    def limited(self, input_ids=None, **kwargs):
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", limited)
+    run = TraceRun(TraceSettings(**{**BATCHED, "batch_size": AUTO}, interventions=means), records()).start(tiny_loaded)
+    assert sizes[0] > 2 and max(sizes[1:]) <= 2  # the first pass failed once, then fit in halves
+    for got, want in zip(run.metadata()["interventions"], expected.metadata()["interventions"], strict=True):
+        np.testing.assert_allclose(got["mean"], want["mean"], atol=1e-6)
 
 
 def test_mean_ablating_a_constant_activation_changes_nothing(tiny_loaded, path):
